@@ -1,0 +1,150 @@
+"""Operator actions and inspection, as a code API (the HTTP admin API calls these).
+
+Everything here reads or changes state in Redis only, so it works the same from
+any replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.config import Settings
+from service.diff import event_id
+from service.errors import CallbridgeError
+from service.poller import Poller
+from service.queue import DeliveryQueue
+from service.registry import BatchRegistry
+from service.store import SnapshotStore
+
+
+class UnknownSubscriptionError(CallbridgeError):
+    """No subscription with that name is configured."""
+
+
+class Operations:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SnapshotStore,
+        registry: BatchRegistry,
+        queue: DeliveryQueue,
+        poller: Poller,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._registry = registry
+        self._queue = queue
+        self._poller = poller
+
+    def _sub(self, name: str) -> str:
+        if self._settings.subscription(name) is None:
+            raise UnknownSubscriptionError(f"no subscription named {name!r}")
+        return name
+
+    # -- batches ---------------------------------------------------------------------
+
+    async def list_batches(self) -> list[dict[str, Any]]:
+        out = []
+        for batch_id, reg in sorted((await self._registry.all()).items()):
+            meta = await self._store.load_meta(batch_id)
+            rt = self._poller.runtime(batch_id)
+            out.append(
+                {
+                    "id": batch_id,
+                    "source": reg.source,
+                    "lifecycle": self._poller.lifecycle_of(meta, meta.not_found_since_ms > 0),
+                    "counts": meta.counts,
+                    "total": sum(meta.counts.values()),
+                    "completed": meta.completed,
+                    "completions": meta.completions,
+                    "last_poll_ms": meta.last_poll_ms or None,
+                    "last_change_ms": meta.last_change_ms or None,
+                    "owner": await self._store.lease_owner(batch_id),
+                    "owned_here": bool(rt and rt.token),
+                }
+            )
+        return out
+
+    async def add_batch(self, batch_id: str, backfill: bool | None = None) -> bool:
+        added = await self._registry.add(batch_id, backfill)
+        self._poller.wake()
+        return added
+
+    async def remove_batch(self, batch_id: str) -> bool:
+        removed = await self._registry.remove(batch_id)
+        self._poller.wake()
+        return removed
+
+    async def timeline(self, batch_id: str, call_id: str) -> dict[str, Any] | None:
+        state = await self._store.call_state(batch_id, call_id)
+        if state is None:
+            return None
+        entries = await self._store.timeline(batch_id, call_id)
+        for e in entries:
+            e["event_id"] = (
+                event_id(batch_id, call_id, e["sequence"], e["event_type"])
+                if e["event_type"]
+                else None
+            )
+        return {
+            "batch_id": batch_id,
+            "call_id": call_id,
+            "status": state.status,
+            "sequence": state.seq,
+            "timeline": entries,
+        }
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    async def list_subscriptions(self) -> list[dict[str, Any]]:
+        out = []
+        for sub in self._settings.subscriptions:
+            ep = await self._queue.endpoint(sub.name)
+            out.append(
+                {
+                    "name": sub.name,
+                    "url": str(sub.url),
+                    "events": sub.events,
+                    "enabled_in_config": sub.enabled,
+                    "disabled": ep.disabled,
+                    "disabled_reason": ep.disabled_reason or None,
+                    "consecutive_failures": ep.failures,
+                    "breaker_open_until_ms": ep.open_until_ms or None,
+                    "queue": await self._queue.depths(sub.name),
+                }
+            )
+        return out
+
+    async def enable(self, name: str) -> None:
+        await self._queue.set_enabled(self._sub(name), True)
+
+    async def disable(self, name: str) -> None:
+        await self._queue.set_enabled(self._sub(name), False)
+
+    async def dead_letters(self, name: str, limit: int = 100, offset: int = 0) -> list[Any]:
+        ids = await self._queue.dead_letters(self._sub(name), limit, offset)
+        return [r for i in ids if (r := await self._queue.record(name, i)) is not None]
+
+    async def replay(self, name: str, ids: list[str] | None = None) -> int:
+        """Make dead letters due again with a fresh attempt budget; all when `ids` is None."""
+        self._sub(name)
+        if ids is None:
+            ids = []
+            offset = 0
+            while page := await self._queue.dead_letters(name, 1000, offset):
+                ids += page
+                offset += len(page)
+        n = 0
+        for i in ids:
+            record = await self._queue.record(name, i)
+            if record and record["state"] == "dead":
+                n += await self._queue.requeue(name, i, reset_attempts=True)
+        return n
+
+    async def redeliver(self, event_id: str) -> list[str]:
+        """Send an event again to every subscription that has a record of it."""
+        done = []
+        for sub in self._settings.subscriptions:
+            if await self._queue.requeue(sub.name, event_id, reset_attempts=True):
+                done.append(sub.name)
+        return done

@@ -1,0 +1,415 @@
+"""The settings model: YAML plus ``${VAR}`` interpolation, validated into one frozen tree.
+
+Secrets never need to sit in the file: ``${VAR}`` and ``${VAR:-default}`` read the
+environment, ``${file:/path}`` reads a mounted secret file. Every problem is reported
+with the key path it concerns (``subscriptions[1].url: ...``) so an operator can fix
+a config in one pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from service.constants import (
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_RETRY_SCHEDULE_S,
+    UPSTREAM_MAX_PAGE_SIZE,
+)
+from service.errors import ConfigError
+
+_VAR = re.compile(r"\$\$|\$\{([^}]*)\}")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_BATCH_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_EVENT_PATTERN = re.compile(r"^(\*|[a-z_]+\.(\*|[a-z_]+))$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class UpstreamSettings(_Model):
+    """The List Batch Calls API."""
+
+    base_url: AnyHttpUrl
+    api_key: SecretStr
+    page_size: int = Field(500, ge=1, le=UPSTREAM_MAX_PAGE_SIZE)
+    timeout_seconds: PositiveSeconds = 10.0
+    # Budget of requests per second for the whole fleet, retries included.
+    max_requests_per_second: float = Field(10.0, gt=0)
+    # Short in-process retries of one page request (transient errors only).
+    max_attempts: int = Field(4, ge=1, le=20)
+    backoff_max_seconds: PositiveSeconds = 30.0
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_empty(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class RedisSettings(_Model):
+    """Where state lives. Without `url` an embedded server is started (single replica only)."""
+
+    url: str | None = None
+    cluster: bool = False
+    key_prefix: str = Field(DEFAULT_KEY_PREFIX, pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    data_dir: str = ".callbridge/redis"
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not re.match(r"^(redis|rediss|unix|redis\+cluster|rediss\+cluster)://", v):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
+        return v
+
+    @property
+    def use_cluster(self) -> bool:
+        return self.cluster or bool(self.url and "+cluster://" in self.url)
+
+
+class PollerSettings(_Model):
+    """How often and how many batches are polled."""
+
+    interval_seconds: PositiveSeconds = 5.0
+    jitter_ratio: float = Field(0.1, ge=0, le=0.5)
+    max_concurrent_batches: int = Field(8, ge=1, le=1000)
+    # A completed batch with no change for this long is polled slowly...
+    quiet_period_seconds: PositiveSeconds = 600.0
+    linger_interval_seconds: PositiveSeconds = 300.0
+    # ...for this long (to catch redials), then retired.
+    linger_seconds: PositiveSeconds = 86400.0
+    not_found_recheck_seconds: PositiveSeconds = 300.0
+    auth_backoff_max_seconds: PositiveSeconds = 300.0
+    lease_ttl_seconds: PositiveSeconds = 15.0
+    backfill: bool = True
+    timeline_max_entries: int = Field(20, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _lease_outlives_cycle(self) -> PollerSettings:
+        if self.lease_ttl_seconds < 2:
+            raise ValueError("lease_ttl_seconds must be at least 2")
+        return self
+
+
+class BatchSettings(_Model):
+    """A batch to watch from start-up (more can be added at runtime)."""
+
+    id: str
+    # None: follow poller.backfill.
+    backfill: bool | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str) -> str:
+        if not _BATCH_ID.match(v):
+            raise ValueError("must be 1-128 characters of letters, digits, _ . : -")
+        return v
+
+
+def decode_whsec(secret: str) -> bytes:
+    """The key bytes of a ``whsec_<base64>`` secret; ValueError when it is not one."""
+    if not secret.startswith("whsec_"):
+        raise ValueError("must be a whsec_<base64> secret")
+    try:
+        key = base64.b64decode(secret[len("whsec_") :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            "must be a whsec_<base64> secret (the part after whsec_ is not base64)"
+        ) from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError("must decode to 24-64 bytes of key (whsec_ + base64)")
+    return key
+
+
+class SubscriptionSettings(_Model):
+    """One webhook endpoint and what it receives."""
+
+    name: str
+    url: AnyHttpUrl
+    secret: SecretStr | None = None
+    # Several secrets while rotating: every one signs, the receiver accepts any.
+    secrets: list[SecretStr] | None = None
+    events: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    # Restrict to these batches; None means all.
+    batches: list[str] | None = None
+    timeout_seconds: PositiveSeconds = 15.0
+    retry_schedule_seconds: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE_S), max_length=50
+    )
+    max_in_flight: int = Field(16, ge=1, le=1000)
+    headers: dict[str, str] = Field(default_factory=dict)
+    enabled: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, _ . - (start alnum)")
+        return v
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_shape(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            decode_whsec(v.get_secret_value())
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets_shape(cls, v: list[SecretStr] | None) -> list[SecretStr] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must list at least one secret")
+            for s in v:
+                decode_whsec(s.get_secret_value())
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _event_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not _EVENT_PATTERN.match(pattern):
+                raise ValueError(
+                    f"{pattern!r} is not an event type or pattern (call.completed, call.*, *)"
+                )
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_allowed(cls, v: dict[str, str]) -> dict[str, str]:
+        reserved = {"webhook-id", "webhook-timestamp", "webhook-signature", "content-type"}
+        for name in v:
+            if name.lower() in reserved:
+                raise ValueError(f"header {name!r} is set by callbridge and cannot be overridden")
+            if not re.match(r"^[A-Za-z0-9-]+$", name):
+                raise ValueError(f"{name!r} is not a valid header name")
+        return v
+
+    @model_validator(mode="after")
+    def _one_secret_form(self) -> SubscriptionSettings:
+        if (self.secret is None) == (self.secrets is None):
+            raise ValueError("set exactly one of secret or secrets")
+        return self
+
+    @property
+    def signing_keys(self) -> list[bytes]:
+        raw = [self.secret] if self.secret is not None else list(self.secrets or [])
+        return [decode_whsec(s.get_secret_value()) for s in raw]
+
+
+class DeliverySettings(_Model):
+    """Delivery engine knobs shared by all subscriptions."""
+
+    # Concurrent requests of this replica across all subscriptions.
+    global_max_in_flight: int = Field(64, ge=1, le=10000)
+    # Consecutive failures that open an endpoint's circuit breaker, and the pause.
+    breaker_failure_threshold: int = Field(5, ge=1)
+    breaker_cooloff_seconds: PositiveSeconds = 30.0
+    breaker_cooloff_max_seconds: PositiveSeconds = 600.0
+    # How long delivered/dead records are kept for inspection and redelivery.
+    retention_seconds: PositiveSeconds = 3 * 86400.0
+    dead_letter_retention_seconds: PositiveSeconds = 14 * 86400.0
+    # A claimed attempt not finished by then is given back (worker died).
+    # Always at least the request timeout plus this margin.
+    visibility_margin_seconds: PositiveSeconds = 15.0
+    # Idle workers look for due work at least this often (new work wakes them at once).
+    idle_poll_seconds: PositiveSeconds = 0.5
+
+
+class ServerSettings(_Model):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    # On SIGTERM: stop claiming, let in-flight work finish for this long, then cancel.
+    shutdown_grace_seconds: PositiveSeconds = 20.0
+
+
+class AdminSettings(_Model):
+    # Empty: the admin API is off (its routes answer 404).
+    token: SecretStr | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _empty_is_off(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            return None
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (or empty to disable the admin API)")
+        return v
+
+
+class LoggingSettings(_Model):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Model):
+    """The whole configuration."""
+
+    upstream: UpstreamSettings
+    redis: RedisSettings = Field(default_factory=lambda: RedisSettings())
+    poller: PollerSettings = Field(default_factory=lambda: PollerSettings())
+    batches: list[BatchSettings] = Field(default_factory=list)
+    subscriptions: list[SubscriptionSettings] = Field(default_factory=list)
+    delivery: DeliverySettings = Field(default_factory=lambda: DeliverySettings())
+    server: ServerSettings = Field(default_factory=lambda: ServerSettings())
+    admin: AdminSettings = Field(default_factory=lambda: AdminSettings())
+    logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
+
+    def subscription(self, name: str) -> SubscriptionSettings | None:
+        return next((s for s in self.subscriptions if s.name == name), None)
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def format_path(loc: tuple[int | str, ...]) -> str:
+    """``("subscriptions", 1, "url")`` -> ``subscriptions[1].url``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def interpolate(tree: Any, env: Mapping[str, str]) -> tuple[Any, list[str]]:
+    """Replace ``${VAR}``, ``${VAR:-default}`` and ``${file:/path}`` in every string.
+
+    Returns the new tree and a problem per unresolved reference; the problems name
+    the key path and the variable, never a value.
+    """
+    problems: list[str] = []
+
+    def sub(value: str, path: tuple[int | str, ...]) -> str:
+        def one(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            expr = match.group(1)
+            if expr.startswith("file:"):
+                file_path = expr[len("file:") :]
+                try:
+                    return Path(file_path).read_text().strip()
+                except OSError as exc:
+                    problems.append(
+                        f"{format_path(path)}: cannot read secret file {file_path}: {exc.strerror}"
+                    )
+                    return ""
+            name, sep, default = expr.partition(":-")
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                problems.append(f"{format_path(path)}: ${{{expr}}} is not a valid reference")
+                return ""
+            if name in env:
+                return env[name]
+            if sep:
+                return default
+            problems.append(
+                f"{format_path(path)}: environment variable {name} is not set "
+                f"(use ${{{name}:-default}} for an optional value)"
+            )
+            return ""
+
+        return _VAR.sub(one, value)
+
+    def walk(node: Any, path: tuple[int | str, ...]) -> Any:
+        if isinstance(node, str):
+            return sub(node, path)
+        if isinstance(node, dict):
+            return {k: walk(v, (*path, str(k))) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, (*path, i)) for i, v in enumerate(node)]
+        return node
+
+    return walk(tree, ()), problems
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    msg = str(err["msg"])
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    # pydantic prefixes validator messages with "Value error, ".
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def parse_settings(raw: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """Validate a parsed YAML tree; raise ConfigError listing every problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): must be a mapping of sections"])
+    tree, problems = interpolate(raw, os.environ if env is None else env)
+    problems.extend(_cross_checks(tree))
+    try:
+        settings = Settings.model_validate(tree)
+    except ValidationError as exc:
+        for err in exc.errors():
+            problems.append(f"{format_path(tuple(err['loc']))}: {_describe(err)}")
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _cross_checks(tree: Mapping[str, Any]) -> list[str]:
+    """Rules that span list items, reported at the key that breaks them.
+
+    Runs on the raw tree so they are reported together with type errors.
+    """
+    problems: list[str] = []
+    for section, key, what in (
+        ("subscriptions", "name", "subscription name"),
+        ("batches", "id", "batch id"),
+    ):
+        items = tree.get(section)
+        if not isinstance(items, list):
+            continue
+        seen: set[Any] = set()
+        for i, item in enumerate(items):
+            value = item.get(key) if isinstance(item, dict) else None
+            if not isinstance(value, str):
+                continue
+            if value in seen:
+                problems.append(f"{section}[{i}].{key}: duplicate {what} {value!r}")
+            seen.add(value)
+    return problems
+
+
+def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate a YAML config file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"(file) {path}: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"(file) {path}: not valid YAML{where}"]) from None
+    return parse_settings(raw, env)

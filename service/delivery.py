@@ -1,0 +1,351 @@
+"""Delivery workers: claim due deliveries, POST them signed, record the outcome.
+
+Each subscription has its own loop, so one slow endpoint only ever occupies its
+own slots (``max_in_flight``, enforced fleet-wide by the claim script) and its
+share of this replica's ``global_max_in_flight``. The outcome of every attempt
+is written by one shielded script call: a worker cancelled mid-request hands
+its claim back, and one killed outright is reclaimed after the visibility
+deadline by whichever replica sweeps first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from service import __version__
+from service.aio import wait_any
+from service.config import Settings, SubscriptionSettings
+from service.constants import RESPONSE_EXCERPT_BYTES
+from service.errors import excerpt
+from service.metrics import Metrics, status_class
+from service.queue import Claimed, DeliveryQueue
+from service.retry import AttemptResult, Decision, classify, failure_reason, parse_retry_after
+from service.signing import signature_headers
+
+log = logging.getLogger(__name__)
+
+_SWEEP_EVERY_S = 1.0
+_DEPTH_EVERY_S = 2.0
+
+
+@dataclass(slots=True)
+class _Sub:
+    settings: SubscriptionSettings
+    keys: list[bytes]
+    wake: asyncio.Event
+    inflight: int = 0
+    next_sweep: float = 0.0
+    next_depth: float = 0.0
+
+
+class Deliverer:
+    """Runs the delivery loops of every configured subscription."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: DeliveryQueue,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        *,
+        rng: random.Random | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._d = settings.delivery
+        self._queue = queue
+        self._session = session
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self._wall = wall
+        self._token = uuid.uuid4().hex
+        self._global = asyncio.Semaphore(self._d.global_max_in_flight)
+        self._subs = {
+            s.name: _Sub(s, s.signing_keys, asyncio.Event()) for s in settings.subscriptions
+        }
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.last_loop_at = time.monotonic()
+
+    def wake(self, name: str) -> None:
+        """New work for `name` was enqueued (by this process's relay)."""
+        sub = self._subs.get(name)
+        if sub is not None:
+            sub.wake.set()
+
+    # -- one step, for tests and for the loops -------------------------------
+
+    async def run_once(self, name: str | None = None) -> int:
+        """Claim what is due now and deliver it; returns the number of attempts made."""
+        names = [name] if name is not None else list(self._subs)
+        attempts = await asyncio.gather(*(self._claim_and_deliver(self._subs[n]) for n in names))
+        return sum(attempts)
+
+    async def drain(self, name: str | None = None, max_rounds: int = 1000) -> int:
+        """run_once until nothing is due now (scheduled retries in the future stay)."""
+        total = 0
+        for _ in range(max_rounds):
+            n = await self.run_once(name)
+            if n == 0:
+                return total
+            total += n
+        return total
+
+    async def _claim_and_deliver(self, sub: _Sub) -> int:
+        await self._maintain(sub)
+        claimed = await self._claim(sub)
+        if claimed:
+            await asyncio.gather(*(self._deliver(sub, c) for c in claimed))
+        return len(claimed)
+
+    async def _maintain(self, sub: _Sub) -> None:
+        now = time.monotonic()
+        name = sub.settings.name
+        if now >= sub.next_sweep:
+            sub.next_sweep = now + _SWEEP_EVERY_S
+            reclaimed = await self._queue.sweep(name)
+            if reclaimed:
+                log.warning(
+                    "%d deliveries of %s outlived their visibility deadline; requeued",
+                    reclaimed,
+                    name,
+                    extra={"action": "deliveries_reclaimed", "subscription": name},
+                )
+        if now >= sub.next_depth:
+            sub.next_depth = now + _DEPTH_EVERY_S
+            for state, n in (await self._queue.depths(name)).items():
+                self._metrics.queue_depth.labels(name, state).set(n)
+            ep = await self._queue.endpoint(name)
+            self._metrics.subscription_disabled.labels(name).set(1 if ep.disabled else 0)
+            self._metrics.breaker_open.labels(name).set(
+                1 if ep.open_until_ms > self._wall() * 1000 else 0
+            )
+
+    async def _claim(self, sub: _Sub) -> list[Claimed]:
+        s = sub.settings
+        if not s.enabled:
+            return []
+        free = min(s.max_in_flight - sub.inflight, self._global_free())
+        if free <= 0:
+            return []
+        visibility_ms = int((s.timeout_seconds + self._d.visibility_margin_seconds) * 1000)
+        return await self._queue.claim(
+            s.name,
+            max_in_flight=s.max_in_flight,
+            limit=free,
+            visibility_ms=visibility_ms,
+            token=self._token,
+        )
+
+    def _global_free(self) -> int:
+        # Semaphore has no public counter; our own bookkeeping mirrors it.
+        return self._d.global_max_in_flight - sum(s.inflight for s in self._subs.values())
+
+    # -- one attempt ---------------------------------------------------------------
+
+    async def _deliver(self, sub: _Sub, claimed: Claimed) -> None:
+        s = sub.settings
+        sub.inflight += 1
+        try:
+            async with self._global:
+                try:
+                    result = await self.attempt(s, sub.keys, claimed.event_id, claimed.body)
+                except asyncio.CancelledError:
+                    await asyncio.shield(self._release(s.name, claimed.event_id))
+                    raise
+            decision = classify(result, claimed.attempts + 1, s.retry_schedule_seconds, self._rng)
+            await asyncio.shield(self._complete(s, claimed, result, decision))
+        finally:
+            sub.inflight -= 1
+
+    async def attempt(
+        self, sub: SubscriptionSettings, keys: list[bytes], event_id: str, body: bytes
+    ) -> AttemptResult:
+        """One signed POST; every failure becomes a classified AttemptResult."""
+        headers = {
+            **sub.headers,
+            "Content-Type": "application/json",
+            "User-Agent": f"callbridge/{__version__}",
+            **signature_headers(keys, event_id, int(self._wall()), body),
+        }
+        started = time.perf_counter()
+        status: int | None = None
+        error: str | None = None
+        retry_after: float | None = None
+        text = ""
+        try:
+            async with self._session.post(
+                str(sub.url),
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=sub.timeout_seconds),
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                # Read a bounded excerpt only: a receiver answering 50 MB must not
+                # cost us 50 MB; the rest is dropped with the connection.
+                text = excerpt(await resp.content.read(RESPONSE_EXCERPT_BYTES))
+        except TimeoutError:
+            error = f"timeout after {sub.timeout_seconds:g}s"
+        except aiohttp.ClientConnectorDNSError as exc:
+            error = f"dns: {exc.os_error}"
+        except aiohttp.ClientConnectorCertificateError as exc:
+            error = f"tls certificate: {exc.certificate_error}"
+        except aiohttp.ClientSSLError as exc:
+            error = f"tls: {exc}"
+        except aiohttp.ClientConnectorError as exc:
+            error = f"connect: {exc.os_error}"
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
+            error = f"connection dropped: {type(exc).__name__}"
+        except aiohttp.ClientResponseError as exc:
+            error = f"invalid HTTP response: {exc.message}"
+        except aiohttp.ClientError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        except ValueError as exc:
+            # Garbage that aiohttp's parser raises outside ClientError.
+            error = f"invalid response: {exc}"
+        return AttemptResult(
+            status=status,
+            error=error,
+            retry_after_s=retry_after,
+            duration_s=time.perf_counter() - started,
+            response_excerpt=text,
+        )
+
+    async def _complete(
+        self, s: SubscriptionSettings, claimed: Claimed, result: AttemptResult, d: Decision
+    ) -> None:
+        now_ms = int(self._wall() * 1000)
+        attempt = {
+            "at_ms": now_ms,
+            "status": result.status,
+            "error": None if result.ok else failure_reason(result),
+            "duration_ms": round(result.duration_s * 1000, 1),
+            "response": result.response_excerpt,
+            "outcome": d.outcome,
+        }
+        applied = await self._queue.complete(
+            s.name,
+            claimed.event_id,
+            token=self._token,
+            outcome=d.outcome,
+            delay_ms=int(d.delay_s * 1000),
+            attempt=attempt,
+            retention_ms=int(self._d.retention_seconds * 1000),
+            dead_retention_ms=int(self._d.dead_letter_retention_seconds * 1000),
+            breaker_threshold=self._d.breaker_failure_threshold,
+            cooloff_ms=int(self._d.breaker_cooloff_seconds * 1000),
+            cooloff_max_ms=int(self._d.breaker_cooloff_max_seconds * 1000),
+        )
+        m = self._metrics
+        m.delivery_attempts.labels(s.name, d.outcome, status_class(result.status)).inc()
+        m.delivery_latency.labels(s.name).observe(result.duration_s)
+        extra = {"subscription": s.name, "event_id": claimed.event_id}
+        if applied == "stale":
+            log.warning(
+                "delivery %s to %s finished after its claim expired; outcome left to the new owner",
+                claimed.event_id,
+                s.name,
+                extra={"action": "delivery_stale", **extra},
+            )
+        elif d.outcome == "success":
+            if claimed.observed_ms:
+                m.delivery_lag.labels(s.name).observe(max(0.0, now_ms - claimed.observed_ms) / 1000)
+            log.debug("delivered %s to %s", claimed.event_id, s.name, extra=extra)
+        elif d.outcome == "retry":
+            log.warning(
+                "delivery %s to %s failed (%s); attempt %d, retry in %.1fs",
+                claimed.event_id,
+                s.name,
+                d.reason,
+                claimed.attempts + 1,
+                d.delay_s,
+                extra={"action": "delivery_retry", **extra},
+            )
+        elif d.outcome == "dead":
+            m.dead_letters.labels(s.name).inc()
+            log.error(
+                "delivery %s to %s dead-lettered: %s",
+                claimed.event_id,
+                s.name,
+                d.reason,
+                extra={"action": "delivery_dead", **extra},
+            )
+        else:
+            m.subscription_disabled.labels(s.name).set(1)
+            log.error(
+                "subscription %s disabled: %s; its events stay queued until it is re-enabled",
+                s.name,
+                d.reason,
+                extra={"action": "subscription_disabled", **extra},
+            )
+
+    async def _release(self, name: str, event_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._queue.complete(
+                name,
+                event_id,
+                token=self._token,
+                outcome="release",
+                delay_ms=0,
+                attempt={},
+                retention_ms=0,
+                dead_retention_ms=0,
+                breaker_threshold=0,
+                cooloff_ms=0,
+                cooloff_max_ms=0,
+            )
+
+    # -- the loops -----------------------------------------------------------------
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Deliver until `stopping` is set; then let in-flight requests finish."""
+        loops = [asyncio.create_task(self._loop(sub, stopping)) for sub in self._subs.values()]
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    async def _loop(self, sub: _Sub, stopping: asyncio.Event) -> None:
+        name = sub.settings.name
+        inflight: set[asyncio.Task[None]] = set()
+        try:
+            while not stopping.is_set():
+                self.last_loop_at = time.monotonic()
+                sub.wake.clear()
+                claimed: list[Claimed] = []
+                try:
+                    await self._maintain(sub)
+                    claimed = await self._claim(sub)
+                except Exception:
+                    log.exception(
+                        "delivery loop of %s cannot reach Redis; retrying",
+                        name,
+                        extra={"action": "delivery_loop_error", "subscription": name},
+                    )
+                for c in claimed:
+                    task = asyncio.create_task(self._deliver(sub, c))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
+                if claimed and sub.inflight < sub.settings.max_in_flight:
+                    continue
+                await wait_any(stopping, sub.wake, within_s=self._d.idle_poll_seconds)
+        finally:
+            if inflight:
+                _, pending = await asyncio.wait(
+                    inflight, timeout=self._settings.server.shutdown_grace_seconds
+                )
+                for t in pending:
+                    t.cancel()  # hands the claim back (see _deliver)
+                await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,118 @@
+"""The one exception tree of callbridge.
+
+    CallbridgeError
+    ├── ConfigError                  bad configuration; the CLI exits 2 with one line per problem
+    ├── UpstreamError                the List Batch Calls API did not give us a usable page
+    │   ├── UpstreamAuthError        401: the API key is missing or rejected (not retried)
+    │   ├── BatchNotFoundError       404: the batch does not exist for this account (not retried)
+    │   ├── UpstreamClientError      another 4xx: our request is wrong (not retried)
+    │   └── UpstreamTransientError   worth retrying later
+    │       ├── RateLimitedError     429, with the server's Retry-After when it gave one
+    │       ├── UpstreamServerError  5xx
+    │       ├── UpstreamTransportError  connection refused/reset, DNS, TLS, timeout
+    │       └── MalformedPageError   a 200 whose body is not the documented envelope
+    ├── StoreError
+    │   └── LeaseLostError           this replica no longer owns the batch; its commit was refused
+    └── EmbeddedRedisError           the embedded server could not be started
+
+Each exception reads well on one line, carries the context needed to act on it,
+and never contains a secret.
+"""
+
+from __future__ import annotations
+
+_BODY_EXCERPT_CHARS = 200
+
+
+def excerpt(body: str | bytes | None, limit: int = _BODY_EXCERPT_CHARS) -> str:
+    """A short, printable excerpt of a response body for error messages."""
+    if body is None:
+        return ""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class CallbridgeError(Exception):
+    """Base class of every error raised on purpose by callbridge."""
+
+
+class ConfigError(CallbridgeError):
+    """The configuration is invalid; `problems` holds one `key.path: message` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class UpstreamError(CallbridgeError):
+    """The upstream API call failed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        method: str = "GET",
+        url: str = "",
+        status: int | None = None,
+        body: str | bytes | None = None,
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.status = status
+        self.body_excerpt = excerpt(body)
+        parts = [message, f"({method} {url}"]
+        if status is not None:
+            parts[-1] += f" -> {status}"
+        parts[-1] += ")"
+        if self.body_excerpt:
+            parts.append(f"body: {self.body_excerpt}")
+        super().__init__(" ".join(parts))
+
+
+class UpstreamAuthError(UpstreamError):
+    """The platform rejected the API key (401). Polling pauses until it is accepted again."""
+
+
+class BatchNotFoundError(UpstreamError):
+    """The batch does not exist or belongs to another account (404)."""
+
+
+class UpstreamClientError(UpstreamError):
+    """The platform refused the request with a 4xx other than 401/404/429."""
+
+
+class UpstreamTransientError(UpstreamError):
+    """A failure that is expected to go away; retried with backoff."""
+
+
+class RateLimitedError(UpstreamTransientError):
+    """429 Too Many Requests; `retry_after_s` is the server's hint, if any."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw: object) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class UpstreamServerError(UpstreamTransientError):
+    """The platform answered 5xx."""
+
+
+class UpstreamTransportError(UpstreamTransientError):
+    """No HTTP answer: connection error, DNS, TLS or timeout."""
+
+
+class MalformedPageError(UpstreamTransientError):
+    """A 2xx answer whose body is not the documented JSON envelope."""
+
+
+class StoreError(CallbridgeError):
+    """A Redis-side invariant did not hold."""
+
+
+class LeaseLostError(StoreError):
+    """This replica's lease on a batch expired or was taken over; nothing was written."""
+
+
+class EmbeddedRedisError(CallbridgeError):
+    """The embedded Redis-compatible server could not be started."""

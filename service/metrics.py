@@ -1,0 +1,149 @@
+"""The service's Prometheus metrics, on a registry of its own.
+
+Label values are bounded: batch ids and subscription names come from config or
+the admin API, statuses from a short list (unknown ones are folded into
+``other``); call ids and event ids are never labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.models import KNOWN_STATUSES
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LAG_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 300, 1800, 7200)
+_CYCLE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+def status_label(status: str | None) -> str:
+    """A bounded label value for a call status."""
+    if status is None:
+        return "none"
+    return status if status in KNOWN_STATUSES else "other"
+
+
+def status_class(code: int | None) -> str:
+    """``2xx``..``5xx`` for an HTTP status, ``none`` when there was no response."""
+    return f"{code // 100}xx" if code else "none"
+
+
+class Metrics:
+    """Every metric the service exports. One instance per process (or per test)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        p = "callbridge_"
+        self.upstream_requests = Counter(
+            p + "upstream_requests",
+            "List Batch Calls requests by outcome and HTTP status code.",
+            ["outcome", "code"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            p + "upstream_request_duration_seconds",
+            "Latency of List Batch Calls requests.",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.upstream_anomalies = Counter(
+            p + "upstream_anomalies",
+            "Odd but tolerated things seen in upstream pages, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.upstream_auth_ok = Gauge(
+            p + "upstream_auth_ok",
+            "1 while the upstream accepts our API key, 0 after a 401.",
+            registry=r,
+        )
+        self.upstream_auth_ok.set(1)
+        self.poll_cycles = Counter(
+            p + "poll_cycles",
+            "Poll cycles by batch and outcome (committed, unchanged, failed, fenced, ...).",
+            ["batch", "outcome"],
+            registry=r,
+        )
+        self.poll_cycle_duration = Histogram(
+            p + "poll_cycle_duration_seconds",
+            "Wall time of one poll cycle (all pages, diff and commit).",
+            buckets=_CYCLE_BUCKETS_S,
+            registry=r,
+        )
+        self.poll_interval = Gauge(
+            p + "batch_poll_interval_seconds",
+            "Effective time between two polls of a batch (grows when the request budget is short).",
+            ["batch"],
+            registry=r,
+        )
+        self.calls = Gauge(
+            p + "calls",
+            "Calls per batch and status, as last observed.",
+            ["batch", "status"],
+            registry=r,
+        )
+        self.transitions = Counter(
+            p + "transitions",
+            "Observed call status transitions.",
+            ["from_status", "to_status"],
+            registry=r,
+        )
+        self.events = Counter(p + "events", "Events emitted, by type.", ["type"], registry=r)
+        self.leases_held = Gauge(
+            p + "batch_leases_held", "Batches this replica currently owns.", registry=r
+        )
+        self.delivery_attempts = Counter(
+            p + "delivery_attempts",
+            "Webhook delivery attempts by subscription, outcome and HTTP status class.",
+            ["subscription", "outcome", "status_class"],
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            p + "delivery_duration_seconds",
+            "Duration of one webhook request.",
+            ["subscription"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.delivery_lag = Histogram(
+            p + "delivery_lag_seconds",
+            "From observing a change upstream to its successful delivery.",
+            ["subscription"],
+            buckets=_LAG_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            p + "queue_depth",
+            "Deliveries per subscription and state (ready, scheduled, inflight, dead).",
+            ["subscription", "state"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            p + "dead_letters",
+            "Deliveries moved to the dead-letter store.",
+            ["subscription"],
+            registry=r,
+        )
+        self.subscription_disabled = Gauge(
+            p + "subscription_disabled",
+            "1 while a subscription is disabled (410 Gone or by an operator).",
+            ["subscription"],
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            p + "subscription_breaker_open",
+            "1 while a subscription's circuit breaker pauses its deliveries.",
+            ["subscription"],
+            registry=r,
+        )
+        self.embedded_redis = Gauge(
+            p + "embedded_redis",
+            "1 when this process runs its own embedded Redis (not for production).",
+            registry=r,
+        )
+        self.redis_persistence_ok = Gauge(
+            p + "redis_persistence_ok",
+            "1 when Redis persists data and never evicts keys; 0 means events can be lost.",
+            registry=r,
+        )

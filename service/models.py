@@ -1,0 +1,153 @@
+"""The data callbridge speaks: upstream pages and calls, call statuses, events.
+
+The upstream models accept unknown fields and unknown status strings: the platform
+may add either at any time, and a new status must become a ``call.<status>`` event,
+never a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+PENDING = "pending"
+QUEUED = "queued"
+RINGING = "ringing"
+ANSWERED = "answered"
+IN_PROGRESS = "in_progress"
+COMPLETED = "completed"
+FAILED = "failed"
+NO_ANSWER = "no_answer"
+BUSY = "busy"
+CANCELLED = "cancelled"
+
+# Every status the API documents, in lifecycle order.
+KNOWN_STATUSES: tuple[str, ...] = (
+    PENDING,
+    QUEUED,
+    RINGING,
+    ANSWERED,
+    IN_PROGRESS,
+    COMPLETED,
+    FAILED,
+    NO_ANSWER,
+    BUSY,
+    CANCELLED,
+)
+TERMINAL_STATUSES: frozenset[str] = frozenset({COMPLETED, FAILED, NO_ANSWER, BUSY, CANCELLED})
+
+# The normal path that leads to each status; used to name what a poll missed.
+# failed can happen anywhere, so nothing is "skipped" on the way to it.
+_CANONICAL_PATH: dict[str, tuple[str, ...]] = {
+    QUEUED: (PENDING, QUEUED),
+    RINGING: (PENDING, QUEUED, RINGING),
+    ANSWERED: (PENDING, QUEUED, RINGING, ANSWERED),
+    IN_PROGRESS: (PENDING, QUEUED, RINGING, ANSWERED, IN_PROGRESS),
+    COMPLETED: (PENDING, QUEUED, RINGING, ANSWERED, IN_PROGRESS, COMPLETED),
+    NO_ANSWER: (PENDING, QUEUED, RINGING, NO_ANSWER),
+    BUSY: (PENDING, QUEUED, RINGING, BUSY),
+    CANCELLED: (PENDING, CANCELLED),
+}
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL_STATUSES
+
+
+def skipped_statuses(previous: str | None, new: str) -> list[str]:
+    """Statuses of the normal lifecycle that lie between `previous` and `new`.
+
+    A call leaving a terminal status is being redialled: its path starts again
+    from pending. First sight (previous None) reports nothing as skipped.
+    """
+    path = _CANONICAL_PATH.get(new)
+    if previous is None or path is None:
+        return []
+    start = PENDING if is_terminal(previous) else previous
+    if start not in path:
+        return []
+    return list(path[path.index(start) + 1 : -1])
+
+
+# --- upstream envelope ---------------------------------------------------------
+
+
+class CallItem(BaseModel):
+    """One call as the API returns it. Unknown fields are kept, never rejected."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    call_id: str = Field(min_length=1)
+    status: str = Field(min_length=1)
+    external_id: str | None = None
+    phone_number: str | None = None
+    name: str | None = None
+    duration_seconds: float | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class CallsPage(BaseModel):
+    """The ``data`` member of a successful List Batch Calls response."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    items: list[CallItem]
+    total: int = Field(ge=0)
+    page: int = Field(ge=1)
+    limit: int = Field(ge=1)
+    has_more: bool
+
+
+class ApiError(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str | None = None
+    details: list[Any] = Field(default_factory=list)
+
+
+class Envelope(BaseModel):
+    """Every response of the API: status_code, message, error, data."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status_code: int | None = None
+    message: str | None = None
+    error: ApiError | None = None
+    data: Any = None
+
+
+# --- events --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A webhook event. `body` is the exact JSON a subscriber receives, encoded once."""
+
+    id: str
+    type: str
+    batch_id: str
+    call_id: str | None
+    body: bytes = field(repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        event_id: str,
+        type: str,
+        timestamp: str,
+        batch_id: str,
+        call_id: str | None,
+        data: dict[str, Any],
+    ) -> Event:
+        body = orjson.dumps({"type": type, "timestamp": timestamp, "data": data})
+        return cls(id=event_id, type=type, batch_id=batch_id, call_id=call_id, body=body)
+
+    def payload(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = orjson.loads(self.body)
+        return loaded

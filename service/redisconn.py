@@ -1,0 +1,51 @@
+"""Connecting to Redis, a Redis Cluster, or the embedded server.
+
+redis-py types most commands as ``Awaitable[Any] | Any`` so that one signature
+serves its sync and async clients; under ``mypy --strict`` every ``await`` of them
+would need a cast. We name the client type ``Redis`` here, as ``Any``, and keep
+the typed surface in our own store/queue classes instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from service.config import RedisSettings
+
+log = logging.getLogger(__name__)
+
+Redis = Any
+
+# Transient Redis failures (failover, restart) are retried by the client itself
+# for a few seconds before an error reaches our code.
+_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
+
+
+def connect(url: str, settings: RedisSettings) -> Redis:
+    """A client for `url`: a cluster client when the settings ask for one."""
+    common: dict[str, Any] = {
+        "decode_responses": False,
+        "health_check_interval": 15,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+        "retry": _RETRY,
+    }
+    if settings.use_cluster:
+        cluster_url = url.replace("redis+cluster://", "redis://").replace(
+            "rediss+cluster://", "rediss://"
+        )
+        common.pop("health_check_interval")
+        return RedisCluster.from_url(cluster_url, **common)
+    return aioredis.Redis.from_url(
+        url,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        **common,
+    )

@@ -1,0 +1,83 @@
+"""Fan-out: moves committed events from a batch's outbox to subscription queues.
+
+The outbox lives in the batch's hash slot and the queues in each subscription's,
+so no single atomic step can cover both. Instead every step is idempotent:
+enqueueing a delivery that already exists does nothing, and an outbox entry is
+deleted only after all its deliveries exist. A crash anywhere in between makes
+the next drain redo the same work, never lose it or create it under a new id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from service.config import SubscriptionSettings
+from service.metrics import Metrics
+from service.models import Event
+from service.queue import DeliveryQueue
+from service.store import OutboxEntry, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+def matches(sub: SubscriptionSettings, event_type: str, batch_id: str) -> bool:
+    """Whether `sub` wants an event: exact type, ``family.*`` or ``*``; optional batch filter."""
+    if sub.batches is not None and batch_id not in sub.batches:
+        return False
+    family = event_type.split(".", 1)[0]
+    return any(p in ("*", event_type) or p == f"{family}.*" for p in sub.events)
+
+
+def observed_ms(entry: OutboxEntry) -> int:
+    """When the change was committed: the millisecond part of the stream entry id."""
+    return int(entry.stream_id.split(b"-", 1)[0])
+
+
+class Relay:
+    """Drains batch outboxes into delivery queues."""
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        queue: DeliveryQueue,
+        subscriptions: Sequence[SubscriptionSettings],
+        metrics: Metrics,
+        *,
+        on_enqueued: Callable[[str], None] | None = None,
+        chunk: int = 500,
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._subs = list(subscriptions)
+        self._metrics = metrics
+        self._on_enqueued = on_enqueued
+        self._chunk = chunk
+
+    async def drain(self, batch_id: str) -> int:
+        """Fan out everything in the batch's outbox; returns the number of events moved."""
+        moved = 0
+        while True:
+            entries = await self._store.read_outbox(batch_id, self._chunk)
+            if not entries:
+                return moved
+            per_sub: dict[str, list[tuple[Event, int]]] = {}
+            for entry in entries:
+                event = Event(
+                    id=entry.event_id,
+                    type=entry.type,
+                    batch_id=batch_id,
+                    call_id=entry.call_id or None,
+                    body=entry.body,
+                )
+                for sub in self._subs:
+                    if matches(sub, event.type, batch_id):
+                        per_sub.setdefault(sub.name, []).append((event, observed_ms(entry)))
+            for name, deliveries in per_sub.items():
+                added = await self._queue.enqueue(name, deliveries)
+                if added and self._on_enqueued is not None:
+                    self._on_enqueued(name)
+            await self._store.trim_outbox(batch_id, [e.stream_id for e in entries])
+            moved += len(entries)
+            if len(entries) < self._chunk:
+                return moved

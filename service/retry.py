@@ -1,0 +1,89 @@
+"""Pure classification of a delivery attempt into what happens next.
+
+    2xx                          -> success
+    410 Gone                     -> disable the subscription (an operator re-enables it)
+    anything else, no response   -> retry after the schedule's next delay (+-20% jitter,
+                                    at least the receiver's Retry-After within bounds),
+                                    or dead letter once the schedule is used up
+
+Redirects are failures: following one would send signed payloads to an address
+the operator never registered.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from service.constants import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S, RETRY_JITTER_RATIO
+
+Outcome = Literal["success", "retry", "dead", "disable"]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What one HTTP attempt produced."""
+
+    status: int | None  # None when there was no HTTP response
+    error: str | None = None  # classified reason when it failed: timeout, connect, redirect, ...
+    retry_after_s: float | None = None
+    duration_s: float = 0.0
+    response_excerpt: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300 and self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome
+    delay_s: float = 0.0
+    reason: str = ""
+
+
+def parse_retry_after(value: str | None, *, cap_s: float = RETRY_AFTER_MAX_S) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form); None when absent or odd."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, cap_s)
+
+
+def failure_reason(result: AttemptResult) -> str:
+    if result.error:
+        return result.error
+    status = result.status
+    if status is not None and 300 <= status < 400:
+        return f"redirect {status} not followed"
+    return f"HTTP {status}"
+
+
+def classify(
+    result: AttemptResult,
+    attempts_done: int,
+    schedule: Sequence[float],
+    rng: random.Random | None = None,
+) -> Decision:
+    """Decide after `attempts_done` attempts (this one included) of a delivery."""
+    if result.ok:
+        return Decision("success")
+    reason = failure_reason(result)
+    if result.status == 410 and result.error is None:
+        return Decision("disable", reason="410 Gone: endpoint asked to stop receiving")
+    if attempts_done > len(schedule):
+        return Decision("dead", reason=f"{reason}; gave up after {attempts_done} attempts")
+    jitter = (rng or random).uniform(1 - RETRY_JITTER_RATIO, 1 + RETRY_JITTER_RATIO)
+    delay = schedule[attempts_done - 1] * jitter
+    if result.retry_after_s is not None:
+        hinted = min(max(result.retry_after_s, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
+        delay = max(delay, hinted)
+    return Decision("retry", delay_s=delay, reason=reason)

@@ -1,0 +1,299 @@
+"""Batch state in Redis: snapshots, metadata, leases, timelines and the outbox.
+
+The one write that matters - new call states plus the events they produce - is a
+single Lua script over keys of one hash slot (``{b:<batch>}``). It first checks the
+caller still holds the batch lease (fencing: a replica that lost its lease can
+never write again) and that the snapshot version is the one it diffed against,
+so a crash at any instant leaves either the whole cycle or none of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.exceptions import ResponseError
+
+from service.constants import Keys
+from service.diff import CallState, TimelineEntry
+from service.errors import LeaseLostError, StoreError
+from service.models import Event
+from service.redisconn import Redis
+
+log = logging.getLogger(__name__)
+
+# Data chunks per HSET/XADD call inside scripts (Lua's unpack has a stack limit).
+_CHUNK = 500
+
+_COMMIT = """
+local lease, meta, calls, outbox, timeline = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+if redis.call('GET', lease) ~= ARGV[1] then
+  return redis.error_reply('FENCED lease lost')
+end
+local version = tonumber(redis.call('HGET', meta, 'version') or '0')
+if version ~= tonumber(ARGV[2]) then
+  return redis.error_reply('CONFLICT snapshot version is ' .. version)
+end
+local ttl_ms, tl_max = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n_states, n_events = tonumber(ARGV[5]), tonumber(ARGV[6])
+local n_tl, n_meta = tonumber(ARGV[7]), tonumber(ARGV[8])
+local i = 9
+local chunk = {}
+for _ = 1, n_states do
+  chunk[#chunk + 1] = ARGV[i]; chunk[#chunk + 1] = ARGV[i + 1]; i = i + 2
+  if #chunk >= 1000 then redis.call('HSET', calls, unpack(chunk)); chunk = {} end
+end
+if #chunk > 0 then redis.call('HSET', calls, unpack(chunk)) end
+for _ = 1, n_events do
+  redis.call('XADD', outbox, '*', 'id', ARGV[i], 'type', ARGV[i + 1], 'call', ARGV[i + 2],
+             'body', ARGV[i + 3])
+  i = i + 4
+end
+for _ = 1, n_tl do
+  local call_id, entry = ARGV[i], ARGV[i + 1]
+  i = i + 2
+  local old = redis.call('HGET', timeline, call_id)
+  local list = old and cjson.decode(old) or {}
+  list[#list + 1] = cjson.decode(entry)
+  while #list > tl_max do table.remove(list, 1) end
+  redis.call('HSET', timeline, call_id, cjson.encode(list))
+end
+if n_meta > 0 then
+  chunk = {}
+  for _ = 1, n_meta do
+    chunk[#chunk + 1] = ARGV[i]; chunk[#chunk + 1] = ARGV[i + 1]; i = i + 2
+  end
+  redis.call('HSET', meta, unpack(chunk))
+end
+if n_states > 0 or n_events > 0 then
+  version = version + 1
+  redis.call('HSET', meta, 'version', version)
+end
+redis.call('PEXPIRE', lease, ttl_ms)
+return version
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(slots=True)
+class BatchMeta:
+    """Facts about a batch kept beside its snapshot."""
+
+    version: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    completed: bool = False
+    completions: int = 0
+    last_poll_ms: int = 0
+    last_change_ms: int = 0
+    completed_at_ms: int = 0
+    not_found_since_ms: int = 0
+
+    @classmethod
+    def from_redis(cls, raw: Mapping[bytes, bytes]) -> BatchMeta:
+        def num(name: str) -> int:
+            value = raw.get(name.encode())
+            return int(value) if value else 0
+
+        counts_raw = raw.get(b"counts")
+        return cls(
+            version=num("version"),
+            counts=orjson.loads(counts_raw) if counts_raw else {},
+            completed=raw.get(b"completed") == b"1",
+            completions=num("completions"),
+            last_poll_ms=num("last_poll_ms"),
+            last_change_ms=num("last_change_ms"),
+            completed_at_ms=num("completed_at_ms"),
+            not_found_since_ms=num("not_found_since_ms"),
+        )
+
+    def to_fields(self) -> dict[str, str]:
+        """Everything but `version`, which only the commit script changes."""
+        return {
+            "counts": orjson.dumps(self.counts).decode(),
+            "completed": "1" if self.completed else "0",
+            "completions": str(self.completions),
+            "last_poll_ms": str(self.last_poll_ms),
+            "last_change_ms": str(self.last_change_ms),
+            "completed_at_ms": str(self.completed_at_ms),
+            "not_found_since_ms": str(self.not_found_since_ms),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    stream_id: bytes
+    event_id: str
+    type: str
+    call_id: str
+    body: bytes
+
+
+class SnapshotStore:
+    """Owns every batch-scoped key."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._commit = redis.register_script(_COMMIT)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+
+    # -- leases ----------------------------------------------------------------
+
+    async def acquire_lease(self, batch_id: str, token: str, ttl_ms: int) -> bool:
+        return bool(await self._redis.set(self._keys.lease(batch_id), token, nx=True, px=ttl_ms))
+
+    async def renew_lease(self, batch_id: str, token: str, ttl_ms: int) -> bool:
+        return bool(await self._renew(keys=[self._keys.lease(batch_id)], args=[token, ttl_ms]))
+
+    async def release_lease(self, batch_id: str, token: str) -> None:
+        await self._release(keys=[self._keys.lease(batch_id)], args=[token])
+
+    async def lease_owner(self, batch_id: str) -> str | None:
+        raw = await self._redis.get(self._keys.lease(batch_id))
+        return raw.decode() if raw else None
+
+    # -- replicas ----------------------------------------------------------------
+
+    async def heartbeat(self, replica_id: str, now_ms: int, ttl_ms: int) -> None:
+        key = self._keys.replicas()
+        await self._redis.zadd(key, {replica_id: now_ms})
+        # Replicas silent for ten lease periods are gone for good.
+        await self._redis.zremrangebyscore(key, "-inf", now_ms - 10 * ttl_ms)
+
+    async def live_replicas(self, now_ms: int, ttl_ms: int) -> int:
+        return int(await self._redis.zcount(self._keys.replicas(), now_ms - ttl_ms, "+inf"))
+
+    # -- snapshot ----------------------------------------------------------------
+
+    async def load_meta(self, batch_id: str) -> BatchMeta:
+        return BatchMeta.from_redis(await self._redis.hgetall(self._keys.batch_meta(batch_id)))
+
+    async def load(self, batch_id: str) -> tuple[BatchMeta, dict[str, CallState]]:
+        """The whole snapshot of a batch, consistent with the meta version returned.
+
+        Only the lease holder writes, and the caller holds the lease, so the
+        version read before the scan is still the version after it; we check anyway.
+        """
+        for _ in range(5):
+            meta = await self.load_meta(batch_id)
+            states: dict[str, CallState] = {}
+            async for call_id, value in self._redis.hscan_iter(
+                self._keys.snapshot(batch_id), count=5000
+            ):
+                states[call_id.decode()] = CallState.decode(value)
+            if (await self.load_meta(batch_id)).version == meta.version:
+                return meta, states
+        raise StoreError(f"snapshot of batch {batch_id} kept changing while it was read")
+
+    async def commit(
+        self,
+        batch_id: str,
+        *,
+        token: str,
+        expected_version: int,
+        lease_ttl_ms: int,
+        states: Mapping[str, CallState],
+        events: Iterable[Event],
+        timeline: Iterable[TimelineEntry],
+        timeline_max: int,
+        meta: BatchMeta,
+    ) -> int:
+        """Write a cycle's states, events, timeline and meta atomically; the new version."""
+        k = self._keys
+        events = list(events)
+        timeline = list(timeline)
+        args: list[Any] = [
+            token,
+            expected_version,
+            lease_ttl_ms,
+            timeline_max,
+            len(states),
+            len(events),
+            len(timeline),
+            len(meta.to_fields()),
+        ]
+        for call_id, state in states.items():
+            args += (call_id, state.encode())
+        for ev in events:
+            args += (ev.id, ev.type, ev.call_id or "", ev.body)
+        for entry in timeline:
+            args += (entry.call_id, entry.encode())
+        for name, value in meta.to_fields().items():
+            args += (name, value)
+        try:
+            version: int = await self._commit(
+                keys=[
+                    k.lease(batch_id),
+                    k.batch_meta(batch_id),
+                    k.snapshot(batch_id),
+                    k.outbox(batch_id),
+                    k.timeline(batch_id),
+                ],
+                args=args,
+            )
+        except ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise LeaseLostError(f"lease on batch {batch_id} lost; cycle discarded") from None
+            if str(exc).startswith("CONFLICT"):
+                raise LeaseLostError(f"batch {batch_id}: {exc}; cycle discarded") from None
+            raise
+        return int(version)
+
+    # -- outbox ------------------------------------------------------------------
+
+    async def read_outbox(self, batch_id: str, count: int = 1000) -> list[OutboxEntry]:
+        rows = await self._redis.xrange(self._keys.outbox(batch_id), "-", "+", count=count)
+        return [
+            OutboxEntry(
+                stream_id=sid,
+                event_id=f[b"id"].decode(),
+                type=f[b"type"].decode(),
+                call_id=f[b"call"].decode(),
+                body=f[b"body"],
+            )
+            for sid, f in rows
+        ]
+
+    async def trim_outbox(self, batch_id: str, stream_ids: list[bytes]) -> None:
+        if stream_ids:
+            await self._redis.xdel(self._keys.outbox(batch_id), *stream_ids)
+
+    async def outbox_length(self, batch_id: str) -> int:
+        return int(await self._redis.xlen(self._keys.outbox(batch_id)))
+
+    # -- inspection --------------------------------------------------------------
+
+    async def timeline(self, batch_id: str, call_id: str) -> list[dict[str, Any]]:
+        raw = await self._redis.hget(self._keys.timeline(batch_id), call_id)
+        if not raw:
+            return []
+        return [
+            {"at_ms": at, "status": status, "sequence": seq, "event_type": etype}
+            for at, status, seq, etype in orjson.loads(raw)
+        ]
+
+    async def call_state(self, batch_id: str, call_id: str) -> CallState | None:
+        raw = await self._redis.hget(self._keys.snapshot(batch_id), call_id)
+        return CallState.decode(raw) if raw else None
+
+    async def delete_batch(self, batch_id: str) -> None:
+        """Forget a batch's state. Its outbox is kept until drained by the relay."""
+        k = self._keys
+        await self._redis.delete(k.snapshot(batch_id), k.batch_meta(batch_id), k.timeline(batch_id))

