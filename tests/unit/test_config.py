@@ -36,19 +36,43 @@ def problems(raw: Any, env: dict[str, str] | None = None) -> list[str]:
         (lambda c: c["upstream"].update(page_size="many"), "upstream.page_size: Input should be"),
         (lambda c: c["upstream"].update(base_url="not a url"), "upstream.base_url: "),
         (lambda c: c["upstream"].pop("api_key"), "upstream.api_key: required key is missing"),
-        (lambda c: c["upstream"].update(api_key="${NOPE}"), "upstream.api_key: environment variable NOPE"),
+        (
+            lambda c: c["upstream"].update(api_key="${NOPE}"),
+            "upstream.api_key: environment variable NOPE",
+        ),
         (lambda c: c["subscriptions"][0].update(url="ftp://x"), "subscriptions[0].url: "),
-        (lambda c: c["subscriptions"][0].update(secret="abc"), "subscriptions[0].secret: must be a whsec_"),
-        (lambda c: c["subscriptions"][0].update(secret="whsec_***"), "subscriptions[0].secret: must be a whsec_"),
-        (lambda c: c["subscriptions"].append(dict(c["subscriptions"][0])), "subscriptions[1].name: duplicate"),
+        (
+            lambda c: c["subscriptions"][0].update(secret="abc"),
+            "subscriptions[0].secret: must be a whsec_",
+        ),
+        (
+            lambda c: c["subscriptions"][0].update(secret="whsec_***"),
+            "subscriptions[0].secret: must be a whsec_",
+        ),
+        (
+            lambda c: c["subscriptions"].append(dict(c["subscriptions"][0])),
+            "subscriptions[1].name: duplicate",
+        ),
         (lambda c: c["subscriptions"][0].update(events=["call"]), "subscriptions[0].events: "),
-        (lambda c: c["subscriptions"][0].pop("secret"), "subscriptions[0]: set exactly one of secret or secrets"),
-        (lambda c: c["subscriptions"][0].update(headers={"webhook-id": "x"}), "subscriptions[0].headers: "),
-        (lambda c: c.update(batches=[{"id": "a"}, {"id": "a"}]), "batches[1].id: duplicate batch id"),
+        (
+            lambda c: c["subscriptions"][0].pop("secret"),
+            "subscriptions[0]: set exactly one of secret or secrets",
+        ),
+        (
+            lambda c: c["subscriptions"][0].update(headers={"webhook-id": "x"}),
+            "subscriptions[0].headers: ",
+        ),
+        (
+            lambda c: c.update(batches=[{"id": "a"}, {"id": "a"}]),
+            "batches[1].id: duplicate batch id",
+        ),
         (lambda c: c.update(batches=[{"id": "bad id!"}]), "batches[0].id: must be"),
         (lambda c: c.update(redis={"url": "http://x"}), "redis.url: must start with"),
         (lambda c: c.update(admin={"token": "short"}), "admin.token: must be at least 16"),
-        (lambda c: c.update(poller={"interval_seconds": 0}), "poller.interval_seconds: Input should be greater"),
+        (
+            lambda c: c.update(poller={"interval_seconds": 0}),
+            "poller.interval_seconds: Input should be greater",
+        ),
         (lambda c: c.update(surprise=1), "surprise: unknown key"),
     ],
 )
@@ -82,7 +106,13 @@ def test_interpolation_forms(tmp_path: Path) -> None:
     secret_file = tmp_path / "key"
     secret_file.write_text("from-file\n")
     tree, errs = interpolate(
-        {"a": "${A}", "b": "${B:-dflt}", "c": f"${{file:{secret_file}}}", "d": "$${A}", "e": [1, "x${A}y"]},
+        {
+            "a": "${A}",
+            "b": "${B:-dflt}",
+            "c": f"${{file:{secret_file}}}",
+            "d": "$${A}",
+            "e": [1, "x${A}y"],
+        },
         {"A": "1"},
     )
     assert errs == []
@@ -146,7 +176,12 @@ def test_example_documents_every_key_with_its_default() -> None:
         ("server", c.ServerSettings, raw["server"], settings.server),
         ("admin", c.AdminSettings, raw["admin"], settings.admin),
         ("logging", c.LoggingSettings, raw["logging"], settings.logging),
-        ("subscriptions[0]", c.SubscriptionSettings, raw["subscriptions"][0], settings.subscriptions[0]),
+        (
+            "subscriptions[0]",
+            c.SubscriptionSettings,
+            raw["subscriptions"][0],
+            settings.subscriptions[0],
+        ),
         ("batches[0]", c.BatchSettings, raw["batches"][0], settings.batches[0]),
     ]
     assert set(raw) == set(c.Settings.model_fields)
@@ -158,4 +193,6 @@ def test_example_documents_every_key_with_its_default() -> None:
             if info.is_required() or name in {"secret", "secrets", "token"}:
                 continue
             default = info.get_default(call_default_factory=True)
-            assert getattr(section, name) == default, f"{path}.{name} differs from the model default"
+            assert getattr(section, name) == default, (
+                f"{path}.{name} differs from the model default"
+            )

@@ -41,7 +41,9 @@ class Tracker:
         self.ids: list[str] = []
 
     def poll(self, items: list[dict[str, Any]]) -> DiffResult:
-        r = diff("b1", self.states, items, self.view, now_ms=NOW, timestamp=TS, backfill=self.backfill)
+        r = diff(
+            "b1", self.states, items, self.view, now_ms=NOW, timestamp=TS, backfill=self.backfill
+        )
         self.states.update(r.states)
         self.view = BatchView(r.counts, r.completed, r.completions)
         self.events += [orjson.loads(e.body) for e in r.events]
@@ -93,7 +95,8 @@ def test_null_regression_and_missing_fields_are_not_events() -> None:
     t = Tracker()
     t.poll([item("c1", "completed", ended_at="x")])
     r = t.poll([item("c1", "completed", ended_at=None)])
-    assert types(r) == [] and r.anomalies["field_regressed"] == 1
+    assert types(r) == []
+    assert r.anomalies["field_regressed"] == 1
     r = t.poll([{"call_id": "c1", "status": "completed"}])
     assert types(r) == []
     # And the value coming back is not a change either.
@@ -113,7 +116,8 @@ def test_status_regression_is_ignored() -> None:
     t = Tracker()
     t.poll([item("c1", "answered")])
     r = t.poll([item("c1", "ringing")])
-    assert types(r) == [] and r.anomalies["status_regressed"] == 1
+    assert types(r) == []
+    assert r.anomalies["status_regressed"] == 1
 
 
 def test_redial_re_enters_with_new_sequence_and_batch_reopens() -> None:
@@ -207,10 +211,12 @@ def test_properties_over_random_lifecycles(calls: list[list[str]], data: st.Data
         assert {e["status"] for e in evs} <= set(seq)
         # Sequence strictly increasing.
         seqs = [e["sequence"] for e in evs]
-        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert seqs == sorted(seqs)
+        assert len(set(seqs)) == len(seqs)
         # The final terminal status is never missed.
         if seq[-1] in TERMINAL_STATUSES:
-            assert evs and evs[-1]["status"] == seq[-1]
+            assert evs
+            assert evs[-1]["status"] == seq[-1]
     assert len(set(t.ids)) == len(t.ids)
 
 

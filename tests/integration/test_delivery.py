@@ -1,0 +1,307 @@
+"""Delivery against real local receivers and a real Redis; signatures checked by
+the reference standardwebhooks implementation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
+
+from service.config import Settings
+from service.constants import Keys
+from service.delivery import Deliverer
+from service.metrics import Metrics
+from service.models import Event
+from service.queue import DeliveryQueue
+from tests.conftest import OLD_SECRET, SECRET, make_settings
+from tests.receivers import Receiver
+
+FAST = [0, 0, 0]  # retries due at once, so tests never wait for a schedule
+
+
+def event(n: int, call: str = "c1", etype: str = "call.completed") -> Event:
+    return Event.build(
+        event_id=f"evt_{call}_{n}",
+        type=etype,
+        timestamp="2026-11-28T10:00:05.123Z",
+        batch_id="b1",
+        call_id=call,
+        data={"batch_id": "b1", "call_id": call, "sequence": n, "status": etype.split(".")[1]},
+    )
+
+
+@dataclass
+class Rig:
+    settings: Settings
+    queue: DeliveryQueue
+    deliverer: Deliverer
+    metrics: Metrics
+    receivers: dict[str, Receiver]
+
+    async def enqueue(self, sub: str, *events: Event) -> int:
+        return await self.queue.enqueue(sub, [(e, 1) for e in events])
+
+
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(
+    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> AsyncIterator[MakeRig]:
+    sessions: list[aiohttp.ClientSession] = []
+    clients: list[Any] = []
+
+    async def build(subs: dict[str, dict[str, Any]], **delivery: Any) -> Rig:
+        receivers: dict[str, Receiver] = {}
+        sub_cfg = []
+        for name, cfg in subs.items():
+            rec = Receiver()
+            receivers[name] = rec
+            server: TestServer = await aiohttp_server(rec.app())
+            sub_cfg.append(
+                {
+                    "name": name,
+                    "url": str(server.make_url("/hook")),
+                    "secret": SECRET,
+                    "retry_schedule_seconds": FAST,
+                    "timeout_seconds": 2,
+                    **cfg,
+                }
+            )
+        settings = make_settings(
+            "http://127.0.0.1:1", redis_url, subscriptions=sub_cfg, delivery=delivery
+        )
+        client = aioredis.Redis.from_url(redis_url)
+        clients.append(client)
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        queue = DeliveryQueue(client, Keys())
+        metrics = Metrics()
+        return Rig(
+            settings, queue, Deliverer(settings, queue, session, metrics), metrics, receivers
+        )
+
+    yield build
+    for s in sessions:
+        await s.close()
+    for c in clients:
+        await c.aclose()
+
+
+async def test_signed_delivery_verifies_with_reference_library(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {}})
+    assert await rig.enqueue("crm", event(1), event(2, "c2")) == 2
+    assert await rig.deliverer.drain() == 2
+    rec = rig.receivers["crm"]
+    payloads = rec.verify_all(SECRET)
+    assert sorted(p["data"]["call_id"] for p in payloads) == ["c1", "c2"]
+    h = rec.delivered[0].headers
+    assert h["Content-Type"] == "application/json"
+    assert h["User-Agent"].startswith("callbridge/")
+    assert (await rig.queue.record("crm", "evt_c1_1"))["state"] == "delivered"  # type: ignore[index]
+
+
+async def test_rotation_both_secrets_verify(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {"secret": None, "secrets": [SECRET, OLD_SECRET]}})
+    await rig.enqueue("crm", event(1))
+    await rig.deliverer.drain()
+    rig.receivers["crm"].verify_all(SECRET)
+    rig.receivers["crm"].verify_all(OLD_SECRET)
+
+
+async def test_enqueue_is_idempotent(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {}})
+    assert await rig.enqueue("crm", event(1)) == 1
+    assert await rig.enqueue("crm", event(1)) == 0
+    await rig.deliverer.drain()
+    assert await rig.enqueue("crm", event(1)) == 0  # delivered records remember
+    assert len(rig.receivers["crm"].received) == 1
+
+
+async def test_receiver_down_then_back_gets_everything_with_stable_ids(make_rig: MakeRig) -> None:
+    rig = await make_rig(
+        {"crm": {"retry_schedule_seconds": [0] * 10}}, breaker_failure_threshold=100
+    )
+    rec = rig.receivers["crm"]
+    rec.answers.extend([500] * 6)
+    await rig.enqueue("crm", *[event(i, f"c{i}") for i in range(3)])
+    await rig.deliverer.drain()
+    ids = {r.id for r in rec.delivered}
+    assert ids == {f"evt_c{i}_{i}" for i in range(3)}
+    # Every attempt of one event carried the same id and the same body.
+    by_id: dict[str, set[bytes]] = {}
+    for r in rec.received:
+        by_id.setdefault(r.id, set()).add(r.body)
+    assert all(len(bodies) == 1 for bodies in by_id.values())
+    assert len(rec.received) == 9
+
+
+async def test_exhausted_delivery_goes_dead_with_history_and_replays(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {}}, breaker_failure_threshold=100)
+    rec = rig.receivers["crm"]
+    rec.default = 500
+    await rig.enqueue("crm", event(1))
+    await rig.deliverer.drain()
+    assert len(rec.received) == 4  # first attempt + 3 retries
+    assert await rig.queue.dead_letters("crm") == ["evt_c1_1"]
+    record = await rig.queue.record("crm", "evt_c1_1")
+    assert record is not None
+    assert record["state"] == "dead"
+    assert [h["status"] for h in record["history"]] == [500] * 4
+    assert record["history"][-1]["outcome"] == "dead"
+    assert rig.metrics.dead_letters.labels("crm")._value.get() == 1
+    rec.default = 200
+    assert await rig.queue.requeue("crm", "evt_c1_1", reset_attempts=True)
+    await rig.deliverer.drain()
+    assert [r.id for r in rec.delivered] == ["evt_c1_1"]
+    assert await rig.queue.dead_letters("crm") == []
+
+
+async def test_410_disables_and_reenable_resumes(make_rig: MakeRig) -> None:
+    # One at a time, so nothing else is already in flight when the 410 arrives.
+    rig = await make_rig({"crm": {"max_in_flight": 1}})
+    rec = rig.receivers["crm"]
+    rec.answers.append(410)
+    await rig.enqueue("crm", event(1), event(2, "c2"))
+    await rig.deliverer.drain()
+    ep = await rig.queue.endpoint("crm")
+    assert ep.disabled
+    assert rec.delivered == []
+    depth = await rig.queue.depths("crm")
+    assert depth["ready"] == 2  # nothing dropped while disabled
+    await rig.queue.set_enabled("crm", True)
+    await rig.deliverer.drain()
+    assert {r.id for r in rec.delivered} == {"evt_c1_1", "evt_c2_2"}
+
+
+async def test_breaker_opens_and_spares_other_subscription(make_rig: MakeRig) -> None:
+    rig = await make_rig(
+        {"dead": {"max_in_flight": 1}, "ok": {}},
+        breaker_failure_threshold=3,
+        breaker_cooloff_seconds=3600,
+    )
+    rig.receivers["dead"].default = 500
+    events = [event(i, f"c{i}") for i in range(20)]
+    await rig.enqueue("dead", *events)
+    await rig.enqueue("ok", *events)
+    await rig.deliverer.drain()
+    # The dead endpoint got only threshold attempts, not 20 x 4.
+    assert len(rig.receivers["dead"].received) == 3
+    assert (await rig.queue.endpoint("dead")).open_until_ms > 0
+    assert len(rig.receivers["ok"].delivered) == 20
+    depth = await rig.queue.depths("dead")
+    assert depth["ready"] + depth["scheduled"] == 20  # all still queued
+
+
+async def test_per_call_order_waits_for_first_attempt(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {"max_in_flight": 16}})
+    await rig.enqueue("crm", *[event(i, "same") for i in range(1, 6)])
+    await rig.deliverer.drain()
+    seqs = [r.payload()["data"]["sequence"] for r in rig.receivers["crm"].received]
+    assert seqs == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("redirect", "redirect 302 not followed"),
+        ("garbage", ""),
+        ("hang", "timeout after 0.3s"),
+    ],
+)
+async def test_broken_receivers_are_classified_failures(
+    make_rig: MakeRig, answer: str, reason: str
+) -> None:
+    rig = await make_rig({"crm": {"timeout_seconds": 0.3, "retry_schedule_seconds": [3600]}})
+    rec = rig.receivers["crm"]
+    rec.answers.append(answer)
+    await rig.enqueue("crm", event(1))
+    assert await rig.deliverer.run_once() == 1
+    rec.release.set()
+    record = await rig.queue.record("crm", "evt_c1_1")
+    assert record is not None
+    assert record["state"] == "pending"
+    error = record["history"][0]["error"]
+    assert error
+    assert reason in error
+    assert (await rig.queue.depths("crm"))["scheduled"] == 1
+
+
+async def test_huge_response_body_is_not_read(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {}})
+    rig.receivers["crm"].answers.append("huge")
+    await rig.enqueue("crm", event(1))
+    await rig.deliverer.drain()
+    record = await rig.queue.record("crm", "evt_c1_1")
+    assert record is not None
+    assert record["state"] == "delivered"
+    assert len(record["history"][0]["response"]) <= 1100
+
+
+async def test_unreachable_host_is_a_connect_failure(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {"retry_schedule_seconds": [3600]}})
+    # Point the subscription at a closed port.
+    from tests.conftest import free_port
+
+    sub = rig.settings.subscriptions[0].model_copy(
+        update={"url": f"http://127.0.0.1:{free_port()}/h"}
+    )
+    result = await rig.deliverer.attempt(sub, sub.signing_keys, "evt_x", b"{}")
+    assert result.status is None
+    assert result.error
+    assert result.error.startswith("connect")
+
+
+async def test_expired_claim_is_reclaimed_and_stale_outcome_ignored(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {}})
+    await rig.enqueue("crm", event(1))
+    # A worker that claimed and died: its claim has a visibility deadline in the past.
+    claimed = await rig.queue.claim("crm", max_in_flight=4, limit=4, visibility_ms=-1, token="dead")
+    assert [c.event_id for c in claimed] == ["evt_c1_1"]
+    assert await rig.queue.sweep("crm") == 1
+    await rig.deliverer.drain()
+    assert [r.id for r in rig.receivers["crm"].delivered] == ["evt_c1_1"]
+    outcome = await rig.queue.complete(
+        "crm", "evt_c1_1", token="dead", outcome="dead", delay_ms=0, attempt={},
+        retention_ms=1000, dead_retention_ms=1000, breaker_threshold=1, cooloff_ms=1,
+        cooloff_max_ms=1,
+    )  # fmt: skip
+    assert outcome == "stale"
+    record = await rig.queue.record("crm", "evt_c1_1")
+    assert record is not None
+    assert record["state"] == "delivered"
+
+
+async def test_cancelled_attempt_hands_claim_back(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {"timeout_seconds": 30}})
+    rec = rig.receivers["crm"]
+    rec.answers.append("hang")
+    await rig.enqueue("crm", event(1))
+    task = asyncio.create_task(rig.deliverer.run_once())
+    await rec.arrived.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    rec.release.set()
+    depth = await rig.queue.depths("crm")
+    assert depth == {"ready": 1, "scheduled": 0, "inflight": 0, "dead": 0}
+    record = await rig.queue.record("crm", "evt_c1_1")
+    assert record is not None
+    assert record["attempts"] == 0
+
+
+async def test_payload_bytes_are_exactly_the_event_body(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {}})
+    ev = event(1)
+    await rig.enqueue("crm", ev)
+    await rig.deliverer.drain()
+    assert rig.receivers["crm"].delivered[0].body == ev.body
+    assert orjson.loads(ev.body)["type"] == "call.completed"
