@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -147,10 +148,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"simulator listening on {url} (API key from CALLBRIDGE_API_KEY or --api-key)")
         sys.stdout.flush()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args.host, args.port, config, step_seconds=args.step, on_ready=ready))
-    except KeyboardInterrupt:
-        pass
     return EXIT_OK
 
 
@@ -158,9 +157,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Check a captured webhook request: headers file + body file."""
     from service.signing import SignatureError, verify
 
-    secrets = args.secret or [s for s in os.environ.get("CALLBRIDGE_WEBHOOK_SECRET", "").split() if s]
+    secrets = args.secret or os.environ.get("CALLBRIDGE_WEBHOOK_SECRET", "").split()
     if not secrets:
-        print("no secret: pass --secret whsec_... or set CALLBRIDGE_WEBHOOK_SECRET", file=sys.stderr)
+        print("no secret: use --secret whsec_... or CALLBRIDGE_WEBHOOK_SECRET", file=sys.stderr)
         return EXIT_CONFIG
     headers: dict[str, str] = {}
     for line in Path(args.headers).read_text().splitlines():

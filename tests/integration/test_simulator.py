@@ -249,7 +249,8 @@ async def test_pagination_default_limit_cap_and_past_the_end(
 async def test_invalid_limit_or_page_is_a_400_validation_error(
     sim: Simulator, client: Client, params: dict[str, str], field: str
 ) -> None:
-    status, body = await get_page(client, sim.batch_ids[0], **params)
+    async with client.get(calls_path(sim.batch_ids[0]), params=params, headers=AUTH) as response:
+        status, body = response.status, orjson.loads(await response.read())
     assert status == 400
     assert body["status_code"] == 400
     assert body["data"] is None

@@ -1,0 +1,213 @@
+"""Change detection end to end: simulator (faults on) -> poller -> Redis -> relay ->
+delivery -> a real receiver, checked against the simulator's ground truth."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from service.app import Service
+from service.config import Settings
+from service.constants import Keys
+from service.models import TERMINAL_STATUSES
+from service.simulator import FaultConfig, Simulator, SimulatorConfig
+from tests.conftest import API_KEY, SECRET, make_settings
+from tests.receivers import Receiver
+
+MakeService = Callable[..., Awaitable[tuple[Service, Simulator, Receiver]]]
+
+
+@pytest.fixture
+async def make_service(
+    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> AsyncIterator[MakeService]:
+    services: list[Service] = []
+
+    async def build(
+        sim_config: SimulatorConfig, *, events: list[str] | None = None, **sections: Any
+    ) -> tuple[Service, Simulator, Receiver]:
+        sim = Simulator(sim_config)
+        upstream = await aiohttp_server(sim.make_app())
+        receiver = Receiver()
+        hook = await aiohttp_server(receiver.app())
+        settings: Settings = make_settings(
+            str(upstream.make_url("")),
+            redis_url,
+            batches=sim.batch_ids,
+            subscriptions=[
+                {
+                    "name": "crm",
+                    "url": str(hook.make_url("/hook")),
+                    "secret": SECRET,
+                    "events": events or ["*"],
+                    "retry_schedule_seconds": [0, 0, 0],
+                }
+            ],
+            **sections,
+        )
+        svc = await Service.create(settings, replica_id="test")
+        await svc.registry.register_config(settings.batches)
+        services.append(svc)
+        return svc, sim, receiver
+
+    yield build
+    for svc in services:
+        await svc.close()
+
+
+async def poll_all(svc: Service, sim: Simulator) -> None:
+    for batch_id in sim.batch_ids:
+        await svc.poller.poll_once(batch_id)
+
+
+def sim_config(**kw: Any) -> SimulatorConfig:
+    base: dict[str, Any] = {"api_key": API_KEY, "seed": 11, "calls_per_batch": 30, "batches": 2}
+    base.update(kw)
+    return SimulatorConfig(**base)
+
+
+async def test_lifecycle_with_faults_matches_ground_truth(make_service: MakeService) -> None:
+    faults = FaultConfig(
+        rate_limit_ratio=0.03,
+        retry_after_seconds=0,
+        server_error_ratio=0.03,
+        malformed_ratio=0.03,
+        shift_ratio=0.1,
+    )
+    svc, sim, receiver = await make_service(
+        sim_config(faults=faults), upstream={"page_size": 7, "max_attempts": 6}
+    )
+    for _ in range(400):
+        await poll_all(svc, sim)
+        if sim.is_finished():
+            break
+        sim.advance()
+    await poll_all(svc, sim)
+    await poll_all(svc, sim)
+    assert sim.is_finished()
+    await svc.deliverer.drain()
+
+    payloads = receiver.verify_all(SECRET)
+    ids = [r.id for r in receiver.delivered]
+    assert len(ids) == len(set(ids)), "an event was delivered twice"
+    by_call: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    completions: dict[str, int] = defaultdict(int)
+    for p in payloads:
+        if p["type"] == "batch.completed":
+            completions[p["data"]["batch_id"]] += 1
+        else:
+            by_call[(p["data"]["batch_id"], p["data"]["call_id"])].append(p["data"])
+
+    checked_long = 0
+    for batch_id in sim.batch_ids:
+        assert completions[batch_id] >= 1
+        for call in sim.calls(batch_id):
+            history = sim.history(batch_id, call["call_id"])
+            events = sorted(by_call[(batch_id, call["call_id"])], key=lambda d: d["sequence"])
+            statuses = [d["status"] for d in events if d["status"] != d["previous_status"]]
+            # No event for a status the call never had, in the order it had them.
+            truth = [s for _, s in history]
+            it = iter(truth)
+            assert all(s in it for s in statuses), (truth, statuses)
+            # Every status that lasted two polls or more was reported exactly once.
+            for i, (step, status) in enumerate(history[1:], start=1):
+                end = history[i + 1][0] if i + 1 < len(history) else None
+                if end is None or end - step >= 2:
+                    checked_long += 1
+                    n_truth = sum(1 for _, s in history[1:] if s == status)
+                    assert 1 <= statuses.count(status) <= n_truth, (truth, statuses, status)
+            # The final status is terminal and was reported.
+            assert history[-1][1] in TERMINAL_STATUSES
+            assert statuses
+            assert statuses[-1] == history[-1][1]
+            seqs = [d["sequence"] for d in events]
+            assert seqs == list(range(1, len(seqs) + 1))
+    assert checked_long > 50
+    assert svc.metrics.upstream_requests.labels("ok", "200")._value.get() > 0
+
+
+async def test_replaying_the_same_scan_emits_nothing(make_service: MakeService) -> None:
+    svc, sim, _ = await make_service(sim_config(batches=1))
+    batch = sim.batch_ids[0]
+    sim.advance(3)
+    assert await svc.poller.poll_once(batch) == "committed"
+    assert await svc.poller.poll_once(batch) == "unchanged"
+    # A cold replica (cache dropped, snapshot from Redis) agrees.
+    rt = svc.poller.runtime(batch)
+    assert rt is not None
+    rt.drop_cache()
+    assert await svc.poller.poll_once(batch) == "unchanged"
+
+
+async def test_failed_page_aborts_cycle_and_writes_nothing(make_service: MakeService) -> None:
+    svc, sim, _ = await make_service(sim_config(batches=1), upstream={"page_size": 5})
+    batch = sim.batch_ids[0]
+    await svc.poller.poll_once(batch)
+    sim.advance(4)
+    meta_before = await svc.store.load_meta(batch)
+    sim.faults = FaultConfig(server_error_ratio=1.0)
+    assert await svc.poller.poll_once(batch) == "failed"
+    assert (await svc.store.load_meta(batch)).version == meta_before.version
+    sim.faults = FaultConfig()
+    assert await svc.poller.poll_once(batch) == "committed"
+
+
+async def test_lost_lease_is_fenced(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    svc, sim, _ = await make_service(sim_config(batches=1))
+    batch = sim.batch_ids[0]
+    await svc.poller.poll_once(batch)
+    # Another replica takes the batch while this one is paused.
+    await redis_client.set(Keys().lease(batch), "other:token", px=60_000)
+    sim.advance(5)
+    assert await svc.poller.poll_once(batch) == "not_owner"
+    rt = svc.poller.runtime(batch)
+    assert rt is not None
+    assert rt.token is None
+    # Even with a stale token in hand, the commit itself refuses to write.
+    rt.token = "test:stale"
+    rt.states = {}
+    from service.errors import LeaseLostError
+
+    with pytest.raises(LeaseLostError):
+        await svc.store.commit(
+            batch, token="test:stale", expected_version=rt.meta.version, lease_ttl_ms=1000,
+            states={}, events=[], timeline=[], timeline_max=5, meta=rt.meta,
+        )  # fmt: skip
+
+
+async def test_404_and_401_are_reported_without_retry_storm(make_service: MakeService) -> None:
+    svc, sim, _ = await make_service(sim_config(batches=1))
+    await svc.registry.add("sched_missing")
+    assert await svc.poller.poll_once("sched_missing") == "not_found"
+    assert len([r for r in sim.request_log if "sched_missing" in r[1]]) == 1
+    meta = await svc.store.load_meta("sched_missing")
+    assert meta.not_found_since_ms > 0
+    sim.faults = FaultConfig(auth_fail=True)
+    before = len(sim.request_log)
+    assert await svc.poller.poll_once(sim.batch_ids[0]) == "auth_failed"
+    assert len(sim.request_log) == before + 1
+    assert not svc.poller.upstream_auth_ok
+    assert svc.metrics.upstream_auth_ok._value.get() == 0
+    sim.faults = FaultConfig()
+    assert await svc.poller.poll_once(sim.batch_ids[0]) in ("committed", "unchanged")
+    assert svc.poller.upstream_auth_ok
+
+
+async def test_timeline_records_observations(make_service: MakeService) -> None:
+    svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=5))
+    batch = sim.batch_ids[0]
+    for _ in range(30):
+        await svc.poller.poll_once(batch)
+        sim.advance()
+    call_id = sim.calls(batch)[0]["call_id"]
+    data = await svc.operations.timeline(batch, call_id)
+    assert data is not None
+    assert data["timeline"][0]["status"] == "pending"
+    assert data["timeline"][0]["event_id"] is None
+    assert all(e["event_id"].startswith("evt_") for e in data["timeline"][1:])
