@@ -153,6 +153,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    configure_logging("text", "WARNING")
+    try:
+        return asyncio.run(run_demo(calls=args.calls, step_seconds=args.step, port=args.port))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check a captured webhook request: headers file + body file."""
     from service.signing import SignatureError, verify
@@ -218,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"share of requests answered with the {name} fault (0-1)",
         )  # fmt: skip
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "demo",
+        help="see it work: embedded Redis, simulated platform, the bridge and a verifying "
+        "receiver in one process; exits when the demo batch completes",
+    )
+    p.add_argument("--calls", type=int, default=20, help="calls in the demo batch (default 20)")
+    p.add_argument("--step", type=float, default=0.5, help="seconds per simulated step")
+    p.add_argument("--port", type=int, default=8080, help="bridge HTTP port (default 8080)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("verify", help="verify a captured webhook request's signature")
     p.add_argument(

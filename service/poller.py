@@ -142,6 +142,7 @@ class Poller:
         self._auth_failures = 0
         self._auth_paused_until = 0.0
         self._wake = asyncio.Event()
+        self._resync = False
         self.last_loop_at = monotonic()
 
     # -- state for health and admin ------------------------------------------
@@ -167,6 +168,7 @@ class Poller:
 
     def wake(self) -> None:
         """Re-read the registry now (a batch was added or removed)."""
+        self._resync = True
         self._wake.set()
 
     # -- one cycle ---------------------------------------------------------------
@@ -376,7 +378,8 @@ class Poller:
             while not stopping.is_set():
                 now = self._monotonic()
                 self.last_loop_at = now
-                if now >= next_sync:
+                if now >= next_sync or self._resync:
+                    self._resync = False
                     await self._sync(now)
                     next_sync = now + sync_every
                 if now >= self._auth_paused_until:
