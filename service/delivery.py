@@ -165,6 +165,8 @@ class Deliverer:
             await asyncio.shield(self._complete(s, claimed, result, decision))
         finally:
             sub.inflight -= 1
+            # A slot is free, and a call's next event may have been waiting for this one.
+            sub.wake.set()
 
     async def attempt(
         self, sub: SubscriptionSettings, keys: list[bytes], event_id: str, body: bytes

@@ -274,7 +274,8 @@ class Poller:
                 len(result.states),
                 extra={"action": "cycle_committed", "batch_id": batch_id},
             )
-            await self._relay.drain(batch_id)
+        # Also after a quiet cycle: a fan-out that failed last time is retried here.
+        await self._relay.drain(batch_id)
         return "committed" if result.changed else "unchanged"
 
     def _record(
