@@ -28,7 +28,7 @@ from service.embedded import EmbeddedRedis
 from service.metrics import Metrics
 from service.poller import Poller
 from service.queue import DeliveryQueue
-from service.ratelimit import TokenBucket
+from service.ratelimit import RedisRateLimiter
 from service.redisconn import Redis, connect
 from service.registry import BatchRegistry
 from service.relay import Relay
@@ -90,7 +90,9 @@ class Service:
         store = SnapshotStore(redis, keys)
         queue = DeliveryQueue(redis, keys)
         registry = BatchRegistry(redis, keys)
-        limiter = TokenBucket(settings.upstream.max_requests_per_second)
+        limiter = RedisRateLimiter(
+            redis, keys.upstream_budget(), settings.upstream.max_requests_per_second
+        )
         upstream = UpstreamClient(settings.upstream, session, limiter, metrics)
         deliverer = Deliverer(settings, queue, session, metrics)
         relay = Relay(store, queue, settings.subscriptions, metrics, on_enqueued=deliverer.wake)

@@ -55,13 +55,9 @@ class Keys:
         """Sorted set replica_id -> last heartbeat (ms)."""
         return f"{self.prefix}:replicas"
 
-    def auth_state(self) -> str:
-        """String set while the upstream rejects our API key."""
-        return f"{self.prefix}:upstream:auth"
-
-    def rate_window(self, second: int) -> str:
-        """Counter of upstream requests started in one wall-clock second (fleet-wide budget)."""
-        return f"{self.prefix}:upstream:rate:{second}"
+    def upstream_budget(self) -> str:
+        """Theoretical arrival time (ms) of the next upstream request (fleet-wide GCRA)."""
+        return f"{self.prefix}:upstream:budget"
 
     # -- per batch (one slot) -------------------------------------------------
     def _b(self, batch_id: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class RateLimiter(Protocol):
@@ -70,3 +70,67 @@ class TokenBucket:
             # Do not let a burst accumulate while blocked.
             self._tokens = 0.0
             self._updated = max(self._updated, self._blocked_until)
+
+
+# GCRA ("generic cell rate algorithm"): one key holds the theoretical arrival time
+# (TAT) of the next request. A request may start when TAT - now <= burst allowance;
+# it moves TAT one interval on. Exact for the whole fleet, one round trip per request.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval, allowance = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local wait = tat - now - allowance
+if wait > 0 then return wait end
+redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil(tat + interval - now + 1000))
+return 0
+"""
+
+_PENALIZE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = now + tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if until_ms > tat then
+  redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]) + 1000)
+end
+return 0
+"""
+
+
+class RedisRateLimiter:
+    """The request budget shared by every replica, kept in one Redis key.
+
+    `rate` requests per second in total, however many replicas run. Each request
+    costs one script call; waiting happens here, in the caller, not in Redis.
+    """
+
+    def __init__(self, redis: Any, key: str, rate: float, *, burst: int = 1) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self._redis = redis
+        self._key = key
+        self._interval_ms = 1000.0 / rate
+        # Allow `burst` requests back to back; 1 means evenly spaced.
+        self._allowance_ms = self._interval_ms * (max(1, burst) - 1)
+        self._gcra = redis.register_script(_GCRA)
+        self._penalize = redis.register_script(_PENALIZE)
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    async def acquire(self) -> None:
+        while True:
+            wait_ms = float(
+                await self._gcra(keys=[self._key], args=[self._interval_ms, self._allowance_ms])
+            )
+            if wait_ms <= 0:
+                return
+            await asyncio.sleep(wait_ms / 1000)
+
+    def penalize(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        # Called from sync code paths: the write runs as its own task.
+        task = asyncio.ensure_future(self._penalize(keys=[self._key], args=[int(seconds * 1000)]))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
