@@ -125,7 +125,7 @@ class BatchSettings(_Model):
     @field_validator("id")
     @classmethod
     def _id_shape(cls, v: str) -> str:
-        if not _BATCH_ID.match(v):
+        if not _BATCH_ID.fullmatch(v):
             raise ValueError("must be 1-128 characters of letters, digits, _ . : -")
         return v
 
@@ -167,7 +167,7 @@ class SubscriptionSettings(_Model):
     @field_validator("name")
     @classmethod
     def _name_shape(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not _NAME.fullmatch(v):
             raise ValueError("must be 1-64 characters of letters, digits, _ . - (start alnum)")
         return v
 

@@ -111,7 +111,9 @@ class Deliverer:
         name = sub.settings.name
         if now >= sub.next_sweep:
             sub.next_sweep = now + _SWEEP_EVERY_S
-            reclaimed = await self._queue.sweep(name)
+            reclaimed = await self._queue.sweep(
+                name, dead_retention_ms=int(self._d.dead_letter_retention_seconds * 1000)
+            )
             if reclaimed:
                 log.warning(
                     "%d deliveries of %s outlived their visibility deadline; requeued",

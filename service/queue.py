@@ -192,10 +192,12 @@ return outcome
 """
 )
 
-# KEYS: due, inflight ; ARGV: prefix, max
+# KEYS: due, inflight, dead ; ARGV: prefix, max, dead_retention_ms
 _SWEEP = (
     _NOW
     + """
+-- Dead letters whose record expired are gone: drop them from the index too.
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[3]))
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[2], id)
@@ -336,12 +338,13 @@ class DeliveryQueue:
         )
         return result.decode() if isinstance(result, bytes) else str(result)
 
-    async def sweep(self, sub: str, max_items: int = 1000) -> int:
+    async def sweep(self, sub: str, *, dead_retention_ms: int, max_items: int = 1000) -> int:
         """Give back claims whose visibility deadline passed (their worker died)."""
         k = self._keys
         return int(
             await self._sweep(
-                keys=[k.due(sub), k.inflight(sub)], args=[k.sub_prefix(sub), max_items]
+                keys=[k.due(sub), k.inflight(sub), k.dead(sub)],
+                args=[k.sub_prefix(sub), max_items, dead_retention_ms],
             )
         )
 

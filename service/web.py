@@ -73,9 +73,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     svc = _service(request)
-    resp = web.Response(body=generate_latest(svc.metrics.registry))
-    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-    return resp
+    return web.Response(
+        body=generate_latest(svc.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 def _admin_guard(token: str | None) -> Callable[[Handler], Handler]:
@@ -88,7 +88,9 @@ def _admin_guard(token: str | None) -> Callable[[Handler], Handler]:
             auth = request.headers.get("Authorization", "")
             scheme, _, given = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected):
-                return envelope(401, "Missing or invalid admin token", code="UNAUTHORIZED")
+                resp = envelope(401, "Missing or invalid admin token", code="UNAUTHORIZED")
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="callbridge-admin"'
+                return resp
             try:
                 return await handler(request)
             except UnknownSubscriptionError as exc:

@@ -266,7 +266,7 @@ async def test_expired_claim_is_reclaimed_and_stale_outcome_ignored(make_rig: Ma
     # A worker that claimed and died: its claim has a visibility deadline in the past.
     claimed = await rig.queue.claim("crm", max_in_flight=4, limit=4, visibility_ms=-1, token="dead")
     assert [c.event_id for c in claimed] == ["evt_c1_1"]
-    assert await rig.queue.sweep("crm") == 1
+    assert await rig.queue.sweep("crm", dead_retention_ms=10**9) == 1
     await rig.deliverer.drain()
     assert [r.id for r in rig.receivers["crm"].delivered] == ["evt_c1_1"]
     outcome = await rig.queue.complete(
