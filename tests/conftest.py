@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from service.config import Settings, parse_settings
 from service.embedded import EmbeddedRedis, find_server_binary
@@ -97,3 +99,57 @@ def make_settings(
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real 3-master Redis Cluster on loopback (Valkey binary in cluster mode)."""
+    binary = find_server_binary()
+    ports = [free_port() for _ in range(3)]
+    procs = []
+    try:
+        for port in ports:
+            data = tmp_path_factory.mktemp(f"cluster{port}")
+            cmd = [
+                *EmbeddedRedis(data).command(binary, port),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(data / "nodes.conf"),
+                "--cluster-node-timeout", "2000",
+            ]  # fmt: skip
+            procs.append(
+                subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        clients = [
+            redis.Redis(port=p, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+            for p in ports
+        ]
+        for client in clients:
+            for _ in range(200):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.025)
+        # Split the 16384 slots evenly and join the nodes.
+        bounds = [0, 5461, 10923, 16384]
+        for i, client in enumerate(clients):
+            client.execute_command("CLUSTER ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
+        for port in ports[1:]:
+            clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
+        for _ in range(400):
+            infos = [c.cluster("INFO") for c in clients]
+            if all(
+                i["cluster_state"] == "ok" and int(i["cluster_known_nodes"]) == 3 for i in infos
+            ):
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("test cluster did not converge")
+        for c in clients:
+            c.close()
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
