@@ -4,48 +4,25 @@ nothing may be lost and no event id may change its payload."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
-import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-import yaml
 
 from service.models import TERMINAL_STATUSES
 from service.simulator import FaultConfig, Simulator, SimulatorConfig
-from tests.conftest import API_KEY, SECRET, free_port
+from tests.bridge import (
+    check_consistency,
+    final_statuses_delivered,
+    start_bridge,
+    wait_until_delivered,
+    write_config,
+)
+from tests.conftest import API_KEY
 from tests.receivers import Receiver
-
-
-async def start_bridge(config: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "run", "--config", str(config),
-        env={**os.environ, "KEY": API_KEY},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-
-
-def all_delivered(sim: Simulator, receiver: Receiver) -> bool:
-    seen: dict[tuple[str, str], set[str]] = defaultdict(set)
-    batches_done: set[str] = set()
-    for r in receiver.delivered:
-        p = r.payload()
-        if p["type"] == "batch.completed":
-            batches_done.add(p["data"]["batch_id"])
-        else:
-            seen[(p["data"]["batch_id"], p["data"]["call_id"])].add(p["data"]["status"])
-    if batches_done != set(sim.batch_ids):
-        return False
-    return all(
-        sim.history(b, c["call_id"])[-1][1] in seen[(b, c["call_id"])]
-        for b in sim.batch_ids
-        for c in sim.calls(b)
-    )
 
 
 @pytest.mark.timeout(150)
@@ -66,31 +43,13 @@ async def test_sigkill_at_random_points_loses_nothing(
     receiver = Receiver()
     receiver.answers.extend([500, 500, 503])  # a few failed attempts to retry across crashes
     hook = await aiohttp_server(receiver.app())
-    config = {
-        "upstream": {
-            "base_url": str(upstream.make_url("")),
-            "api_key": "${KEY}",
-            "page_size": 10,
-            "max_requests_per_second": 500,
-            "backoff_max_seconds": 0.05,
-        },
-        "redis": {"url": redis_url},
-        "poller": {"interval_seconds": 0.1, "lease_ttl_seconds": 2, "jitter_ratio": 0},
-        "batches": [{"id": b} for b in sim.batch_ids],
-        "subscriptions": [
-            {
-                "name": "crm",
-                "url": str(hook.make_url("/hook")),
-                "secret": SECRET,
-                "timeout_seconds": 2,
-                "retry_schedule_seconds": [0.2] * 20,
-            }
-        ],
-        "delivery": {"visibility_margin_seconds": 1, "idle_poll_seconds": 0.05},
-        "server": {"host": "127.0.0.1", "port": free_port(), "shutdown_grace_seconds": 2},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_config(
+        tmp_path / "config.yaml",
+        str(upstream.make_url("")),
+        redis_url,
+        str(hook.make_url("/hook")),
+        sim.batch_ids,
+    )
 
     kills = 0
     proc = await start_bridge(path)
@@ -113,29 +72,14 @@ async def test_sigkill_at_random_points_loses_nothing(
         await proc.wait()
         kills += 1
         proc = await start_bridge(path)
-        for _ in range(600):
-            if all_delivered(sim, receiver):
-                break
-            await asyncio.wait_for(receiver.arrived.wait(), 30)
-            receiver.arrived.clear()
+        await wait_until_delivered(sim, receiver)
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
 
     assert kills >= 4
-    assert all_delivered(sim, receiver)
-    receiver.verify_all(SECRET)
-    bodies: dict[str, set[bytes]] = defaultdict(set)
-    for r in receiver.received:
-        bodies[r.id].add(r.body)
-    assert all(len(b) == 1 for b in bodies.values()), "an event id changed its payload"
-    # What was reported for each call is what the call really went through, in order.
-    for r in receiver.delivered:
-        p = r.payload()
-        if p["type"] == "batch.completed" or p["type"] == "call.updated":
-            continue
-        truth = [s for _, s in sim.history(p["data"]["batch_id"], p["data"]["call_id"])]
-        assert p["data"]["status"] in truth
+    assert final_statuses_delivered(sim, receiver)
+    check_consistency(sim, receiver)
     terminal = sum(
         1
         for r in receiver.delivered
