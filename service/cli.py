@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -97,7 +98,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(EXIT_OK)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    # A stop request before the app runs has nothing to drain: exit 0 at once.
+    # web.run_app replaces this with its graceful handlers when it starts.
+    signal.signal(signal.SIGTERM, _exit_quietly)
     from aiohttp import web
 
     from service.app import build_app

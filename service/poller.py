@@ -468,7 +468,30 @@ class Poller:
                     if not await self._store.renew_lease(batch_id, rt.token, self._ttl_ms):
                         rt.token = None
                         rt.drop_cache()
+        await self._rebalance()
         self._metrics.leases_held.set(len(self.owned()))
+
+    async def _rebalance(self) -> None:
+        """Hand back batches beyond our fair share, so new replicas get work.
+
+        Each replica owns at most ceil(batches / live replicas); the others pick up
+        what is released on their next loop. Idle batches go first.
+        """
+        excess = len(self.owned()) - await self._fair_share()
+        if excess <= 0:
+            return
+        idle = [rt for rt in self._batches.values() if rt.token is not None and rt.task is None]
+        for rt in sorted(idle, key=lambda r: r.next_due, reverse=True)[:excess]:
+            assert rt.token is not None
+            with contextlib.suppress(Exception):
+                await self._store.release_lease(rt.batch_id, rt.token)
+            rt.token = None
+            rt.drop_cache()
+            log.info(
+                "released batch %s to rebalance across replicas",
+                rt.batch_id,
+                extra={"action": "lease_released", "batch_id": rt.batch_id},
+            )
 
     async def _fair_share(self) -> int:
         """How many batches this replica may own: an even split over live replicas."""

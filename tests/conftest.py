@@ -44,7 +44,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     cmd = EmbeddedRedis(data).command(find_server_binary(), port)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
+    client = redis.Redis(host="127.0.0.1", port=port)
     try:
         for _ in range(200):
             try:
@@ -106,21 +106,26 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real 3-master Redis Cluster on loopback (Valkey binary in cluster mode)."""
     binary = find_server_binary()
     ports = [free_port() for _ in range(3)]
+    # The default bus port (port + 10000) overflows for high free ports: set our own.
+    bus_ports = [free_port() for _ in range(3)]
     procs = []
     try:
-        for port in ports:
+        for port, bus_port in zip(ports, bus_ports, strict=True):
             data = tmp_path_factory.mktemp(f"cluster{port}")
             cmd = [
                 *EmbeddedRedis(data).command(binary, port),
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(data / "nodes.conf"),
                 "--cluster-node-timeout", "2000",
+                "--cluster-port", str(bus_port),
             ]  # fmt: skip
             procs.append(
                 subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             )
         clients = [
-            redis.Redis(port=p, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+            redis.Redis(
+                host="127.0.0.1", port=p, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+            )
             for p in ports
         ]
         for client in clients:
@@ -130,12 +135,14 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     break
                 except redis.ConnectionError:
                     time.sleep(0.025)
+            else:
+                raise RuntimeError("a cluster node did not start")
         # Split the 16384 slots evenly and join the nodes.
         bounds = [0, 5461, 10923, 16384]
         for i, client in enumerate(clients):
             client.execute_command("CLUSTER ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
-        for port in ports[1:]:
-            clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
+        for port, bus_port in zip(ports[1:], bus_ports[1:], strict=True):
+            clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port, bus_port)
         for _ in range(400):
             infos = [c.cluster("INFO") for c in clients]
             if all(

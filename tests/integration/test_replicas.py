@@ -83,4 +83,4 @@ async def test_three_replicas_with_random_kills(
     assert len(owners_seen) >= 2
     assert final_statuses_delivered(sim, receiver)
     check_consistency(sim, receiver)
-    assert all(p.returncode == 0 for p in procs)
+    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
