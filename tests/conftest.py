@@ -35,28 +35,43 @@ def free_port() -> int:
         return port
 
 
+def wait_for_redis(port: int, seconds: float = 10.0) -> None:
+    """Block until a server answers PING on the port (it may be loading its AOF)."""
+    client = redis.Redis(
+        host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:  # BusyLoadingError included
+                time.sleep(0.025)
+        raise RuntimeError(f"no Redis answered on port {port}")
+    finally:
+        client.close()
+
+
+def start_server(data: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """A Valkey server persisting to `data` (AOF), ready when this returns."""
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = [*EmbeddedRedis(data).command(find_server_binary(), port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_redis(port)
+    return proc
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url := os.environ.get("REDIS_URL"):
         yield url
         return
-    data = tmp_path_factory.mktemp("redis")
     port = free_port()
-    cmd = EmbeddedRedis(data).command(find_server_binary(), port)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(host="127.0.0.1", port=port)
+    proc = start_server(tmp_path_factory.mktemp("redis"), port)
     try:
-        for _ in range(200):
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                time.sleep(0.025)
-        else:
-            raise RuntimeError("test Redis did not start")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        client.close()
         proc.terminate()
         proc.wait(10)
 
@@ -104,7 +119,6 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real 3-master Redis Cluster on loopback (Valkey binary in cluster mode)."""
-    binary = find_server_binary()
     ports = [free_port() for _ in range(3)]
     # The default bus port (port + 10000) overflows for high free ports: set our own.
     bus_ports = [free_port() for _ in range(3)]
@@ -112,31 +126,14 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         for port, bus_port in zip(ports, bus_ports, strict=True):
             data = tmp_path_factory.mktemp(f"cluster{port}")
-            cmd = [
-                *EmbeddedRedis(data).command(binary, port),
+            cluster_args = [
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(data / "nodes.conf"),
                 "--cluster-node-timeout", "2000",
                 "--cluster-port", str(bus_port),
             ]  # fmt: skip
-            procs.append(
-                subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            )
-        clients = [
-            redis.Redis(
-                host="127.0.0.1", port=p, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
-            )
-            for p in ports
-        ]
-        for client in clients:
-            for _ in range(200):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.025)
-            else:
-                raise RuntimeError("a cluster node did not start")
+            procs.append(start_server(data, port, *cluster_args))
+        clients = [redis.Redis(host="127.0.0.1", port=p) for p in ports]
         # Split the 16384 slots evenly and join the nodes.
         bounds = [0, 5461, 10923, 16384]
         for i, client in enumerate(clients):
