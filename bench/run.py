@@ -1,0 +1,330 @@
+"""Run the benchmarks: ``python -m bench.run [--quick] [--only NAME] [--no-profile]``.
+
+Writes ``bench/results/latest.json`` (machine, code version, every figure with its
+ceiling and ratio) and the plots in ``docs/img/``, then prints a table. Every
+figure is a ratio against a ceiling measured in the same run, because the machine
+is shared and noisy; see docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from bench import delivery, poll_cycle
+from bench.common import IMG, REPO, RESULTS, machine_info
+
+BENCHMARKS: dict[str, Callable[[bool, bool], Coroutine[Any, Any, dict[str, Any]]]] = {
+    "poll_cycle": poll_cycle.run,
+    "delivery": delivery.run,
+}
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured and whether the work tree differed from it."""
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return out.stdout
+
+    # Porcelain lines are "XY path": keep the leading status column intact.
+    dirty = [line[3:] for line in git("status", "--porcelain", "service").splitlines() if line]
+    return {"commit": git("rev-parse", "HEAD").strip(), "service_files_modified": dirty}
+
+
+# -- table -------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _verdict(ratio: float, target: float | None, higher_is_better: bool) -> str:
+    if target is None:
+        return ""
+    ok = ratio >= target if higher_is_better else ratio <= target
+    return "PASS" if ok else "MISS"
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+    poll = results.get("poll_cycle")
+    if poll:
+        for name, c in poll["cases"].items():
+            target = c["target_ratio"]
+            rows.append(
+                [
+                    f"poll {name}",
+                    f"{1000 * c['cycle_cpu_s']:.0f} ms CPU",
+                    f"{1000 * c['ceiling_cpu_s']:.0f} ms loads",
+                    f"{c['ratio']:.2f}x",
+                    f"<= {target}x" if target else "",
+                    _verdict(c["ratio"], target, higher_is_better=False),
+                ]
+            )
+        mem = poll["memory"]["after_cold"]
+        target_b = poll["memory"]["target_snapshot_bytes_per_call"]
+        rows.append(
+            [
+                "redis snapshot / call",
+                f"{mem['snapshot_bytes_per_call']:.0f} B",
+                "",
+                "",
+                f"<= {target_b:.0f} B",
+                "PASS" if mem["snapshot_bytes_per_call"] <= target_b else "MISS",
+            ]
+        )
+        after = poll["memory"].get("after_warm_cycles", {})
+        rows.append(
+            [
+                "redis timeline / call",
+                f"{mem['timeline_bytes_per_call']:.0f} B"
+                + (f" ({after['timeline_bytes_per_call']:.0f} B later)" if after else ""),
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "redis used_memory / call",
+                f"{_fmt(mem.get('used_memory_delta_per_call'), '.0f')} B",
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+    dlv = results.get("delivery")
+    if dlv:
+        for c, row in dlv["concurrency"].items():
+            plain = row["plain"]["per_s"]
+            for mode in delivery.SERVICE_MODES:
+                r = row[mode]
+                rows.append(
+                    [
+                        f"delivery {mode} C={c}",
+                        f"{r['per_s']:.0f}/s",
+                        f"{plain:.0f}/s plain",
+                        f"{r['ratio']:.2f}x",
+                        f">= {dlv['target_ratio']}x",
+                        _verdict(r["ratio"], dlv["target_ratio"], higher_is_better=True),
+                    ]
+                )
+        rows.append(
+            [
+                "redis per queued delivery",
+                f"{dlv['memory_per_queued_delivery_bytes']:.0f} B",
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+    return rows
+
+
+def print_table(rows: list[list[str]]) -> None:
+    header = ["figure", "measured", "ceiling", "ratio", "target", ""]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+# -- plots -------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+
+    dlv = results.get("delivery")
+    if dlv:
+        cs = sorted(int(c) for c in dlv["concurrency"])
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        series = [("plain", "plain aiohttp POST (ceiling)", "o-")]
+        series += [(m, f"signed durable deliveries ({m})", "s-") for m in delivery.SERVICE_MODES]
+        for k, (mode, label, style) in enumerate(series):
+            ys = [dlv["concurrency"][str(c)][mode]["per_s"] for c in cs]
+            ax.plot(cs, ys, style, label=label)
+            for c, y in zip(cs, ys, strict=True):
+                ratio = dlv["concurrency"][str(c)][mode].get("ratio")
+                text = f"{y:.0f}/s" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+                # Service curves lie close together: alternate labels above and below.
+                offset = (4, 6) if k % 2 else (4, -13)
+                ax.annotate(text, (c, y), textcoords="offset points", xytext=offset, fontsize=8)
+        plain = [dlv["concurrency"][str(c)]["plain"]["per_s"] for c in cs]
+        ax.plot(
+            cs,
+            [dlv["target_ratio"] * p for p in plain],
+            ":",
+            color="grey",
+            label=f"target: {dlv['target_ratio']}x plain",
+        )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.set_xlabel("concurrency (in-flight requests)")
+        ax.set_ylabel("requests per second")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"Delivery throughput, {dlv['n']} events, receiver in its own process")
+        ax.legend(fontsize=8, loc="center right")
+        fig.tight_layout()
+        path = IMG / "delivery_throughput.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path.relative_to(REPO)))
+
+    poll = results.get("poll_cycle")
+    if poll:
+        names = list(poll["cases"])
+        cases = [poll["cases"][n] for n in names]
+        fig, ax = plt.subplots(figsize=(8.5, 4.5))
+        xs = list(range(len(names)))
+        w = 0.27
+        cycle = [1000 * c["cycle_cpu_s"] for c in cases]
+        loads = [1000 * c["ceiling_cpu_s"] for c in cases]
+        fetch = [1000 * c["http_fetch_cpu_s"] for c in cases]
+        ax.bar([x - w for x in xs], cycle, w, label="poll_once CPU")
+        ax.bar(xs, loads, w, label="ceiling: orjson.loads of the 200 pages")
+        ax.bar([x + w for x in xs], fetch, w, label="reference: plain aiohttp fetch of them")
+        for x, c, y in zip(xs, cases, cycle, strict=True):
+            ax.annotate(f"{c['ratio']:.1f}x", (x - w, y), ha="center", va="bottom", fontsize=8)
+            if c["target_ratio"]:
+                ax.plot(
+                    [x - 1.5 * w, x + 1.5 * w],
+                    [c["target_ratio"] * 1000 * c["ceiling_cpu_s"]] * 2,
+                    "k:",
+                )
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [n.replace("_", "\n", 1) for n in names], fontsize=8)
+        ax.set_ylabel("CPU ms (log scale)")
+        ax.set_title("One poll cycle, 100,000 calls / 200 pages (dotted: target)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+        fig.tight_layout()
+        path = IMG / "poll_cycle_cpu.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path.relative_to(REPO)))
+
+        with_phases = [n for n in names if poll["cases"][n]["phases"]]
+        if with_phases:
+            fig, ax = plt.subplots(figsize=(8.5, 4.5))
+            labels: list[str] = []
+            for n in with_phases:
+                for p in poll["cases"][n]["phases"]:
+                    if p["within"] is None and p["phase"] not in labels:
+                        labels.append(p["phase"])
+            cmap = plt.get_cmap("tab20")
+            for i, n in enumerate(with_phases):
+                bottom = 0.0
+                by = {p["phase"]: p for p in poll["cases"][n]["phases"] if p["within"] is None}
+                for j, label in enumerate(labels):
+                    ms = 1000 * by[label]["cpu_s"] if label in by else 0.0
+                    ax.bar(
+                        i,
+                        ms,
+                        0.6,
+                        bottom=bottom,
+                        color=cmap(j),
+                        label=label if i == 0 else None,
+                    )
+                    bottom += ms
+                ceiling = 1000 * poll["cases"][n]["ceiling_cpu_s"]
+                ax.plot([i - 0.35, i + 0.35], [ceiling, ceiling], "k-", lw=2)
+            ax.set_xticks(range(len(with_phases)), with_phases, fontsize=8)
+            ax.set_ylabel("CPU ms of one instrumented cycle")
+            ax.set_title("Where a poll cycle's CPU goes (black line: orjson.loads ceiling)")
+            ax.legend(fontsize=7, loc="upper right")
+            fig.tight_layout()
+            path = IMG / "poll_cycle_phases.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(str(path.relative_to(REPO)))
+    return written
+
+
+# -- main --------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 1 min)")
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), help="run one benchmark")
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the profiled and instrumented cycles"
+    )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw the plots and the table from the existing results file",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS / "latest.json",
+        help="results file (default bench/results/latest.json); plots only for the default",
+    )
+    args = parser.parse_args(argv)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    latest: Path = args.output.resolve()
+    is_default = latest == (RESULTS / "latest.json").resolve()
+    results: dict[str, Any] = {}
+    if args.replot:
+        results = json.loads(latest.read_text())
+        print_table(table_rows(results))
+        print("wrote " + ", ".join(plot(results)))
+        return 0
+    if args.only and latest.exists():
+        # Keep the other benchmark's last figures, so the plots and table stay whole.
+        results = json.loads(latest.read_text())
+    started = time.perf_counter()
+    results["machine"] = machine_info()
+    results["code"] = code_version()
+    results["mode"] = "quick" if args.quick else "full"
+    results["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for name, fn in BENCHMARKS.items():
+        if args.only and name != args.only:
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results[name] = asyncio.run(fn(args.quick, not args.no_profile))
+    results["elapsed_s"] = time.perf_counter() - started
+    latest.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    written = plot(results) if is_default else []
+    m = results["machine"]
+    print(
+        f"{m['nproc']} x {m['cpu_model']}, Python {m['python']}, "
+        f"load {m['loadavg_at_start'][0]:.2f}, mode {results['mode']}, "
+        f"{results['elapsed_s']:.0f} s"
+    )
+    print_table(table_rows(results))
+    print(f"\nwrote {', '.join([str(latest), *written])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
