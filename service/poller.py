@@ -99,6 +99,8 @@ class BatchRuntime:
     pages: dict[int, RawPage] = field(default_factory=dict)
     not_found: bool = False
     retired: bool = False
+    # Set while committed events may still sit in the outbox un-fanned-out.
+    outbox_dirty: bool = False
     next_due: float = 0.0
     last_started: float | None = None
     task: asyncio.Task[None] | None = None
@@ -248,7 +250,7 @@ class Poller:
         if result.completions > rt.meta.completions:
             meta.completed_at_ms = now_ms
         assert rt.token is not None
-        meta.version = await self._store.commit(
+        meta.version, stream_ids = await self._store.commit(
             batch_id,
             token=rt.token,
             expected_version=rt.meta.version,
@@ -274,8 +276,15 @@ class Poller:
                 len(result.states),
                 extra={"action": "cycle_committed", "batch_id": batch_id},
             )
-        # Also after a quiet cycle: a fan-out that failed last time is retried here.
-        await self._relay.drain(batch_id)
+        if rt.outbox_dirty:
+            # A fan-out failed earlier: what it left in the outbox goes first.
+            await self._relay.drain(batch_id)
+            rt.outbox_dirty = False
+        if result.events:
+            # Committed, so never lost: if this fails the outbox still holds them.
+            rt.outbox_dirty = True
+            await self._relay.publish(batch_id, list(zip(result.events, stream_ids, strict=True)))
+            rt.outbox_dirty = False
         return "committed" if result.changed else "unchanged"
 
     def _record(
@@ -313,7 +322,7 @@ class Poller:
             )
             meta = dataclasses.replace(rt.meta, not_found_since_ms=self._wall_ms())
             assert rt.token is not None
-            meta.version = await self._store.commit(
+            meta.version, _ = await self._store.commit(
                 rt.batch_id,
                 token=rt.token,
                 expected_version=rt.meta.version,

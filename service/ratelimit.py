@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 
 class RateLimiter(Protocol):
-    async def acquire(self) -> None:
-        """Wait until one more request fits the budget."""
+    async def acquire(self, expected: int = 1) -> None:
+        """Wait until one more request fits the budget (`expected`: how many will follow)."""
 
     def penalize(self, seconds: float) -> None:
         """Take no more tokens for `seconds` (the server said Retry-After)."""
@@ -51,7 +52,7 @@ class TokenBucket:
         self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
         self._updated = now
 
-    async def acquire(self) -> None:
+    async def acquire(self, expected: int = 1) -> None:
         async with self._lock:
             while True:
                 now = self._clock()
@@ -73,27 +74,27 @@ class TokenBucket:
 
 
 # GCRA ("generic cell rate algorithm"): one key holds the theoretical arrival time
-# (TAT) of the next request. A request may start when TAT - now <= burst allowance;
-# it moves TAT one interval on. Exact for the whole fleet, one round trip per request.
+# (TAT) of the next free request slot. A caller reserves n consecutive slots in one
+# call: it learns when the first one starts and moves TAT n intervals on. Exact for
+# the whole fleet, with one round trip per n requests.
 _GCRA = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval, allowance = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local wait = tat - now - allowance
-if wait > 0 then return wait end
-redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil(tat + interval - now + 1000))
-return 0
+local new_tat = tat + n * interval
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now + 1000))
+return string.format('%.3f', tat - now)
 """
 
 _PENALIZE = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local until_ms = now + tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if until_ms > tat then
-  redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]) + 1000)
+  redis.call('SET', KEYS[1], string.format('%.3f', until_ms), 'PX', tonumber(ARGV[1]) + 1000)
 end
 return 0
 """
@@ -102,34 +103,59 @@ return 0
 class RedisRateLimiter:
     """The request budget shared by every replica, kept in one Redis key.
 
-    `rate` requests per second in total, however many replicas run. Each request
-    costs one script call; waiting happens here, in the caller, not in Redis.
+    `rate` requests per second in total, however many replicas run. Slots are
+    reserved in small blocks (a scan of many pages needs many) and handed out
+    locally at their start times; a slot not used within one interval of its time
+    is dropped, since using it late could put two requests in one slot's place.
     """
 
-    def __init__(self, redis: Any, key: str, rate: float, *, burst: int = 1) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        key: str,
+        rate: float,
+        *,
+        max_block: int = 16,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self._redis = redis
         self._key = key
-        self._interval_ms = 1000.0 / rate
-        # Allow `burst` requests back to back; 1 means evenly spaced.
-        self._allowance_ms = self._interval_ms * (max(1, burst) - 1)
+        self._interval_s = 1.0 / rate
+        # Never reserve more than a quarter second of the fleet's budget at once.
+        self._max_block = max(1, min(max_block, int(rate / 4)))
+        self._clock = clock
+        self._slots: deque[float] = deque()
+        self._lock = asyncio.Lock()
         self._gcra = redis.register_script(_GCRA)
         self._penalize = redis.register_script(_PENALIZE)
         self._pending: set[asyncio.Task[Any]] = set()
 
-    async def acquire(self) -> None:
-        while True:
-            wait_ms = float(
-                await self._gcra(keys=[self._key], args=[self._interval_ms, self._allowance_ms])
-            )
-            if wait_ms <= 0:
-                return
-            await asyncio.sleep(wait_ms / 1000)
+    async def acquire(self, expected: int = 1) -> None:
+        """Wait for a request slot; `expected` hints how many more this caller needs."""
+        async with self._lock:
+            while True:
+                now = self._clock()
+                while self._slots and self._slots[0] < now - self._interval_s:
+                    self._slots.popleft()
+                if self._slots:
+                    start = self._slots.popleft()
+                    break
+                n = max(1, min(expected, self._max_block))
+                wait_ms = float(
+                    await self._gcra(keys=[self._key], args=[self._interval_s * 1000, n])
+                )
+                first = self._clock() + wait_ms / 1000
+                self._slots.extend(first + i * self._interval_s for i in range(n))
+        delay = start - self._clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     def penalize(self, seconds: float) -> None:
         if seconds <= 0:
             return
+        self._slots.clear()
         # Called from sync code paths: the write runs as its own task.
         task = asyncio.ensure_future(self._penalize(keys=[self._key], args=[int(seconds * 1000)]))
         self._pending.add(task)

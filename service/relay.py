@@ -16,7 +16,7 @@ from service.config import SubscriptionSettings
 from service.metrics import Metrics
 from service.models import Event
 from service.queue import DeliveryQueue
-from service.store import OutboxEntry, SnapshotStore
+from service.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,9 @@ def matches(sub: SubscriptionSettings, event_type: str, batch_id: str) -> bool:
     return any(p in ("*", event_type) or p == f"{family}.*" for p in sub.events)
 
 
-def observed_ms(entry: OutboxEntry) -> int:
+def observed_ms(stream_id: bytes) -> int:
     """When the change was committed: the millisecond part of the stream entry id."""
-    return int(entry.stream_id.split(b"-", 1)[0])
+    return int(stream_id.split(b"-", 1)[0])
 
 
 class Relay:
@@ -55,29 +55,49 @@ class Relay:
         self._chunk = chunk
 
     async def drain(self, batch_id: str) -> int:
-        """Fan out everything in the batch's outbox; returns the number of events moved."""
+        """Fan out everything in the batch's outbox; returns the number of events moved.
+
+        The recovery path: after a takeover, or when a fan-out from memory failed.
+        """
         moved = 0
         while True:
             entries = await self._store.read_outbox(batch_id, self._chunk)
             if not entries:
                 return moved
+            await self.publish(
+                batch_id,
+                [
+                    (
+                        Event(
+                            id=e.event_id,
+                            type=e.type,
+                            batch_id=batch_id,
+                            call_id=e.call_id or None,
+                            body=e.body,
+                        ),
+                        e.stream_id,
+                    )
+                    for e in entries
+                ],
+            )
+            moved += len(entries)
+            if len(entries) < self._chunk:
+                return moved
+
+    async def publish(self, batch_id: str, events: Sequence[tuple[Event, bytes]]) -> None:
+        """Enqueue committed events (with their outbox ids) and trim them from the outbox."""
+        for start in range(0, len(events), self._chunk):
+            chunk = events[start : start + self._chunk]
             per_sub: dict[str, list[tuple[Event, int]]] = {}
-            for entry in entries:
-                event = Event(
-                    id=entry.event_id,
-                    type=entry.type,
-                    batch_id=batch_id,
-                    call_id=entry.call_id or None,
-                    body=entry.body,
-                )
+            for event, stream_id in chunk:
+                observed = observed_ms(stream_id)
                 for sub in self._subs:
                     if matches(sub, event.type, batch_id):
-                        per_sub.setdefault(sub.name, []).append((event, observed_ms(entry)))
+                        per_sub.setdefault(sub.name, []).append((event, observed))
             for name, deliveries in per_sub.items():
                 added = await self._queue.enqueue(name, deliveries)
                 if added and self._on_enqueued is not None:
                     self._on_enqueued(name)
-            await self._store.trim_outbox(batch_id, [e.stream_id for e in entries])
-            moved += len(entries)
-            if len(entries) < self._chunk:
-                return moved
+            # Only once every delivery exists: a crash before this line re-enqueues
+            # the same ids (a no-op), a crash after it has nothing left to do.
+            await self._store.trim_outbox(batch_id, [sid for _, sid in chunk])

@@ -47,9 +47,10 @@ for _ = 1, n_states do
   if #chunk >= 1000 then redis.call('HSET', calls, unpack(chunk)); chunk = {} end
 end
 if #chunk > 0 then redis.call('HSET', calls, unpack(chunk)) end
+local stream_ids = {}
 for _ = 1, n_events do
-  redis.call('XADD', outbox, '*', 'id', ARGV[i], 'type', ARGV[i + 1], 'call', ARGV[i + 2],
-             'body', ARGV[i + 3])
+  stream_ids[#stream_ids + 1] = redis.call('XADD', outbox, '*', 'id', ARGV[i], 'type',
+                                           ARGV[i + 1], 'call', ARGV[i + 2], 'body', ARGV[i + 3])
   i = i + 4
 end
 for _ = 1, n_tl do
@@ -73,7 +74,9 @@ if n_states > 0 or n_events > 0 then
   redis.call('HSET', meta, 'version', version)
 end
 redis.call('PEXPIRE', lease, ttl_ms)
-return version
+-- The outbox ids let the caller fan out from memory and trim exactly these entries.
+table.insert(stream_ids, 1, version)
+return stream_ids
 """
 
 _RENEW = """
@@ -214,8 +217,11 @@ class SnapshotStore:
         timeline: Iterable[TimelineEntry],
         timeline_max: int,
         meta: BatchMeta,
-    ) -> int:
-        """Write a cycle's states, events, timeline and meta atomically; the new version."""
+    ) -> tuple[int, list[bytes]]:
+        """Write a cycle's states, events, timeline and meta atomically.
+
+        Returns the new version and the outbox stream ids of `events`, in order.
+        """
         k = self._keys
         events = list(events)
         timeline = list(timeline)
@@ -238,7 +244,7 @@ class SnapshotStore:
         for name, value in meta.to_fields().items():
             args += (name, value)
         try:
-            version: int = await self._commit(
+            reply: list[Any] = await self._commit(
                 keys=[
                     k.lease(batch_id),
                     k.batch_meta(batch_id),
@@ -254,7 +260,7 @@ class SnapshotStore:
             if str(exc).startswith("CONFLICT"):
                 raise LeaseLostError(f"batch {batch_id}: {exc}; cycle discarded") from None
             raise
-        return int(version)
+        return int(reply[0]), [bytes(s) for s in reply[1:]]
 
     # -- outbox ------------------------------------------------------------------
 
