@@ -66,5 +66,7 @@ async def test_two_replicas_share_one_budget_including_retries(
     retried = sum(1 for _, path, status in sim.request_log if status >= 500)
     assert retried > 5  # retries happened and were counted in the budget
     assert len(times) >= RATE  # the budget was really used
-    # Never more than the budget in any one-second window (+1 for the window edge).
+    # Never more than the budget in any one-second window, counted at arrival. The
+    # simulator shares this test's event loop with both replicas, so its arrival
+    # stamps can lag a request by a few ms: allow one request of measurement slack.
     assert max_in_window(times, 1.0) <= RATE + 1
