@@ -17,7 +17,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -27,13 +27,15 @@ from service.config import Settings, SubscriptionSettings
 from service.constants import RESPONSE_EXCERPT_BYTES
 from service.errors import excerpt
 from service.metrics import Metrics, status_class
-from service.queue import Claimed, DeliveryQueue
+from service.queue import Claimed, CompletionPolicy, DeliveryQueue, Outcome
 from service.retry import AttemptResult, Decision, classify, failure_reason, parse_retry_after
 from service.signing import signature_headers
 
 log = logging.getLogger(__name__)
 
 _SWEEP_EVERY_S = 1.0
+# Outcomes written per script call at most.
+_COMPLETE_BATCH = 64
 _DEPTH_EVERY_S = 2.0
 
 
@@ -45,6 +47,9 @@ class _Sub:
     inflight: int = 0
     next_sweep: float = 0.0
     next_depth: float = 0.0
+    # Outcomes waiting to be written together (see Deliverer._record).
+    outcomes: list[tuple[Outcome, asyncio.Future[str]]] = field(default_factory=list)
+    flusher: asyncio.Task[None] | None = None
 
 
 class Deliverer:
@@ -72,6 +77,13 @@ class Deliverer:
         self._subs = {
             s.name: _Sub(s, s.signing_keys, asyncio.Event()) for s in settings.subscriptions
         }
+        self._policy = CompletionPolicy(
+            retention_ms=int(self._d.retention_seconds * 1000),
+            dead_retention_ms=int(self._d.dead_letter_retention_seconds * 1000),
+            breaker_threshold=self._d.breaker_failure_threshold,
+            cooloff_ms=int(self._d.breaker_cooloff_seconds * 1000),
+            cooloff_max_ms=int(self._d.breaker_cooloff_max_seconds * 1000),
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self.last_loop_at = time.monotonic()
 
@@ -161,17 +173,22 @@ class Deliverer:
                 try:
                     result = await self.attempt(s, sub.keys, claimed.event_id, claimed.body)
                 except asyncio.CancelledError:
-                    await asyncio.shield(self._release(s.name, claimed.event_id))
+                    await asyncio.shield(self._release(sub, claimed.event_id))
                     raise
             decision = classify(result, claimed.attempts + 1, s.retry_schedule_seconds, self._rng)
-            await asyncio.shield(self._complete(s, claimed, result, decision))
+            # The outcome is written even if we are cancelled meanwhile (shutdown).
+            await asyncio.shield(self._complete(sub, claimed, result, decision))
         finally:
             sub.inflight -= 1
             # A slot is free, and a call's next event may have been waiting for this one.
             sub.wake.set()
 
     async def attempt(
-        self, sub: SubscriptionSettings, keys: list[bytes], event_id: str, body: bytes
+        self,
+        sub: SubscriptionSettings,
+        keys: list[bytes],
+        event_id: str,
+        body: bytes,
     ) -> AttemptResult:
         """One signed POST; every failure becomes a classified AttemptResult."""
         headers = {
@@ -225,9 +242,45 @@ class Deliverer:
             response_excerpt=text,
         )
 
+    async def _record(self, sub: _Sub, outcome: Outcome) -> str:
+        """Queue an outcome for the next batched write; returns what applied.
+
+        Attempts that finish together (a busy endpoint) share one script call
+        instead of one round trip each. An outcome not yet written when the process
+        dies is covered by the visibility deadline: the delivery is sent again
+        under the same id.
+        """
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        sub.outcomes.append((outcome, fut))
+        if sub.flusher is None:
+            sub.flusher = asyncio.create_task(self._flush(sub))
+        return await fut
+
+    async def _flush(self, sub: _Sub) -> None:
+        try:
+            # Let attempts finishing in this same loop turn join the batch.
+            await asyncio.sleep(0)
+            while sub.outcomes:
+                batch, sub.outcomes = sub.outcomes[:_COMPLETE_BATCH], sub.outcomes[_COMPLETE_BATCH:]
+                try:
+                    applied = await self._queue.complete(
+                        sub.settings.name, [o for o, _ in batch], self._policy
+                    )
+                except Exception as exc:  # handed to every waiter
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), result in zip(batch, applied, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+        finally:
+            sub.flusher = None
+
     async def _complete(
-        self, s: SubscriptionSettings, claimed: Claimed, result: AttemptResult, d: Decision
+        self, sub: _Sub, claimed: Claimed, result: AttemptResult, d: Decision
     ) -> None:
+        s = sub.settings
         now_ms = int(self._wall() * 1000)
         attempt = {
             "at_ms": now_ms,
@@ -237,18 +290,15 @@ class Deliverer:
             "response": result.response_excerpt,
             "outcome": d.outcome,
         }
-        applied = await self._queue.complete(
-            s.name,
-            claimed.event_id,
-            token=self._token,
-            outcome=d.outcome,
-            delay_ms=int(d.delay_s * 1000),
-            attempt=attempt,
-            retention_ms=int(self._d.retention_seconds * 1000),
-            dead_retention_ms=int(self._d.dead_letter_retention_seconds * 1000),
-            breaker_threshold=self._d.breaker_failure_threshold,
-            cooloff_ms=int(self._d.breaker_cooloff_seconds * 1000),
-            cooloff_max_ms=int(self._d.breaker_cooloff_max_seconds * 1000),
+        applied = await self._record(
+            sub,
+            Outcome(
+                event_id=claimed.event_id,
+                token=self._token,
+                outcome=d.outcome,
+                delay_ms=int(d.delay_s * 1000),
+                attempt=attempt,
+            ),
         )
         m = self._metrics
         m.delivery_attempts.labels(s.name, d.outcome, status_class(result.status)).inc()
@@ -293,21 +343,9 @@ class Deliverer:
                 extra={"action": "subscription_disabled", **extra},
             )
 
-    async def _release(self, name: str, event_id: str) -> None:
+    async def _release(self, sub: _Sub, event_id: str) -> None:
         with contextlib.suppress(Exception):
-            await self._queue.complete(
-                name,
-                event_id,
-                token=self._token,
-                outcome="release",
-                delay_ms=0,
-                attempt={},
-                retention_ms=0,
-                dead_retention_ms=0,
-                breaker_threshold=0,
-                cooloff_ms=0,
-                cooloff_max_ms=0,
-            )
+            await self._record(sub, Outcome(event_id, self._token, "release"))
 
     # -- the loops -----------------------------------------------------------------
 

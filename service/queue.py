@@ -14,7 +14,8 @@ skewed clocks agree on what is due.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -113,82 +114,89 @@ return out
 """
 )
 
-# KEYS: due, inflight, dead, endpoint, chain, record
-# ARGV: id, token, outcome, next_due_delay_ms, history_entry, retention_ms, dead_retention_ms,
-#       breaker_threshold, cooloff_ms, cooloff_max_ms, history_max
+# KEYS: due, inflight, dead, endpoint, chain, record... (one per outcome)
+# ARGV: retention_ms, dead_retention_ms, breaker_threshold, cooloff_ms, cooloff_max_ms,
+#       history_max, then per outcome: id, token, outcome, delay_ms, history_entry
+# Several outcomes in one call: a busy endpoint's results are recorded in batches.
 _COMPLETE = (
     _NOW
     + """
-local due, inflight, dead, endpoint, chain, rec = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
-                                                  KEYS[6]
-local id, token, outcome = ARGV[1], ARGV[2], ARGV[3]
-local delay, entry = tonumber(ARGV[4]), ARGV[5]
-local retention, dead_retention = tonumber(ARGV[6]), tonumber(ARGV[7])
-local threshold, cooloff, cooloff_max = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local history_max = tonumber(ARGV[11])
-local state = redis.call('HGET', rec, 'state')
-if not state then return 'gone' end
-if state ~= 'inflight' or redis.call('HGET', rec, 'claim') ~= token then
-  -- Our claim timed out and the delivery was handed to another worker (or it was
-  -- replayed): record nothing, that worker owns the outcome now.
-  return 'stale'
-end
-redis.call('ZREM', inflight, id)
-redis.call('HSET', rec, 'claim', '')
-if outcome ~= 'release' then
+local due, inflight, dead, endpoint, chain = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local retention, dead_retention = tonumber(ARGV[1]), tonumber(ARGV[2])
+local threshold, cooloff, cooloff_max = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local history_max = tonumber(ARGV[6])
+
+local function complete(rec, id, token, outcome, delay, entry)
+  local state = redis.call('HGET', rec, 'state')
+  if not state then return 'gone' end
+  if state ~= 'inflight' or redis.call('HGET', rec, 'claim') ~= token then
+    -- Our claim timed out and the delivery was handed to another worker (or it was
+    -- replayed): record nothing, that worker owns the outcome now.
+    return 'stale'
+  end
+  redis.call('ZREM', inflight, id)
+  redis.call('HSET', rec, 'claim', '')
+  if outcome == 'release' then
+    -- Shutdown handed the claim back before an answer came: not an attempt.
+    redis.call('HSET', rec, 'state', 'pending')
+    redis.call('ZADD', due, now, id)
+    return outcome
+  end
   local history = cjson.decode(redis.call('HGET', rec, 'history'))
   history[#history + 1] = cjson.decode(entry)
   while #history > history_max do table.remove(history, 1) end
   redis.call('HSET', rec, 'history', cjson.encode(history))
-end
-local function release_chain()
-  local callkey = redis.call('HGET', rec, 'callkey')
-  if callkey and callkey ~= '' and redis.call('HGET', chain, callkey) == id then
-    redis.call('HDEL', chain, callkey)
+  local function release_chain()
+    local callkey = redis.call('HGET', rec, 'callkey')
+    if callkey and callkey ~= '' and redis.call('HGET', chain, callkey) == id then
+      redis.call('HDEL', chain, callkey)
+    end
   end
-end
-if outcome == 'release' then
-  -- Shutdown handed the claim back before an answer came: not an attempt.
-  redis.call('HSET', rec, 'state', 'pending')
-  redis.call('ZADD', due, now, id)
+  if outcome == 'disable' then
+    -- 410 Gone: the endpoint is switched off, this delivery waits with the others.
+    redis.call('HSET', endpoint, 'disabled', '1', 'disabled_reason', '410 Gone',
+               'disabled_ms', now)
+    redis.call('HSET', rec, 'state', 'pending')
+    redis.call('ZADD', due, now, id)
+    return outcome
+  end
+  redis.call('HINCRBY', rec, 'attempts', 1)
+  if outcome == 'success' then
+    redis.call('HSET', rec, 'state', 'delivered', 'delivered_ms', now)
+    redis.call('PEXPIRE', rec, retention)
+    release_chain()
+    redis.call('HSET', endpoint, 'failures', 0, 'open_until', 0, 'opens', 0)
+    return outcome
+  end
+  -- A failed attempt: count it towards the breaker.
+  local failures = redis.call('HINCRBY', endpoint, 'failures', 1)
+  local open_until = tonumber(redis.call('HGET', endpoint, 'open_until') or '0')
+  -- Open (or, after a failed half-open probe, reopen) unless already open: failures
+  -- of requests that were in flight when it opened must not stretch the pause.
+  if open_until <= now and (failures >= threshold or open_until > 0) then
+    local opens = redis.call('HINCRBY', endpoint, 'opens', 1)
+    local pause = math.min(cooloff * 2 ^ (opens - 1), cooloff_max)
+    redis.call('HSET', endpoint, 'open_until', now + pause)
+  end
+  if outcome == 'dead' then
+    redis.call('HSET', rec, 'state', 'dead', 'dead_ms', now)
+    redis.call('ZADD', dead, now, id)
+    redis.call('PEXPIRE', rec, dead_retention)
+    release_chain()
+  else
+    redis.call('HSET', rec, 'state', 'pending')
+    redis.call('ZADD', due, now + delay, id)
+  end
   return outcome
 end
-if outcome == 'disable' then
-  -- 410 Gone: the endpoint is switched off, this delivery waits with the others.
-  redis.call('HSET', endpoint, 'disabled', '1', 'disabled_reason', '410 Gone',
-             'disabled_ms', now)
-  redis.call('HSET', rec, 'state', 'pending')
-  redis.call('ZADD', due, now, id)
-  return outcome
+
+local out = {}
+for j = 0, #KEYS - 6 do
+  local a = 7 + j * 5
+  out[#out + 1] = complete(KEYS[6 + j], ARGV[a], ARGV[a + 1], ARGV[a + 2],
+                           tonumber(ARGV[a + 3]), ARGV[a + 4])
 end
-redis.call('HINCRBY', rec, 'attempts', 1)
-if outcome == 'success' then
-  redis.call('HSET', rec, 'state', 'delivered', 'delivered_ms', now)
-  redis.call('PEXPIRE', rec, retention)
-  release_chain()
-  redis.call('HSET', endpoint, 'failures', 0, 'open_until', 0, 'opens', 0)
-  return outcome
-end
--- A failed attempt: count it towards the breaker.
-local failures = redis.call('HINCRBY', endpoint, 'failures', 1)
-local open_until = tonumber(redis.call('HGET', endpoint, 'open_until') or '0')
--- Open (or, after a failed half-open probe, reopen) unless already open: failures
--- of requests that were in flight when it opened must not stretch the pause.
-if open_until <= now and (failures >= threshold or open_until > 0) then
-  local opens = redis.call('HINCRBY', endpoint, 'opens', 1)
-  local pause = math.min(cooloff * 2 ^ (opens - 1), cooloff_max)
-  redis.call('HSET', endpoint, 'open_until', now + pause)
-end
-if outcome == 'dead' then
-  redis.call('HSET', rec, 'state', 'dead', 'dead_ms', now)
-  redis.call('ZADD', dead, now, id)
-  redis.call('PEXPIRE', rec, dead_retention)
-  release_chain()
-else
-  redis.call('HSET', rec, 'state', 'pending')
-  redis.call('ZADD', due, now + delay, id)
-end
-return outcome
+return out
 """
 )
 
@@ -236,6 +244,29 @@ class Claimed:
     attempts: int  # completed attempts before this one
     body: bytes
     observed_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt of a claimed delivery came to."""
+
+    event_id: str
+    token: str
+    outcome: str  # success | retry | dead | disable | release
+    delay_ms: int = 0
+    attempt: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionPolicy:
+    """Subscription-independent knobs the completion script applies."""
+
+    retention_ms: int
+    dead_retention_ms: int
+    breaker_threshold: int
+    cooloff_ms: int
+    cooloff_max_ms: int
+    history_max: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,50 +324,30 @@ class DeliveryQueue:
         ]
 
     async def complete(
-        self,
-        sub: str,
-        event_id: str,
-        *,
-        token: str,
-        outcome: str,
-        delay_ms: int,
-        attempt: dict[str, Any],
-        retention_ms: int,
-        dead_retention_ms: int,
-        breaker_threshold: int,
-        cooloff_ms: int,
-        cooloff_max_ms: int,
-        history_max: int = 20,
-    ) -> str:
-        """Record an attempt's outcome: success | retry | dead | disable | release.
+        self, sub: str, outcomes: Sequence[Outcome], policy: CompletionPolicy
+    ) -> list[str]:
+        """Record attempts' outcomes (success | retry | dead | disable | release).
 
-        Returns what applied, or ``stale`` when the claim had expired and moved on.
+        Returns, per outcome, what applied, or ``stale`` when that claim had expired
+        and moved on to another worker.
         """
+        if not outcomes:
+            return []
         k = self._keys
-        result = await self._complete(
-            keys=[
-                k.due(sub),
-                k.inflight(sub),
-                k.dead(sub),
-                k.endpoint(sub),
-                k.chain(sub),
-                k.delivery(sub, event_id),
-            ],
-            args=[
-                event_id,
-                token,
-                outcome,
-                delay_ms,
-                orjson.dumps(attempt),
-                retention_ms,
-                dead_retention_ms,
-                breaker_threshold,
-                cooloff_ms,
-                cooloff_max_ms,
-                history_max,
-            ],
-        )
-        return result.decode() if isinstance(result, bytes) else str(result)
+        keys = [k.due(sub), k.inflight(sub), k.dead(sub), k.endpoint(sub), k.chain(sub)]
+        keys += [k.delivery(sub, o.event_id) for o in outcomes]
+        args: list[Any] = [
+            policy.retention_ms,
+            policy.dead_retention_ms,
+            policy.breaker_threshold,
+            policy.cooloff_ms,
+            policy.cooloff_max_ms,
+            policy.history_max,
+        ]
+        for o in outcomes:
+            args += (o.event_id, o.token, o.outcome, o.delay_ms, orjson.dumps(o.attempt))
+        result = await self._complete(keys=keys, args=args)
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
 
     async def sweep(self, sub: str, *, dead_retention_ms: int, max_items: int = 1000) -> int:
         """Give back claims whose visibility deadline passed (their worker died)."""

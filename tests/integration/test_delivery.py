@@ -19,7 +19,7 @@ from service.constants import Keys
 from service.delivery import Deliverer
 from service.metrics import Metrics
 from service.models import Event
-from service.queue import DeliveryQueue
+from service.queue import CompletionPolicy, DeliveryQueue, Outcome
 from tests.conftest import OLD_SECRET, SECRET, make_settings
 from tests.receivers import Receiver
 
@@ -269,11 +269,11 @@ async def test_expired_claim_is_reclaimed_and_stale_outcome_ignored(make_rig: Ma
     assert await rig.queue.sweep("crm", dead_retention_ms=10**9) == 1
     await rig.deliverer.drain()
     assert [r.id for r in rig.receivers["crm"].delivered] == ["evt_c1_1"]
-    outcome = await rig.queue.complete(
-        "crm", "evt_c1_1", token="dead", outcome="dead", delay_ms=0, attempt={},
+    policy = CompletionPolicy(
         retention_ms=1000, dead_retention_ms=1000, breaker_threshold=1, cooloff_ms=1,
         cooloff_max_ms=1,
     )  # fmt: skip
+    [outcome] = await rig.queue.complete("crm", [Outcome("evt_c1_1", "dead", "dead")], policy)
     assert outcome == "stale"
     record = await rig.queue.record("crm", "evt_c1_1")
     assert record is not None
