@@ -394,7 +394,9 @@ class Poller:
                     next_sync = now + sync_every
                 if now >= self._auth_paused_until:
                     share = await self._fair_share()
-                    for rt in sorted(self._batches.values(), key=lambda r: r.next_due):
+                    # Active batches first: when the request budget or the
+                    # concurrency is short, lingering and missing ones wait.
+                    for rt in sorted(self._batches.values(), key=self._schedule_key):
                         if rt.task is not None or rt.retired or rt.next_due > now:
                             continue
                         if rt.token is None and len(self.owned()) >= share:
@@ -430,6 +432,10 @@ class Poller:
                 rt.next_due = self._monotonic() + self._next_interval(rt, outcome)
         finally:
             rt.task = None
+
+    def _schedule_key(self, rt: BatchRuntime) -> tuple[int, float]:
+        state = self.lifecycle_of(rt.meta, rt.not_found)
+        return (_PRIORITY.get(state, 3), rt.next_due)
 
     def _next_interval(self, rt: BatchRuntime, outcome: PollOutcome) -> float:
         p = self._p
@@ -538,6 +544,8 @@ class Poller:
                 rt.drop_cache()
         self._metrics.leases_held.set(0)
 
+
+_PRIORITY = {"active": 0, "lingering": 1, "not_found": 2}
 
 _KNOWN_SUFFIXES = frozenset(
     {
