@@ -1,0 +1,121 @@
+"""Soak: about a million events through one replica; memory stays flat.
+
+Long: run with `pytest -m slow tests/soak` (CALLBRIDGE_SOAK_EVENTS sets the size;
+the default is 1,000,000). Prints the figures it measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from service.constants import Keys
+from service.simulator import Simulator, SimulatorConfig
+from tests.bridge import start_bridge, write_config
+from tests.conftest import API_KEY
+
+EVENTS_PER_BATCH = 4500  # measured: a 1,000-call batch makes ~4.5k status changes
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class CountingReceiver:
+    """Counts deliveries without keeping them, so the test's own memory stays small."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            await request.read()
+            self.count += 1
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_post("/hook", handle)
+        return app
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+async def test_soak_one_replica_memory_flat(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> None:
+    target = int(os.environ.get("CALLBRIDGE_SOAK_EVENTS", "1000000"))
+    batches = max(1, target // EVENTS_PER_BATCH)
+    sim = Simulator(
+        SimulatorConfig(
+            api_key=API_KEY, seed=99, batches=batches, calls_per_batch=1000, concurrency=250
+        )
+    )
+    upstream = await aiohttp_server(sim.make_app())
+    receiver = CountingReceiver()
+    hook = await aiohttp_server(receiver.app())
+    path = write_config(
+        tmp_path / "config.yaml",
+        str(upstream.make_url("")),
+        redis_url,
+        str(hook.make_url("/hook")),
+        sim.batch_ids,
+        upstream={"page_size": 500, "max_requests_per_second": 2000},
+        poller={"interval_seconds": 1.0, "lease_ttl_seconds": 15, "max_concurrent_batches": 16},
+        delivery={"retention_seconds": 5, "global_max_in_flight": 64},
+    )
+    keys = Keys()
+    bridge = await start_bridge(path)
+    samples: list[tuple[float, int, float]] = []
+    started = time.monotonic()
+    redis_start = None
+    try:
+        last_step = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic() - started
+            if not sim.is_finished() and now - last_step >= 2.0:
+                sim.advance()
+                last_step = now
+            samples.append((now, receiver.count, rss_mb(bridge.pid)))
+            if redis_start is None and now > 5:
+                redis_start = int((await redis_client.info("memory"))["used_memory"])
+            if sim.is_finished():
+                due = await redis_client.zcard(keys.due("crm"))
+                inflight = await redis_client.zcard(keys.inflight("crm"))
+                outbox = sum([await redis_client.xlen(keys.outbox(b)) for b in sim.batch_ids[:20]])
+                if due == inflight == outbox == 0 and samples[-1][1] == samples[-5][1]:
+                    break
+        await asyncio.sleep(7)  # delivered records expire after retention_seconds (5 s)
+        end_info = await redis_client.info("memory")
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(bridge.wait(), 60)
+
+    delivered = receiver.count
+    quarter = next(s for s in samples if s[1] >= delivered // 4)
+    rss_quarter, rss_end = quarter[2], max(s[2] for s in samples[-10:])
+    redis_end = int(end_info["used_memory"])
+    tracked = batches * 1000
+    print(
+        f"\nsoak: {delivered} deliveries in {samples[-1][0]:.0f}s "
+        f"({delivered / samples[-1][0]:.0f}/s); bridge RSS {rss_quarter:.0f} MB at 25% -> "
+        f"{rss_end:.0f} MB at the end; Redis used_memory {redis_start} -> {redis_end} bytes "
+        f"({(redis_end - (redis_start or 0)) / tracked:.0f} B per tracked call)"
+    )
+    assert delivered >= target * 0.8
+    assert bridge.returncode == 0
+    # Flat: no growth with the number of events once the working set is built.
+    assert rss_end <= rss_quarter * 1.25 + 20
+    # Redis keeps snapshots and bounded timelines, not delivered payloads.
+    assert redis_end - (redis_start or 0) <= 400 * tracked
