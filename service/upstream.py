@@ -232,7 +232,11 @@ class UpstreamClient:
                 previous=previous.get(page_no) if previous else None,
                 pages_left=max(1, left),
             )
-            left = math.ceil(page.total / max(1, limit)) - page_no
+            # The server's own page size counts: it may serve fewer than we asked for.
+            served = max(1, page.limit or limit)
+            left = math.ceil(page.total / served) - page_no
+            if not page.unchanged:
+                self._check_page(batch_id, page_no, page, served)
             yield page
             if not page.has_more:
                 return
@@ -244,8 +248,7 @@ class UpstreamClient:
                     url=self._url(batch_id),
                     status=200,
                 )
-            bound = math.ceil(page.total / max(1, limit)) + _EXTRA_PAGES_ALLOWED
-            if page_no >= bound:
+            if page_no >= math.ceil(page.total / served) + _EXTRA_PAGES_ALLOWED:
                 self._metrics.upstream_anomalies.labels("endless_paging").inc()
                 raise MalformedPageError(
                     f"has_more still true after {page_no} pages for total={page.total}",
@@ -255,6 +258,27 @@ class UpstreamClient:
             page_no += 1
 
     # -- internals -------------------------------------------------------------
+
+    def _check_page(self, batch_id: str, page_no: int, page: RawPage, served: int) -> None:
+        """Count and log what is odd but tolerated in a page."""
+        odd = []
+        if page.page != page_no:
+            odd.append("page_mismatch")
+        if page.has_more and len(page.items) + page.invalid_items < served:
+            odd.append("short_page_has_more")
+        for kind in odd:
+            self._metrics.upstream_anomalies.labels(kind).inc()
+            log.warning(
+                "batch %s page %d: %s (page=%d, items=%d, limit=%d, total=%d)",
+                batch_id,
+                page_no,
+                kind,
+                page.page,
+                len(page.items),
+                page.limit,
+                page.total,
+                extra={"action": "upstream_anomaly", "batch_id": batch_id},
+            )
 
     def _url(self, batch_id: str) -> str:
         return self._base + UPSTREAM_CALLS_PATH.format(batch_id=batch_id)
