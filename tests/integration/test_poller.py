@@ -211,3 +211,41 @@ async def test_timeline_records_observations(make_service: MakeService) -> None:
     assert data["timeline"][0]["status"] == "pending"
     assert data["timeline"][0]["event_id"] is None
     assert all(e["event_id"].startswith("evt_") for e in data["timeline"][1:])
+
+
+def truth_completions(sim: Simulator, batch_id: str) -> int:
+    """How often the batch became all-terminal, at step granularity."""
+    status = {c["call_id"]: "pending" for c in sim.calls(batch_id)}
+    by_step: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for t in sim.transitions():
+        if t.batch_id == batch_id:
+            by_step[t.step].append((t.call_id, t.status))
+    done, completions = False, 0
+    for step in sorted(by_step):
+        for call_id, s in by_step[step]:
+            status[call_id] = s
+        now_done = all(s in TERMINAL_STATUSES for s in status.values())
+        completions += now_done and not done
+        done = now_done
+    return completions
+
+
+async def test_batch_completed_once_per_completion(make_service: MakeService) -> None:
+    # Redials after no_answer/busy can reopen a completed batch.
+    svc, sim, receiver = await make_service(
+        sim_config(seed=6, batches=3, calls_per_batch=2, redial_probability=0.9, concurrency=6)
+    )
+    for _ in range(300):
+        await poll_all(svc, sim)
+        if sim.is_finished():
+            break
+        sim.advance()
+    await poll_all(svc, sim)
+    await svc.deliverer.drain()
+    delivered: dict[str, int] = defaultdict(int)
+    for p in receiver.verify_all(SECRET):
+        if p["type"] == "batch.completed":
+            delivered[p["data"]["batch_id"]] += 1
+    truth = {b: truth_completions(sim, b) for b in sim.batch_ids}
+    assert max(truth.values()) >= 2  # a redial did reopen a completed batch
+    assert dict(delivered) == truth

@@ -159,3 +159,15 @@ async def test_sigterm_drains_and_exits_zero(
     assert await redis_client.zcard(Keys().inflight("crm")) == 0
     lease = await redis_client.get(Keys().lease(sim.batch_ids[0]))
     assert lease is None  # handed back on the way out
+
+
+async def test_redis_durability_is_checked(running: Any, redis_client: aioredis.Redis) -> None:
+    client, _, _, _ = running
+    svc = client.app[SERVICE]
+    assert svc.metrics.redis_persistence_ok._value.get() == 1
+    await redis_client.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        await svc.check_redis()
+        assert svc.metrics.redis_persistence_ok._value.get() == 0
+    finally:
+        await redis_client.config_set("maxmemory-policy", "noeviction")
