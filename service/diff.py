@@ -227,7 +227,8 @@ def diff(
     counts = Counter(batch.counts)
     for item in items:
         call_id: str = item["call_id"]
-        status: str = item["status"]
+        # Statuses are documented lowercase; " Completed" is still completed.
+        status: str = item["status"].strip().lower()
         prev = previous.get(call_id)
         new_fp = Fingerprint.of(item)
         if prev is None:
@@ -320,7 +321,7 @@ def _call_event(
         "batch_id": batch_id,
         "call_id": call_id,
         "external_id": item.get("external_id"),
-        "status": item["status"],
+        "status": item["status"].strip().lower(),
         "previous_status": previous_status,
         "sequence": seq,
         "initial": initial,

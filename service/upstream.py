@@ -114,7 +114,7 @@ def decode_page(body: bytes, *, url: str, digest: bytes | None = None) -> RawPag
         and isinstance(item.get("call_id"), str)
         and item["call_id"]
         and isinstance(item.get("status"), str)
-        and item["status"]
+        and item["status"].strip()
     ]
     return RawPage(
         items=good,

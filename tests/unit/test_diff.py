@@ -227,3 +227,12 @@ def test_counts_match_states(statuses: list[str]) -> None:
         t.poll([item("c1", s), item("c2", "pending")])
     counts: Mapping[str, int] = t.view.counts
     assert sum(counts.values()) == 2
+
+
+def test_status_case_and_spaces_are_normalised() -> None:
+    t = Tracker()
+    t.poll([item("c1", "pending")])
+    r = t.poll([item("c1", " Completed ")])
+    assert types(r) == ["call.completed"]
+    assert r.counts == {"completed": 1}
+    assert orjson.loads(r.events[0].body)["data"]["call"]["status"] == " Completed "
