@@ -233,6 +233,6 @@ def test_status_case_and_spaces_are_normalised() -> None:
     t = Tracker()
     t.poll([item("c1", "pending")])
     r = t.poll([item("c1", " Completed ")])
-    assert types(r) == ["call.completed"]
+    assert types(r) == ["call.completed", "batch.completed"]
     assert r.counts == {"completed": 1}
     assert orjson.loads(r.events[0].body)["data"]["call"]["status"] == " Completed "
