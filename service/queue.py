@@ -82,15 +82,22 @@ end
 local free = math.min(max_in_flight - busy, limit)
 if free <= 0 then return {} end
 local out = {}
-local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, free * 4 + 16)
-for _, id in ipairs(ids) do
-  local rec = prefix .. ':d:' .. id
-  local f = redis.call('HMGET', rec, 'prev', 'attempts', 'body', 'observed_ms')
-  if not f[3] then
-    redis.call('ZREM', due, id)  -- record expired or deleted: nothing to send
-  else
+-- Scan due deliveries in pages: a long run of events of one call, each waiting for
+-- its predecessor, must not hide the due deliveries of other calls behind it.
+local scanned, offset, page = 0, 0, free * 2 + 16
+while scanned < 2000 do
+  local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', offset, page)
+  if #ids == 0 then break end
+  scanned = scanned + #ids
+  for _, id in ipairs(ids) do
+    local rec = prefix .. ':d:' .. id
+    local f = redis.call('HMGET', rec, 'prev', 'attempts', 'body', 'observed_ms')
     local blocked = false
-    if f[1] and f[1] ~= '' then
+    if not f[3] then
+      redis.call('ZREM', due, id)  -- record expired or deleted: nothing to send
+      offset = offset - 1
+      blocked = true
+    elseif f[1] and f[1] ~= '' then
       -- Per-call order: wait while the call's previous event has not had its
       -- first attempt to this subscription.
       local p = redis.call('HMGET', prefix .. ':d:' .. f[1], 'state', 'attempts')
@@ -100,15 +107,17 @@ for _, id in ipairs(ids) do
     end
     if not blocked then
       redis.call('ZREM', due, id)
+      offset = offset - 1
       redis.call('ZADD', inflight, now + visibility, id)
       redis.call('HSET', rec, 'state', 'inflight', 'claim', token)
       out[#out + 1] = id
       out[#out + 1] = f[2]
       out[#out + 1] = f[3]
       out[#out + 1] = f[4]
-      if #out / 4 >= free then break end
+      if #out / 4 >= free then return out end
     end
   end
+  offset = offset + #ids
 end
 return out
 """

@@ -305,3 +305,13 @@ async def test_payload_bytes_are_exactly_the_event_body(make_rig: MakeRig) -> No
     await rig.deliverer.drain()
     assert rig.receivers["crm"].delivered[0].body == ev.body
     assert orjson.loads(ev.body)["type"] == "call.completed"
+
+
+async def test_long_run_of_one_call_does_not_starve_others(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {"max_in_flight": 8}})
+    # 200 events of one call first in the queue, then one event each of 5 other calls.
+    await rig.enqueue("crm", *[event(i, "busy") for i in range(1, 201)])
+    await rig.enqueue("crm", *[event(1, f"other{i}") for i in range(5)])
+    assert await rig.deliverer.run_once() == 6  # the head of "busy" + all 5 others
+    calls = {r.payload()["data"]["call_id"] for r in rig.receivers["crm"].received}
+    assert calls == {"busy", *(f"other{i}" for i in range(5))}
