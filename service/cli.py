@@ -191,7 +191,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except (SignatureError, ValueError) as exc:
         print(f"INVALID: {exc}")
         return EXIT_FAILURE
-    print(f"valid: webhook-id {headers.get('webhook-id') or headers.get('Webhook-Id')}")
+    msg_id = next((v for k, v in headers.items() if k.lower() == "webhook-id"), None)
+    print(f"valid: webhook-id {msg_id}")
     return EXIT_OK
 
 

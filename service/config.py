@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -119,8 +120,8 @@ class BatchSettings(_Model):
     """A batch to watch from start-up (more can be added at runtime)."""
 
     id: str
-    # None: follow poller.backfill.
-    backfill: bool | None = None
+    # None: follow poller.backfill. Strict: 0, 1 or "yes" from an API client are errors.
+    backfill: StrictBool | None = None
 
     @field_validator("id")
     @classmethod

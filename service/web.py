@@ -87,7 +87,9 @@ def _admin_guard(token: str | None) -> Callable[[Handler], Handler]:
                 return envelope(404, "Not found", code="NOT_FOUND")
             auth = request.headers.get("Authorization", "")
             scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected):
+            # Header bytes that are not UTF-8 arrive as surrogates: compare, never crash.
+            given_bytes = given.encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, expected):
                 resp = envelope(401, "Missing or invalid admin token", code="UNAUTHORIZED")
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="callbridge-admin"'
                 return resp
@@ -163,7 +165,8 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     try:
         limit = min(1000, max(1, int(request.query.get("limit", "100"))))
-        offset = max(0, int(request.query.get("offset", "0")))
+        # Redis ranges are signed 64-bit: an offset past any real list is just empty.
+        offset = min(10**12, max(0, int(request.query.get("offset", "0"))))
     except ValueError:
         return envelope(400, "limit and offset must be integers", code="VALIDATION_ERROR")
     items = await _service(request).operations.dead_letters(name, limit, offset)

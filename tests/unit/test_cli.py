@@ -124,7 +124,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
 def _subcommands() -> list[str]:
     parser = build_parser()
     (sub,) = (a for a in parser._actions if a.choices and a.dest == "command")
-    return sorted(sub.choices)
+    return sorted(str(name) for name in sub.choices or ())
 
 
 @pytest.mark.parametrize("command", _subcommands())
@@ -190,3 +190,14 @@ def test_json_logging_keeps_a_traceback_on_one_line(capsys: pytest.CaptureFixtur
     doc = json.loads(line)
     assert doc["action"] == "crash"
     assert "RuntimeError: boom" in doc["exc"]
+
+
+def test_verify_prints_the_id_whatever_the_header_case(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    headers = signature_headers([decode_whsec(SECRET)], "evt_0123", NOW, BODY)
+    (tmp_path / "h.txt").write_text("\n".join(f"{k.upper()}: {v}" for k, v in headers.items()))
+    (tmp_path / "b.json").write_bytes(BODY)
+    args = ["verify", "--headers", str(tmp_path / "h.txt"), "--body", str(tmp_path / "b.json")]
+    assert main([*args, "--secret", SECRET, "--now", str(NOW)]) == EXIT_OK
+    assert capsys.readouterr().out == "valid: webhook-id evt_0123\n"
