@@ -38,6 +38,9 @@ from service.web import SERVICE, add_routes
 
 log = logging.getLogger(__name__)
 
+# Both loops wake at least every second; this long without a turn means stuck.
+_STUCK_AFTER_S = 30.0
+
 
 def default_replica_id() -> str:
     """Stable per pod (hostname) plus a per-process part, so restarts are distinct."""
@@ -199,9 +202,14 @@ class Service:
         if self.crashed:
             return False, self.crashed
         now = time.monotonic() if now is None else now
+        if not self.tasks:
+            return True, "ok"
         stale = now - self.poller.last_loop_at
-        if self.tasks and stale > 30:
+        if stale > _STUCK_AFTER_S:
             return False, f"poller loop has not run for {stale:.0f}s"
+        stale = now - self.deliverer.last_loop_at
+        if self.settings.subscriptions and stale > _STUCK_AFTER_S:
+            return False, f"delivery loops have not run for {stale:.0f}s"
         return True, "ok"
 
 

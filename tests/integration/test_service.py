@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,12 @@ async def test_redis_durability_is_checked(running: Any, redis_client: aioredis.
         assert svc.metrics.redis_persistence_ok._value.get() == 0
     finally:
         await redis_client.config_set("maxmemory-policy", "noeviction")
+
+
+async def test_liveness_fails_when_a_loop_is_stuck(running: Any) -> None:
+    client, _, _, _ = running
+    svc = client.app[SERVICE]
+    assert svc.alive() == (True, "ok")
+    ok, why = svc.alive(now=time.monotonic() + 120)
+    assert not ok
+    assert "has not run" in why
