@@ -400,6 +400,9 @@ class Poller:
                         if rt.task is not None or rt.retired or rt.next_due > now:
                             continue
                         if rt.token is None and len(self.owned()) >= share:
+                            # Another replica's share: look again at the next sync,
+                            # not on every loop turn.
+                            rt.next_due = now + sync_every
                             continue
                         rt.task = asyncio.create_task(self._run_cycle(rt, sem))
                 wake_at = min(
@@ -429,7 +432,9 @@ class Poller:
                         extra={"action": "poll_crashed", "batch_id": rt.batch_id},
                     )
                     outcome = "failed"
-                rt.next_due = self._monotonic() + self._next_interval(rt, outcome)
+                # Timed from the cycle's start, so the period is the interval and
+                # not the interval plus however long the scan took.
+                rt.next_due = max(self._monotonic(), now + self._next_interval(rt, outcome))
         finally:
             rt.task = None
 
