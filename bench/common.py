@@ -195,3 +195,125 @@ def machine_info() -> dict[str, Any]:
 async def redis_used_memory(client: Any) -> int:
     info = await client.info("memory")
     return int(info["used_memory"])
+
+
+# -- the real bridge as a subprocess (``callbridge run``) ------------------------------
+
+
+@dataclass
+class Bridge:
+    """A ``callbridge run`` child: its HTTP URL, its process, its config."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    config: dict[str, Any]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_s(self) -> float:
+        return Server(self.url, self.proc.pid).cpu_s()
+
+
+def bridge_config(
+    base_url: str,
+    redis_url: str,
+    *,
+    batches: Sequence[str] = (),
+    subscriptions: list[dict[str, Any]] | None = None,
+    **sections: dict[str, Any],
+) -> dict[str, Any]:
+    """A config file's content for ``callbridge run`` (validated by `parse_settings`)."""
+    raw: dict[str, Any] = {
+        "upstream": {
+            "base_url": base_url,
+            "api_key": API_KEY,
+            "page_size": 500,
+            "max_requests_per_second": 100_000,
+            "timeout_seconds": 30,
+        },
+        "redis": {"url": redis_url},
+        "poller": {"interval_seconds": 1.0},
+        "batches": [{"id": b} for b in batches],
+        "subscriptions": subscriptions or [],
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 5},
+        "logging": {"format": "text", "level": "INFO"},
+    }
+    for name, value in sections.items():
+        raw.setdefault(name, {}).update(value)
+    parse_settings(raw, env={})  # fail here, not in the child, when the config is wrong
+    return raw
+
+
+@contextlib.contextmanager
+def bridge_process(config: dict[str, Any], log_name: str) -> Iterator[Bridge]:
+    """``python -m service run --config <file>`` (the ``callbridge run`` entry point).
+
+    Ready once ``/readyz`` answers 200. Stopped with SIGTERM (then SIGKILL) in a
+    ``finally``; a benchmark may SIGKILL it earlier itself. Logs go to
+    ``bench/results/<log_name>.log``.
+    """
+    import urllib.request
+
+    import yaml
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    config = {**config, "server": {**config.get("server", {}), "port": free_port()}}
+    url = f"http://127.0.0.1:{config['server']['port']}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with (
+        tempfile.TemporaryDirectory(prefix="cb-bench-bridge-") as tmp,
+        (RESULTS / f"{log_name}.log").open("wb") as log,
+    ):
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--config", str(path)],
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            deadline = time.monotonic() + _START_TIMEOUT_S
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"callbridge run exited with {proc.returncode}; see {log_name}.log"
+                    )
+                try:
+                    with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:  # noqa: S310
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("callbridge run was not ready in time")
+                time.sleep(0.05)
+            yield Bridge(url, proc, config)
+        finally:
+            stop_process(proc)
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Prometheus text -> sample name -> [(labels, value)] (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return out
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (q in [0, 1]) of unsorted values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)

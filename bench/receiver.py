@@ -4,7 +4,11 @@
 the body. It counts requests and distinct ``webhook-id`` values, and verifies the
 Standard Webhooks signature of every ``--verify-every``-th signed request with
 `service.signing.verify` (a sample: proof the deliveries are signed, at little
-receiver CPU). ``GET /_stats`` returns the counters; ``POST /_reset`` clears them.
+receiver CPU). ``GET /_stats`` returns the counters (with ``first_at``/``last_at``, the
+``time.time()`` of the first and last signed request); ``POST /_reset`` clears them.
+With ``--record`` it also keeps, per distinct ``webhook-id``, the ``time.time()`` the
+request was received, the event type, ``data.batch_id``/``call_id``/``status`` and the
+event ``timestamp`` (``GET /_events`` returns them), for the end-to-end lag benchmark.
 It prints ``READY <base url>`` on stdout once it listens.
 """
 
@@ -16,6 +20,7 @@ import signal
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from bench.common import SECRET, announce_ready
@@ -23,8 +28,9 @@ from service.signing import SignatureError, verify
 
 
 class Counters:
-    def __init__(self, verify_every: int) -> None:
+    def __init__(self, verify_every: int, record: bool = False) -> None:
         self.verify_every = verify_every
+        self.record = record
         self.reset()
 
     def reset(self) -> None:
@@ -33,9 +39,15 @@ class Counters:
         self.ids: set[str] = set()
         self.verified = 0
         self.bad_signatures = 0
+        self.first_at = 0.0
+        self.last_at = 0.0
+        # [received, type, batch_id, call_id, status, event timestamp]
+        self.events: list[list[Any]] = []
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return {
+            "first_at": self.first_at,
+            "last_at": self.last_at,
             "requests": self.requests,
             "signed": self.signed,
             "distinct_ids": len(self.ids),
@@ -47,10 +59,27 @@ class Counters:
 def build_app(counters: Counters) -> web.Application:
     async def hook(request: web.Request) -> web.Response:
         body = await request.read()
+        received = time.time()
         counters.requests += 1
         event_id = request.headers.get("webhook-id")
         if event_id is not None:
             counters.signed += 1
+            if not counters.first_at:
+                counters.first_at = received
+            counters.last_at = received
+            if counters.record and event_id not in counters.ids:
+                doc = orjson.loads(body)
+                data = doc.get("data") or {}
+                counters.events.append(
+                    [
+                        received,
+                        doc.get("type"),
+                        data.get("batch_id"),
+                        data.get("call_id"),
+                        data.get("status"),
+                        doc.get("timestamp"),
+                    ]
+                )
             counters.ids.add(event_id)
             if counters.signed % counters.verify_every == 1 or counters.verify_every == 1:
                 try:
@@ -63,6 +92,9 @@ def build_app(counters: Counters) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(counters.as_dict())
 
+    async def events(request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(counters.events), content_type="application/json")
+
     async def reset(request: web.Request) -> web.Response:
         counters.reset()
         return web.json_response({"ok": True})
@@ -70,12 +102,13 @@ def build_app(counters: Counters) -> web.Application:
     app = web.Application()
     app.router.add_post("/hook", hook)
     app.router.add_get("/_stats", stats)
+    app.router.add_get("/_events", events)
     app.router.add_post("/_reset", reset)
     return app
 
 
-async def main(port: int, verify_every: int) -> None:
-    runner = web.AppRunner(build_app(Counters(verify_every)), access_log=None)
+async def main(port: int, verify_every: int, record: bool) -> None:
+    runner = web.AppRunner(build_app(Counters(verify_every, record)), access_log=None)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,5 +127,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--verify-every", type=int, default=50)
+    parser.add_argument("--record", action="store_true", help="keep every event (GET /_events)")
     ns = parser.parse_args()
-    asyncio.run(main(ns.port, ns.verify_every))
+    asyncio.run(main(ns.port, ns.verify_every, ns.record))

@@ -19,12 +19,16 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench import delivery, poll_cycle
+from bench import budget, delivery, failover, lag, poll_cycle, scale
 from bench.common import IMG, REPO, RESULTS, machine_info
 
 BENCHMARKS: dict[str, Callable[[bool, bool], Coroutine[Any, Any, dict[str, Any]]]] = {
     "poll_cycle": poll_cycle.run,
     "delivery": delivery.run,
+    "lag": lag.run,
+    "scale": scale.run,
+    "budget": budget.run,
+    "failover": failover.run,
 }
 
 
@@ -133,6 +137,153 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                 f"{dlv['memory_per_queued_delivery_bytes']:.0f} B",
                 "",
                 "",
+                "",
+                "",
+            ]
+        )
+    rows += _fleet_rows(results)
+    return rows
+
+
+def _fleet_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Rows of the lag, scale, budget and failover benchmarks."""
+    rows: list[list[str]] = []
+    lg = results.get("lag")
+    if lg:
+        lat, seg, iv = lg["lag"], lg["segments"], lg["interval_s"]
+        rows.append(
+            [
+                "lag p50 / p95",
+                f"{lat['p50_s']:.2f} s / {lat['p95_s']:.2f} s",
+                f"{iv:.1f} s interval",
+                f"{lat['p50_s'] / iv:.2f}x / {lat['p95_s'] / iv:.2f}x",
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                f"lag p99 ({lg['delivered_matched']} events)",
+                f"{lat['p99_s']:.2f} s",
+                f"{iv:.1f} s interval",
+                f"{lg['ratio_p99_to_interval']:.2f}x",
+                f"<= {lg['target_ratio']:.2f}x",
+                _verdict(lg["ratio_p99_to_interval"], lg["target_ratio"], higher_is_better=False),
+            ]
+        )
+        rows.append(
+            [
+                "lag p99 wait/scan/deliver",
+                " / ".join(f"{seg[k]['p99_s']:.2f}" for k in ("wait", "scan", "deliver")) + " s",
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+    sc = results.get("scale")
+    if sc:
+        for case, lin in sc["linearity"].items():
+            per = lin["cpu_ms_per_1k_calls"].values()
+            fit = lin["fit"]
+            rows.append(
+                [
+                    f"scale {case} CPU/1k calls",
+                    f"{min(per):.1f}-{max(per):.1f} ms",
+                    f"fit {fit['per_batch_ms']:.2f} ms/batch + {fit['per_1k_calls_ms']:.2f}/1k",
+                    f"{lin['spread']:.2f}x max/min",
+                    f"<= {sc['target_spread']}x",
+                    _verdict(lin["spread"], sc["target_spread"], higher_is_better=False),
+                ]
+            )
+    bd = results.get("budget")
+    if bd:
+        b = bd["budget_rps"]
+        rows.append(
+            [
+                "budget max req in any 1 s",
+                f"{bd['max_in_any_1s']}",
+                f"{b:.0f}/s budget",
+                f"{bd['max_ratio']:.2f}x",
+                "<= 1.0x",
+                _verdict(bd["max_ratio"], 1.0, higher_is_better=False),
+            ]
+        )
+        rows.append(
+            [
+                "budget mean req/s",
+                f"{bd['mean_rps']:.1f}/s",
+                f"{b:.0f}/s budget",
+                f"{bd['mean_ratio']:.2f}x",
+                f">= {bd['target_mean_ratio']}x",
+                _verdict(bd["mean_ratio"], bd["target_mean_ratio"], higher_is_better=True),
+            ]
+        )
+        counts = {
+            "active": bd["batches"] - bd["finished_batches"],
+            "finished": bd["finished_batches"],
+        }
+        for group in ("active", "finished"):
+            m = bd["metrics_interval_s"][group]
+            w = bd["cycles_in_window"][group]
+            measured = (
+                f"{m['min']:.1f}/{m['median']:.1f}/{m['max']:.1f} s" if m["n"] else "no 2nd poll"
+            )
+            rows.append(
+                [
+                    f"budget interval {group} ({counts[group]})",
+                    measured,
+                    f"{bd['expected_active_interval_s']:.2f} s expected"
+                    if group == "active"
+                    else "",
+                    f"{bd['active_interval_ratio']:.2f}x" if group == "active" else "",
+                    f"{w['median']:.0f} polls/batch in {bd['window_s']:.0f} s",
+                    "",
+                ]
+            )
+    fo = results.get("failover")
+    if fo:
+        rows.append(
+            [
+                f"failover recovery ({fo['victim_batches']} batches)",
+                f"{fo['recovery_s']:.2f} s",
+                f"{fo['bound_s']:.2f} s TTL+sync",
+                f"{fo['ratio_to_bound']:.2f}x",
+                "<= 1.0x",
+                _verdict(fo["ratio_to_bound"], 1.0, higher_is_better=False),
+            ]
+        )
+        rows.append(
+            [
+                "failover recovery / TTL",
+                f"{fo['recovery_s']:.2f} s",
+                f"{fo['lease_ttl_s']:.0f} s TTL",
+                f"{fo['ratio_to_ttl']:.2f}x",
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "batches per replica",
+                "/".join(str(c) for c in fo["split_before"])
+                + " -> "
+                + "/".join(str(c) for c in fo["split_after"]),
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+        dl = fo["deliveries"]
+        one, two = dl["replicas_1"]["per_s"], dl["replicas_2"]
+        rows.append(["deliveries/s, 1 replica", f"{one:.0f}/s", "", "", "", ""])
+        rows.append(
+            [
+                "deliveries/s, 2 replicas",
+                f"{two['per_s']:.0f}/s ({two['per_s_per_replica']:.0f}/replica)",
+                f"{one:.0f}/s 1 replica",
+                f"{dl['scaling_2_vs_1']:.2f}x",
                 "",
                 "",
             ]
@@ -264,6 +415,100 @@ def plot(results: dict[str, Any]) -> list[str]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(str(path.relative_to(REPO)))
+    written += _fleet_plots(results, plt)
+    return written
+
+
+def _fleet_plots(results: dict[str, Any], plt: Any) -> list[str]:
+    written: list[str] = []
+    lg = results.get("lag")
+    if lg and lg.get("samples_ms"):
+        xs = [v / 1000 for v in lg["samples_ms"]]
+        n = len(xs)
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+        ax1.hist(xs, bins=60, color="tab:blue")
+        ax1.set_xlabel("lag: status change upstream -> webhook received (s)")
+        ax1.set_ylabel("events")
+        ax1.set_title(f"{n} events, {lg['changes_per_s']:.0f} changes/s")
+        ax2.plot(xs, [(i + 1) / n for i in range(n)], "-", color="tab:blue", label="lag CDF")
+        iv = lg["interval_s"]
+        ax2.axvline(iv, color="grey", ls=":", label=f"poll interval {iv:.1f} s")
+        ax2.axvline(lg["target_p99_s"], color="tab:red", ls="--", label="target p99")
+        for q in ("p50", "p95", "p99"):
+            v = lg["lag"][f"{q}_s"]
+            ax2.annotate(
+                f"{q} {v:.2f} s",
+                (v, {"p50": 0.5, "p95": 0.95, "p99": 0.99}[q]),
+                textcoords="offset points",
+                xytext=(-70, -4),
+                fontsize=8,
+            )
+        for ax in (ax1, ax2):
+            ax.axvline(iv, color="grey", ls=":")
+        ax2.set_xlabel("lag (s)")
+        ax2.set_ylabel("share of events")
+        ax2.set_ylim(0, 1.02)
+        ax2.legend(fontsize=8, loc="lower right")
+        fig.suptitle("End-to-end lag (simulator -> callbridge run -> receiver, 3 processes)")
+        fig.tight_layout()
+        path = IMG / "lag.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path.relative_to(REPO)))
+
+    sc = results.get("scale")
+    if sc:
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        groups = sc["groups"]
+        for case, style in (("nochange", "o"), ("10pct", "s")):
+            pts = sorted(
+                (
+                    (g["calls"], 1000 * g["cases"][case]["cpu_s"], name)
+                    for name, g in groups.items()
+                ),
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{case}")
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, -3), fontsize=7)
+            fit = sc["linearity"][case]["fit"]
+            ref = [(x, fit["per_1k_calls_ms"] * x / 1000) for x in (1000, 100_000)]
+            ax.plot([r[0] for r in ref], [r[1] for r in ref], ":", color="grey")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("calls polled in the cycle (batches x calls per batch)")
+        ax.set_ylabel("CPU ms per cycle (bench process)")
+        ax.set_title("Poll-cycle CPU vs calls (dotted: proportional, fitted cost per call)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = IMG / "scale.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path.relative_to(REPO)))
+
+    bd = results.get("budget")
+    if bd and bd.get("samples"):
+        arr = bd["samples"]["arrivals_rel_s"]
+        end = int(max(arr, default=0)) + 1
+        counts = [0] * end
+        for t in arr:
+            counts[int(t)] += 1
+        fig, ax = plt.subplots(figsize=(7.5, 3.6))
+        ax.bar(range(end), counts, 0.9, align="edge", label="upstream requests per second")
+        ax.axhline(bd["budget_rps"], color="tab:red", ls="--", label="budget")
+        w0, w1 = bd["samples"]["window"]
+        ax.axvspan(w0, w1, color="grey", alpha=0.15, label="measured window")
+        ax.set_xlabel("seconds since the bridge started")
+        ax.set_ylabel("requests")
+        ax.set_title(
+            f"{bd['batches']} batches x {bd['pages_per_cycle']} pages at 1 s want "
+            f"{bd['demand_rps']:.0f} req/s; budget {bd['budget_rps']:.0f}/s"
+        )
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        path = IMG / "budget.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path.relative_to(REPO)))
     return written
 
 
@@ -272,8 +517,15 @@ def plot(results: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 1 min)")
-    parser.add_argument("--only", choices=sorted(BENCHMARKS), help="run one benchmark")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repetitions, shorter runs (~2 min)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help=f"run only these benchmarks (repeat or comma-separate): {', '.join(BENCHMARKS)}",
+    )
     parser.add_argument(
         "--no-profile", action="store_true", help="skip the profiled and instrumented cycles"
     )
@@ -289,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         help="results file (default bench/results/latest.json); plots only for the default",
     )
     args = parser.parse_args(argv)
+    only = {n.strip() for item in args.only or [] for n in item.split(",") if n.strip()}
+    if only - set(BENCHMARKS):
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(only - set(BENCHMARKS)))}")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     latest: Path = args.output.resolve()
@@ -299,8 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         print_table(table_rows(results))
         print("wrote " + ", ".join(plot(results)))
         return 0
-    if args.only and latest.exists():
-        # Keep the other benchmark's last figures, so the plots and table stay whole.
+    if only and latest.exists():
+        # Keep the other benchmarks' last figures, so the plots and table stay whole.
         results = json.loads(latest.read_text())
     started = time.perf_counter()
     results["machine"] = machine_info()
@@ -308,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     results["mode"] = "quick" if args.quick else "full"
     results["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for name, fn in BENCHMARKS.items():
-        if args.only and name != args.only:
+        if only and name not in only:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results[name] = asyncio.run(fn(args.quick, not args.no_profile))
