@@ -338,3 +338,30 @@ def _call_event(
         call_id=call_id,
         data=data,
     )
+
+
+def select_candidates(
+    pages: Iterable[Iterable[dict[str, Any]]], signatures: Mapping[str, int]
+) -> tuple[list[dict[str, Any]], dict[str, int], int]:
+    """Items that differ from the last committed scan, their new signatures, duplicates.
+
+    Items are merged by call_id; when a call appears twice (pages shifting while
+    we read), the copy from the later page wins, as it was served later.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    duplicates = 0
+    for items in pages:
+        for item in items:
+            call_id = item["call_id"]
+            if call_id in merged:
+                duplicates += 1
+            merged[call_id] = item
+    candidates: list[dict[str, Any]] = []
+    new_sigs: dict[str, int] = {}
+    dumps, crc = orjson.dumps, zlib.crc32
+    for call_id, item in merged.items():
+        sig = crc(dumps(item))
+        if signatures.get(call_id) != sig:
+            candidates.append(item)
+            new_sigs[call_id] = sig
+    return candidates, new_sigs, duplicates

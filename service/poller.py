@@ -22,17 +22,14 @@ import math
 import random
 import time
 import uuid
-import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import orjson
-
 from service.aio import wait_any
 from service.config import Settings
-from service.diff import BatchView, CallState, diff
+from service.diff import BatchView, CallState, diff, select_candidates
 from service.errors import (
     BatchNotFoundError,
     LeaseLostError,
@@ -57,33 +54,6 @@ def iso_ms(now_ms: int) -> str:
     """``2026-11-28T10:00:05.123Z``."""
     dt = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now_ms % 1000:03d}Z"
-
-
-def select_candidates(
-    pages: Iterable[RawPage], signatures: dict[str, int]
-) -> tuple[list[dict[str, Any]], dict[str, int], int]:
-    """Items that differ from the last committed scan, their new signatures, duplicates.
-
-    Items are merged by call_id; when a call appears twice (pages shifting while
-    we read), the copy from the later page wins, as it was served later.
-    """
-    merged: dict[str, dict[str, Any]] = {}
-    duplicates = 0
-    for page in pages:
-        for item in page.items:
-            call_id = item["call_id"]
-            if call_id in merged:
-                duplicates += 1
-            merged[call_id] = item
-    candidates: list[dict[str, Any]] = []
-    new_sigs: dict[str, int] = {}
-    dumps, crc = orjson.dumps, zlib.crc32
-    for call_id, item in merged.items():
-        sig = crc(dumps(item))
-        if signatures.get(call_id) != sig:
-            candidates.append(item)
-            new_sigs[call_id] = sig
-    return candidates, new_sigs, duplicates
 
 
 @dataclass(slots=True)
@@ -224,7 +194,9 @@ class Poller:
             return "failed"
         self._on_auth_success()
 
-        candidates, new_sigs, duplicates = select_candidates(pages, rt.signatures)
+        candidates, new_sigs, duplicates = select_candidates(
+            (p.items for p in pages), rt.signatures
+        )
         now_ms = self._wall_ms()
         result = diff(
             batch_id,
@@ -502,11 +474,7 @@ class Poller:
             return
         idle = [rt for rt in self._batches.values() if rt.token is not None and rt.task is None]
         for rt in sorted(idle, key=lambda r: r.next_due, reverse=True)[:excess]:
-            assert rt.token is not None
-            with contextlib.suppress(Exception):
-                await self._store.release_lease(rt.batch_id, rt.token)
-            rt.token = None
-            rt.drop_cache()
+            await self._release(rt)
             log.info(
                 "released batch %s to rebalance across replicas",
                 rt.batch_id,
@@ -524,9 +492,18 @@ class Poller:
 
     async def _forget(self, rt: BatchRuntime) -> None:
         self._batches.pop(rt.batch_id, None)
+        await self._release(rt)
+
+    async def _release(self, rt: BatchRuntime) -> None:
+        """Hand a lease back so another replica can take it at once, and drop the cache.
+
+        Best effort: a lease we fail to delete still expires after its TTL.
+        """
         if rt.token is not None:
             with contextlib.suppress(Exception):
                 await self._store.release_lease(rt.batch_id, rt.token)
+        rt.token = None
+        rt.drop_cache()
 
     async def _stop_cycles(self) -> None:
         tasks = [rt.task for rt in self._batches.values() if rt.task is not None]
@@ -542,11 +519,7 @@ class Poller:
     async def release_all(self) -> None:
         """Hand every held lease back so other replicas take over at once."""
         for rt in self._batches.values():
-            if rt.token is not None:
-                with contextlib.suppress(Exception):
-                    await self._store.release_lease(rt.batch_id, rt.token)
-                rt.token = None
-                rt.drop_cache()
+            await self._release(rt)
         self._metrics.leases_held.set(0)
 
 

@@ -236,3 +236,19 @@ def test_status_case_and_spaces_are_normalised() -> None:
     assert types(r) == ["call.completed", "batch.completed"]
     assert r.counts == {"completed": 1}
     assert orjson.loads(r.events[0].body)["data"]["call"]["status"] == " Completed "
+
+
+def test_select_candidates_merges_pages_and_skips_unchanged() -> None:
+    from service.diff import select_candidates
+
+    page1 = [item("c1", "ringing"), item("c2", "pending")]
+    page2 = [item("c2", "queued"), item("c3", "pending")]  # c2 shifted: served twice
+    cands, sigs, dups = select_candidates([page1, page2], {})
+    assert dups == 1
+    assert {c["call_id"]: c["status"] for c in cands} == {
+        "c1": "ringing",
+        "c2": "queued",  # the later page wins
+        "c3": "pending",
+    }
+    again, _, _ = select_candidates([page1, page2], sigs)
+    assert again == []
