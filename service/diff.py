@@ -91,9 +91,9 @@ class Fingerprint:
     def decode(cls, text: str) -> Fingerprint:
         head, *extras = text.split(";")
         raw = base64.b64decode(head + "=" * (-len(head) % 4))
-        known = struct.unpack(f">{len(raw) // 4}I", raw)
-        if len(known) != len(FINGERPRINT_FIELDS):
+        if len(raw) != 4 * len(FINGERPRINT_FIELDS):
             raise ValueError("fingerprint has the wrong number of fields")
+        known = struct.unpack(f">{len(FINGERPRINT_FIELDS)}I", raw)
         extra = []
         for part in extras:
             name, _, digest = part.rpartition("=")

@@ -197,10 +197,22 @@ class SnapshotStore:
         for _ in range(5):
             meta = await self.load_meta(batch_id)
             states: dict[str, CallState] = {}
+            unreadable = 0
             async for call_id, value in self._redis.hscan_iter(
                 self._keys.snapshot(batch_id), count=5000
             ):
-                states[call_id.decode()] = CallState.decode(value)
+                try:
+                    states[call_id.decode()] = CallState.decode(value)
+                except (ValueError, UnicodeDecodeError):
+                    # Written by something else: the call is seen afresh next cycle.
+                    unreadable += 1
+            if unreadable:
+                log.warning(
+                    "batch %s: %d unreadable snapshot entries ignored",
+                    batch_id,
+                    unreadable,
+                    extra={"action": "snapshot_unreadable", "batch_id": batch_id},
+                )
             if (await self.load_meta(batch_id)).version == meta.version:
                 return meta, states
         raise StoreError(f"snapshot of batch {batch_id} kept changing while it was read")

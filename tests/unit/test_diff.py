@@ -252,3 +252,11 @@ def test_select_candidates_merges_pages_and_skips_unchanged() -> None:
     }
     again, _, _ = select_candidates([page1, page2], sigs)
     assert again == []
+
+
+def test_unreadable_state_raises_value_error() -> None:
+    import pytest
+
+    for bad in [b"x", b"1|zz|ok", b"a|b|c", b"\xe9", b"1|AAAA;x=zz|ok"]:
+        with pytest.raises((ValueError, UnicodeDecodeError)):
+            CallState.decode(bad)
