@@ -52,7 +52,9 @@ class Operations:
                 {
                     "id": batch_id,
                     "source": reg.source,
-                    "lifecycle": self._poller.lifecycle_of(meta, meta.not_found_since_ms > 0),
+                    "lifecycle": "retired"
+                    if reg.retired
+                    else self._poller.lifecycle_of(meta, meta.not_found_since_ms > 0),
                     "counts": meta.counts,
                     "total": sum(meta.counts.values()),
                     "completed": meta.completed,

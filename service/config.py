@@ -103,6 +103,8 @@ class PollerSettings(_Model):
     linger_interval_seconds: PositiveSeconds = 300.0
     # ...for this long (to catch redials), then retired.
     linger_seconds: PositiveSeconds = 86400.0
+    # A retired batch's snapshot and timeline are kept this long, then expire.
+    retired_retention_seconds: PositiveSeconds = 7 * 86400.0
     not_found_recheck_seconds: PositiveSeconds = 300.0
     auth_backoff_max_seconds: PositiveSeconds = 300.0
     lease_ttl_seconds: PositiveSeconds = 15.0

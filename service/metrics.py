@@ -7,10 +7,15 @@ the admin API, statuses from a short list (unknown ones are folded into
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.models import KNOWN_STATUSES
 
+_POLL_OUTCOMES = (
+    "committed", "unchanged", "not_owner", "failed", "fenced", "not_found", "auth_failed"
+)  # fmt: skip
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LAG_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 300, 1800, 7200)
 _CYCLE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -147,3 +152,14 @@ class Metrics:
             "1 when Redis persists data and never evicts keys; 0 means events can be lost.",
             registry=r,
         )
+
+    def forget_batch(self, batch_id: str) -> None:
+        """Drop a retired batch's series, so label values stay bounded over months."""
+        for status in (*KNOWN_STATUSES, "other"):
+            with contextlib.suppress(KeyError):
+                self.calls.remove(batch_id, status)
+        with contextlib.suppress(KeyError):
+            self.poll_interval.remove(batch_id)
+        for outcome in _POLL_OUTCOMES:
+            with contextlib.suppress(KeyError):
+                self.poll_cycles.remove(batch_id, outcome)

@@ -407,6 +407,8 @@ class Poller:
                 # Timed from the cycle's start, so the period is the interval and
                 # not the interval plus however long the scan took.
                 rt.next_due = max(self._monotonic(), now + self._next_interval(rt, outcome))
+                if rt.retired:
+                    await self._retire(rt)
         finally:
             rt.task = None
 
@@ -445,6 +447,7 @@ class Poller:
         except Exception:
             log.exception("cannot reach Redis to sync batches", extra={"action": "sync_failed"})
             return
+        registered = {b: r for b, r in registered.items() if not r.retired}
         for batch_id, reg in registered.items():
             if batch_id not in self._batches:
                 backfill = self._p.backfill if reg.backfill is None else reg.backfill
@@ -489,6 +492,23 @@ class Poller:
             return len(self._batches)
         active = [r for r in self._batches.values() if not r.retired]
         return max(1, math.ceil(len(active) / max(1, alive)))
+
+    async def _retire(self, rt: BatchRuntime) -> None:
+        """Nothing polls the batch any more: it should cost nothing from now on.
+
+        The registry keeps a tombstone (so no replica or restart picks it up again),
+        its state in Redis expires after `retired_retention_seconds` (the timeline
+        stays inspectable until then), and this replica drops its lease, cache and
+        metric series.
+        """
+        with contextlib.suppress(Exception):
+            await self._registry.retire(rt.batch_id)
+            await self._store.expire_batch(
+                rt.batch_id, int(self._p.retired_retention_seconds * 1000)
+            )
+        await self._release(rt)
+        self._batches.pop(rt.batch_id, None)
+        self._metrics.forget_batch(rt.batch_id)
 
     async def _forget(self, rt: BatchRuntime) -> None:
         self._batches.pop(rt.batch_id, None)

@@ -23,6 +23,9 @@ class Registration:
     backfill: bool | None
     source: str  # "config" or "api"
     added_ms: int
+    # Retired batches stay registered as tombstones: a restart must not register a
+    # config batch again after its state expired (it would be "seen" afresh).
+    retired: bool = False
 
 
 class BatchRegistry:
@@ -36,10 +39,32 @@ class BatchRegistry:
             await self._redis.hsetnx(self._key, b.id, self._encode(b.id, b.backfill, "config"))
 
     async def add(self, batch_id: str, backfill: bool | None = None) -> bool:
-        """Register a batch; False when it was registered already."""
-        return bool(
-            await self._redis.hsetnx(self._key, batch_id, self._encode(batch_id, backfill, "api"))
-        )
+        """Register a batch (or watch a retired one again); False when already watched."""
+        entry = self._encode(batch_id, backfill, "api")
+        if await self._redis.hsetnx(self._key, batch_id, entry):
+            return True
+        current = await self.get(batch_id)
+        if current is not None and current.retired:
+            await self._redis.hset(self._key, batch_id, entry)
+            return True
+        return False
+
+    async def retire(self, batch_id: str) -> None:
+        """Mark a batch as no longer polled, keeping it registered as a tombstone."""
+        current = await self.get(batch_id)
+        if current is None:
+            return
+        doc = {
+            "backfill": current.backfill,
+            "source": current.source,
+            "added_ms": current.added_ms,
+            "retired": True,
+        }
+        await self._redis.hset(self._key, batch_id, orjson.dumps(doc))
+
+    async def get(self, batch_id: str) -> Registration | None:
+        raw = await self._redis.hget(self._key, batch_id)
+        return self._decode(batch_id, raw) if raw else None
 
     async def remove(self, batch_id: str) -> bool:
         return bool(await self._redis.hdel(self._key, batch_id))
@@ -48,14 +73,19 @@ class BatchRegistry:
         raw = await self._redis.hgetall(self._key)
         out: dict[str, Registration] = {}
         for k, v in raw.items():
-            doc = orjson.loads(v)
-            out[k.decode()] = Registration(
-                batch_id=k.decode(),
-                backfill=doc.get("backfill"),
-                source=doc.get("source", "api"),
-                added_ms=int(doc.get("added_ms", 0)),
-            )
+            out[k.decode()] = self._decode(k.decode(), v)
         return out
+
+    @staticmethod
+    def _decode(batch_id: str, raw: bytes) -> Registration:
+        doc = orjson.loads(raw)
+        return Registration(
+            batch_id=batch_id,
+            backfill=doc.get("backfill"),
+            source=doc.get("source", "api"),
+            added_ms=int(doc.get("added_ms", 0)),
+            retired=bool(doc.get("retired", False)),
+        )
 
     @staticmethod
     def _encode(batch_id: str, backfill: bool | None, source: str) -> bytes:

@@ -311,7 +311,8 @@ class SnapshotStore:
         raw = await self._redis.hget(self._keys.snapshot(batch_id), call_id)
         return CallState.decode(raw) if raw else None
 
-    async def delete_batch(self, batch_id: str) -> None:
-        """Forget a batch's state. Its outbox is kept until drained by the relay."""
+    async def expire_batch(self, batch_id: str, after_ms: int) -> None:
+        """Let a retired batch's state go after `after_ms` (kept for inspection until then)."""
         k = self._keys
-        await self._redis.delete(k.snapshot(batch_id), k.batch_meta(batch_id), k.timeline(batch_id))
+        for key in (k.snapshot(batch_id), k.batch_meta(batch_id), k.timeline(batch_id)):
+            await self._redis.pexpire(key, after_ms)

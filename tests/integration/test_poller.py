@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import generate_latest
 
 from service.app import Service
 from service.config import Settings
@@ -249,3 +250,67 @@ async def test_batch_completed_once_per_completion(make_service: MakeService) ->
     truth = {b: truth_completions(sim, b) for b in sim.batch_ids}
     assert max(truth.values()) >= 2  # a redial did reopen a completed batch
     assert dict(delivered) == truth
+
+
+async def test_retired_batch_frees_lease_cache_and_series(make_service: MakeService) -> None:
+    import asyncio
+    from typing import get_args
+
+    from service.metrics import _POLL_OUTCOMES
+    from service.poller import PollOutcome
+
+    assert set(get_args(PollOutcome)) == set(_POLL_OUTCOMES)
+    svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=4))
+    batch = sim.batch_ids[0]
+    while not sim.is_finished():
+        await svc.poller.poll_once(batch)
+        sim.advance()
+    await svc.poller.poll_once(batch)
+    rt = svc.poller.runtime(batch)
+    assert rt is not None
+    assert rt.meta.completed
+    assert rt.token is not None
+    # Quiet for longer than quiet period + linger: the next scheduled cycle retires it.
+    rt.meta.last_change_ms = 0
+    await svc.poller._run_cycle(rt, asyncio.Semaphore(1))
+    assert rt.retired
+    assert rt.token is None
+    assert rt.states is None
+    assert await svc.store.lease_owner(batch) is None
+    text = generate_latest(svc.metrics.registry).decode()
+    assert f'batch="{batch}"' not in text
+
+
+async def test_retired_batch_is_a_tombstone_that_expires(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    import asyncio
+
+    svc, sim, _ = await make_service(
+        sim_config(batches=1, calls_per_batch=3), poller={"retired_retention_seconds": 60}
+    )
+    batch = sim.batch_ids[0]
+    while not sim.is_finished():
+        await svc.poller.poll_once(batch)
+        sim.advance()
+    await svc.poller.poll_once(batch)
+    rt = svc.poller.runtime(batch)
+    assert rt is not None
+    rt.meta.last_change_ms = 0
+    await svc.poller._run_cycle(rt, asyncio.Semaphore(1))
+    reg = await svc.registry.get(batch)
+    assert reg is not None
+    assert reg.retired
+    # Registering the config again (a restart) does not bring it back...
+    await svc.registry.register_config(svc.settings.batches)
+    reg = await svc.registry.get(batch)
+    assert reg is not None
+    assert reg.retired
+    assert 0 < await redis_client.pttl(Keys().snapshot(batch)) <= 60_000
+    listed = {b["id"]: b["lifecycle"] for b in await svc.operations.list_batches()}
+    assert listed[batch] == "retired"
+    # ...an operator can.
+    assert await svc.operations.add_batch(batch)
+    reg = await svc.registry.get(batch)
+    assert reg is not None
+    assert not reg.retired
