@@ -54,8 +54,9 @@ class RedisRateLimiter:
 
     `rate` requests per second in total, however many replicas run. Slots are
     reserved in small blocks (a scan of many pages needs many) and handed out
-    locally at their start times; a slot not used within half an interval of its
-    time is dropped, since using it late could put two requests in one slot's place.
+    locally at their start times; a slot not used soon after its time (half an
+    interval, at least 2 ms) is dropped, since using it late could put two requests
+    in one slot's place.
     """
 
     def __init__(
@@ -75,6 +76,10 @@ class RedisRateLimiter:
         # to ~36 ms on a loaded 2-core machine), and the platform counts arrivals.
         # Without it two requests squeezed together put rate + 1 into some window.
         self._interval_s = 1.05 / rate
+        # How late a reserved slot may still be used. Half an interval at ordinary
+        # rates; at high rates a few ms (far inside the 5% headroom of any window),
+        # or slots microseconds apart would all be dropped before the next page.
+        self._late_s = max(self._interval_s / 2, 0.002)
         # Never reserve more than a quarter second of the fleet's budget at once.
         self._max_block = max(1, min(max_block, int(rate / 4)))
         self._clock = clock
@@ -89,7 +94,7 @@ class RedisRateLimiter:
         async with self._lock:
             while True:
                 now = self._clock()
-                while self._slots and self._slots[0] < now - self._interval_s / 2:
+                while self._slots and self._slots[0] < now - self._late_s:
                     self._slots.popleft()
                 if self._slots:
                     start = self._slots.popleft()
