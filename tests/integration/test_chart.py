@@ -184,7 +184,7 @@ class Rendered:
                 )
             else:
                 env[item["name"]] = (
-                    f"fake{item['valueFrom']['secretKeyRef']['key'].replace('-', '')}"
+                    f"sample{item['valueFrom']['secretKeyRef']['key'].replace('-', '')}"
                 )
         return env
 
@@ -393,7 +393,7 @@ def test_subchart_doc_builds_the_redis_url_from_the_redis_secret(chart: helm.Cha
         "key": "redis-password",
     }
     settings = rendered.settings()
-    assert settings.redis.url == f"redis://:fakeredispassword@{RELEASE}-redis-master:6379/0"
+    assert settings.redis.url == f"redis://:sampleredispassword@{RELEASE}-redis-master:6379/0"
 
 
 def test_embedded_dev_mode(chart: helm.Chart) -> None:

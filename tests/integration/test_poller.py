@@ -3,9 +3,10 @@ delivery -> a real receiver, checked against the simulator's ground truth."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,7 +15,9 @@ from prometheus_client import generate_latest
 from service.app import Service
 from service.config import Settings
 from service.constants import Keys
+from service.metrics import _POLL_OUTCOMES
 from service.models import TERMINAL_STATUSES
+from service.poller import BatchRuntime, PollOutcome
 from service.simulator import FaultConfig, Simulator, SimulatorConfig
 from tests.conftest import API_KEY, SECRET, make_settings
 from tests.receivers import Receiver
@@ -252,15 +255,8 @@ async def test_batch_completed_once_per_completion(make_service: MakeService) ->
     assert dict(delivered) == truth
 
 
-async def test_retired_batch_frees_lease_cache_and_series(make_service: MakeService) -> None:
-    import asyncio
-    from typing import get_args
-
-    from service.metrics import _POLL_OUTCOMES
-    from service.poller import PollOutcome
-
-    assert set(get_args(PollOutcome)) == set(_POLL_OUTCOMES)
-    svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=4))
+async def run_until_retired(svc: Service, sim: Simulator) -> BatchRuntime:
+    """Play the batch to its end, age it past quiet + linger, run its next cycle."""
     batch = sim.batch_ids[0]
     while not sim.is_finished():
         await svc.poller.poll_once(batch)
@@ -273,6 +269,14 @@ async def test_retired_batch_frees_lease_cache_and_series(make_service: MakeServ
     # Quiet for longer than quiet period + linger: the next scheduled cycle retires it.
     rt.meta.last_change_ms = 0
     await svc.poller._run_cycle(rt, asyncio.Semaphore(1))
+    return rt
+
+
+async def test_retired_batch_frees_lease_cache_and_series(make_service: MakeService) -> None:
+    assert set(get_args(PollOutcome)) == set(_POLL_OUTCOMES)
+    svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=4))
+    batch = sim.batch_ids[0]
+    rt = await run_until_retired(svc, sim)
     assert rt.retired
     assert rt.token is None
     assert rt.states is None
@@ -284,20 +288,11 @@ async def test_retired_batch_frees_lease_cache_and_series(make_service: MakeServ
 async def test_retired_batch_is_a_tombstone_that_expires(
     make_service: MakeService, redis_client: aioredis.Redis
 ) -> None:
-    import asyncio
-
     svc, sim, _ = await make_service(
         sim_config(batches=1, calls_per_batch=3), poller={"retired_retention_seconds": 60}
     )
     batch = sim.batch_ids[0]
-    while not sim.is_finished():
-        await svc.poller.poll_once(batch)
-        sim.advance()
-    await svc.poller.poll_once(batch)
-    rt = svc.poller.runtime(batch)
-    assert rt is not None
-    rt.meta.last_change_ms = 0
-    await svc.poller._run_cycle(rt, asyncio.Semaphore(1))
+    await run_until_retired(svc, sim)
     reg = await svc.registry.get(batch)
     assert reg is not None
     assert reg.retired
