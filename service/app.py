@@ -98,7 +98,7 @@ class Service:
         )
         upstream = UpstreamClient(settings.upstream, session, limiter, metrics)
         deliverer = Deliverer(settings, queue, session, metrics)
-        relay = Relay(store, queue, settings.subscriptions, metrics, on_enqueued=deliverer.wake)
+        relay = Relay(store, queue, settings.subscriptions, on_enqueued=deliverer.wake)
         poller = Poller(
             settings,
             store,

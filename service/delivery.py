@@ -176,8 +176,18 @@ class Deliverer:
                     await asyncio.shield(self._release(sub, claimed.event_id))
                     raise
             decision = classify(result, claimed.attempts + 1, s.retry_schedule_seconds, self._rng)
-            # The outcome is written even if we are cancelled meanwhile (shutdown).
-            await asyncio.shield(self._complete(sub, claimed, result, decision))
+            try:
+                # The outcome is written even if we are cancelled meanwhile (shutdown).
+                await asyncio.shield(self._complete(sub, claimed, result, decision))
+            except Exception:
+                # Redis unreachable: the claim stays in flight and is sent again after
+                # its visibility deadline, under the same id (at-least-once).
+                log.exception(
+                    "outcome of delivery %s to %s not recorded; it will be retried",
+                    claimed.event_id,
+                    s.name,
+                    extra={"action": "delivery_outcome_lost", "subscription": s.name},
+                )
         finally:
             sub.inflight -= 1
             # A slot is free, and a call's next event may have been waiting for this one.

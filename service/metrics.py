@@ -8,6 +8,7 @@ the admin API, statuses from a short list (unknown ones are folded into
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -26,6 +27,14 @@ def status_label(status: str | None) -> str:
     if status is None:
         return "none"
     return status if status in KNOWN_STATUSES else "other"
+
+
+def event_label(event_type: str) -> str:
+    """A bounded label value for an event type (call.<unknown status> -> other)."""
+    family, _, name = event_type.partition(".")
+    if family == "batch" or name == "updated" or name in KNOWN_STATUSES:
+        return event_type
+    return "other"
 
 
 def status_class(code: int | None) -> str:
@@ -152,6 +161,14 @@ class Metrics:
             "1 when Redis persists data and never evicts keys; 0 means events can be lost.",
             registry=r,
         )
+
+    def set_calls(self, batch_id: str, counts: Mapping[str, int]) -> None:
+        """Calls per status of a batch; statuses gone to zero read 0, unknown ones are summed."""
+        by_label = dict.fromkeys((*KNOWN_STATUSES, "other"), 0)
+        for status, n in counts.items():
+            by_label[status_label(status)] += n
+        for label, n in by_label.items():
+            self.calls.labels(batch_id, label).set(n)
 
     def forget_batch(self, batch_id: str) -> None:
         """Drop a retired batch's series, so label values stay bounded over months."""

@@ -25,18 +25,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 from service.aio import wait_any
 from service.config import Settings
-from service.diff import BatchView, CallState, diff, select_candidates
+from service.diff import BatchView, CallState, DiffResult, diff, select_candidates
 from service.errors import (
     BatchNotFoundError,
     LeaseLostError,
     UpstreamAuthError,
     UpstreamError,
 )
-from service.metrics import Metrics, status_label
+from service.metrics import Metrics, event_label, status_label
 from service.registry import BatchRegistry
 from service.relay import Relay
 from service.schedule import auth_backoff_s, interval_s, jittered, lifecycle
@@ -239,7 +239,7 @@ class Poller:
         rt.states.update(result.states)
         rt.signatures.update(new_sigs)
         rt.pages = {p.page: dataclasses.replace(p, items=[], unchanged=False) for p in pages}
-        self._record(batch_id, result.counts, result.transitions, result.events, result.anomalies)
+        self._record(batch_id, result)
         if result.events:
             log.info(
                 "batch %s: %d events from %d changed calls",
@@ -259,22 +259,14 @@ class Poller:
             rt.outbox_dirty = False
         return "committed" if result.changed else "unchanged"
 
-    def _record(
-        self,
-        batch_id: str,
-        counts: dict[str, int],
-        transitions: list[tuple[str | None, str]],
-        events: list[Any],
-        anomalies: Any,
-    ) -> None:
+    def _record(self, batch_id: str, result: DiffResult) -> None:
         m = self._metrics
-        for status in list(counts):
-            m.calls.labels(batch_id, status_label(status)).set(counts[status])
-        for frm, to in transitions:
+        m.set_calls(batch_id, result.counts)
+        for frm, to in result.transitions:
             m.transitions.labels(status_label(frm), status_label(to)).inc()
-        for ev in events:
-            m.events.labels(ev.type if ev.type.split(".")[-1] in _KNOWN_SUFFIXES else "other").inc()
-        for kind, n in anomalies.items():
+        for ev in result.events:
+            m.events.labels(event_label(ev.type)).inc()
+        for kind, n in result.anomalies.items():
             m.upstream_anomalies.labels(kind).inc(n)
             log.warning(
                 "batch %s: %d odd item(s) in the scan: %s",
@@ -544,19 +536,3 @@ class Poller:
 
 
 _PRIORITY = {"active": 0, "lingering": 1, "not_found": 2}
-
-_KNOWN_SUFFIXES = frozenset(
-    {
-        "queued",
-        "ringing",
-        "answered",
-        "in_progress",
-        "completed",
-        "failed",
-        "no_answer",
-        "busy",
-        "cancelled",
-        "updated",
-        "pending",
-    }
-)

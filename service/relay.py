@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Sequence
 
 from service.config import SubscriptionSettings
-from service.metrics import Metrics
 from service.models import Event
 from service.queue import DeliveryQueue
 from service.store import SnapshotStore
@@ -42,7 +41,6 @@ class Relay:
         store: SnapshotStore,
         queue: DeliveryQueue,
         subscriptions: Sequence[SubscriptionSettings],
-        metrics: Metrics,
         *,
         on_enqueued: Callable[[str], None] | None = None,
         chunk: int = 500,
@@ -50,7 +48,6 @@ class Relay:
         self._store = store
         self._queue = queue
         self._subs = list(subscriptions)
-        self._metrics = metrics
         self._on_enqueued = on_enqueued
         self._chunk = chunk
 
