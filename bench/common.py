@@ -24,8 +24,8 @@ from typing import Any
 
 import redis
 
-from service.config import Settings, parse_settings
-from service.embedded import EmbeddedRedis, find_server_binary
+from callbridge.config import Settings, parse_settings
+from callbridge.embedded import EmbeddedRedis, find_server_binary
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -248,7 +248,7 @@ def bridge_config(
 
 @contextlib.contextmanager
 def bridge_process(config: dict[str, Any], log_name: str) -> Iterator[Bridge]:
-    """``python -m service run --config <file>`` (the ``callbridge run`` entry point).
+    """``python -m callbridge run --config <file>`` (the ``callbridge run`` entry point).
 
     Ready once ``/readyz`` answers 200. Stopped with SIGTERM (then SIGKILL) in a
     ``finally``; a benchmark may SIGKILL it earlier itself. Logs go to
@@ -269,7 +269,7 @@ def bridge_process(config: dict[str, Any], log_name: str) -> Iterator[Bridge]:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "run", "--config", str(path)],
+            [sys.executable, "-m", "callbridge", "run", "--config", str(path)],
             cwd=tmp,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -41,11 +41,11 @@ from bench.common import (
     valkey_server,
 )
 from bench.poll_cycle import top_functions
-from service.app import Service
-from service.config import Settings
-from service.constants import Keys
-from service.delivery import Deliverer
-from service.models import Event
+from callbridge.app import Service
+from callbridge.config import Settings
+from callbridge.constants import Keys
+from callbridge.delivery import Deliverer
+from callbridge.models import Event
 
 SUB = "crm"
 TARGET_RATIO = 0.8

@@ -50,10 +50,10 @@ from bench.common import (
     valkey_server,
 )
 from bench.delivery import make_events
-from service.config import RedisSettings
-from service.constants import Keys
-from service.queue import DeliveryQueue
-from service.redisconn import connect
+from callbridge.config import RedisSettings
+from callbridge.constants import Keys
+from callbridge.queue import DeliveryQueue
+from callbridge.redisconn import connect
 
 REPLICAS = 3
 BATCHES = 30

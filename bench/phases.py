@@ -63,11 +63,11 @@ class PhaseTimer:
     @contextlib.contextmanager
     def poll_phases(self) -> Iterator[None]:
         """Phases of `Poller.poll_once`."""
-        import service.poller as poller
-        import service.ratelimit as ratelimit
-        import service.upstream as upstream
-        from service.queue import DeliveryQueue
-        from service.store import SnapshotStore
+        import callbridge.poller as poller
+        import callbridge.ratelimit as ratelimit
+        import callbridge.upstream as upstream
+        from callbridge.queue import DeliveryQueue
+        from callbridge.store import SnapshotStore
 
         fetch = "fetch + decode pages"
         targets: list[tuple[str, Any, str, bool, str | None]] = [

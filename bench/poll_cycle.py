@@ -47,9 +47,9 @@ from bench.common import (
     valkey_server,
 )
 from bench.phases import PhaseTimer
-from service.app import Service
-from service.config import Settings
-from service.constants import UPSTREAM_CALLS_PATH, Keys
+from callbridge.app import Service
+from callbridge.config import Settings
+from callbridge.constants import UPSTREAM_CALLS_PATH, Keys
 
 CALLS = 100_000
 PAGE_SIZE = 500

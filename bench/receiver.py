@@ -3,7 +3,7 @@
 ``python -m bench.receiver --port 0`` answers ``POST /hook`` with 200 after reading
 the body. It counts requests and distinct ``webhook-id`` values, and verifies the
 Standard Webhooks signature of every ``--verify-every``-th signed request with
-`service.signing.verify` (a sample: proof the deliveries are signed, at little
+`callbridge.signing.verify` (a sample: proof the deliveries are signed, at little
 receiver CPU). ``GET /_stats`` returns the counters (with ``first_at``/``last_at``, the
 ``time.time()`` of the first and last signed request); ``POST /_reset`` clears them.
 With ``--record`` it also keeps, per distinct ``webhook-id``, the ``time.time()`` the
@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from bench.common import SECRET, announce_ready
-from service.signing import SignatureError, verify
+from callbridge.signing import SignatureError, verify
 
 
 class Counters:

@@ -41,8 +41,8 @@ from bench.common import (
     median,
     valkey_server,
 )
-from service.app import Service
-from service.constants import UPSTREAM_CALLS_PATH
+from callbridge.app import Service
+from callbridge.constants import UPSTREAM_CALLS_PATH
 
 PAGE_SIZE = 500
 CHANGE_RATIO = 0.1

@@ -1,7 +1,7 @@
 """The upstream simulator in its own process, with control routes for the benchmarks.
 
 ``python -m bench.sim_server --port 0 --calls 100000`` serves one batch of a
-`service.simulator.Simulator`; ``--layout 1x1000,10x1000`` serves groups of batches
+`callbridge.simulator.Simulator`; ``--layout 1x1000,10x1000`` serves groups of batches
 instead (here one batch of 1,000 calls and ten of 1,000). The simulator's own
 lifecycle never advances: calls change only through the routes below, which use the
 simulator's public ``set_call``. Its request log uses ``time.time()``, the clock
@@ -40,7 +40,7 @@ from typing import Any
 from aiohttp import web
 
 from bench.common import API_KEY, announce_ready
-from service.simulator import Simulator, SimulatorConfig
+from callbridge.simulator import Simulator, SimulatorConfig
 
 NEXT_STATUS = {
     "pending": "queued",

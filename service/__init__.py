@@ -1,5 +1,7 @@
-"""callbridge: real-time signed webhooks from a polling-only call platform API."""
+"""The source folder of callbridge, not a package: ``import callbridge`` instead.
 
-__version__ = "0.1.0"
+Without this file, Python would import this folder as an empty namespace package
+named ``service`` from a checkout's top directory, hiding the mistake.
+"""
 
-__all__ = ["__version__"]
+raise ImportError("service/ is callbridge's source folder; install it and `import callbridge`")

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from service.simulator import Simulator
+from callbridge.simulator import Simulator
 from tests.conftest import API_KEY, SECRET, free_port
 from tests.receivers import Receiver
 
@@ -64,7 +64,7 @@ def _own_port(config: Path) -> Path:
 async def start_bridge(config: Path) -> asyncio.subprocess.Process:
     """`callbridge run` in a subprocess."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "run", "--config", str(_own_port(config)),
+        sys.executable, "-m", "callbridge", "run", "--config", str(_own_port(config)),
         env={**os.environ, "KEY": API_KEY},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip

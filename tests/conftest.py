@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from service.config import Settings, parse_settings
-from service.embedded import EmbeddedRedis, find_server_binary
+from callbridge.config import Settings, parse_settings
+from callbridge.embedded import EmbeddedRedis, find_server_binary
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = "whsec_dGhpcyBpcyB0aGUgb2xkIHNlY3JldCBrZXkhIQ=="

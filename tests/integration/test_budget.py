@@ -8,8 +8,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from service.app import Service
-from service.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.app import Service
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
 from tests.conftest import API_KEY, make_settings
 
 RATE = 40

@@ -37,7 +37,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from service.config import Settings, parse_settings
+from callbridge.config import Settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "callbridge"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.app import Service
-from service.simulator import Simulator, SimulatorConfig
+from callbridge.app import Service
+from callbridge.simulator import Simulator, SimulatorConfig
 from tests.conftest import API_KEY, SECRET, make_settings
 from tests.receivers import Receiver
 

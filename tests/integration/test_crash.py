@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from service.models import TERMINAL_STATUSES
-from service.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.models import TERMINAL_STATUSES
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
 from tests.bridge import (
     check_consistency,
     final_statuses_delivered,

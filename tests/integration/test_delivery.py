@@ -14,12 +14,12 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
-from service.config import Settings
-from service.constants import Keys
-from service.delivery import Deliverer
-from service.metrics import Metrics
-from service.models import Event
-from service.queue import CompletionPolicy, DeliveryQueue, Outcome
+from callbridge.config import Settings
+from callbridge.constants import Keys
+from callbridge.delivery import Deliverer
+from callbridge.metrics import Metrics
+from callbridge.models import Event
+from callbridge.queue import CompletionPolicy, DeliveryQueue, Outcome
 from tests.conftest import OLD_SECRET, SECRET, make_settings
 from tests.receivers import Receiver
 

@@ -9,9 +9,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from callbridge.config import decode_whsec
+from callbridge.signing import signature_headers
 from examples.crm_receiver import CRM, Crm, create_app
-from service.config import decode_whsec
-from service.signing import signature_headers
 from tests.conftest import OLD_SECRET, SECRET
 
 PATH = "/webhooks/callbridge"

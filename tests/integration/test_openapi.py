@@ -37,9 +37,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.app import Service, build_app
-from service.simulator import Simulator, SimulatorConfig
-from service.web import SERVICE
+from callbridge.app import Service, build_app
+from callbridge.simulator import Simulator, SimulatorConfig
+from callbridge.web import SERVICE
 from tests.conftest import API_KEY, SECRET, make_settings
 from tests.receivers import Receiver
 
@@ -58,7 +58,7 @@ POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.Generati
 
 def document() -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(
-        resources.files("service").joinpath("openapi.json").read_text()
+        resources.files("callbridge").joinpath("openapi.json").read_text()
     )
     return doc
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from service.app import Service
-from service.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.app import Service
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
 from tests.bridge import (
     check_consistency,
     final_statuses_delivered,

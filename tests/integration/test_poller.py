@@ -12,13 +12,13 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
-from service.app import Service
-from service.config import Settings
-from service.constants import Keys
-from service.metrics import _POLL_OUTCOMES
-from service.models import TERMINAL_STATUSES
-from service.poller import BatchRuntime, PollOutcome
-from service.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.app import Service
+from callbridge.config import Settings
+from callbridge.constants import Keys
+from callbridge.metrics import _POLL_OUTCOMES
+from callbridge.models import TERMINAL_STATUSES
+from callbridge.poller import BatchRuntime, PollOutcome
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
 from tests.conftest import API_KEY, SECRET, make_settings
 from tests.receivers import Receiver
 
@@ -176,7 +176,7 @@ async def test_lost_lease_is_fenced(
     # Even with a stale token in hand, the commit itself refuses to write.
     rt.token = "test:stale"
     rt.states = {}
-    from service.errors import LeaseLostError
+    from callbridge.errors import LeaseLostError
 
     with pytest.raises(LeaseLostError):
         await svc.store.commit(

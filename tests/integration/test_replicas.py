@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from service.constants import Keys
-from service.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.constants import Keys
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
 from tests.bridge import (
     check_consistency,
     final_statuses_delivered,

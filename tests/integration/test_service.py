@@ -16,10 +16,10 @@ import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import build_app
-from service.config import Settings
-from service.simulator import Simulator, SimulatorConfig
-from service.web import SERVICE
+from callbridge.app import build_app
+from callbridge.config import Settings
+from callbridge.simulator import Simulator, SimulatorConfig
+from callbridge.web import SERVICE
 from tests.conftest import API_KEY, SECRET, free_port, make_settings
 from tests.receivers import Receiver
 
@@ -145,7 +145,7 @@ async def test_sigterm_drains_and_exits_zero(
     path.write_text(yaml.safe_dump(config))
     sim.advance(6)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "run", "--config", str(path),
+        sys.executable, "-m", "callbridge", "run", "--config", str(path),
         env={**os.environ, "KEY": API_KEY},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
@@ -155,7 +155,7 @@ async def test_sigterm_drains_and_exits_zero(
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, out.decode()[-2000:]
     # Nothing stuck in flight, nothing lost: what is left is due for the next start.
-    from service.constants import Keys
+    from callbridge.constants import Keys
 
     assert await redis_client.zcard(Keys().inflight("crm")) == 0
     lease = await redis_client.get(Keys().lease(sim.batch_ids[0]))

@@ -21,8 +21,8 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from service.models import CallsPage, Envelope
-from service.simulator import (
+from callbridge.models import CallsPage, Envelope
+from callbridge.simulator import (
     MALFORMED_KINDS,
     FaultConfig,
     Simulator,

@@ -11,17 +11,17 @@ import orjson
 import pytest
 from aiohttp import web
 
-from service.config import UpstreamSettings
-from service.errors import (
+from callbridge.config import UpstreamSettings
+from callbridge.errors import (
     BatchNotFoundError,
     MalformedPageError,
     RateLimitedError,
     UpstreamAuthError,
     UpstreamServerError,
 )
-from service.metrics import Metrics
-from service.simulator import FaultConfig, Simulator, SimulatorConfig
-from service.upstream import UpstreamClient
+from callbridge.metrics import Metrics
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.upstream import UpstreamClient
 from tests.conftest import API_KEY
 
 MakeClient = Callable[..., UpstreamClient]

@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from service.constants import Keys
-from service.registry import BatchRegistry
-from service.simulator import Simulator, SimulatorConfig
+from callbridge.constants import Keys
+from callbridge.registry import BatchRegistry
+from callbridge.simulator import Simulator, SimulatorConfig
 from tests.bridge import start_bridge, write_config
 from tests.conftest import API_KEY
 

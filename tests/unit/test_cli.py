@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, build_parser, configure_logging, main
-from service.config import decode_whsec
-from service.signing import signature_headers
+from callbridge.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, build_parser, configure_logging, main
+from callbridge.config import decode_whsec
+from callbridge.signing import signature_headers
 from tests.conftest import OLD_SECRET, SECRET
 
 NOW = 1_700_000_000
@@ -160,7 +160,7 @@ def restore_logging() -> Iterator[None]:
 @pytest.mark.usefixtures("restore_logging")
 def test_json_logging_has_extra_fields(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("json")  # binds sys.stderr now: capsys's capture
-    log = logging.getLogger("service.poller")
+    log = logging.getLogger("callbridge.poller")
     log.info(
         "polled %s",
         "sched_1",
@@ -172,7 +172,7 @@ def test_json_logging_has_extra_fields(capsys: pytest.CaptureFixture[str]) -> No
     doc = json.loads(lines[0])
     assert doc["msg"] == "polled sched_1"
     assert doc["level"] == "info"
-    assert doc["logger"] == "service.poller"
+    assert doc["logger"] == "callbridge.poller"
     assert doc["action"] == "poll"
     assert doc["batch_id"] == "sched_1"
     assert "payload" not in doc
@@ -185,7 +185,7 @@ def test_json_logging_keeps_a_traceback_on_one_line(capsys: pytest.CaptureFixtur
     try:
         raise RuntimeError("boom")
     except RuntimeError:
-        logging.getLogger("service.app").exception("crashed", extra={"action": "crash"})
+        logging.getLogger("callbridge.app").exception("crashed", extra={"action": "crash"})
     (line,) = capsys.readouterr().err.splitlines()
     doc = json.loads(line)
     assert doc["action"] == "crash"

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from service.cli import main
-from service.config import ConfigError, interpolate, parse_settings
+from callbridge.cli import main
+from callbridge.config import ConfigError, interpolate, parse_settings
 from tests.conftest import SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,13 +157,16 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_cli_entry_point_runs() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "service", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "callbridge", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.startswith("callbridge ")
 
 
 def test_example_documents_every_key_with_its_default() -> None:
-    from service import config as c
+    from callbridge import config as c
 
     env = {"CALLBRIDGE_API_KEY": "sk_example", "CRM_WEBHOOK_SECRET": SECRET}
     raw = yaml.safe_load((ROOT / "config.example.yaml").read_text())

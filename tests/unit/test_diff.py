@@ -7,8 +7,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.diff import BatchView, CallState, DiffResult, Fingerprint, diff, event_id
-from service.models import KNOWN_STATUSES, TERMINAL_STATUSES
+from callbridge.diff import BatchView, CallState, DiffResult, Fingerprint, diff, event_id
+from callbridge.models import KNOWN_STATUSES, TERMINAL_STATUSES
 
 NOW = 1_800_000_000_000
 TS = "2027-01-15T08:00:00.000Z"
@@ -239,7 +239,7 @@ def test_status_case_and_spaces_are_normalised() -> None:
 
 
 def test_select_candidates_merges_pages_and_skips_unchanged() -> None:
-    from service.diff import select_candidates
+    from callbridge.diff import select_candidates
 
     page1 = [item("c1", "ringing"), item("c2", "pending")]
     page2 = [item("c2", "queued"), item("c3", "pending")]  # c2 shifted: served twice

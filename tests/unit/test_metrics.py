@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from service.metrics import Metrics, event_label
+from callbridge.metrics import Metrics, event_label
 
 
 def test_calls_gauge_reads_zero_when_a_status_empties_and_sums_unknowns() -> None:

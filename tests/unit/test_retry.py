@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from service.retry import AttemptResult, classify, parse_retry_after
+from callbridge.retry import AttemptResult, classify, parse_retry_after
 
 SCHEDULE = [5, 300, 1800]
 

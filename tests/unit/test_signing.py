@@ -5,8 +5,8 @@ import time
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from service.config import decode_whsec
-from service.signing import SignatureError, signature_headers, verify
+from callbridge.config import decode_whsec
+from callbridge.signing import SignatureError, signature_headers, verify
 from tests.conftest import OLD_SECRET, SECRET
 
 

@@ -3,7 +3,7 @@
 A batch keeps its calls in creation order (the API's order) with each item's
 JSON bytes cached until the call changes, so a page is a join of cached bytes.
 Filtered views (by status or external_id) are index lists cached per batch
-version. The lifecycle rules live in `service.simulator_lifecycle`; this module only holds
+version. The lifecycle rules live in `callbridge.simulator_lifecycle`; this module only holds
 the state they act on.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import orjson
 
-from service.models import PENDING
+from callbridge.models import PENDING
 
 __all__ = ["ITEM_FIELDS", "BatchRecord", "CallRecord"]
 

@@ -27,21 +27,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from service.aio import wait_any
-from service.config import Settings
-from service.diff import BatchView, CallState, DiffResult, diff, select_candidates
-from service.errors import (
+from callbridge.aio import wait_any
+from callbridge.config import Settings
+from callbridge.diff import BatchView, CallState, DiffResult, diff, select_candidates
+from callbridge.errors import (
     BatchNotFoundError,
     LeaseLostError,
     UpstreamAuthError,
     UpstreamError,
 )
-from service.metrics import Metrics, event_label, status_label
-from service.registry import BatchRegistry
-from service.relay import Relay
-from service.schedule import auth_backoff_s, interval_s, jittered, lifecycle
-from service.store import BatchMeta, SnapshotStore
-from service.upstream import RawPage, UpstreamClient
+from callbridge.metrics import Metrics, event_label, status_label
+from callbridge.registry import BatchRegistry
+from callbridge.relay import Relay
+from callbridge.schedule import auth_backoff_s, interval_s, jittered, lifecycle
+from callbridge.store import BatchMeta, SnapshotStore
+from callbridge.upstream import RawPage, UpstreamClient
 
 log = logging.getLogger(__name__)
 

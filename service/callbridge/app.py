@@ -20,21 +20,21 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from service.admin import Operations
-from service.config import Settings
-from service.constants import Keys
-from service.delivery import Deliverer
-from service.embedded import EmbeddedRedis
-from service.metrics import Metrics
-from service.poller import Poller
-from service.queue import DeliveryQueue
-from service.ratelimit import RedisRateLimiter
-from service.redisconn import Redis, connect
-from service.registry import BatchRegistry
-from service.relay import Relay
-from service.store import SnapshotStore
-from service.upstream import UpstreamClient
-from service.web import SERVICE, add_routes
+from callbridge.admin import Operations
+from callbridge.config import Settings
+from callbridge.constants import Keys
+from callbridge.delivery import Deliverer
+from callbridge.embedded import EmbeddedRedis
+from callbridge.metrics import Metrics
+from callbridge.poller import Poller
+from callbridge.queue import DeliveryQueue
+from callbridge.ratelimit import RedisRateLimiter
+from callbridge.redisconn import Redis, connect
+from callbridge.registry import BatchRegistry
+from callbridge.relay import Relay
+from callbridge.store import SnapshotStore
+from callbridge.upstream import UpstreamClient
+from callbridge.web import SERVICE, add_routes
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from pydantic import (
     model_validator,
 )
 
-from service.constants import (
+from callbridge.constants import (
     DEFAULT_KEY_PREFIX,
     DEFAULT_RETRY_SCHEDULE_S,
     UPSTREAM_MAX_PAGE_SIZE,
 )
-from service.errors import ConfigError
+from callbridge.errors import ConfigError
 
 _VAR = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

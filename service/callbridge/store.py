@@ -17,11 +17,11 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
-from service.constants import Keys
-from service.diff import CallState, TimelineEntry
-from service.errors import LeaseLostError, StoreError
-from service.models import Event
-from service.redisconn import Redis
+from callbridge.constants import Keys
+from callbridge.diff import CallState, TimelineEntry
+from callbridge.errors import LeaseLostError, StoreError
+from callbridge.models import Event
+from callbridge.redisconn import Redis
 
 log = logging.getLogger(__name__)
 

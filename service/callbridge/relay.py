@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from service.config import SubscriptionSettings
-from service.models import Event
-from service.queue import DeliveryQueue
-from service.store import SnapshotStore
+from callbridge.config import SubscriptionSettings
+from callbridge.models import Event
+from callbridge.queue import DeliveryQueue
+from callbridge.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from service import __version__
-from service.config import UpstreamSettings
-from service.constants import UPSTREAM_CALLS_PATH
-from service.errors import (
+from callbridge import __version__
+from callbridge.config import UpstreamSettings
+from callbridge.constants import UPSTREAM_CALLS_PATH
+from callbridge.errors import (
     BatchNotFoundError,
     MalformedPageError,
     RateLimitedError,
@@ -44,10 +44,10 @@ from service.errors import (
     UpstreamTransientError,
     UpstreamTransportError,
 )
-from service.metrics import Metrics
-from service.models import CallsPage
-from service.ratelimit import RateLimiter
-from service.retry import parse_retry_after
+from callbridge.metrics import Metrics
+from callbridge.models import CallsPage
+from callbridge.ratelimit import RateLimiter
+from callbridge.retry import parse_retry_after
 
 log = logging.getLogger(__name__)
 

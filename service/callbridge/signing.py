@@ -12,8 +12,12 @@ import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 
-from service.config import decode_whsec
-from service.constants import HEADER_WEBHOOK_ID, HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP
+from callbridge.config import decode_whsec
+from callbridge.constants import (
+    HEADER_WEBHOOK_ID,
+    HEADER_WEBHOOK_SIGNATURE,
+    HEADER_WEBHOOK_TIMESTAMP,
+)
 
 
 class SignatureError(ValueError):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from service.errors import EmbeddedRedisError
+from callbridge.errors import EmbeddedRedisError
 
 log = logging.getLogger(__name__)
 

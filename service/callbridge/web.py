@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.admin import UnknownSubscriptionError
-from service.config import BatchSettings, Settings
+from callbridge.admin import UnknownSubscriptionError
+from callbridge.config import BatchSettings, Settings
 
 if TYPE_CHECKING:
-    from service.app import Service
+    from callbridge.app import Service
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ async def redeliver_event(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    text = resources.files("service").joinpath("openapi.json").read_text()
+    text = resources.files("callbridge").joinpath("openapi.json").read_text()
     return web.Response(text=text, content_type="application/json")
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from service.models import (
+from callbridge.models import (
     ANSWERED,
     IN_PROGRESS,
     PENDING,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.models import KNOWN_STATUSES
+from callbridge.models import KNOWN_STATUSES
 
 _POLL_OUTCOMES = (
     "committed", "unchanged", "not_owner", "failed", "fenced", "not_found", "auth_failed"

@@ -30,10 +30,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from service.models import PENDING
-from service.simulator_calls import ITEM_FIELDS, BatchRecord
-from service.simulator_http import MALFORMED_KINDS, SERVER_ERROR_STATUSES, FaultConfig, build_app
-from service.simulator_lifecycle import LEGAL_TRANSITIONS, Lifecycle, Transition
+from callbridge.models import PENDING
+from callbridge.simulator_calls import ITEM_FIELDS, BatchRecord
+from callbridge.simulator_http import MALFORMED_KINDS, SERVER_ERROR_STATUSES, FaultConfig, build_app
+from callbridge.simulator_lifecycle import LEGAL_TRANSITIONS, Lifecycle, Transition
 
 __all__ = [
     "LEGAL_TRANSITIONS",

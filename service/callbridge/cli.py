@@ -17,10 +17,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from service import __version__
-from service.errors import CallbridgeError, ConfigError
+from callbridge import __version__
+from callbridge.errors import CallbridgeError, ConfigError
 
-log = logging.getLogger("service.cli")
+log = logging.getLogger("callbridge.cli")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -86,7 +86,7 @@ def _print_config_error(exc: ConfigError) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from service.config import load_settings
+    from callbridge.config import load_settings
 
     settings = load_settings(_config_path(args))
     subs = ", ".join(s.name for s in settings.subscriptions) or "none"
@@ -108,8 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_quietly)
     from aiohttp import web
 
-    from service.app import build_app
-    from service.config import load_settings
+    from callbridge.app import build_app
+    from callbridge.config import load_settings
 
     settings = load_settings(_config_path(args))
     configure_logging(settings.logging.format, settings.logging.level)
@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from service.simulator import FaultConfig, SimulatorConfig, serve
+    from callbridge.simulator import FaultConfig, SimulatorConfig, serve
 
     configure_logging("text", "INFO")
     faults = FaultConfig(
@@ -162,7 +162,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from service.demo import run_demo
+    from callbridge.demo import run_demo
 
     configure_logging("text", "WARNING")
     try:
@@ -173,7 +173,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check a captured webhook request: headers file + body file."""
-    from service.signing import SignatureError, verify
+    from callbridge.signing import SignatureError, verify
 
     secrets = args.secret or os.environ.get("CALLBRIDGE_WEBHOOK_SECRET", "").split()
     if not secrets:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-from service.config import PollerSettings
+from callbridge.config import PollerSettings
 
 Lifecycle = Literal["active", "lingering", "retired", "not_found"]
 

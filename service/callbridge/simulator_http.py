@@ -29,14 +29,14 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service.constants import (
+from callbridge.constants import (
     UPSTREAM_CALLS_PATH,
     UPSTREAM_DEFAULT_PAGE_SIZE,
     UPSTREAM_MAX_PAGE_SIZE,
 )
 
 if TYPE_CHECKING:
-    from service.simulator import Simulator
+    from callbridge.simulator import Simulator
 
 __all__ = ["MALFORMED_KINDS", "SERVER_ERROR_STATUSES", "FaultConfig", "build_app"]
 

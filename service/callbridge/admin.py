@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.config import Settings
-from service.diff import event_id
-from service.errors import CallbridgeError
-from service.poller import Poller
-from service.queue import DeliveryQueue
-from service.registry import BatchRegistry
-from service.store import SnapshotStore
+from callbridge.config import Settings
+from callbridge.diff import event_id
+from callbridge.errors import CallbridgeError
+from callbridge.poller import Poller
+from callbridge.queue import DeliveryQueue
+from callbridge.registry import BatchRegistry
+from callbridge.store import SnapshotStore
 
 
 class UnknownSubscriptionError(CallbridgeError):

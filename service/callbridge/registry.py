@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from service.config import BatchSettings
-from service.constants import Keys
-from service.redisconn import Redis
+from callbridge.config import BatchSettings
+from callbridge.constants import Keys
+from callbridge.redisconn import Redis
 
 
 @dataclass(frozen=True, slots=True)

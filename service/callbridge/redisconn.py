@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from service.config import RedisSettings
+from callbridge.config import RedisSettings
 
 log = logging.getLogger(__name__)
 

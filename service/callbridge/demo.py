@@ -24,11 +24,11 @@ from typing import Any, TextIO
 import orjson
 from aiohttp import web
 
-from service.app import Service, build_app
-from service.config import Settings, parse_settings
-from service.signing import SignatureError, verify
-from service.simulator import Simulator, SimulatorConfig
-from service.web import SERVICE
+from callbridge.app import Service, build_app
+from callbridge.config import Settings, parse_settings
+from callbridge.signing import SignatureError, verify
+from callbridge.simulator import Simulator, SimulatorConfig
+from callbridge.web import SERVICE
 
 
 @dataclass

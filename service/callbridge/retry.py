@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from service.constants import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S, RETRY_JITTER_RATIO
+from callbridge.constants import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S, RETRY_JITTER_RATIO
 
 Outcome = Literal["success", "retry", "dead", "disable"]
 

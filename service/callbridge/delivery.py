@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from service import __version__
-from service.aio import wait_any
-from service.config import Settings, SubscriptionSettings
-from service.constants import RESPONSE_EXCERPT_BYTES
-from service.errors import excerpt
-from service.metrics import Metrics, status_class
-from service.queue import Claimed, CompletionPolicy, DeliveryQueue, Outcome
-from service.retry import AttemptResult, Decision, classify, failure_reason, parse_retry_after
-from service.signing import signature_headers
+from callbridge import __version__
+from callbridge.aio import wait_any
+from callbridge.config import Settings, SubscriptionSettings
+from callbridge.constants import RESPONSE_EXCERPT_BYTES
+from callbridge.errors import excerpt
+from callbridge.metrics import Metrics, status_class
+from callbridge.queue import Claimed, CompletionPolicy, DeliveryQueue, Outcome
+from callbridge.retry import AttemptResult, Decision, classify, failure_reason, parse_retry_after
+from callbridge.signing import signature_headers
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from service.models import (
+from callbridge.models import (
     ANSWERED,
     BUSY,
     CANCELLED,
@@ -42,10 +42,10 @@ from service.models import (
     RINGING,
     TERMINAL_STATUSES,
 )
-from service.simulator_calls import COMPANIES, BatchRecord, CallRecord
+from callbridge.simulator_calls import COMPANIES, BatchRecord, CallRecord
 
 if TYPE_CHECKING:
-    from service.simulator import SimulatorConfig
+    from callbridge.simulator import SimulatorConfig
 
 __all__ = ["LEGAL_TRANSITIONS", "Lifecycle", "Transition"]
 

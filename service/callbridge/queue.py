@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
-from service.constants import Keys
-from service.models import Event
-from service.redisconn import Redis
+from callbridge.constants import Keys
+from callbridge.models import Event
+from callbridge.redisconn import Redis
 
 log = logging.getLogger(__name__)
 
