@@ -25,7 +25,7 @@ from typing import Any
 import redis
 
 from callbridge.config import Settings, parse_settings
-from callbridge.embedded import EmbeddedRedis, find_server_binary
+from callbridge.store.embedded import EmbeddedRedis, find_server_binary
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"

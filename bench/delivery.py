@@ -2,7 +2,7 @@
 
 Setup: a real Valkey server and a receiver (``bench.receiver``), each in its own
 process; the bench process runs the service's real `DeliveryQueue` and `Deliverer`
-(wired by `Service.create`, one subscription with ``max_in_flight`` = C and
+(wired by `Bridge.create`, one subscription with ``max_in_flight`` = C and
 ``delivery.global_max_in_flight`` = C).
 
 For each concurrency C:
@@ -41,11 +41,11 @@ from bench.common import (
     valkey_server,
 )
 from bench.poll_cycle import top_functions
-from callbridge.app import Service
+from callbridge.app import Bridge
 from callbridge.config import Settings
-from callbridge.constants import Keys
 from callbridge.delivery import Deliverer
 from callbridge.models import Event
+from callbridge.store.keys import Keys
 
 SUB = "crm"
 TARGET_RATIO = 0.8
@@ -202,11 +202,11 @@ class Bench:
             "receiver": stats,
         }
 
-    async def _service(self, concurrency: int) -> Service:
+    async def _service(self, concurrency: int) -> Bridge:
         await self.redis.execute_command("FLUSHDB", "SYNC")
-        return await Service.create(self.settings(concurrency), replica_id="bench")
+        return await Bridge.create(self.settings(concurrency), replica_id="bench")
 
-    async def enqueue(self, svc: Service) -> dict[str, Any]:
+    async def enqueue(self, svc: Bridge) -> dict[str, Any]:
         """Enqueue every event for the subscription; memory and time it took."""
         used0 = await redis_used_memory(self.redis)
         now_ms = int(time.time() * 1000)
@@ -232,7 +232,7 @@ class Bench:
         }
 
     @staticmethod
-    def _delivered(svc: Service) -> int:
+    def _delivered(svc: Bridge) -> int:
         # The counter's own value: cheap enough to poll every few ms (a registry
         # collect() would cost the bench process noticeable CPU).
         child: Any = svc.metrics.delivery_attempts.labels(SUB, "success", "2xx")
@@ -279,7 +279,7 @@ class Bench:
             if await deliverer.run_once(SUB) == 0:
                 return
 
-    async def _loops(self, deliverer: Deliverer, svc: Service, deadline: float) -> None:
+    async def _loops(self, deliverer: Deliverer, svc: Bridge, deadline: float) -> None:
         stopping = asyncio.Event()
         task = asyncio.create_task(deliverer.run(stopping))
         try:

@@ -51,9 +51,9 @@ from bench.common import (
 )
 from bench.delivery import make_events
 from callbridge.config import RedisSettings
-from callbridge.constants import Keys
-from callbridge.queue import DeliveryQueue
-from callbridge.redisconn import connect
+from callbridge.store.connection import connect
+from callbridge.store.keys import Keys
+from callbridge.store.queue import DeliveryQueue
 
 REPLICAS = 3
 BATCHES = 30

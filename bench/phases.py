@@ -63,11 +63,12 @@ class PhaseTimer:
     @contextlib.contextmanager
     def poll_phases(self) -> Iterator[None]:
         """Phases of `Poller.poll_once`."""
-        import callbridge.poller as poller
         import callbridge.ratelimit as ratelimit
+
+        import callbridge.poller as poller
         import callbridge.upstream as upstream
-        from callbridge.queue import DeliveryQueue
-        from callbridge.store import SnapshotStore
+        from callbridge.store.queue import DeliveryQueue
+        from callbridge.store.snapshots import SnapshotStore
 
         fetch = "fetch + decode pages"
         targets: list[tuple[str, Any, str, bool, str | None]] = [

@@ -2,7 +2,7 @@
 
 Setup: a real Valkey server and the simulator (``bench.sim_server``), each in its own
 process, so only the bridge's own work is on this process's CPU clock. The
-Service is wired by `Service.create` exactly as in production, with one
+Bridge is wired by `Bridge.create` exactly as in production, with one
 subscription (events are fanned out into its queue; nobody delivers them here).
 
 Cases, each repeated and reported as the median:
@@ -47,7 +47,7 @@ from bench.common import (
     valkey_server,
 )
 from bench.phases import PhaseTimer
-from callbridge.app import Service
+from callbridge.app import Bridge
 from callbridge.config import Settings
 from callbridge.constants import UPSTREAM_CALLS_PATH, Keys
 
@@ -157,7 +157,7 @@ class Bench:
         # Any, as service/redisconn.py does: redis-py's command types are loose.
         self.redis: Any = aioredis.Redis.from_url(redis_url)
         self.http = aiohttp.ClientSession()
-        self.svc: Service | None = None
+        self.svc: Bridge | None = None
         self.round = 0
 
     async def close(self) -> None:
@@ -166,14 +166,14 @@ class Bench:
         await self.http.close()
         await self.redis.aclose()
 
-    async def fresh_service(self) -> Service:
+    async def fresh_service(self) -> Bridge:
         """An empty Redis and a new replica: the next cycle is a cold one."""
         if self.svc is not None:
             await self.svc.close()
             self.svc = None
         # SYNC: a lazy flush would still hold the old data when used_memory is read.
         await self.redis.execute_command("FLUSHDB", "SYNC")
-        self.svc = await Service.create(self.settings, replica_id="bench")
+        self.svc = await Bridge.create(self.settings, replica_id="bench")
         return self.svc
 
     async def fetch_bodies(self) -> list[bytes]:

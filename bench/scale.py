@@ -1,7 +1,7 @@
 """CPU of one poll cycle against the number of calls: does it scale linearly?
 
 Setup as in ``bench.poll_cycle``: a real Valkey server and the simulator in their own
-processes, the Service wired by `Service.create` with one subscription (events are
+processes, the Bridge wired by `Bridge.create` with one subscription (events are
 enqueued, nobody delivers them), and the bench process's ``time.process_time()``
 around the cycle. The simulator serves groups of batches (``--layout``):
 
@@ -41,7 +41,7 @@ from bench.common import (
     median,
     valkey_server,
 )
-from callbridge.app import Service
+from callbridge.app import Bridge
 from callbridge.constants import UPSTREAM_CALLS_PATH
 
 PAGE_SIZE = 500
@@ -70,7 +70,7 @@ class Bench:
         )
         self.http = aiohttp.ClientSession()
         self.redis: Any = aioredis.Redis.from_url(redis_url)
-        self.svc: Service | None = None
+        self.svc: Bridge | None = None
         self.round = 0
 
     async def close(self) -> None:
@@ -79,9 +79,9 @@ class Bench:
         await self.http.close()
         await self.redis.aclose()
 
-    async def start(self) -> Service:
+    async def start(self) -> Bridge:
         await self.redis.execute_command("FLUSHDB", "SYNC")
-        self.svc = await Service.create(self.settings, replica_id="bench")
+        self.svc = await Bridge.create(self.settings, replica_id="bench")
         return self.svc
 
     async def cycle(self, batch_ids: list[str]) -> tuple[float, float, list[str]]:

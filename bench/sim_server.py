@@ -40,7 +40,7 @@ from typing import Any
 from aiohttp import web
 
 from bench.common import API_KEY, announce_ready
-from callbridge.simulator import Simulator, SimulatorConfig
+from callbridge.simulator import Simulator, SimulatorConfig, make_app
 
 NEXT_STATUS = {
     "pending": "queued",
@@ -137,7 +137,7 @@ def build_app(sim: Simulator, groups: dict[str, list[str]]) -> web.Application:
     mutators = {b: Mutator(sim, b) for b in sim.batch_ids}
     first = sim.batch_ids[0]
     churn = Churn(mutators)
-    app = sim.make_app()
+    app = make_app(sim)
 
     async def info(request: web.Request) -> web.Response:
         return web.json_response(

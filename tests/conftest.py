@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from callbridge.config import Settings, parse_settings
-from callbridge.embedded import EmbeddedRedis, find_server_binary
+from callbridge.store.embedded import EmbeddedRedis, find_server_binary
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = "whsec_dGhpcyBpcyB0aGUgb2xkIHNlY3JldCBrZXkhIQ=="

@@ -19,22 +19,25 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from callbridge.admin import Operations
+from callbridge.api import BRIDGE, add_routes
 from callbridge.config import Settings
-from callbridge.constants import Keys
 from callbridge.delivery import Deliverer
-from callbridge.embedded import EmbeddedRedis
 from callbridge.metrics import Metrics
+from callbridge.operations import Operations
 from callbridge.poller import Poller
-from callbridge.queue import DeliveryQueue
-from callbridge.ratelimit import RedisRateLimiter
-from callbridge.redisconn import Redis, connect
-from callbridge.registry import BatchRegistry
 from callbridge.relay import Relay
-from callbridge.store import SnapshotStore
+from callbridge.scheduler import Scheduler
+from callbridge.store.connection import Redis, connect, persistence_problems
+from callbridge.store.embedded import EmbeddedRedis
+from callbridge.store.keys import Keys
+from callbridge.store.leases import LeaseStore
+from callbridge.store.queue import DeliveryQueue
+from callbridge.store.ratelimit import RedisRateLimiter
+from callbridge.store.registry import BatchRegistry
+from callbridge.store.snapshots import SnapshotStore
 from callbridge.upstream import UpstreamClient
-from callbridge.web import SERVICE, add_routes
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +51,21 @@ def default_replica_id() -> str:
 
 
 @dataclass
-class Service:
-    """Every long-lived part of a running bridge."""
+class Bridge:
+    """Every long-lived part of a running bridge (implements `api.BridgeView`)."""
 
     settings: Settings
     metrics: Metrics
     redis: Redis
     session: aiohttp.ClientSession
     store: SnapshotStore
+    leases: LeaseStore
     queue: DeliveryQueue
     registry: BatchRegistry
     upstream: UpstreamClient
     relay: Relay
     poller: Poller
+    scheduler: Scheduler
     deliverer: Deliverer
     operations: Operations
     embedded: EmbeddedRedis | None = None
@@ -75,7 +80,7 @@ class Service:
         *,
         metrics: Metrics | None = None,
         replica_id: str | None = None,
-    ) -> Service:
+    ) -> Bridge:
         metrics = metrics or Metrics()
         embedded = None
         url = settings.redis.url
@@ -91,6 +96,7 @@ class Service:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         store = SnapshotStore(redis, keys)
+        leases = LeaseStore(redis, keys)
         queue = DeliveryQueue(redis, keys)
         registry = BatchRegistry(redis, keys)
         limiter = RedisRateLimiter(
@@ -102,24 +108,35 @@ class Service:
         poller = Poller(
             settings,
             store,
-            registry,
+            leases,
             upstream,
             relay,
             metrics,
             replica_id=replica_id or default_replica_id(),
         )
-        operations = Operations(settings, store, registry, queue, poller)
+        scheduler = Scheduler(settings, poller, store, leases, registry, metrics)
+        operations = Operations(
+            settings,
+            store,
+            leases,
+            registry,
+            queue,
+            owns=lambda batch_id: batch_id in poller.owned(),
+            on_batches_changed=scheduler.wake,
+        )
         return cls(
             settings=settings,
             metrics=metrics,
             redis=redis,
             session=session,
             store=store,
+            leases=leases,
             queue=queue,
             registry=registry,
             upstream=upstream,
             relay=relay,
             poller=poller,
+            scheduler=scheduler,
             deliverer=deliverer,
             operations=operations,
             embedded=embedded,
@@ -130,7 +147,7 @@ class Service:
         await self.check_redis()
         await self.registry.register_config(self.settings.batches)
         for name, coro in (
-            ("poller", self.poller.run(self.stopping)),
+            ("poller", self.scheduler.run(self.stopping)),
             ("delivery", self.deliverer.run(self.stopping)),
         ):
             task = asyncio.create_task(coro, name=name)
@@ -147,35 +164,10 @@ class Service:
 
     async def check_redis(self) -> None:
         """Warn when Redis may lose what we write: no persistence, or eviction allowed."""
-        ok = True
-        try:
-            cfg = await self.redis.config_get("appendonly")
-            cfg.update(await self.redis.config_get("save"))
-            cfg.update(await self.redis.config_get("maxmemory-policy"))
-        except Exception:
-            log.info("cannot read Redis CONFIG; persistence settings not checked")
-            self.metrics.redis_persistence_ok.set(1)
-            return
-        values = {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in cfg.items()
-        }
-        if values.get("appendonly") != "yes" and not values.get("save"):
-            ok = False
-            log.warning(
-                "Redis persistence is off (appendonly no, no save points): a Redis restart "
-                "loses snapshots and queued deliveries",
-                extra={"action": "redis_not_persistent"},
-            )
-        policy = values.get("maxmemory-policy", "noeviction")
-        if policy != "noeviction":
-            ok = False
-            log.warning(
-                "Redis maxmemory-policy is %s: keys may be evicted; use noeviction",
-                policy,
-                extra={"action": "redis_evicts"},
-            )
-        self.metrics.redis_persistence_ok.set(1 if ok else 0)
+        problems = await persistence_problems(self.redis)
+        for problem in problems:
+            log.warning("%s", problem, extra={"action": "redis_not_durable"})
+        self.metrics.redis_persistence_ok.set(0 if problems else 1)
 
     async def stop(self) -> None:
         """Graceful stop: the loops finish in-flight work within the grace period."""
@@ -197,6 +189,23 @@ class Service:
         if self.embedded is not None:
             await self.embedded.stop()
 
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    async def readiness(self) -> dict[str, str]:
+        """Readiness checks: Redis answers, the API key is accepted, not shutting down."""
+        checks: dict[str, str] = {"config": "ok"}
+        try:
+            await self.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"fail: {type(exc).__name__}"
+        checks["upstream_auth"] = "ok" if self.poller.upstream_auth_ok else "fail: API key rejected"
+        if self.stopping.is_set():
+            checks["shutdown"] = "fail: shutting down"
+        return checks
+
     def alive(self, now: float | None = None) -> tuple[bool, str]:
         """Liveness: loops running and not stuck."""
         if self.crashed:
@@ -204,7 +213,7 @@ class Service:
         now = time.monotonic() if now is None else now
         if not self.tasks:
             return True, "ok"
-        stale = now - self.poller.last_loop_at
+        stale = now - self.scheduler.last_loop_at
         if stale > _STUCK_AFTER_S:
             return False, f"poller loop has not run for {stale:.0f}s"
         stale = now - self.deliverer.last_loop_at
@@ -213,29 +222,36 @@ class Service:
         return True, "ok"
 
 
+# The running bridge with all its parts, for the demo and tests (the HTTP layer
+# sees it only as a `BridgeView`, under `BRIDGE`).
+RUNNING: web.AppKey[Bridge] = web.AppKey("running_bridge", Bridge)
+
+
 def build_app(
     settings: Settings,
     *,
     metrics: Metrics | None = None,
     replica_id: str | None = None,
-    on_started: Callable[[Service], None] | None = None,
+    on_started: Callable[[Bridge], None] | None = None,
 ) -> web.Application:
-    """The aiohttp application: HTTP surface plus the service's lifecycle."""
+    """The aiohttp application: HTTP surface plus the bridge's lifecycle."""
     app = web.Application()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        service = await Service.create(settings, metrics=metrics, replica_id=replica_id)
-        app[SERVICE] = service
+        bridge = await Bridge.create(settings, metrics=metrics, replica_id=replica_id)
+        app[BRIDGE] = bridge
+        app[RUNNING] = bridge
         try:
-            await service.start()
+            await bridge.start()
         except BaseException:
-            await service.close()
+            await bridge.close()
             raise
         if on_started is not None:
-            on_started(service)
+            on_started(bridge)
         yield
-        await service.stop()
+        await bridge.stop()
 
     app.cleanup_ctx.append(lifecycle)
-    add_routes(app, settings)
+    token = settings.admin.token.get_secret_value() if settings.admin.token else None
+    add_routes(app, token)
     return app

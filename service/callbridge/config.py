@@ -8,8 +8,6 @@ a config in one pass.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -29,12 +27,10 @@ from pydantic import (
     model_validator,
 )
 
-from callbridge.constants import (
-    DEFAULT_KEY_PREFIX,
-    DEFAULT_RETRY_SCHEDULE_S,
-    UPSTREAM_MAX_PAGE_SIZE,
-)
+from callbridge.constants import DEFAULT_RETRY_SCHEDULE_S, UPSTREAM_MAX_PAGE_SIZE
 from callbridge.errors import ConfigError
+from callbridge.signing import decode_whsec
+from callbridge.store.keys import DEFAULT_KEY_PREFIX
 
 _VAR = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -131,21 +127,6 @@ class BatchSettings(_Model):
         if not _BATCH_ID.fullmatch(v):
             raise ValueError("must be 1-128 characters of letters, digits, _ . : -")
         return v
-
-
-def decode_whsec(secret: str) -> bytes:
-    """The key bytes of a ``whsec_<base64>`` secret; ValueError when it is not one."""
-    if not secret.startswith("whsec_"):
-        raise ValueError("must be a whsec_<base64> secret")
-    try:
-        key = base64.b64decode(secret[len("whsec_") :], validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(
-            "must be a whsec_<base64> secret (the part after whsec_ is not base64)"
-        ) from None
-    if not 24 <= len(key) <= 64:
-        raise ValueError("must decode to 24-64 bytes of key (whsec_ + base64)")
-    return key
 
 
 class SubscriptionSettings(_Model):

@@ -27,9 +27,9 @@ from callbridge.config import Settings, SubscriptionSettings
 from callbridge.constants import RESPONSE_EXCERPT_BYTES
 from callbridge.errors import excerpt
 from callbridge.metrics import Metrics, status_class
-from callbridge.queue import Claimed, CompletionPolicy, DeliveryQueue, Outcome
 from callbridge.retry import AttemptResult, Decision, classify, failure_reason, parse_retry_after
 from callbridge.signing import signature_headers
+from callbridge.store.queue import Claimed, Completion, CompletionPolicy, DeliveryQueue
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _Sub:
     next_sweep: float = 0.0
     next_depth: float = 0.0
     # Outcomes waiting to be written together (see Deliverer._record).
-    outcomes: list[tuple[Outcome, asyncio.Future[str]]] = field(default_factory=list)
+    outcomes: list[tuple[Completion, asyncio.Future[str]]] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
 
 
@@ -252,7 +252,7 @@ class Deliverer:
             response_excerpt=text,
         )
 
-    async def _record(self, sub: _Sub, outcome: Outcome) -> str:
+    async def _record(self, sub: _Sub, outcome: Completion) -> str:
         """Queue an outcome for the next batched write; returns what applied.
 
         Attempts that finish together (a busy endpoint) share one script call
@@ -302,7 +302,7 @@ class Deliverer:
         }
         applied = await self._record(
             sub,
-            Outcome(
+            Completion(
                 event_id=claimed.event_id,
                 token=self._token,
                 outcome=d.outcome,
@@ -355,7 +355,7 @@ class Deliverer:
 
     async def _release(self, sub: _Sub, event_id: str) -> None:
         with contextlib.suppress(Exception):
-            await self._record(sub, Outcome(event_id, self._token, "release"))
+            await self._record(sub, Completion(event_id, self._token, "release"))
 
     # -- the loops -----------------------------------------------------------------
 

@@ -24,11 +24,10 @@ from typing import Any, TextIO
 import orjson
 from aiohttp import web
 
-from callbridge.app import Service, build_app
+from callbridge.app import RUNNING, Bridge, build_app
 from callbridge.config import Settings, parse_settings
 from callbridge.signing import SignatureError, verify
-from callbridge.simulator import Simulator, SimulatorConfig
-from callbridge.web import SERVICE
+from callbridge.simulator import Simulator, SimulatorConfig, make_app
 
 
 @dataclass
@@ -77,7 +76,7 @@ class DemoReceiver:
         return web.Response(status=204)
 
 
-async def _finished(service: Service, receiver: DemoReceiver) -> bool:
+async def _finished(service: Bridge, receiver: DemoReceiver) -> bool:
     """The batch completed and nothing is left to deliver."""
     if not receiver.done.is_set():
         return False
@@ -140,7 +139,7 @@ async def run_demo(
             loop.add_signal_handler(sig, stop.set)
     with tempfile.TemporaryDirectory(prefix="callbridge-demo-") as data_dir:
         try:
-            sim_runner, sim_port = await _start_site(sim.make_app())
+            sim_runner, sim_port = await _start_site(make_app(sim))
             runners.append(sim_runner)
             hook_runner, hook_port = await _start_site(receiver.app())
             runners.append(hook_runner)
@@ -160,7 +159,7 @@ async def run_demo(
                 bridge = build_app(settings, replica_id="demo")
                 bridge_runner, bridge_port = await _start_site(bridge, 0)
             runners.append(bridge_runner)
-            await bridge[SERVICE].operations.add_batch(batch_id)
+            await bridge[RUNNING].operations.add_batch(batch_id)
             base = f"http://127.0.0.1:{bridge_port}"
             info = {"base_url": base, "admin_token": token, "batch_id": batch_id}
             if on_ready is not None:
@@ -174,7 +173,7 @@ async def run_demo(
             )
             started = time.monotonic()
             last_progress = 0.0
-            service = bridge[SERVICE]
+            service = bridge[RUNNING]
             while not stop.is_set() and not await _finished(service, receiver):
                 if time.monotonic() - started > timeout_s:
                     print("demo timed out", file=out)

@@ -18,8 +18,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -27,7 +25,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from callbridge.aio import wait_any
 from callbridge.config import Settings
 from callbridge.diff import BatchView, CallState, DiffResult, diff, select_candidates
 from callbridge.errors import (
@@ -37,10 +34,10 @@ from callbridge.errors import (
     UpstreamError,
 )
 from callbridge.metrics import Metrics, event_label, status_label
-from callbridge.registry import BatchRegistry
 from callbridge.relay import Relay
-from callbridge.schedule import auth_backoff_s, interval_s, jittered, lifecycle
-from callbridge.store import BatchMeta, SnapshotStore
+from callbridge.schedule import BatchLifecycle, auth_backoff_s, lifecycle
+from callbridge.store.leases import LeaseStore
+from callbridge.store.snapshots import BatchMeta, SnapshotStore
 from callbridge.upstream import RawPage, UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -82,40 +79,39 @@ class BatchRuntime:
 
 
 class Poller:
-    """Schedules and runs poll cycles for the batches this replica owns."""
+    """Runs poll cycles of batches; holds what this replica knows of each (`BatchRuntime`).
+
+    Which batch is polled when is the `Scheduler`'s business; `poll_once` is the
+    whole cycle of one batch.
+    """
 
     def __init__(
         self,
         settings: Settings,
         store: SnapshotStore,
-        registry: BatchRegistry,
+        leases: LeaseStore,
         upstream: UpstreamClient,
         relay: Relay,
         metrics: Metrics,
         *,
         replica_id: str,
-        rng: random.Random | None = None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._settings = settings
         self._p = settings.poller
         self._store = store
-        self._registry = registry
+        self._leases = leases
         self._upstream = upstream
         self._relay = relay
         self._metrics = metrics
         self.replica_id = replica_id
-        self._rng = rng or random.Random()
         self._wall_ms = wall_ms
         self._monotonic = monotonic
-        self._batches: dict[str, BatchRuntime] = {}
-        self._ttl_ms = int(self._p.lease_ttl_seconds * 1000)
+        self.batches: dict[str, BatchRuntime] = {}
+        self.ttl_ms = int(self._p.lease_ttl_seconds * 1000)
         self._auth_failures = 0
-        self._auth_paused_until = 0.0
-        self._wake = asyncio.Event()
-        self._resync = False
-        self.last_loop_at = monotonic()
+        # Monotonic time before which no batch is polled (the API key was rejected).
+        self.auth_paused_until = 0.0
 
     # -- state for health and admin ------------------------------------------
 
@@ -124,33 +120,45 @@ class Poller:
         return self._auth_failures == 0
 
     def owned(self) -> list[str]:
-        return sorted(b for b, rt in self._batches.items() if rt.token is not None)
+        return sorted(b for b, rt in self.batches.items() if rt.token is not None)
 
     def runtime(self, batch_id: str) -> BatchRuntime | None:
-        return self._batches.get(batch_id)
+        return self.batches.get(batch_id)
 
-    def lifecycle_of(self, meta: BatchMeta, not_found: bool = False) -> str:
+    def lifecycle_of(self, rt: BatchRuntime) -> BatchLifecycle:
         return lifecycle(
-            completed=meta.completed,
-            last_change_ms=meta.last_change_ms,
-            not_found=not_found,
+            completed=rt.meta.completed,
+            last_change_ms=rt.meta.last_change_ms,
+            not_found=rt.not_found,
             now_ms=self._wall_ms(),
             settings=self._p,
         )
 
-    def wake(self) -> None:
-        """Re-read the registry now (a batch was added or removed)."""
-        self._resync = True
-        self._wake.set()
+    async def release(self, rt: BatchRuntime) -> None:
+        """Hand a lease back so another replica can take it at once, and drop the cache.
+
+        Best effort: a lease we fail to delete still expires after its TTL.
+        """
+        if rt.token is not None:
+            with contextlib.suppress(Exception):
+                await self._leases.release(rt.batch_id, rt.token)
+        rt.token = None
+        rt.drop_cache()
+
+    async def release_all(self) -> None:
+        """Hand every held lease back so other replicas take over at once."""
+        for rt in self.batches.values():
+            await self.release(rt)
+        self._metrics.leases_held.set(0)
 
     # -- one cycle ---------------------------------------------------------------
 
     async def poll_once(self, batch_id: str, *, backfill: bool | None = None) -> PollOutcome:
         """Poll one batch now: scan, diff, commit, fan out. Safe to call from tests."""
-        rt = self._batches.get(batch_id)
+        rt = self.batches.get(batch_id)
         if rt is None:
             rt = BatchRuntime(batch_id, self._p.backfill if backfill is None else backfill)
-            self._batches[batch_id] = rt
+            self.batches[batch_id] = rt
         started = time.perf_counter()
         try:
             outcome = await self._cycle(rt)
@@ -226,7 +234,7 @@ class Poller:
             batch_id,
             token=rt.token,
             expected_version=rt.meta.version,
-            lease_ttl_ms=self._ttl_ms,
+            lease_ttl_ms=self.ttl_ms,
             states=result.states,
             events=result.events,
             timeline=result.timeline,
@@ -290,7 +298,7 @@ class Poller:
                 rt.batch_id,
                 token=rt.token,
                 expected_version=rt.meta.version,
-                lease_ttl_ms=self._ttl_ms,
+                lease_ttl_ms=self.ttl_ms,
                 states={},
                 events=[],
                 timeline=[],
@@ -303,7 +311,7 @@ class Poller:
 
     async def _ensure_lease(self, rt: BatchRuntime) -> bool:
         if rt.token is not None:
-            if await self._store.renew_lease(rt.batch_id, rt.token, self._ttl_ms):
+            if await self._leases.renew(rt.batch_id, rt.token, self.ttl_ms):
                 return True
             log.warning(
                 "lease on batch %s expired; reloading it",
@@ -313,7 +321,7 @@ class Poller:
             rt.token = None
             rt.drop_cache()
         token = f"{self.replica_id}:{uuid.uuid4().hex[:12]}"
-        if await self._store.acquire_lease(rt.batch_id, token, self._ttl_ms):
+        if await self._leases.acquire(rt.batch_id, token, self.ttl_ms):
             rt.token = token
             rt.drop_cache()
             log.info(
@@ -327,7 +335,7 @@ class Poller:
     def _on_auth_failure(self, exc: UpstreamAuthError) -> None:
         self._auth_failures += 1
         pause = auth_backoff_s(self._auth_failures, self._p)
-        self._auth_paused_until = self._monotonic() + pause
+        self.auth_paused_until = self._monotonic() + pause
         log.error(
             "upstream rejected the API key; all polling paused for %.0fs: %s",
             pause,
@@ -339,200 +347,4 @@ class Poller:
         if self._auth_failures:
             log.info("upstream accepts the API key again", extra={"action": "upstream_auth_ok"})
         self._auth_failures = 0
-        self._auth_paused_until = 0.0
-
-    # -- the loop ------------------------------------------------------------------
-
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Poll due batches until `stopping` is set, then finish running cycles."""
-        sem = asyncio.Semaphore(self._p.max_concurrent_batches)
-        next_sync = 0.0
-        sync_every = max(1.0, self._p.lease_ttl_seconds / 3)
-        try:
-            while not stopping.is_set():
-                now = self._monotonic()
-                self.last_loop_at = now
-                if now >= next_sync or self._resync:
-                    self._resync = False
-                    await self._sync(now)
-                    next_sync = now + sync_every
-                if now >= self._auth_paused_until:
-                    share = await self._fair_share()
-                    # Active batches first: when the request budget or the
-                    # concurrency is short, lingering and missing ones wait.
-                    for rt in sorted(self._batches.values(), key=self._schedule_key):
-                        if rt.task is not None or rt.retired or rt.next_due > now:
-                            continue
-                        if rt.token is None and len(self.owned()) >= share:
-                            # Another replica's share: look again at the next sync,
-                            # not on every loop turn.
-                            rt.next_due = now + sync_every
-                            continue
-                        rt.task = asyncio.create_task(self._run_cycle(rt, sem))
-                wake_at = min(
-                    [next_sync, self._auth_paused_until or math.inf]
-                    + [r.next_due for r in self._batches.values() if r.task is None]
-                )
-                timeout = min(max(0.01, wake_at - self._monotonic()), 1.0)
-                self._wake.clear()
-                await wait_any(stopping, self._wake, within_s=timeout)
-        finally:
-            await self._stop_cycles()
-
-    async def _run_cycle(self, rt: BatchRuntime, sem: asyncio.Semaphore) -> None:
-        try:
-            async with sem:
-                now = self._monotonic()
-                if rt.last_started is not None:
-                    self._metrics.poll_interval.labels(rt.batch_id).set(now - rt.last_started)
-                rt.last_started = now
-                try:
-                    outcome = await self.poll_once(rt.batch_id)
-                except Exception:
-                    # Redis down, a bug: log it and keep every other batch going.
-                    log.exception(
-                        "poll cycle of batch %s crashed",
-                        rt.batch_id,
-                        extra={"action": "poll_crashed", "batch_id": rt.batch_id},
-                    )
-                    outcome = "failed"
-                # Timed from the cycle's start, so the period is the interval and
-                # not the interval plus however long the scan took.
-                rt.next_due = max(self._monotonic(), now + self._next_interval(rt, outcome))
-                if rt.retired:
-                    await self._retire(rt)
-        finally:
-            rt.task = None
-
-    def _schedule_key(self, rt: BatchRuntime) -> tuple[int, float]:
-        state = self.lifecycle_of(rt.meta, rt.not_found)
-        return (_PRIORITY.get(state, 3), rt.next_due)
-
-    def _next_interval(self, rt: BatchRuntime, outcome: PollOutcome) -> float:
-        p = self._p
-        if outcome == "not_owner":
-            return jittered(p.lease_ttl_seconds / 3, p.jitter_ratio, self._rng)
-        state = lifecycle(
-            completed=rt.meta.completed,
-            last_change_ms=rt.meta.last_change_ms,
-            not_found=rt.not_found,
-            now_ms=self._wall_ms(),
-            settings=p,
-        )
-        seconds = interval_s(state, p)
-        if seconds is None:
-            log.info(
-                "batch %s retired after lingering %.0fs without change",
-                rt.batch_id,
-                p.linger_seconds,
-                extra={"action": "batch_retired", "batch_id": rt.batch_id},
-            )
-            rt.retired = True
-            return math.inf
-        return jittered(seconds, p.jitter_ratio, self._rng)
-
-    async def _sync(self, now: float) -> None:
-        """Heartbeat, renew held leases, follow the registry."""
-        try:
-            await self._store.heartbeat(self.replica_id, self._wall_ms(), self._ttl_ms)
-            registered = await self._registry.all()
-        except Exception:
-            log.exception("cannot reach Redis to sync batches", extra={"action": "sync_failed"})
-            return
-        registered = {b: r for b, r in registered.items() if not r.retired}
-        for batch_id, reg in registered.items():
-            if batch_id not in self._batches:
-                backfill = self._p.backfill if reg.backfill is None else reg.backfill
-                self._batches[batch_id] = BatchRuntime(batch_id, backfill, next_due=now)
-        for batch_id in list(self._batches):
-            rt = self._batches[batch_id]
-            if batch_id not in registered:
-                if rt.task is None:
-                    await self._forget(rt)
-                continue
-            if rt.token is not None and rt.task is None:
-                with contextlib.suppress(Exception):
-                    if not await self._store.renew_lease(batch_id, rt.token, self._ttl_ms):
-                        rt.token = None
-                        rt.drop_cache()
-        await self._rebalance()
-        self._metrics.leases_held.set(len(self.owned()))
-
-    async def _rebalance(self) -> None:
-        """Hand back batches beyond our fair share, so new replicas get work.
-
-        Each replica owns at most ceil(batches / live replicas); the others pick up
-        what is released on their next loop. Idle batches go first.
-        """
-        excess = len(self.owned()) - await self._fair_share()
-        if excess <= 0:
-            return
-        idle = [rt for rt in self._batches.values() if rt.token is not None and rt.task is None]
-        for rt in sorted(idle, key=lambda r: r.next_due, reverse=True)[:excess]:
-            await self._release(rt)
-            log.info(
-                "released batch %s to rebalance across replicas",
-                rt.batch_id,
-                extra={"action": "lease_released", "batch_id": rt.batch_id},
-            )
-
-    async def _fair_share(self) -> int:
-        """How many batches this replica may own: an even split over live replicas."""
-        try:
-            alive = await self._store.live_replicas(self._wall_ms(), self._ttl_ms)
-        except Exception:
-            return len(self._batches)
-        active = [r for r in self._batches.values() if not r.retired]
-        return max(1, math.ceil(len(active) / max(1, alive)))
-
-    async def _retire(self, rt: BatchRuntime) -> None:
-        """Nothing polls the batch any more: it should cost nothing from now on.
-
-        The registry keeps a tombstone (so no replica or restart picks it up again),
-        its state in Redis expires after `retired_retention_seconds` (the timeline
-        stays inspectable until then), and this replica drops its lease, cache and
-        metric series.
-        """
-        with contextlib.suppress(Exception):
-            await self._registry.retire(rt.batch_id)
-            await self._store.expire_batch(
-                rt.batch_id, int(self._p.retired_retention_seconds * 1000)
-            )
-        await self._release(rt)
-        self._batches.pop(rt.batch_id, None)
-        self._metrics.forget_batch(rt.batch_id)
-
-    async def _forget(self, rt: BatchRuntime) -> None:
-        self._batches.pop(rt.batch_id, None)
-        await self._release(rt)
-
-    async def _release(self, rt: BatchRuntime) -> None:
-        """Hand a lease back so another replica can take it at once, and drop the cache.
-
-        Best effort: a lease we fail to delete still expires after its TTL.
-        """
-        if rt.token is not None:
-            with contextlib.suppress(Exception):
-                await self._store.release_lease(rt.batch_id, rt.token)
-        rt.token = None
-        rt.drop_cache()
-
-    async def _stop_cycles(self) -> None:
-        tasks = [rt.task for rt in self._batches.values() if rt.task is not None]
-        if tasks:
-            # A cycle either commits as a whole or not at all; let running ones end.
-            _, pending = await asyncio.wait(
-                tasks, timeout=self._settings.server.shutdown_grace_seconds
-            )
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    async def release_all(self) -> None:
-        """Hand every held lease back so other replicas take over at once."""
-        for rt in self._batches.values():
-            await self._release(rt)
-        self._metrics.leases_held.set(0)
-
-
-_PRIORITY = {"active": 0, "lingering": 1, "not_found": 2}
+        self.auth_paused_until = 0.0

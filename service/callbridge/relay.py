@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 from callbridge.config import SubscriptionSettings
 from callbridge.models import Event
-from callbridge.queue import DeliveryQueue
-from callbridge.store import SnapshotStore
+from callbridge.store.queue import DeliveryQueue
+from callbridge.store.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
 

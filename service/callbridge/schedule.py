@@ -15,7 +15,7 @@ from typing import Literal
 
 from callbridge.config import PollerSettings
 
-Lifecycle = Literal["active", "lingering", "retired", "not_found"]
+BatchLifecycle = Literal["active", "lingering", "retired", "not_found"]
 
 
 def lifecycle(
@@ -25,7 +25,7 @@ def lifecycle(
     not_found: bool,
     now_ms: int,
     settings: PollerSettings,
-) -> Lifecycle:
+) -> BatchLifecycle:
     if not_found:
         return "not_found"
     if not completed:
@@ -38,7 +38,7 @@ def lifecycle(
     return "retired"
 
 
-def interval_s(state: Lifecycle, settings: PollerSettings) -> float | None:
+def interval_s(state: BatchLifecycle, settings: PollerSettings) -> float | None:
     """Seconds until the next poll; None when the batch is not polled any more."""
     if state == "active":
         return settings.interval_seconds

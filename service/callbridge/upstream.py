@@ -46,8 +46,8 @@ from callbridge.errors import (
 )
 from callbridge.metrics import Metrics
 from callbridge.models import CallsPage
-from callbridge.ratelimit import RateLimiter
 from callbridge.retry import parse_retry_after
+from callbridge.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from callbridge.app import Service
-from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.app import Bridge
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
 from tests.conftest import API_KEY, make_settings
 
 RATE = 40
@@ -36,18 +36,18 @@ async def test_two_replicas_share_one_budget_including_retries(
             faults=FaultConfig(server_error_ratio=0.3),
         )
     )
-    server = await aiohttp_server(sim.make_app())
+    server = await aiohttp_server(make_app(sim))
     settings = make_settings(
         str(server.make_url("")),
         redis_url,
         batches=sim.batch_ids,
         upstream={"max_requests_per_second": RATE, "page_size": 10, "max_attempts": 4},
     )
-    replicas = [await Service.create(settings, replica_id=f"r{i}") for i in range(2)]
+    replicas = [await Bridge.create(settings, replica_id=f"r{i}") for i in range(2)]
     try:
         deadline = time.monotonic() + 2.0
 
-        async def hammer(svc: Service, batches: list[str]) -> None:
+        async def hammer(svc: Bridge, batches: list[str]) -> None:
             while time.monotonic() < deadline:
                 for b in batches:
                     await svc.poller.poll_once(b)

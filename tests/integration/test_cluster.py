@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from callbridge.app import Service
-from callbridge.simulator import Simulator, SimulatorConfig
+from callbridge.app import Bridge
+from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from tests.conftest import API_KEY, SECRET, make_settings
 from tests.receivers import Receiver
 
@@ -14,7 +14,7 @@ async def test_poll_commit_fan_out_deliver_on_cluster(
     cluster_url: str, aiohttp_server: Any
 ) -> None:
     sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=2, batches=3, calls_per_batch=15))
-    upstream = await aiohttp_server(sim.make_app())
+    upstream = await aiohttp_server(make_app(sim))
     receivers = [Receiver(), Receiver()]
     hooks = [await aiohttp_server(r.app()) for r in receivers]
     settings = make_settings(
@@ -29,7 +29,7 @@ async def test_poll_commit_fan_out_deliver_on_cluster(
         redis={"key_prefix": "cbtest"},
     )
     assert settings.redis.use_cluster
-    svc = await Service.create(settings, replica_id="cluster")
+    svc = await Bridge.create(settings, replica_id="cluster")
     try:
         await svc.registry.register_config(settings.batches)
         for _ in range(200):

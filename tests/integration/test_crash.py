@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from callbridge.models import TERMINAL_STATUSES
-from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
 from tests.bridge import (
     check_consistency,
     final_statuses_delivered,
@@ -39,7 +39,7 @@ async def test_sigkill_at_random_points_loses_nothing(
             faults=FaultConfig(shift_ratio=0.05, server_error_ratio=0.02),
         )
     )
-    upstream = await aiohttp_server(sim.make_app())
+    upstream = await aiohttp_server(make_app(sim))
     receiver = Receiver()
     receiver.answers.extend([500, 500, 503])  # a few failed attempts to retry across crashes
     hook = await aiohttp_server(receiver.app())

@@ -15,11 +15,11 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from callbridge.config import Settings
-from callbridge.constants import Keys
 from callbridge.delivery import Deliverer
 from callbridge.metrics import Metrics
 from callbridge.models import Event
-from callbridge.queue import CompletionPolicy, DeliveryQueue, Outcome
+from callbridge.store.keys import Keys
+from callbridge.store.queue import Completion, CompletionPolicy, DeliveryQueue
 from tests.conftest import OLD_SECRET, SECRET, make_settings
 from tests.receivers import Receiver
 
@@ -273,7 +273,7 @@ async def test_expired_claim_is_reclaimed_and_stale_outcome_ignored(make_rig: Ma
         retention_ms=1000, dead_retention_ms=1000, breaker_threshold=1, cooloff_ms=1,
         cooloff_max_ms=1,
     )  # fmt: skip
-    [outcome] = await rig.queue.complete("crm", [Outcome("evt_c1_1", "dead", "dead")], policy)
+    [outcome] = await rig.queue.complete("crm", [Completion("evt_c1_1", "dead", "dead")], policy)
     assert outcome == "stale"
     record = await rig.queue.record("crm", "evt_c1_1")
     assert record is not None

@@ -37,9 +37,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from callbridge.app import Service, build_app
-from callbridge.simulator import Simulator, SimulatorConfig
-from callbridge.web import SERVICE
+from callbridge.app import RUNNING, Bridge, build_app
+from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from tests.conftest import API_KEY, SECRET, make_settings
 from tests.receivers import Receiver
 
@@ -58,7 +57,7 @@ POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.Generati
 
 def document() -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(
-        resources.files("callbridge").joinpath("openapi.json").read_text()
+        resources.files("callbridge.api").joinpath("openapi.json").read_text()
     )
     return doc
 
@@ -154,7 +153,7 @@ async def live(
 ) -> tuple[str, Simulator, Any]:
     """The bridge on a real port, with polled batches, deliveries and dead letters."""
     sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=5, batches=2, calls_per_batch=10))
-    upstream = await aiohttp_server(sim.make_app())
+    upstream = await aiohttp_server(make_app(sim))
     receiver, failing = Receiver(), Receiver(default=500)
     hook = await aiohttp_server(receiver.app())
     failing_hook = await aiohttp_server(failing.app())
@@ -177,7 +176,7 @@ async def live(
     )
     # Seed Redis with a replica that runs no loops, so the work is done when drain returns;
     # the served app then starts on that state.
-    seeder = await Service.create(settings, replica_id="seed")
+    seeder = await Bridge.create(settings, replica_id="seed")
     try:
         sim.advance(5)
         for batch_id in sim.batch_ids:
@@ -187,7 +186,7 @@ async def live(
         await seeder.stop()
     assert receiver.delivered, "setup: nothing delivered to crm"
     server = await aiohttp_server(build_app(settings, replica_id="t"))
-    svc = server.app[SERVICE]
+    svc = server.app[RUNNING]
     assert await svc.operations.dead_letters("flaky"), "setup: no dead letters"
     return str(server.make_url("")).rstrip("/"), sim, svc
 

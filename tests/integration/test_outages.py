@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from callbridge.app import Service
-from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.app import Bridge
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
 from tests.bridge import (
     check_consistency,
     final_statuses_delivered,
@@ -32,7 +32,7 @@ async def test_redis_restart_mid_run_loses_nothing(tmp_path: Path, aiohttp_serve
     sim = Simulator(
         SimulatorConfig(api_key=API_KEY, seed=21, batches=2, calls_per_batch=40, concurrency=5)
     )
-    upstream = await aiohttp_server(sim.make_app())
+    upstream = await aiohttp_server(make_app(sim))
     receiver = Receiver()
     hook = await aiohttp_server(receiver.app())
     path = write_config(
@@ -74,7 +74,7 @@ async def test_subscriber_down_for_long_then_back_gets_everything(
     redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:
     sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=3, batches=2, calls_per_batch=20))
-    upstream = await aiohttp_server(sim.make_app())
+    upstream = await aiohttp_server(make_app(sim))
     receiver = Receiver(default=500)
     hook = await aiohttp_server(receiver.app())
     settings = make_settings(
@@ -92,7 +92,7 @@ async def test_subscriber_down_for_long_then_back_gets_everything(
         ],
         delivery={"breaker_failure_threshold": 3, "breaker_cooloff_seconds": 3600},
     )
-    svc = await Service.create(settings, replica_id="t")
+    svc = await Bridge.create(settings, replica_id="t")
     try:
         while not sim.is_finished():
             for b in sim.batch_ids:
@@ -133,7 +133,7 @@ async def test_upstream_misbehaving_then_recovering(
     redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:
     sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=17, batches=2, calls_per_batch=25))
-    upstream = await aiohttp_server(sim.make_app())
+    upstream = await aiohttp_server(make_app(sim))
     receiver = Receiver()
     hook = await aiohttp_server(receiver.app())
     settings = make_settings(
@@ -152,7 +152,7 @@ async def test_upstream_misbehaving_then_recovering(
         FaultConfig(shift_ratio=0.5),
         FaultConfig(),
     ]
-    svc = await Service.create(settings, replica_id="t")
+    svc = await Bridge.create(settings, replica_id="t")
     try:
         step = 0
         while not sim.is_finished() or step < 3 * len(phases):

@@ -12,30 +12,30 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
-from callbridge.app import Service
+from callbridge.app import Bridge
 from callbridge.config import Settings
-from callbridge.constants import Keys
 from callbridge.metrics import _POLL_OUTCOMES
 from callbridge.models import TERMINAL_STATUSES
 from callbridge.poller import BatchRuntime, PollOutcome
-from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
+from callbridge.store.keys import Keys
 from tests.conftest import API_KEY, SECRET, make_settings
 from tests.receivers import Receiver
 
-MakeService = Callable[..., Awaitable[tuple[Service, Simulator, Receiver]]]
+MakeService = Callable[..., Awaitable[tuple[Bridge, Simulator, Receiver]]]
 
 
 @pytest.fixture
 async def make_service(
     redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> AsyncIterator[MakeService]:
-    services: list[Service] = []
+    services: list[Bridge] = []
 
     async def build(
         sim_config: SimulatorConfig, *, events: list[str] | None = None, **sections: Any
-    ) -> tuple[Service, Simulator, Receiver]:
+    ) -> tuple[Bridge, Simulator, Receiver]:
         sim = Simulator(sim_config)
-        upstream = await aiohttp_server(sim.make_app())
+        upstream = await aiohttp_server(make_app(sim))
         receiver = Receiver()
         hook = await aiohttp_server(receiver.app())
         settings: Settings = make_settings(
@@ -53,7 +53,7 @@ async def make_service(
             ],
             **sections,
         )
-        svc = await Service.create(settings, replica_id="test")
+        svc = await Bridge.create(settings, replica_id="test")
         await svc.registry.register_config(settings.batches)
         services.append(svc)
         return svc, sim, receiver
@@ -63,7 +63,7 @@ async def make_service(
         await svc.close()
 
 
-async def poll_all(svc: Service, sim: Simulator) -> None:
+async def poll_all(svc: Bridge, sim: Simulator) -> None:
     for batch_id in sim.batch_ids:
         await svc.poller.poll_once(batch_id)
 
@@ -255,7 +255,7 @@ async def test_batch_completed_once_per_completion(make_service: MakeService) ->
     assert dict(delivered) == truth
 
 
-async def run_until_retired(svc: Service, sim: Simulator) -> BatchRuntime:
+async def run_until_retired(svc: Bridge, sim: Simulator) -> BatchRuntime:
     """Play the batch to its end, age it past quiet + linger, run its next cycle."""
     batch = sim.batch_ids[0]
     while not sim.is_finished():
@@ -268,7 +268,7 @@ async def run_until_retired(svc: Service, sim: Simulator) -> BatchRuntime:
     assert rt.token is not None
     # Quiet for longer than quiet period + linger: the next scheduled cycle retires it.
     rt.meta.last_change_ms = 0
-    await svc.poller._run_cycle(rt, asyncio.Semaphore(1))
+    await svc.scheduler.run_cycle(rt, asyncio.Semaphore(1))
     return rt
 
 
@@ -280,7 +280,7 @@ async def test_retired_batch_frees_lease_cache_and_series(make_service: MakeServ
     assert rt.retired
     assert rt.token is None
     assert rt.states is None
-    assert await svc.store.lease_owner(batch) is None
+    assert await svc.leases.owner(batch) is None
     text = generate_latest(svc.metrics.registry).decode()
     assert f'batch="{batch}"' not in text
 

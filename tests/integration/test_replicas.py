@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from callbridge.constants import Keys
-from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
+from callbridge.store.keys import Keys
 from tests.bridge import (
     check_consistency,
     final_statuses_delivered,
@@ -41,7 +41,7 @@ async def test_three_replicas_with_random_kills(
             faults=FaultConfig(shift_ratio=0.03),
         )
     )
-    upstream = await aiohttp_server(sim.make_app())
+    upstream = await aiohttp_server(make_app(sim))
     receiver = Receiver()
     hook = await aiohttp_server(receiver.app())
     path = write_config(

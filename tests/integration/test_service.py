@@ -16,10 +16,9 @@ import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from callbridge.app import build_app
+from callbridge.app import RUNNING, build_app
 from callbridge.config import Settings
-from callbridge.simulator import Simulator, SimulatorConfig
-from callbridge.web import SERVICE
+from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from tests.conftest import API_KEY, SECRET, free_port, make_settings
 from tests.receivers import Receiver
 
@@ -54,7 +53,7 @@ async def running(
     redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any, aiohttp_client: Any
 ) -> tuple[TestClient[Any, Any], Simulator, Receiver, Settings]:
     sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=5, calls_per_batch=10))
-    upstream = await aiohttp_server(sim.make_app())
+    upstream = await aiohttp_server(make_app(sim))
     receiver = Receiver()
     hook = await aiohttp_server(receiver.app())
     settings = make_settings(
@@ -77,7 +76,7 @@ async def test_health_ready_and_metrics(running: Any) -> None:
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 200, await ready.text()
-    svc = client.app[SERVICE]
+    svc = client.app[RUNNING]
     await svc.poller.poll_once(sim.batch_ids[0])
     sim.advance(5)
     await svc.poller.poll_once(sim.batch_ids[0])
@@ -129,7 +128,7 @@ async def test_sigterm_drains_and_exits_zero(
     tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:
     sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=9, calls_per_batch=20))
-    upstream = await aiohttp_server(sim.make_app())
+    upstream = await aiohttp_server(make_app(sim))
     receiver = Receiver()
     hook = await aiohttp_server(receiver.app())
     port = free_port()
@@ -155,7 +154,7 @@ async def test_sigterm_drains_and_exits_zero(
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, out.decode()[-2000:]
     # Nothing stuck in flight, nothing lost: what is left is due for the next start.
-    from callbridge.constants import Keys
+    from callbridge.store.keys import Keys
 
     assert await redis_client.zcard(Keys().inflight("crm")) == 0
     lease = await redis_client.get(Keys().lease(sim.batch_ids[0]))
@@ -164,7 +163,7 @@ async def test_sigterm_drains_and_exits_zero(
 
 async def test_redis_durability_is_checked(running: Any, redis_client: aioredis.Redis) -> None:
     client, _, _, _ = running
-    svc = client.app[SERVICE]
+    svc = client.app[RUNNING]
     assert svc.metrics.redis_persistence_ok._value.get() == 1
     await redis_client.config_set("maxmemory-policy", "allkeys-lru")
     try:
@@ -176,7 +175,7 @@ async def test_redis_durability_is_checked(running: Any, redis_client: aioredis.
 
 async def test_liveness_fails_when_a_loop_is_stuck(running: Any) -> None:
     client, _, _, _ = running
-    svc = client.app[SERVICE]
+    svc = client.app[RUNNING]
     assert svc.alive() == (True, "ok")
     ok, why = svc.alive(now=time.monotonic() + 120)
     assert not ok

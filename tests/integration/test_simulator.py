@@ -27,6 +27,7 @@ from callbridge.simulator import (
     FaultConfig,
     Simulator,
     SimulatorConfig,
+    make_app,
     serve,
 )
 
@@ -146,7 +147,7 @@ def sim() -> Simulator:
 
 @pytest.fixture
 async def client(aiohttp_client: AiohttpClient, sim: Simulator) -> Client:
-    return await aiohttp_client(sim.make_app())
+    return await aiohttp_client(make_app(sim))
 
 
 # -- envelope and items -----------------------------------------------------------
@@ -203,7 +204,7 @@ async def test_pagination_default_limit_cap_and_past_the_end(
 ) -> None:
     sim = Simulator(SimulatorConfig(batches=0))
     sim.add_batch("sched_big", 1234)
-    client = await aiohttp_client(sim.make_app())
+    client = await aiohttp_client(make_app(sim))
 
     _, first = await get_page(client, "sched_big")
     data = first["data"]
@@ -373,7 +374,7 @@ async def test_http_traffic_and_faults_do_not_change_the_world(
 ) -> None:
     config = SimulatorConfig(calls_per_batch=30, seed=5)
     quiet, busy = Simulator(config), Simulator(config)
-    client = await aiohttp_client(busy.make_app())
+    client = await aiohttp_client(make_app(busy))
     busy.faults = FaultConfig(rate_limit_ratio=0.3, malformed_ratio=0.3, shift_ratio=0.5)
     for _ in range(40):
         quiet.advance()

@@ -20,7 +20,7 @@ from callbridge.errors import (
     UpstreamServerError,
 )
 from callbridge.metrics import Metrics
-from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
 from callbridge.upstream import UpstreamClient
 from tests.conftest import API_KEY
 
@@ -76,7 +76,7 @@ def make_client(
 
 async def sim_server(aiohttp_server: Any, **kw: Any) -> tuple[Simulator, str]:
     sim = Simulator(SimulatorConfig(api_key=API_KEY, calls_per_batch=25, **kw))
-    server = await aiohttp_server(sim.make_app())
+    server = await aiohttp_server(make_app(sim))
     return sim, str(server.make_url(""))
 
 

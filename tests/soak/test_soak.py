@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from callbridge.constants import Keys
-from callbridge.registry import BatchRegistry
-from callbridge.simulator import Simulator, SimulatorConfig
+from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from callbridge.store.keys import Keys
+from callbridge.store.registry import BatchRegistry
 from tests.bridge import start_bridge, write_config
 from tests.conftest import API_KEY
 
@@ -62,7 +62,7 @@ async def test_soak_one_replica_memory_flat(
             api_key=API_KEY, seed=99, batches=pool, calls_per_batch=1000, concurrency=250
         )
     )
-    upstream = await aiohttp_server(sim.make_app())
+    upstream = await aiohttp_server(make_app(sim))
     receiver = CountingReceiver()
     hook = await aiohttp_server(receiver.app())
     path = write_config(

@@ -22,8 +22,6 @@ import asyncio
 import hmac
 import random
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
@@ -34,88 +32,15 @@ from callbridge.constants import (
     UPSTREAM_DEFAULT_PAGE_SIZE,
     UPSTREAM_MAX_PAGE_SIZE,
 )
+from callbridge.simulator.world import Simulator
 
-if TYPE_CHECKING:
-    from callbridge.simulator import Simulator
-
-__all__ = ["MALFORMED_KINDS", "SERVER_ERROR_STATUSES", "FaultConfig", "build_app"]
-
-# Every way the malformed fault can break a 200 body.
-MALFORMED_KINDS: tuple[str, ...] = (
-    "truncated",  # the valid body cut in half
-    "html",  # a maintenance page served with 200
-    "no_data",  # the envelope with "data": null
-    "items_not_list",  # "items" is an object wrapping the list
-    "missing_fields",  # "data" lacks total and has_more
-    "empty",  # zero-length body
-    "not_an_object",  # a bare JSON array of items
-)
-SERVER_ERROR_STATUSES: tuple[int, ...] = (500, 502, 503)
+__all__ = ["make_app"]
 
 JSON_CONTENT_TYPE = "application/json"
 MESSAGE_OK = "Batch calls fetched successfully"
 MAX_SHIFT_ITEMS = 3
 # Twelve digits is far beyond any real page number and keeps int() cheap.
 _INTEGER = re.compile(r"[+-]?[0-9]{1,12}")
-
-
-@dataclass(frozen=True)
-class FaultConfig:
-    """Faults the simulator injects into List Batch Calls responses; all off by default.
-
-    Ratios are per-request probabilities drawn from a seeded RNG kept apart from
-    the world's, so injecting faults never changes the calls' lifecycle.
-
-    * ``rate_limit_ratio``: 429, ``Retry-After: <retry_after_seconds>`` (an integer
-      when whole, else a decimal such as ``0.1``) and a RATE_LIMITED envelope.
-    * ``server_error_ratio``: a status drawn from ``server_error_statuses``; 500 and
-      503 carry an error envelope, 502 an HTML page as a reverse proxy sends it.
-    * ``slow_ratio``: the response is delayed by ``slow_seconds`` and then answered
-      as usual (possibly with another fault).
-    * ``malformed_ratio``: a 200 whose body is not the documented envelope, of a kind
-      drawn from ``malformed_kinds`` (see ``MALFORMED_KINDS``).
-    * ``shift_ratio``: the page is served as if 1-3 items had been inserted before it
-      (the scan sees duplicates across pages) or removed before it (the scan misses
-      items), with ``total`` and ``has_more`` consistent with that shifted list. The
-      world is not changed, so the next unshifted scan sees everything.
-    * ``auth_fail``: every request gets the documented 401, whatever its key.
-    """
-
-    rate_limit_ratio: float = 0.0
-    retry_after_seconds: float = 1.0
-    server_error_ratio: float = 0.0
-    slow_ratio: float = 0.0
-    slow_seconds: float = 2.0
-    malformed_ratio: float = 0.0
-    shift_ratio: float = 0.0
-    auth_fail: bool = False
-    server_error_statuses: tuple[int, ...] = SERVER_ERROR_STATUSES
-    malformed_kinds: tuple[str, ...] = MALFORMED_KINDS
-
-    def __post_init__(self) -> None:
-        for name in (
-            "rate_limit_ratio",
-            "server_error_ratio",
-            "slow_ratio",
-            "malformed_ratio",
-            "shift_ratio",
-        ):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"FaultConfig.{name} must be between 0 and 1, got {value!r}")
-        if self.retry_after_seconds < 0 or self.slow_seconds < 0:
-            raise ValueError("FaultConfig.retry_after_seconds and slow_seconds must be >= 0")
-        if not self.server_error_statuses or not set(self.server_error_statuses) <= set(
-            SERVER_ERROR_STATUSES
-        ):
-            raise ValueError(
-                f"FaultConfig.server_error_statuses must be a non-empty subset of "
-                f"{SERVER_ERROR_STATUSES}"
-            )
-        if not self.malformed_kinds or not set(self.malformed_kinds) <= set(MALFORMED_KINDS):
-            raise ValueError(
-                f"FaultConfig.malformed_kinds must be a non-empty subset of {MALFORMED_KINDS}"
-            )
 
 
 def _envelope(status: int, message: str, code: str, details: list[str]) -> bytes:
@@ -306,8 +231,8 @@ def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> we
     return web.Response(status=status, body=body, content_type=JSON_CONTENT_TYPE, headers=headers)
 
 
-def build_app(simulator: Simulator) -> web.Application:
-    """The aiohttp app serving `simulator`; see `Simulator.make_app`."""
+def make_app(simulator: Simulator) -> web.Application:
+    """The List Batch Calls API over `simulator`, plus ``GET /healthz``; no background task."""
     api = _CallsApi(simulator)
 
     @web.middleware

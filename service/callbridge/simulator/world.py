@@ -1,15 +1,4 @@
-"""A deterministic, fast simulator of the call platform's List Batch Calls API.
-
-A product feature (``callbridge simulate``, demos, local development, users' own
-integration tests), so it answers exactly as the API documents, field for field.
-Time moves only through `Simulator.advance`, or every ``step_seconds`` under `serve`.
-
-The simulator is split by concept:
-
-* ``simulator`` (here): configuration, the `Simulator` facade and standalone `serve`;
-* ``simulator_lifecycle``: the rules moving calls from pending to an ending;
-* ``simulator_calls``: the call store with its cached JSON and filtered views;
-* ``simulator_http``: the HTTP API and fault injection (`FaultConfig`).
+"""The simulated world: batches of calls that change only when `advance` is called.
 
 Separate seeded random streams keep runs reproducible: batch ids, each batch's
 contacts (seeded by its id), the lifecycle, and faults. So neither HTTP traffic nor
@@ -19,68 +8,17 @@ the contacts of another.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from callbridge.models import PENDING
-from callbridge.simulator_calls import ITEM_FIELDS, BatchRecord
-from callbridge.simulator_http import MALFORMED_KINDS, SERVER_ERROR_STATUSES, FaultConfig, build_app
-from callbridge.simulator_lifecycle import LEGAL_TRANSITIONS, Lifecycle, Transition
-
-__all__ = [
-    "LEGAL_TRANSITIONS",
-    "MALFORMED_KINDS",
-    "SERVER_ERROR_STATUSES",
-    "FaultConfig",
-    "Simulator",
-    "SimulatorConfig",
-    "Transition",
-    "serve",
-]
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SimulatorConfig:
-    """The world the simulator starts with; every run with the same config is identical.
-
-    ``concurrency`` is how many calls of a batch hold a dialling slot at once (queued
-    to in_progress); the rest wait in pending, and redials skip the wait.
-    ``late_update_probability`` is the chance that a completed call changes a field
-    one step after completing (``ended_at``/``duration_seconds`` filled in late, or
-    its metadata edited) with its status unchanged.
-    ``request_log_max`` bounds `Simulator.request_log` for long standalone runs.
-    """
-
-    batches: int = 1
-    calls_per_batch: int = 50
-    api_key: str = "sk_test"
-    seed: int = 0
-    batch_prefix: str = "sched_"
-    redial_probability: float = 0.3
-    max_redials: int = 2
-    late_update_probability: float = 0.2
-    faults: FaultConfig = field(default_factory=FaultConfig)
-    concurrency: int = 10
-    request_log_max: int = 1_000_000
-
-    def __post_init__(self) -> None:
-        if self.batches < 0 or self.calls_per_batch < 0 or self.max_redials < 0:
-            raise ValueError("batches, calls_per_batch and max_redials must be >= 0")
-        if self.concurrency < 1 or self.request_log_max < 1:
-            raise ValueError("concurrency and request_log_max must be >= 1")
-        for name in ("redial_probability", "late_update_probability"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"SimulatorConfig.{name} must be between 0 and 1")
+from callbridge.simulator.calls import ITEM_FIELDS, BatchRecord
+from callbridge.simulator.config import FaultConfig, SimulatorConfig
+from callbridge.simulator.lifecycle import Lifecycle, Transition
 
 
 class Simulator:
@@ -190,10 +128,6 @@ class Simulator:
         return [orjson.loads(item) for item in self.encoded_items(batch_id)]
 
     # -- used by the HTTP layer -------------------------------------------------
-    def make_app(self) -> web.Application:
-        """The List Batch Calls API plus ``GET /healthz``; it runs no background task."""
-        return build_app(self)
-
     def has_batch(self, batch_id: str) -> bool:
         """Whether the batch exists (the API answers 404 otherwise)."""
         return batch_id in self._batches
@@ -230,76 +164,3 @@ class Simulator:
             return self._batches[batch_id]
         except KeyError:
             raise KeyError(f"no batch {batch_id!r}") from None
-
-
-def _base_url(host: str, addresses: Iterable[Any]) -> str:
-    port = next(iter(addresses))[1]
-    # A wildcard bind is reachable through loopback; hand out an address a client can dial.
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-async def serve(
-    host: str,
-    port: int,
-    config: SimulatorConfig,
-    *,
-    step_seconds: float = 1.0,
-    stop: asyncio.Event | None = None,
-    on_ready: Callable[[str], None] | None = None,
-) -> None:
-    """Serve a new simulator on host:port and advance it every `step_seconds`.
-
-    Runs until `stop` is set or the task is cancelled; `on_ready` gets the base URL
-    once the socket listens (``port=0`` picks a free port).
-    """
-    if step_seconds <= 0:
-        raise ValueError("step_seconds must be > 0")
-    simulator = Simulator(config)
-    stop = stop if stop is not None else asyncio.Event()
-    runner = web.AppRunner(simulator.make_app(), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        url = _base_url(host, runner.addresses)
-        logger.info(
-            "simulator serving %d batches on %s",
-            len(simulator.batch_ids),
-            url,
-            extra={"action": "simulator.start"},
-        )
-        if on_ready is not None:
-            on_ready(url)
-        await _run_clock(simulator, step_seconds, stop)
-    finally:
-        await runner.cleanup()
-
-
-async def _run_clock(simulator: Simulator, step_seconds: float, stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + step_seconds
-    reported_finished = False
-    while True:
-        try:
-            async with asyncio.timeout_at(deadline):
-                await stop.wait()
-            return
-        except TimeoutError:
-            pass
-        changed = simulator.advance()
-        logger.debug(
-            "simulator step %d: %d changes",
-            simulator.step_count,
-            len(changed),
-            extra={"action": "simulator.step"},
-        )
-        if not reported_finished and simulator.is_finished():
-            reported_finished = True
-            logger.info("simulator: every batch finished", extra={"action": "simulator.finished"})
-        deadline += step_seconds
-        if deadline < loop.time():
-            # A stalled loop resumes the cadence instead of replaying missed steps in a burst.
-            deadline = loop.time() + step_seconds

@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from callbridge.store.scripts import register
+
 
 class RateLimiter(Protocol):
     async def acquire(self, expected: int = 1) -> None:
@@ -20,33 +22,6 @@ class RateLimiter(Protocol):
 
     def penalize(self, seconds: float) -> None:
         """Take no more tokens for `seconds` (the server said Retry-After)."""
-
-
-# GCRA ("generic cell rate algorithm"): one key holds the theoretical arrival time
-# (TAT) of the next free request slot. A caller reserves n consecutive slots in one
-# call: it learns when the first one starts and moves TAT n intervals on. Exact for
-# the whole fleet, with one round trip per n requests.
-_GCRA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local interval, n = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + n * interval
-redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now + 1000))
-return string.format('%.3f', tat - now)
-"""
-
-_PENALIZE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local until_ms = now + tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if until_ms > tat then
-  redis.call('SET', KEYS[1], string.format('%.3f', until_ms), 'PX', tonumber(ARGV[1]) + 1000)
-end
-return 0
-"""
 
 
 class RedisRateLimiter:
@@ -85,8 +60,8 @@ class RedisRateLimiter:
         self._clock = clock
         self._slots: deque[float] = deque()
         self._lock = asyncio.Lock()
-        self._gcra = redis.register_script(_GCRA)
-        self._penalize = redis.register_script(_PENALIZE)
+        self._gcra = register(redis, "gcra")
+        self._penalize = register(redis, "penalize")
         self._pending: set[asyncio.Task[Any]] = set()
 
     async def acquire(self, expected: int = 1) -> None:

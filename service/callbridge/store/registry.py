@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import orjson
 
 from callbridge.config import BatchSettings
-from callbridge.constants import Keys
-from callbridge.redisconn import Redis
+from callbridge.store.connection import Redis
+from callbridge.store.keys import Keys
 
 
 @dataclass(frozen=True, slots=True)

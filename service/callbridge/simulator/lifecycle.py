@@ -27,7 +27,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 from callbridge.models import (
     ANSWERED,
@@ -42,10 +41,8 @@ from callbridge.models import (
     RINGING,
     TERMINAL_STATUSES,
 )
-from callbridge.simulator_calls import COMPANIES, BatchRecord, CallRecord
-
-if TYPE_CHECKING:
-    from callbridge.simulator import SimulatorConfig
+from callbridge.simulator.calls import COMPANIES, BatchRecord, CallRecord
+from callbridge.simulator.config import SimulatorConfig
 
 __all__ = ["LEGAL_TRANSITIONS", "Lifecycle", "Transition"]
 

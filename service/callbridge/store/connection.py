@@ -49,3 +49,32 @@ def connect(url: str, settings: RedisSettings) -> Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         **common,
     )
+
+
+async def persistence_problems(redis: Redis) -> list[str]:
+    """What in the server's configuration may lose our writes; empty when nothing.
+
+    Managed services often forbid CONFIG: then nothing can be checked and nothing
+    is reported.
+    """
+    try:
+        cfg = await redis.config_get("appendonly")
+        cfg.update(await redis.config_get("save"))
+        cfg.update(await redis.config_get("maxmemory-policy"))
+    except Exception:
+        log.info("cannot read Redis CONFIG; persistence settings not checked")
+        return []
+    values = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in cfg.items()
+    }
+    problems = []
+    if values.get("appendonly") != "yes" and not values.get("save"):
+        problems.append(
+            "Redis persistence is off (appendonly no, no save points): a Redis restart "
+            "loses snapshots and queued deliveries"
+        )
+    policy = values.get("maxmemory-policy", "noeviction")
+    if policy != "noeviction":
+        problems.append(f"Redis maxmemory-policy is {policy}: keys may be evicted; use noeviction")
+    return problems

@@ -17,81 +17,14 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
-from callbridge.constants import Keys
 from callbridge.diff import CallState, TimelineEntry
 from callbridge.errors import LeaseLostError, StoreError
 from callbridge.models import Event
-from callbridge.redisconn import Redis
+from callbridge.store.connection import Redis
+from callbridge.store.keys import Keys
+from callbridge.store.scripts import register
 
 log = logging.getLogger(__name__)
-
-# Data chunks per HSET/XADD call inside scripts (Lua's unpack has a stack limit).
-_CHUNK = 500
-
-_COMMIT = """
-local lease, meta, calls, outbox, timeline = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-if redis.call('GET', lease) ~= ARGV[1] then
-  return redis.error_reply('FENCED lease lost')
-end
-local version = tonumber(redis.call('HGET', meta, 'version') or '0')
-if version ~= tonumber(ARGV[2]) then
-  return redis.error_reply('CONFLICT snapshot version is ' .. version)
-end
-local ttl_ms, tl_max = tonumber(ARGV[3]), tonumber(ARGV[4])
-local n_states, n_events = tonumber(ARGV[5]), tonumber(ARGV[6])
-local n_tl, n_meta = tonumber(ARGV[7]), tonumber(ARGV[8])
-local i = 9
-local chunk = {}
-for _ = 1, n_states do
-  chunk[#chunk + 1] = ARGV[i]; chunk[#chunk + 1] = ARGV[i + 1]; i = i + 2
-  if #chunk >= 1000 then redis.call('HSET', calls, unpack(chunk)); chunk = {} end
-end
-if #chunk > 0 then redis.call('HSET', calls, unpack(chunk)) end
-local stream_ids = {}
-for _ = 1, n_events do
-  stream_ids[#stream_ids + 1] = redis.call('XADD', outbox, '*', 'id', ARGV[i], 'type',
-                                           ARGV[i + 1], 'call', ARGV[i + 2], 'body', ARGV[i + 3])
-  i = i + 4
-end
-for _ = 1, n_tl do
-  local call_id, entry = ARGV[i], ARGV[i + 1]
-  i = i + 2
-  local old = redis.call('HGET', timeline, call_id)
-  local list = old and cjson.decode(old) or {}
-  list[#list + 1] = cjson.decode(entry)
-  while #list > tl_max do table.remove(list, 1) end
-  redis.call('HSET', timeline, call_id, cjson.encode(list))
-end
-if n_meta > 0 then
-  chunk = {}
-  for _ = 1, n_meta do
-    chunk[#chunk + 1] = ARGV[i]; chunk[#chunk + 1] = ARGV[i + 1]; i = i + 2
-  end
-  redis.call('HSET', meta, unpack(chunk))
-end
-if n_states > 0 or n_events > 0 then
-  version = version + 1
-  redis.call('HSET', meta, 'version', version)
-end
-redis.call('PEXPIRE', lease, ttl_ms)
--- The outbox ids let the caller fan out from memory and trim exactly these entries.
-table.insert(stream_ids, 1, version)
-return stream_ids
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 @dataclass(slots=True)
@@ -153,35 +86,7 @@ class SnapshotStore:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
-        self._commit = redis.register_script(_COMMIT)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
-
-    # -- leases ----------------------------------------------------------------
-
-    async def acquire_lease(self, batch_id: str, token: str, ttl_ms: int) -> bool:
-        return bool(await self._redis.set(self._keys.lease(batch_id), token, nx=True, px=ttl_ms))
-
-    async def renew_lease(self, batch_id: str, token: str, ttl_ms: int) -> bool:
-        return bool(await self._renew(keys=[self._keys.lease(batch_id)], args=[token, ttl_ms]))
-
-    async def release_lease(self, batch_id: str, token: str) -> None:
-        await self._release(keys=[self._keys.lease(batch_id)], args=[token])
-
-    async def lease_owner(self, batch_id: str) -> str | None:
-        raw = await self._redis.get(self._keys.lease(batch_id))
-        return raw.decode() if raw else None
-
-    # -- replicas ----------------------------------------------------------------
-
-    async def heartbeat(self, replica_id: str, now_ms: int, ttl_ms: int) -> None:
-        key = self._keys.replicas()
-        await self._redis.zadd(key, {replica_id: now_ms})
-        # Replicas silent for ten lease periods are gone for good.
-        await self._redis.zremrangebyscore(key, "-inf", now_ms - 10 * ttl_ms)
-
-    async def live_replicas(self, now_ms: int, ttl_ms: int) -> int:
-        return int(await self._redis.zcount(self._keys.replicas(), now_ms - ttl_ms, "+inf"))
+        self._commit = register(redis, "commit")
 
     # -- snapshot ----------------------------------------------------------------
 
@@ -292,9 +197,6 @@ class SnapshotStore:
     async def trim_outbox(self, batch_id: str, stream_ids: list[bytes]) -> None:
         if stream_ids:
             await self._redis.xdel(self._keys.outbox(batch_id), *stream_ids)
-
-    async def outbox_length(self, batch_id: str) -> int:
-        return int(await self._redis.xlen(self._keys.outbox(batch_id)))
 
     # -- inspection --------------------------------------------------------------
 

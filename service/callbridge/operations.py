@@ -6,15 +6,18 @@ any replica.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from callbridge.config import Settings
 from callbridge.diff import event_id
 from callbridge.errors import CallbridgeError
-from callbridge.poller import Poller
-from callbridge.queue import DeliveryQueue
-from callbridge.registry import BatchRegistry
-from callbridge.store import SnapshotStore
+from callbridge.schedule import lifecycle
+from callbridge.store.leases import LeaseStore
+from callbridge.store.queue import DeliveryQueue
+from callbridge.store.registry import BatchRegistry
+from callbridge.store.snapshots import SnapshotStore
 
 
 class UnknownSubscriptionError(CallbridgeError):
@@ -22,19 +25,28 @@ class UnknownSubscriptionError(CallbridgeError):
 
 
 class Operations:
+    """Inspection and operator actions over the shared state in Redis."""
+
     def __init__(
         self,
         settings: Settings,
         store: SnapshotStore,
+        leases: LeaseStore,
         registry: BatchRegistry,
         queue: DeliveryQueue,
-        poller: Poller,
+        *,
+        owns: Callable[[str], bool] = lambda batch_id: False,
+        on_batches_changed: Callable[[], None] = lambda: None,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self._settings = settings
         self._store = store
+        self._leases = leases
         self._registry = registry
         self._queue = queue
-        self._poller = poller
+        self._owns = owns
+        self._on_batches_changed = on_batches_changed
+        self._wall_ms = wall_ms
 
     def _sub(self, name: str) -> str:
         if self._settings.subscription(name) is None:
@@ -47,34 +59,39 @@ class Operations:
         out = []
         for batch_id, reg in sorted((await self._registry.all()).items()):
             meta = await self._store.load_meta(batch_id)
-            rt = self._poller.runtime(batch_id)
             out.append(
                 {
                     "id": batch_id,
                     "source": reg.source,
                     "lifecycle": "retired"
                     if reg.retired
-                    else self._poller.lifecycle_of(meta, meta.not_found_since_ms > 0),
+                    else lifecycle(
+                        completed=meta.completed,
+                        last_change_ms=meta.last_change_ms,
+                        not_found=meta.not_found_since_ms > 0,
+                        now_ms=self._wall_ms(),
+                        settings=self._settings.poller,
+                    ),
                     "counts": meta.counts,
                     "total": sum(meta.counts.values()),
                     "completed": meta.completed,
                     "completions": meta.completions,
                     "last_poll_ms": meta.last_poll_ms or None,
                     "last_change_ms": meta.last_change_ms or None,
-                    "owner": await self._store.lease_owner(batch_id),
-                    "owned_here": bool(rt and rt.token),
+                    "owner": await self._leases.owner(batch_id),
+                    "owned_here": self._owns(batch_id),
                 }
             )
         return out
 
     async def add_batch(self, batch_id: str, backfill: bool | None = None) -> bool:
         added = await self._registry.add(batch_id, backfill)
-        self._poller.wake()
+        self._on_batches_changed()
         return added
 
     async def remove_batch(self, batch_id: str) -> bool:
         removed = await self._registry.remove(batch_id)
-        self._poller.wake()
+        self._on_batches_changed()
         return removed
 
     async def timeline(self, batch_id: str, call_id: str) -> dict[str, Any] | None:
@@ -119,9 +136,6 @@ class Operations:
 
     async def enable(self, name: str) -> None:
         await self._queue.set_enabled(self._sub(name), True)
-
-    async def disable(self, name: str) -> None:
-        await self._queue.set_enabled(self._sub(name), False)
 
     async def dead_letters(self, name: str, limit: int = 100, offset: int = 0) -> list[Any]:
         ids = await self._queue.dead_letters(self._sub(name), limit, offset)

@@ -1,0 +1,238 @@
+"""Which batch is polled when, and by which replica.
+
+The scheduler follows the shared batch registry, keeps this replica's share of
+the batch leases (``ceil(batches / live replicas)``, surplus handed back so new
+replicas get work), and starts a `Poller` cycle for each owned batch when it is
+due: active batches every ``interval``, lingering ones slowly, retired ones never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+
+from callbridge.aio import wait_any
+from callbridge.config import Settings
+from callbridge.metrics import Metrics
+from callbridge.poller import BatchRuntime, Poller, PollOutcome
+from callbridge.schedule import interval_s, jittered
+from callbridge.store.leases import LeaseStore
+from callbridge.store.registry import BatchRegistry
+from callbridge.store.snapshots import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+# Order in which due batches start when concurrency or the request budget is short.
+_PRIORITY = {"active": 0, "lingering": 1, "not_found": 2}
+
+
+class Scheduler:
+    """Runs the poll loop of this replica."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        poller: Poller,
+        store: SnapshotStore,
+        leases: LeaseStore,
+        registry: BatchRegistry,
+        metrics: Metrics,
+        *,
+        rng: random.Random | None = None,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._p = settings.poller
+        self._poller = poller
+        self._store = store
+        self._leases = leases
+        self._registry = registry
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self._wall_ms = wall_ms
+        self._monotonic = monotonic
+        self._batches = poller.batches
+        self._wake = asyncio.Event()
+        self._resync = False
+        self.last_loop_at = monotonic()
+
+    def wake(self) -> None:
+        """Re-read the registry now (a batch was added or removed)."""
+        self._resync = True
+        self._wake.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Poll due batches until `stopping` is set, then finish running cycles."""
+        sem = asyncio.Semaphore(self._p.max_concurrent_batches)
+        next_sync = 0.0
+        sync_every = max(1.0, self._p.lease_ttl_seconds / 3)
+        try:
+            while not stopping.is_set():
+                now = self._monotonic()
+                self.last_loop_at = now
+                if now >= next_sync or self._resync:
+                    self._resync = False
+                    await self._sync(now)
+                    next_sync = now + sync_every
+                paused_until = self._poller.auth_paused_until
+                if now >= paused_until:
+                    share = await self._fair_share()
+                    # Active batches first: when the request budget or the
+                    # concurrency is short, lingering and missing ones wait.
+                    for rt in sorted(self._batches.values(), key=self._schedule_key):
+                        if rt.task is not None or rt.retired or rt.next_due > now:
+                            continue
+                        if rt.token is None and len(self._poller.owned()) >= share:
+                            # Another replica's share: look again at the next sync,
+                            # not on every loop turn.
+                            rt.next_due = now + sync_every
+                            continue
+                        rt.task = asyncio.create_task(self.run_cycle(rt, sem))
+                wake_at = min(
+                    [next_sync, paused_until or math.inf]
+                    + [r.next_due for r in self._batches.values() if r.task is None]
+                )
+                timeout = min(max(0.01, wake_at - self._monotonic()), 1.0)
+                self._wake.clear()
+                await wait_any(stopping, self._wake, within_s=timeout)
+        finally:
+            await self._stop_cycles()
+
+    async def run_cycle(self, rt: BatchRuntime, sem: asyncio.Semaphore) -> None:
+        """One scheduled cycle of `rt`: poll, set its next due time, retire it when over."""
+        try:
+            async with sem:
+                now = self._monotonic()
+                if rt.last_started is not None:
+                    self._metrics.poll_interval.labels(rt.batch_id).set(now - rt.last_started)
+                rt.last_started = now
+                try:
+                    outcome = await self._poller.poll_once(rt.batch_id)
+                except Exception:
+                    # Redis down, a bug: log it and keep every other batch going.
+                    log.exception(
+                        "poll cycle of batch %s crashed",
+                        rt.batch_id,
+                        extra={"action": "poll_crashed", "batch_id": rt.batch_id},
+                    )
+                    outcome = "failed"
+                # Timed from the cycle's start, so the period is the interval and
+                # not the interval plus however long the scan took.
+                rt.next_due = max(self._monotonic(), now + self._next_interval(rt, outcome))
+                if rt.retired:
+                    await self._retire(rt)
+        finally:
+            rt.task = None
+
+    def _schedule_key(self, rt: BatchRuntime) -> tuple[int, float]:
+        return (_PRIORITY.get(self._poller.lifecycle_of(rt), 3), rt.next_due)
+
+    def _next_interval(self, rt: BatchRuntime, outcome: PollOutcome) -> float:
+        p = self._p
+        if outcome == "not_owner":
+            return jittered(p.lease_ttl_seconds / 3, p.jitter_ratio, self._rng)
+        seconds = interval_s(self._poller.lifecycle_of(rt), p)
+        if seconds is None:
+            log.info(
+                "batch %s retired after lingering %.0fs without change",
+                rt.batch_id,
+                p.linger_seconds,
+                extra={"action": "batch_retired", "batch_id": rt.batch_id},
+            )
+            rt.retired = True
+            return math.inf
+        return jittered(seconds, p.jitter_ratio, self._rng)
+
+    async def _sync(self, now: float) -> None:
+        """Heartbeat, renew held leases, follow the registry."""
+        try:
+            await self._leases.heartbeat(
+                self._poller.replica_id, self._wall_ms(), self._poller.ttl_ms
+            )
+            registered = await self._registry.all()
+        except Exception:
+            log.exception("cannot reach Redis to sync batches", extra={"action": "sync_failed"})
+            return
+        registered = {b: r for b, r in registered.items() if not r.retired}
+        for batch_id, reg in registered.items():
+            if batch_id not in self._batches:
+                backfill = self._p.backfill if reg.backfill is None else reg.backfill
+                self._batches[batch_id] = BatchRuntime(batch_id, backfill, next_due=now)
+        for batch_id in list(self._batches):
+            rt = self._batches[batch_id]
+            if batch_id not in registered:
+                if rt.task is None:
+                    await self._forget(rt)
+                continue
+            if rt.token is not None and rt.task is None:
+                with contextlib.suppress(Exception):
+                    if not await self._leases.renew(batch_id, rt.token, self._poller.ttl_ms):
+                        rt.token = None
+                        rt.drop_cache()
+        await self._rebalance()
+        self._metrics.leases_held.set(len(self._poller.owned()))
+
+    async def _rebalance(self) -> None:
+        """Hand back batches beyond our fair share, so new replicas get work.
+
+        Each replica owns at most ceil(batches / live replicas); the others pick up
+        what is released on their next loop. Idle batches go first.
+        """
+        excess = len(self._poller.owned()) - await self._fair_share()
+        if excess <= 0:
+            return
+        idle = [rt for rt in self._batches.values() if rt.token is not None and rt.task is None]
+        for rt in sorted(idle, key=lambda r: r.next_due, reverse=True)[:excess]:
+            await self._poller.release(rt)
+            log.info(
+                "released batch %s to rebalance across replicas",
+                rt.batch_id,
+                extra={"action": "lease_released", "batch_id": rt.batch_id},
+            )
+
+    async def _fair_share(self) -> int:
+        """How many batches this replica may own: an even split over live replicas."""
+        try:
+            alive = await self._leases.live_replicas(self._wall_ms(), self._poller.ttl_ms)
+        except Exception:
+            return len(self._batches)
+        active = [r for r in self._batches.values() if not r.retired]
+        return max(1, math.ceil(len(active) / max(1, alive)))
+
+    async def _retire(self, rt: BatchRuntime) -> None:
+        """Nothing polls the batch any more: it should cost nothing from now on.
+
+        The registry keeps a tombstone (so no replica or restart picks it up again),
+        its state in Redis expires after `retired_retention_seconds` (the timeline
+        stays inspectable until then), and this replica drops its lease, cache and
+        metric series.
+        """
+        with contextlib.suppress(Exception):
+            await self._registry.retire(rt.batch_id)
+            await self._store.expire_batch(
+                rt.batch_id, int(self._p.retired_retention_seconds * 1000)
+            )
+        await self._poller.release(rt)
+        self._batches.pop(rt.batch_id, None)
+        self._metrics.forget_batch(rt.batch_id)
+
+    async def _forget(self, rt: BatchRuntime) -> None:
+        self._batches.pop(rt.batch_id, None)
+        await self._poller.release(rt)
+
+    async def _stop_cycles(self) -> None:
+        tasks = [rt.task for rt in self._batches.values() if rt.task is not None]
+        if tasks:
+            # A cycle either commits as a whole or not at all; let running ones end.
+            _, pending = await asyncio.wait(
+                tasks, timeout=self._settings.server.shutdown_grace_seconds
+            )
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,89 @@
+"""Standalone serving: the simulator's HTTP API with a clock advancing the world."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from aiohttp import web
+
+from callbridge.simulator.config import SimulatorConfig
+from callbridge.simulator.http import make_app
+from callbridge.simulator.world import Simulator
+
+logger = logging.getLogger(__name__)
+
+
+def _base_url(host: str, addresses: Iterable[Any]) -> str:
+    port = next(iter(addresses))[1]
+    # A wildcard bind is reachable through loopback; hand out an address a client can dial.
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve(
+    host: str,
+    port: int,
+    config: SimulatorConfig,
+    *,
+    step_seconds: float = 1.0,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve a new simulator on host:port and advance it every `step_seconds`.
+
+    Runs until `stop` is set or the task is cancelled; `on_ready` gets the base URL
+    once the socket listens (``port=0`` picks a free port).
+    """
+    if step_seconds <= 0:
+        raise ValueError("step_seconds must be > 0")
+    simulator = Simulator(config)
+    stop = stop if stop is not None else asyncio.Event()
+    runner = web.AppRunner(make_app(simulator), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        url = _base_url(host, runner.addresses)
+        logger.info(
+            "simulator serving %d batches on %s",
+            len(simulator.batch_ids),
+            url,
+            extra={"action": "simulator.start"},
+        )
+        if on_ready is not None:
+            on_ready(url)
+        await _run_clock(simulator, step_seconds, stop)
+    finally:
+        await runner.cleanup()
+
+
+async def _run_clock(simulator: Simulator, step_seconds: float, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + step_seconds
+    reported_finished = False
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await stop.wait()
+            return
+        except TimeoutError:
+            pass
+        changed = simulator.advance()
+        logger.debug(
+            "simulator step %d: %d changes",
+            simulator.step_count,
+            len(changed),
+            extra={"action": "simulator.step"},
+        )
+        if not reported_finished and simulator.is_finished():
+            reported_finished = True
+            logger.info("simulator: every batch finished", extra={"action": "simulator.finished"})
+        deadline += step_seconds
+        if deadline < loop.time():
+            # A stalled loop resumes the cadence instead of replaying missed steps in a burst.
+            deadline = loop.time() + step_seconds

@@ -1,0 +1,71 @@
+-- claim.lua: hand due deliveries of one subscription to a worker.
+--
+-- KEYS[1] due       zset: delivery id -> due time (ms)
+-- KEYS[2] inflight  zset: delivery id -> visibility deadline (ms)
+-- KEYS[3] endpoint  hash: disabled, open_until (breaker)
+--
+-- ARGV[1] prefix         the subscription's key prefix (record keys are prefix:d:<id>)
+-- ARGV[2] max_in_flight  fleet-wide cap of claimed deliveries
+-- ARGV[3] limit          at most this many claimed now
+-- ARGV[4] visibility_ms  a claim not completed by now + this is given back by the sweep
+-- ARGV[5] token          the worker's claim token
+--
+-- Reply: flat list, four per claimed delivery: id, attempts so far, body, observed_ms.
+-- Nothing while the endpoint is disabled or its breaker is open; one probe at a
+-- time while it is half-open.
+--#include now
+local due, inflight, endpoint = KEYS[1], KEYS[2], KEYS[3]
+local prefix = ARGV[1]
+local max_in_flight, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local visibility, token = tonumber(ARGV[4]), ARGV[5]
+local ep = redis.call('HMGET', endpoint, 'disabled', 'open_until')
+if ep[1] == '1' then return {} end
+local open_until = tonumber(ep[2] or '0')
+if open_until > now then return {} end
+local busy = redis.call('ZCARD', inflight)
+if open_until > 0 then
+  -- Half-open: one probe at a time until a success closes the breaker.
+  if busy > 0 then return {} end
+  max_in_flight = 1
+end
+local free = math.min(max_in_flight - busy, limit)
+if free <= 0 then return {} end
+local out = {}
+-- Scan due deliveries in pages: a long run of events of one call, each waiting for
+-- its predecessor, must not hide the due deliveries of other calls behind it.
+local scanned, offset, page = 0, 0, free * 2 + 16
+while scanned < 2000 do
+  local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', offset, page)
+  if #ids == 0 then break end
+  scanned = scanned + #ids
+  for _, id in ipairs(ids) do
+    local rec = prefix .. ':d:' .. id
+    local f = redis.call('HMGET', rec, 'prev', 'attempts', 'body', 'observed_ms')
+    local blocked = false
+    if not f[3] then
+      redis.call('ZREM', due, id)  -- record expired or deleted: nothing to send
+      offset = offset - 1
+      blocked = true
+    elseif f[1] and f[1] ~= '' then
+      -- Per-call order: wait while the call's previous event has not had its
+      -- first attempt to this subscription.
+      local p = redis.call('HMGET', prefix .. ':d:' .. f[1], 'state', 'attempts')
+      if p[1] and (p[1] == 'pending' or p[1] == 'inflight') and p[2] == '0' then
+        blocked = true
+      end
+    end
+    if not blocked then
+      redis.call('ZREM', due, id)
+      offset = offset - 1
+      redis.call('ZADD', inflight, now + visibility, id)
+      redis.call('HSET', rec, 'state', 'inflight', 'claim', token)
+      out[#out + 1] = id
+      out[#out + 1] = f[2]
+      out[#out + 1] = f[3]
+      out[#out + 1] = f[4]
+      if #out / 4 >= free then return out end
+    end
+  end
+  offset = offset + #ids
+end
+return out

@@ -1,0 +1,225 @@
+"""The durable delivery queue of one subscription, all in one Redis hash slot.
+
+Keys (``{s:<name>}`` tag): a sorted set of due deliveries scored by due time, a
+sorted set of in-flight deliveries scored by their visibility deadline, a sorted
+set of dead letters, one hash per delivery (payload, state, attempt history) and
+an endpoint hash (disabled flag, circuit breaker). Every state change is one Lua
+script, so a crash between two lines of ours leaves each delivery either due,
+in flight (and reclaimed by the sweep after its deadline), delivered or dead.
+
+Times in scripts come from the Redis server clock (``TIME``), so replicas with
+skewed clocks agree on what is due.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from callbridge.models import Event
+from callbridge.store.connection import Redis
+from callbridge.store.keys import Keys
+from callbridge.store.scripts import register
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A delivery handed to this worker until its visibility deadline."""
+
+    event_id: str
+    attempts: int  # completed attempts before this one
+    body: bytes
+    observed_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What one attempt of a claimed delivery came to."""
+
+    event_id: str
+    token: str
+    outcome: str  # success | retry | dead | disable | release
+    delay_ms: int = 0
+    attempt: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionPolicy:
+    """Subscription-independent knobs the completion script applies."""
+
+    retention_ms: int
+    dead_retention_ms: int
+    breaker_threshold: int
+    cooloff_ms: int
+    cooloff_max_ms: int
+    history_max: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    disabled: bool
+    disabled_reason: str
+    failures: int
+    open_until_ms: int
+
+
+def call_key(event: Event) -> str:
+    """The ordering key of an event: one per call ("" for batch events, unordered)."""
+    return f"{event.batch_id}/{event.call_id}" if event.call_id else ""
+
+
+class DeliveryQueue:
+    """Enqueue, claim, complete and inspect deliveries of every subscription."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._enqueue = register(redis, "enqueue")
+        self._claim = register(redis, "claim")
+        self._complete = register(redis, "complete")
+        self._sweep = register(redis, "sweep")
+        self._requeue = register(redis, "requeue")
+
+    async def enqueue(self, sub: str, events: list[tuple[Event, int]]) -> int:
+        """Add deliveries of (event, observed_ms) to `sub`; existing ones are left alone."""
+        if not events:
+            return 0
+        k = self._keys
+        keys = [k.due(sub), k.chain(sub)] + [k.delivery(sub, ev.id) for ev, _ in events]
+        args: list[Any] = []
+        for ev, observed_ms in events:
+            args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms)
+        return int(await self._enqueue(keys=keys, args=args))
+
+    async def claim(
+        self, sub: str, *, max_in_flight: int, limit: int, visibility_ms: int, token: str
+    ) -> list[Claimed]:
+        k = self._keys
+        raw = await self._claim(
+            keys=[k.due(sub), k.inflight(sub), k.endpoint(sub)],
+            args=[k.sub_prefix(sub), max_in_flight, limit, visibility_ms, token],
+        )
+        return [
+            Claimed(
+                event_id=raw[i].decode(),
+                attempts=int(raw[i + 1]),
+                body=raw[i + 2],
+                observed_ms=int(raw[i + 3] or 0),
+            )
+            for i in range(0, len(raw), 4)
+        ]
+
+    async def complete(
+        self, sub: str, outcomes: Sequence[Completion], policy: CompletionPolicy
+    ) -> list[str]:
+        """Record attempts' outcomes (success | retry | dead | disable | release).
+
+        Returns, per outcome, what applied, or ``stale`` when that claim had expired
+        and moved on to another worker.
+        """
+        if not outcomes:
+            return []
+        k = self._keys
+        keys = [k.due(sub), k.inflight(sub), k.dead(sub), k.endpoint(sub), k.chain(sub)]
+        keys += [k.delivery(sub, o.event_id) for o in outcomes]
+        args: list[Any] = [
+            policy.retention_ms,
+            policy.dead_retention_ms,
+            policy.breaker_threshold,
+            policy.cooloff_ms,
+            policy.cooloff_max_ms,
+            policy.history_max,
+        ]
+        args.append(
+            orjson.dumps(
+                [
+                    [o.event_id, o.token, o.outcome, o.delay_ms, orjson.dumps(o.attempt).decode()]
+                    for o in outcomes
+                ]
+            )
+        )
+        result = await self._complete(keys=keys, args=args)
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
+
+    async def sweep(self, sub: str, *, dead_retention_ms: int, max_items: int = 1000) -> int:
+        """Give back claims whose visibility deadline passed (their worker died)."""
+        k = self._keys
+        return int(
+            await self._sweep(
+                keys=[k.due(sub), k.inflight(sub), k.dead(sub)],
+                args=[k.sub_prefix(sub), max_items, dead_retention_ms],
+            )
+        )
+
+    # -- inspection and operator actions --------------------------------------
+
+    async def depths(self, sub: str) -> dict[str, int]:
+        """Deliveries by state: ready (due now), scheduled (later), inflight, dead."""
+        k = self._keys
+        now_s, now_us = await self._redis.time()
+        now_ms = int(now_s) * 1000 + int(now_us) // 1000
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(k.due(sub), "-inf", now_ms)
+            pipe.zcard(k.due(sub))
+            pipe.zcard(k.inflight(sub))
+            pipe.zcard(k.dead(sub))
+            ready, due_total, inflight, dead = await pipe.execute()
+        return {
+            "ready": int(ready),
+            "scheduled": int(due_total) - int(ready),
+            "inflight": int(inflight),
+            "dead": int(dead),
+        }
+
+    async def endpoint(self, sub: str) -> EndpointState:
+        raw = await self._redis.hgetall(self._keys.endpoint(sub))
+        return EndpointState(
+            disabled=raw.get(b"disabled") == b"1",
+            disabled_reason=(raw.get(b"disabled_reason") or b"").decode(),
+            failures=int(raw.get(b"failures") or 0),
+            open_until_ms=int(raw.get(b"open_until") or 0),
+        )
+
+    async def set_enabled(self, sub: str, enabled: bool, reason: str = "operator") -> None:
+        key = self._keys.endpoint(sub)
+        if enabled:
+            # Re-enabling also closes the breaker: the operator says the endpoint is back.
+            await self._redis.hset(
+                key, mapping={"disabled": "0", "failures": 0, "open_until": 0, "opens": 0}
+            )
+        else:
+            await self._redis.hset(key, mapping={"disabled": "1", "disabled_reason": reason})
+
+    async def record(self, sub: str, event_id: str) -> dict[str, Any] | None:
+        """A delivery's state and attempt history (payload excluded)."""
+        raw = await self._redis.hgetall(self._keys.delivery(sub, event_id))
+        if not raw:
+            return None
+        return {
+            "event_id": event_id,
+            "type": raw[b"type"].decode(),
+            "state": raw[b"state"].decode(),
+            "attempts": int(raw[b"attempts"]),
+            "created_ms": int(raw[b"created_ms"]),
+            "history": orjson.loads(raw[b"history"]),
+        }
+
+    async def dead_letters(self, sub: str, limit: int = 100, offset: int = 0) -> list[str]:
+        rows = await self._redis.zrange(self._keys.dead(sub), offset, offset + limit - 1)
+        return [r.decode() for r in rows]
+
+    async def requeue(self, sub: str, event_id: str, *, reset_attempts: bool) -> bool:
+        """Make a dead or delivered delivery due again now (replay / redeliver)."""
+        k = self._keys
+        return bool(
+            await self._requeue(
+                keys=[k.due(sub), k.dead(sub), k.delivery(sub, event_id)],
+                args=[event_id, "1" if reset_attempts else "0"],
+            )
+        )
