@@ -62,7 +62,7 @@ class Server:
 
 @contextlib.contextmanager
 def valkey_server() -> Iterator[Server]:
-    """A real Valkey server, started exactly as tests/conftest.py does."""
+    """A real Valkey server, started exactly as tests/support/servers.py does."""
     with tempfile.TemporaryDirectory(prefix="cb-bench-valkey-") as data:
         port = free_port()
         cmd = EmbeddedRedis(data).command(find_server_binary(), port)
@@ -147,7 +147,7 @@ def make_settings(
     subscriptions: list[dict[str, Any]] | None = None,
     **sections: dict[str, Any],
 ) -> Settings:
-    """Settings like tests/conftest.py builds, with an upstream budget that never throttles."""
+    """Settings like tests/support/settings.py builds, with an upstream budget that never throttles."""
     raw: dict[str, Any] = {
         "upstream": {
             "base_url": base_url,

@@ -63,9 +63,8 @@ class PhaseTimer:
     @contextlib.contextmanager
     def poll_phases(self) -> Iterator[None]:
         """Phases of `Poller.poll_once`."""
-        import callbridge.ratelimit as ratelimit
-
         import callbridge.poller as poller
+        import callbridge.store.ratelimit as ratelimit
         import callbridge.upstream as upstream
         from callbridge.store.queue import DeliveryQueue
         from callbridge.store.snapshots import SnapshotStore

@@ -49,7 +49,8 @@ from bench.common import (
 from bench.phases import PhaseTimer
 from callbridge.app import Bridge
 from callbridge.config import Settings
-from callbridge.constants import UPSTREAM_CALLS_PATH, Keys
+from callbridge.constants import UPSTREAM_CALLS_PATH
+from callbridge.store.keys import Keys
 
 CALLS = 100_000
 PAGE_SIZE = 500

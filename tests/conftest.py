@@ -7,59 +7,15 @@ set), started once per session; each test gets a clean database.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from callbridge.config import Settings, parse_settings
-from callbridge.store.embedded import EmbeddedRedis, find_server_binary
-
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-OLD_SECRET = "whsec_dGhpcyBpcyB0aGUgb2xkIHNlY3JldCBrZXkhIQ=="
-API_KEY = "sk_test_key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_for_redis(port: int, seconds: float = 10.0) -> None:
-    """Block until a server answers PING on the port (it may be loading its AOF)."""
-    client = redis.Redis(
-        host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
-    )
-    try:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:  # BusyLoadingError included
-                time.sleep(0.025)
-        raise RuntimeError(f"no Redis answered on port {port}")
-    finally:
-        client.close()
-
-
-def start_server(data: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    """A Valkey server persisting to `data` (AOF), ready when this returns."""
-    data.mkdir(parents=True, exist_ok=True)
-    cmd = [*EmbeddedRedis(data).command(find_server_binary(), port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_redis(port)
-    return proc
+from tests.support.servers import free_port, start_server
 
 
 @pytest.fixture(scope="session")
@@ -82,33 +38,6 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.flushdb()
     yield client
     await client.aclose()
-
-
-def make_settings(
-    base_url: str,
-    redis_url: str | None,
-    *,
-    subscriptions: list[dict[str, Any]] | None = None,
-    batches: list[str] | None = None,
-    **sections: Any,
-) -> Settings:
-    raw: dict[str, Any] = {
-        "upstream": {
-            "base_url": base_url,
-            "api_key": API_KEY,
-            "max_requests_per_second": 1000,
-            "timeout_seconds": 5,
-            "max_attempts": 3,
-            "backoff_max_seconds": 0.05,
-        },
-        "redis": {"url": redis_url},
-        "poller": {"interval_seconds": 1, "lease_ttl_seconds": 10},
-        "batches": [{"id": b} for b in batches or []],
-        "subscriptions": subscriptions or [],
-    }
-    for name, value in sections.items():
-        raw.setdefault(name, {}).update(value)
-    return parse_settings(raw, env={})
 
 
 @pytest.fixture

@@ -21,14 +21,11 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from callbridge import __version__
 from callbridge.aio import wait_any
 from callbridge.config import Settings, SubscriptionSettings
-from callbridge.constants import RESPONSE_EXCERPT_BYTES
-from callbridge.errors import excerpt
 from callbridge.metrics import Metrics, status_class
-from callbridge.retry import AttemptResult, Decision, classify, failure_reason, parse_retry_after
-from callbridge.signing import signature_headers
+from callbridge.retry import AttemptResult, Decision, classify, failure_reason
+from callbridge.sender import WebhookSender
 from callbridge.store.queue import Claimed, Completion, CompletionPolicy, DeliveryQueue
 
 log = logging.getLogger(__name__)
@@ -68,7 +65,7 @@ class Deliverer:
         self._settings = settings
         self._d = settings.delivery
         self._queue = queue
-        self._session = session
+        self.sender = WebhookSender(session, wall=wall)
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._wall = wall
@@ -171,7 +168,7 @@ class Deliverer:
         try:
             async with self._global:
                 try:
-                    result = await self.attempt(s, sub.keys, claimed.event_id, claimed.body)
+                    result = await self.sender.send(s, sub.keys, claimed.event_id, claimed.body)
                 except asyncio.CancelledError:
                     await asyncio.shield(self._release(sub, claimed.event_id))
                     raise
@@ -192,65 +189,6 @@ class Deliverer:
             sub.inflight -= 1
             # A slot is free, and a call's next event may have been waiting for this one.
             sub.wake.set()
-
-    async def attempt(
-        self,
-        sub: SubscriptionSettings,
-        keys: list[bytes],
-        event_id: str,
-        body: bytes,
-    ) -> AttemptResult:
-        """One signed POST; every failure becomes a classified AttemptResult."""
-        headers = {
-            **sub.headers,
-            "Content-Type": "application/json",
-            "User-Agent": f"callbridge/{__version__}",
-            **signature_headers(keys, event_id, int(self._wall()), body),
-        }
-        started = time.perf_counter()
-        status: int | None = None
-        error: str | None = None
-        retry_after: float | None = None
-        text = ""
-        try:
-            async with self._session.post(
-                str(sub.url),
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=sub.timeout_seconds),
-                allow_redirects=False,
-            ) as resp:
-                status = resp.status
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                # Read a bounded excerpt only: a receiver answering 50 MB must not
-                # cost us 50 MB; the rest is dropped with the connection.
-                text = excerpt(await resp.content.read(RESPONSE_EXCERPT_BYTES))
-        except TimeoutError:
-            error = f"timeout after {sub.timeout_seconds:g}s"
-        except aiohttp.ClientConnectorDNSError as exc:
-            error = f"dns: {exc.os_error}"
-        except aiohttp.ClientConnectorCertificateError as exc:
-            error = f"tls certificate: {exc.certificate_error}"
-        except aiohttp.ClientSSLError as exc:
-            error = f"tls: {exc}"
-        except aiohttp.ClientConnectorError as exc:
-            error = f"connect: {exc.os_error}"
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
-            error = f"connection dropped: {type(exc).__name__}"
-        except aiohttp.ClientResponseError as exc:
-            error = f"invalid HTTP response: {exc.message}"
-        except aiohttp.ClientError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        except ValueError as exc:
-            # Garbage that aiohttp's parser raises outside ClientError.
-            error = f"invalid response: {exc}"
-        return AttemptResult(
-            status=status,
-            error=error,
-            retry_after_s=retry_after,
-            duration_s=time.perf_counter() - started,
-            response_excerpt=text,
-        )
 
     async def _record(self, sub: _Sub, outcome: Completion) -> str:
         """Queue an outcome for the next batched write; returns what applied.

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from callbridge.models import KNOWN_STATUSES
+from callbridge.models import KNOWN_STATUSES, PollOutcome
 
-_POLL_OUTCOMES = (
-    "committed", "unchanged", "not_owner", "failed", "fenced", "not_found", "auth_failed"
-)  # fmt: skip
+_POLL_OUTCOMES: tuple[str, ...] = get_args(PollOutcome)
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LAG_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 300, 1800, 7200)
 _CYCLE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)

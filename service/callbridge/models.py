@@ -8,7 +8,7 @@ never a crash.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,6 +70,12 @@ def skipped_statuses(previous: str | None, new: str) -> list[str]:
     if start not in path:
         return []
     return list(path[path.index(start) + 1 : -1])
+
+
+# What one poll cycle of a batch came to (a label of callbridge_poll_cycles_total).
+PollOutcome = Literal[
+    "committed", "unchanged", "not_owner", "failed", "fenced", "not_found", "auth_failed"
+]
 
 
 # --- upstream envelope ---------------------------------------------------------

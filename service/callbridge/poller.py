@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
 
 from callbridge.config import Settings
 from callbridge.diff import BatchView, CallState, DiffResult, diff, select_candidates
@@ -34,6 +33,7 @@ from callbridge.errors import (
     UpstreamError,
 )
 from callbridge.metrics import Metrics, event_label, status_label
+from callbridge.models import PollOutcome
 from callbridge.relay import Relay
 from callbridge.schedule import BatchLifecycle, auth_backoff_s, lifecycle
 from callbridge.store.leases import LeaseStore
@@ -41,10 +41,6 @@ from callbridge.store.snapshots import BatchMeta, SnapshotStore
 from callbridge.upstream import RawPage, UpstreamClient
 
 log = logging.getLogger(__name__)
-
-PollOutcome = Literal[
-    "committed", "unchanged", "not_owner", "failed", "fenced", "not_found", "auth_failed"
-]
 
 
 def iso_ms(now_ms: int) -> str:

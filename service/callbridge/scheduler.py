@@ -19,7 +19,8 @@ from collections.abc import Callable
 from callbridge.aio import wait_any
 from callbridge.config import Settings
 from callbridge.metrics import Metrics
-from callbridge.poller import BatchRuntime, Poller, PollOutcome
+from callbridge.models import PollOutcome
+from callbridge.poller import BatchRuntime, Poller
 from callbridge.schedule import interval_s, jittered
 from callbridge.store.leases import LeaseStore
 from callbridge.store.registry import BatchRegistry

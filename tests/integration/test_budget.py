@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from callbridge.app import Bridge
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
-from tests.conftest import API_KEY, make_settings
+from tests.support.settings import API_KEY, make_settings
 
 RATE = 40
 

@@ -632,7 +632,9 @@ def test_chart_config_defaults_match_the_settings_model(chart: helm.Chart) -> No
         for key in config.get(section, {}):
             if key not in model.model_fields:
                 drift.append(f"config.{section}.{key}: not a setting")
-    assert not drift, "chart defaults differ from service/config.py:\n" + "\n".join(drift)
+    assert not drift, "chart defaults differ from service/callbridge/config.py:\n" + "\n".join(
+        drift
+    )
 
 
 # --- Dockerfile -----------------------------------------------------------------------

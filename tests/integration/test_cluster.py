@@ -6,8 +6,8 @@ from typing import Any
 
 from callbridge.app import Bridge
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
-from tests.conftest import API_KEY, SECRET, make_settings
-from tests.receivers import Receiver
+from tests.support.receivers import Receiver
+from tests.support.settings import API_KEY, SECRET, make_settings
 
 
 async def test_poll_commit_fan_out_deliver_on_cluster(

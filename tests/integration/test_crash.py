@@ -14,15 +14,15 @@ import redis.asyncio as aioredis
 
 from callbridge.models import TERMINAL_STATUSES
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
-from tests.bridge import (
+from tests.support.bridge import (
     check_consistency,
     final_statuses_delivered,
     start_bridge,
     wait_until_delivered,
     write_config,
 )
-from tests.conftest import API_KEY
-from tests.receivers import Receiver
+from tests.support.receivers import Receiver
+from tests.support.settings import API_KEY
 
 
 @pytest.mark.timeout(150)

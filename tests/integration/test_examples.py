@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from callbridge.config import decode_whsec
 from callbridge.signing import signature_headers
 from examples.crm_receiver import CRM, Crm, create_app
-from tests.conftest import OLD_SECRET, SECRET
+from tests.support.settings import OLD_SECRET, SECRET
 
 PATH = "/webhooks/callbridge"
 BATCH = "sched_bdb2b840"

@@ -39,8 +39,8 @@ from schemathesis.specs.openapi.checks import (
 
 from callbridge.app import RUNNING, Bridge, build_app
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
-from tests.conftest import API_KEY, SECRET, make_settings
-from tests.receivers import Receiver
+from tests.support.receivers import Receiver
+from tests.support.settings import API_KEY, SECRET, make_settings
 
 TOKEN = "admin-token-0123456789"
 CHECKS = [
@@ -344,6 +344,15 @@ async def test_huge_offset_gets_an_empty_page(live: Any) -> None:
             query={"offset": 2**63 - 1},
         )
     )
+    resp = await asyncio.to_thread(
+        requests.get,
+        f"{base_url}/v1/subscriptions/crm/dead-letters",
+        params={"offset": 2**63 - 1},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=5,
+    )
+    assert resp.status_code == 200
+    assert resp.json()["data"]["items"] == []
 
 
 async def test_non_utf8_bearer_token_is_unauthorized(live: Any) -> None:

@@ -13,15 +13,17 @@ import redis.asyncio as aioredis
 
 from callbridge.app import Bridge
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
-from tests.bridge import (
+from tests.support.bridge import (
     check_consistency,
     final_statuses_delivered,
     start_bridge,
     wait_until_delivered,
     write_config,
 )
-from tests.conftest import API_KEY, SECRET, free_port, make_settings, start_server
-from tests.receivers import Receiver
+from tests.support.metrics import sample
+from tests.support.receivers import Receiver
+from tests.support.servers import free_port, start_server
+from tests.support.settings import API_KEY, SECRET, make_settings
 
 
 @pytest.mark.timeout(120)
@@ -172,12 +174,16 @@ async def test_upstream_misbehaving_then_recovering(
             ("auth_error", "401"),
             ("timeout", "none"),
         ]:
-            assert m.upstream_requests.labels(outcome, code)._value.get() > 0, outcome
-        assert m.poll_cycles.labels(sim.batch_ids[0], "failed")._value.get() > 0
-        assert m.poll_cycles.labels(sim.batch_ids[0], "auth_failed")._value.get() > 0
+            assert (sample(m, "upstream_requests_total", outcome=outcome, code=code) or 0) > 0, (
+                outcome
+            )
+        assert (sample(m, "poll_cycles_total", batch=sim.batch_ids[0], outcome="failed") or 0) > 0
+        assert (
+            sample(m, "poll_cycles_total", batch=sim.batch_ids[0], outcome="auth_failed") or 0
+        ) > 0
         # Recovered without operator action.
         assert svc.poller.upstream_auth_ok
-        assert m.upstream_auth_ok._value.get() == 1
+        assert sample(m, "upstream_auth_ok") == 1
     finally:
         await svc.close()
     # No false events: every reported status is one the call had, and the ends arrived.

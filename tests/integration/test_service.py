@@ -19,8 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from callbridge.app import RUNNING, build_app
 from callbridge.config import Settings
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
-from tests.conftest import API_KEY, SECRET, free_port, make_settings
-from tests.receivers import Receiver
+from tests.support.metrics import sample
+from tests.support.receivers import Receiver
+from tests.support.servers import free_port
+from tests.support.settings import API_KEY, SECRET, make_settings
 
 TOKEN = "admin-token-0123456789"
 
@@ -164,11 +166,11 @@ async def test_sigterm_drains_and_exits_zero(
 async def test_redis_durability_is_checked(running: Any, redis_client: aioredis.Redis) -> None:
     client, _, _, _ = running
     svc = client.app[RUNNING]
-    assert svc.metrics.redis_persistence_ok._value.get() == 1
+    assert sample(svc.metrics, "redis_persistence_ok") == 1
     await redis_client.config_set("maxmemory-policy", "allkeys-lru")
     try:
         await svc.check_redis()
-        assert svc.metrics.redis_persistence_ok._value.get() == 0
+        assert sample(svc.metrics, "redis_persistence_ok") == 0
     finally:
         await redis_client.config_set("maxmemory-policy", "noeviction")
 

@@ -22,7 +22,7 @@ from callbridge.errors import (
 from callbridge.metrics import Metrics
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
 from callbridge.upstream import UpstreamClient
-from tests.conftest import API_KEY
+from tests.support.settings import API_KEY
 
 MakeClient = Callable[..., UpstreamClient]
 

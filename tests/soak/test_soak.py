@@ -20,8 +20,8 @@ from aiohttp import web
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.keys import Keys
 from callbridge.store.registry import BatchRegistry
-from tests.bridge import start_bridge, write_config
-from tests.conftest import API_KEY
+from tests.support.bridge import start_bridge, write_config
+from tests.support.settings import API_KEY
 
 
 def rss_mb(pid: int) -> float:
@@ -115,7 +115,12 @@ async def test_soak_one_replica_memory_flat(
                 inflight = await redis_client.zcard(keys.inflight("crm"))
                 if due == inflight == 0 and samples[-1][1] == samples[-5][1]:
                     break
-        await asyncio.sleep(10)  # retention (5 s) of delivered records and retired batches
+        # Delivered records and retired batches expire after their retention (5 s):
+        # wait until Redis holds no delivery record any more (bounded).
+        deadline = time.monotonic() + 60
+        while [k async for k in redis_client.scan_iter(match="*:d:*", count=1000)]:
+            assert time.monotonic() < deadline, "delivered records did not expire"
+            await asyncio.sleep(0.5)
         redis_end = int((await redis_client.info("memory"))["used_memory"])
     finally:
         bridge.send_signal(signal.SIGTERM)

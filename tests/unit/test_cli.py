@@ -12,7 +12,7 @@ import pytest
 from callbridge.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, build_parser, configure_logging, main
 from callbridge.config import decode_whsec
 from callbridge.signing import signature_headers
-from tests.conftest import OLD_SECRET, SECRET
+from tests.support.settings import OLD_SECRET, SECRET
 
 NOW = 1_700_000_000
 BODY = b'{"type":"call.completed","data":{"call_id":"call_1","sequence":5}}'

@@ -10,7 +10,7 @@ import yaml
 
 from callbridge.cli import main
 from callbridge.config import ConfigError, interpolate, parse_settings
-from tests.conftest import SECRET
+from tests.support.settings import SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from callbridge.config import decode_whsec
 from callbridge.signing import SignatureError, signature_headers, verify
-from tests.conftest import OLD_SECRET, SECRET
+from tests.support.settings import OLD_SECRET, SECRET
 
 
 def test_signature_verifies_with_reference_library() -> None:

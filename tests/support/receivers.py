@@ -79,6 +79,10 @@ class Receiver:
         return web.Response(status=answer, text="ok" if answer < 300 else "nope", headers=headers)
 
     def verify_all(self, secret: str) -> list[dict[str, Any]]:
-        """Verify every delivered request with the reference implementation."""
+        """Verify every delivered request with the reference implementation.
+
+        Fails when nothing was delivered: "every one of nothing verifies" proves nothing.
+        """
+        assert self.delivered, "nothing was delivered"
         wh = Webhook(secret)
         return [wh.verify(r.body, r.headers) for r in self.delivered]

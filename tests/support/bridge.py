@@ -12,8 +12,9 @@ from typing import Any
 import yaml
 
 from callbridge.simulator import Simulator
-from tests.conftest import API_KEY, SECRET, free_port
-from tests.receivers import Receiver
+from tests.support.receivers import Receiver
+from tests.support.servers import free_port
+from tests.support.settings import API_KEY, SECRET
 
 
 def write_config(

@@ -1,0 +1,1 @@
+"""What the tests share: secrets, servers, settings, receivers, bridge processes."""
