@@ -147,7 +147,7 @@ def make_settings(
     subscriptions: list[dict[str, Any]] | None = None,
     **sections: dict[str, Any],
 ) -> Settings:
-    """Settings like tests/support/settings.py builds, with an upstream budget that never throttles."""
+    """Settings like tests/support/settings.py builds, with a budget that never throttles."""
     raw: dict[str, Any] = {
         "upstream": {
             "base_url": base_url,
