@@ -4,133 +4,30 @@ No I/O here. The poller hands in the previous state of the calls that may have
 changed and the scanned items; this module decides which events happened and what
 the new state is. Event ids are a function of (batch, call, sequence, type), so a
 diff recomputed after a crash yields the same ids and receivers can deduplicate.
-
-Per-call state is compact (it is stored for every tracked call): the status, a
-sequence number and a fingerprint made of one CRC-32 per field. Field digests let
-us name the changed fields of a ``call.updated`` without storing the item itself.
+What is stored per call is in `callstate`.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import struct
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from callbridge.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerprint
 from callbridge.models import (
-    ANSWERED,
-    IN_PROGRESS,
     PENDING,
-    QUEUED,
-    RINGING,
     TERMINAL_STATUSES,
     Event,
+    is_backward,
+    is_terminal,
+    normalise_status,
     skipped_statuses,
 )
-
-# Fields with a fixed slot in the fingerprint; others are kept by name.
-FINGERPRINT_FIELDS: tuple[str, ...] = (
-    "external_id",
-    "phone_number",
-    "name",
-    "duration_seconds",
-    "started_at",
-    "ended_at",
-    "metadata",
-)
-_NOT_FINGERPRINTED = frozenset({"call_id", "status"})
-_ABSENT = 0  # digest of a missing or null field
-
-
-def field_digest(value: Any) -> int:
-    """CRC-32 of the canonical JSON of a field value; 0 means absent/null."""
-    if value is None:
-        return _ABSENT
-    digest = zlib.crc32(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
-    # Keep 0 reserved for "absent".
-    return digest or 1
-
-
-@dataclass(frozen=True, slots=True)
-class Fingerprint:
-    """Digests of every field but call_id and status."""
-
-    known: tuple[int, ...]
-    extra: tuple[tuple[str, int], ...] = ()
-
-    @classmethod
-    def of(cls, item: Mapping[str, Any]) -> Fingerprint:
-        known = tuple(field_digest(item.get(name)) for name in FINGERPRINT_FIELDS)
-        extra = tuple(
-            sorted(
-                (k, field_digest(v))
-                for k, v in item.items()
-                if k not in _NOT_FINGERPRINTED and k not in _KNOWN_SET
-            )
-        )
-        return cls(known, extra)
-
-    def as_dict(self) -> dict[str, int]:
-        out = dict(zip(FINGERPRINT_FIELDS, self.known, strict=True))
-        out.update(self.extra)
-        return out
-
-    def encode(self) -> str:
-        """Compact text form: base64 of the fixed slots, then ``;name=digest`` extras."""
-        head = base64.b64encode(struct.pack(f">{len(self.known)}I", *self.known)).decode()
-        tail = "".join(f";{k}={d:x}" for k, d in self.extra)
-        return head.rstrip("=") + tail
-
-    @classmethod
-    def decode(cls, text: str) -> Fingerprint:
-        head, *extras = text.split(";")
-        raw = base64.b64decode(head + "=" * (-len(head) % 4))
-        if len(raw) != 4 * len(FINGERPRINT_FIELDS):
-            raise ValueError("fingerprint has the wrong number of fields")
-        known = struct.unpack(f">{len(FINGERPRINT_FIELDS)}I", raw)
-        extra = []
-        for part in extras:
-            name, _, digest = part.rpartition("=")
-            extra.append((name, int(digest, 16)))
-        return cls(tuple(known), tuple(extra))
-
-
-_KNOWN_SET = frozenset(FINGERPRINT_FIELDS)
-
-# Order of the statuses a call passes before it ends. A call only moves back in
-# this order through a terminal status (a redial), never directly.
-_PROGRESS = {s: i for i, s in enumerate((PENDING, QUEUED, RINGING, ANSWERED, IN_PROGRESS))}
-
-
-def _regresses(previous: str, new: str) -> bool:
-    a, b = _PROGRESS.get(previous), _PROGRESS.get(new)
-    return a is not None and b is not None and b < a
-
-
-@dataclass(frozen=True, slots=True)
-class CallState:
-    """What the bridge last observed of one call."""
-
-    status: str
-    seq: int
-    fingerprint: Fingerprint
-
-    def encode(self) -> str:
-        # The status goes last: an unknown status string may contain anything.
-        return f"{self.seq}|{self.fingerprint.encode()}|{self.status}"
-
-    @classmethod
-    def decode(cls, text: str | bytes) -> CallState:
-        if isinstance(text, bytes):
-            text = text.decode()
-        seq, fp, status = text.split("|", 2)
-        return cls(status=status, seq=int(seq), fingerprint=Fingerprint.decode(fp))
 
 
 def event_id(batch_id: str, subject: str, seq: int, event_type: str) -> str:
@@ -164,6 +61,20 @@ class BatchView:
     completions: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ScanFacts:
+    """What the scan as a whole showed; batch-level facts need a complete scan.
+
+    A partial scan (a page failed) still commits what its pages showed of each
+    call, but it cannot tell that every call of the batch has ended: a call on a
+    page that did not arrive may still be ringing.
+    """
+
+    complete: bool = True
+    # The batch's size as the platform reported it (``total``); None when unknown.
+    total: int | None = None
+
+
 @dataclass(slots=True)
 class DiffResult:
     states: dict[str, CallState] = field(default_factory=dict)
@@ -171,6 +82,9 @@ class DiffResult:
     timeline: list[TimelineEntry] = field(default_factory=list)
     transitions: list[tuple[str | None, str]] = field(default_factory=list)
     anomalies: Counter[str] = field(default_factory=Counter)
+    # Calls that moved backwards without a second observation confirming it:
+    # nothing is reported for them until one does (see `is_backward`).
+    unconfirmed: dict[str, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     completed: bool = False
     completions: int = 0
@@ -193,16 +107,16 @@ def _merge_fingerprint(
     changed: list[str] = []
     merged: dict[str, int] = {}
     for name in prev_d.keys() | new_d.keys():
-        old, cur = prev_d.get(name, _ABSENT), new_d.get(name, _ABSENT)
-        if cur == _ABSENT and old != _ABSENT:
+        old, cur = prev_d.get(name, ABSENT), new_d.get(name, ABSENT)
+        if cur == ABSENT and old != ABSENT:
             anomalies["field_regressed"] += 1
             merged[name] = old
         else:
             merged[name] = cur
             if cur != old:
                 changed.append(name)
-    known = tuple(merged.pop(n, _ABSENT) for n in FINGERPRINT_FIELDS)
-    extra = tuple(sorted((k, d) for k, d in merged.items() if d != _ABSENT))
+    known = tuple(merged.pop(n, ABSENT) for n in FINGERPRINT_FIELDS)
+    extra = tuple(sorted((k, d) for k, d in merged.items() if d != ABSENT))
     return Fingerprint(known, extra), sorted(changed)
 
 
@@ -215,6 +129,8 @@ def diff(
     now_ms: int,
     timestamp: str,
     backfill: bool = True,
+    scan: ScanFacts = ScanFacts(),
+    confirmed: Collection[str] = (),
 ) -> DiffResult:
     """Events for the scanned `items` given what was known before.
 
@@ -222,13 +138,18 @@ def diff(
     (the poller skips items identical to the last scan); `previous` must hold the
     state of every item passed in that was seen before. Calls absent from `items`
     are left as they are.
+
+    A call that moved backwards (`is_backward`) is reported only when its call_id
+    is in `confirmed` (a second observation agreed); otherwise it is counted,
+    listed in `unconfirmed` and left as it was. A confirmed move out of a terminal
+    status is a redial; one between two non-terminal statuses is a redial whose
+    terminal status the platform never showed us (``missed_terminal: true``).
     """
     out = DiffResult()
     counts = Counter(batch.counts)
     for item in items:
         call_id: str = item["call_id"]
-        # Statuses are documented lowercase; " Completed" is still completed.
-        status: str = item["status"].strip().lower()
+        status = normalise_status(item["status"])
         prev = previous.get(call_id)
         new_fp = Fingerprint.of(item)
         if prev is None:
@@ -247,10 +168,12 @@ def diff(
             out.transitions.append((None, status))
             continue
 
-        if _regresses(prev.status, status):
+        backward = is_backward(prev.status, status)
+        if backward and call_id not in confirmed:
             # e.g. answered -> ringing: a stale copy (a cache behind the API, an item
-            # served twice while pages shift). Reporting it would invent two events.
+            # served twice while pages shift) or a redial; a second look tells.
             out.anomalies["status_regressed"] += 1
+            out.unconfirmed[call_id] = status
             continue
         merged_fp, changed_fields = _merge_fingerprint(prev.fingerprint, new_fp, out.anomalies)
         if status != prev.status:
@@ -258,11 +181,22 @@ def diff(
             counts[status] += 1
             seq = prev.seq + 1
             etype = f"call.{status}"
-            skipped = skipped_statuses(prev.status, status)
+            missed_terminal = backward and not is_terminal(prev.status)
+            # A redial starts its path again from pending.
+            skipped = skipped_statuses(PENDING if missed_terminal else prev.status, status)
             out.states[call_id] = CallState(status, seq, merged_fp)
             out.events.append(
                 _call_event(
-                    batch_id, item, etype, seq, prev.status, False, skipped, None, timestamp
+                    batch_id,
+                    item,
+                    etype,
+                    seq,
+                    prev.status,
+                    False,
+                    skipped,
+                    None,
+                    timestamp,
+                    missed_terminal=missed_terminal,
                 )
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
@@ -282,7 +216,10 @@ def diff(
     out.completed, out.completions = batch.completed, batch.completions
     total = sum(out.counts.values())
     all_terminal = total > 0 and all(s in TERMINAL_STATUSES for s in out.counts)
-    if all_terminal and not batch.completed:
+    # Completion needs a scan that saw the whole batch: every page arrived and we
+    # know of at least as many calls as the platform says it has.
+    whole = scan.complete and (scan.total is None or total >= scan.total)
+    if all_terminal and not batch.completed and whole:
         out.completed = True
         out.completions = batch.completions + 1
         out.events.append(
@@ -315,17 +252,20 @@ def _call_event(
     skipped: list[str],
     changed_fields: list[str] | None,
     timestamp: str,
+    *,
+    missed_terminal: bool = False,
 ) -> Event:
     call_id: str = item["call_id"]
     data: dict[str, Any] = {
         "batch_id": batch_id,
         "call_id": call_id,
         "external_id": item.get("external_id"),
-        "status": item["status"].strip().lower(),
+        "status": normalise_status(item["status"]),
         "previous_status": previous_status,
         "sequence": seq,
         "initial": initial,
         "skipped_statuses": skipped,
+        "missed_terminal": missed_terminal,
     }
     if changed_fields is not None:
         data["changed_fields"] = changed_fields
@@ -343,7 +283,7 @@ def _call_event(
 def select_candidates(
     pages: Iterable[Iterable[dict[str, Any]]], signatures: Mapping[str, int]
 ) -> tuple[list[dict[str, Any]], dict[str, int], int]:
-    """Items that differ from the last committed scan, their new signatures, duplicates.
+    """Items that differ from the last committed scan, their new 64-bit signatures, duplicates.
 
     Items are merged by call_id; when a call appears twice (pages shifting while
     we read), the copy from the later page wins, as it was served later.
@@ -358,9 +298,12 @@ def select_candidates(
             merged[call_id] = item
     candidates: list[dict[str, Any]] = []
     new_sigs: dict[str, int] = {}
-    dumps, crc = orjson.dumps, zlib.crc32
+    dumps, crc, adler = orjson.dumps, zlib.crc32, zlib.adler32
     for call_id, item in merged.items():
-        sig = crc(dumps(item))
+        raw = dumps(item)
+        # 64 bits from two C checksums: a collision would hide a real change (with
+        # 32 bits, about one in 50 days at 1,000 changes/s), at a fraction of a hash.
+        sig = (crc(raw) << 32) | adler(raw)
         if signatures.get(call_id) != sig:
             candidates.append(item)
             new_sigs[call_id] = sig

@@ -57,6 +57,28 @@ def is_terminal(status: str) -> bool:
     return status in TERMINAL_STATUSES
 
 
+# Order of the statuses a call passes before it ends.
+_PROGRESS = {s: i for i, s in enumerate((PENDING, QUEUED, RINGING, ANSWERED, IN_PROGRESS))}
+
+
+def normalise_status(status: str) -> str:
+    """Statuses are documented lowercase; " Completed" is still completed."""
+    return status.strip().lower()
+
+
+def is_backward(previous: str, new: str) -> bool:
+    """Whether a call moving from `previous` to `new` went back in its lifecycle.
+
+    Either a redial (the call left a terminal status, or ended unseen and started
+    again) or a stale copy of the call served by the platform; only a second
+    observation tells which, so such a move is confirmed before it is reported.
+    """
+    if previous in TERMINAL_STATUSES:
+        return new not in TERMINAL_STATUSES
+    a, b = _PROGRESS.get(previous), _PROGRESS.get(new)
+    return a is not None and b is not None and b < a
+
+
 def skipped_statuses(previous: str | None, new: str) -> list[str]:
     """Statuses of the normal lifecycle that lie between `previous` and `new`.
 
@@ -74,7 +96,14 @@ def skipped_statuses(previous: str | None, new: str) -> list[str]:
 
 # What one poll cycle of a batch came to (a label of callbridge_poll_cycles_total).
 PollOutcome = Literal[
-    "committed", "unchanged", "not_owner", "failed", "fenced", "not_found", "auth_failed"
+    "committed",
+    "unchanged",
+    "partial",
+    "not_owner",
+    "failed",
+    "fenced",
+    "not_found",
+    "auth_failed",
 ]
 
 

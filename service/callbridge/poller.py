@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from callbridge.callstate import CallState
 from callbridge.config import Settings
-from callbridge.diff import BatchView, CallState, DiffResult, diff, select_candidates
+from callbridge.diff import BatchView, DiffResult, ScanFacts, diff, select_candidates
 from callbridge.errors import (
     BatchNotFoundError,
     LeaseLostError,
@@ -34,11 +35,13 @@ from callbridge.errors import (
 )
 from callbridge.metrics import Metrics, event_label, status_label
 from callbridge.models import PollOutcome
+from callbridge.pages import RawPage
 from callbridge.relay import Relay
+from callbridge.scan import confirm_backward_moves, read_pages
 from callbridge.schedule import BatchLifecycle, auth_backoff_s, lifecycle
-from callbridge.store.leases import LeaseStore
+from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import BatchMeta, SnapshotStore
-from callbridge.upstream import RawPage, UpstreamClient
+from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,11 @@ class BatchRuntime:
     pages: dict[int, RawPage] = field(default_factory=dict)
     not_found: bool = False
     retired: bool = False
-    # Set while committed events may still sit in the outbox un-fanned-out.
+    # Set while committed events may still sit in the outbox un-fanned-out
+    # (after a take-over, or a fan-out that failed): drained before anything else.
     outbox_dirty: bool = False
+    # Calls last seen moving backwards, unconfirmed: call_id -> status seen.
+    suspects: dict[str, str] = field(default_factory=dict)
     next_due: float = 0.0
     last_started: float | None = None
     task: asyncio.Task[None] | None = None
@@ -72,6 +78,7 @@ class BatchRuntime:
         self.states = None
         self.signatures = {}
         self.pages = {}
+        self.suspects = {}
 
 
 class Poller:
@@ -176,31 +183,29 @@ class Poller:
             rt.meta, rt.states = await self._store.load(batch_id)
             rt.not_found = rt.meta.not_found_since_ms > 0
             # A previous owner may have committed events it never fanned out.
+            rt.outbox_dirty = True
+        if rt.outbox_dirty:
+            # Before this cycle's events, so a call's older events are queued first.
             await self._relay.drain(batch_id)
+            rt.outbox_dirty = False
         assert rt.states is not None
-        pages: list[RawPage] = []
-        try:
-            async for page in self._upstream.iter_pages(batch_id, rt.pages):
-                pages.append(page)
-        except UpstreamAuthError as exc:
-            self._on_auth_failure(exc)
-            return "auth_failed"
-        except BatchNotFoundError:
-            self._on_auth_success()
-            return await self._mark_not_found(rt)
-        except UpstreamError as exc:
-            log.warning(
-                "poll of batch %s failed, nothing written: %s",
-                batch_id,
-                exc,
-                extra={"action": "poll_failed", "batch_id": batch_id},
+        assert rt.token is not None
+        async with LeaseKeeper(self._leases, batch_id, rt.token, self.ttl_ms) as keeper:
+            scan = await self._scan(rt, keeper)
+            if isinstance(scan, str):
+                return scan
+            pages, complete = scan
+            candidates, new_sigs, duplicates = select_candidates(
+                (p.items for p in pages), rt.signatures
             )
-            return "failed"
-        self._on_auth_success()
-
-        candidates, new_sigs, duplicates = select_candidates(
-            (p.items for p in pages), rt.signatures
-        )
+            confirmed = await confirm_backward_moves(
+                self._upstream,
+                batch_id,
+                rt.states,
+                rt.suspects,
+                candidates,
+                self._p.interval_seconds,
+            )
         now_ms = self._wall_ms()
         result = diff(
             batch_id,
@@ -210,9 +215,14 @@ class Poller:
             now_ms=now_ms,
             timestamp=iso_ms(now_ms),
             backfill=rt.backfill,
+            scan=ScanFacts(complete=complete, total=pages[-1].total if complete else None),
+            confirmed=confirmed,
         )
         if duplicates:
             result.anomalies["duplicate_item"] += duplicates
+        for call_id in result.unconfirmed:
+            # Seen again next cycle as a candidate, and confirmed if still backwards.
+            new_sigs.pop(call_id, None)
         meta = dataclasses.replace(
             rt.meta,
             counts=result.counts,
@@ -225,7 +235,6 @@ class Poller:
             meta.last_change_ms = now_ms
         if result.completions > rt.meta.completions:
             meta.completed_at_ms = now_ms
-        assert rt.token is not None
         meta.version, stream_ids = await self._store.commit(
             batch_id,
             token=rt.token,
@@ -242,26 +251,55 @@ class Poller:
         rt.not_found = False
         rt.states.update(result.states)
         rt.signatures.update(new_sigs)
-        rt.pages = {p.page: dataclasses.replace(p, items=[], unchanged=False) for p in pages}
+        rt.suspects = result.unconfirmed
+        if complete:
+            rt.pages = {p.page: dataclasses.replace(p, items=[], unchanged=False) for p in pages}
+        else:
+            # Pages that did not arrive keep no digest: they are read in full next time.
+            rt.pages = {}
         self._record(batch_id, result)
         if result.events:
             log.info(
-                "batch %s: %d events from %d changed calls",
+                "batch %s: %d events from %d changed calls%s",
                 batch_id,
                 len(result.events),
                 len(result.states),
+                "" if complete else " (partial scan)",
                 extra={"action": "cycle_committed", "batch_id": batch_id},
             )
-        if rt.outbox_dirty:
-            # A fan-out failed earlier: what it left in the outbox goes first.
-            await self._relay.drain(batch_id)
-            rt.outbox_dirty = False
-        if result.events:
-            # Committed, so never lost: if this fails the outbox still holds them.
+            # Committed, so never lost: if this fails the outbox still holds them
+            # and the next cycle drains it first.
             rt.outbox_dirty = True
             await self._relay.publish(batch_id, list(zip(result.events, stream_ids, strict=True)))
             rt.outbox_dirty = False
+        if not complete:
+            return "partial"
         return "committed" if result.changed else "unchanged"
+
+    async def _scan(
+        self, rt: BatchRuntime, keeper: LeaseKeeper
+    ) -> tuple[list[RawPage], bool] | PollOutcome:
+        """Read the batch's pages: (pages, complete), or the outcome when nothing came."""
+        try:
+            scan = await read_pages(
+                self._upstream, rt.batch_id, rt.pages, keeper, self._p.interval_seconds
+            )
+        except UpstreamAuthError as exc:
+            self._on_auth_failure(exc)
+            return "auth_failed"
+        except BatchNotFoundError:
+            self._on_auth_success()
+            return await self._mark_not_found(rt)
+        except UpstreamError as exc:
+            log.warning(
+                "poll of batch %s failed, nothing written: %s",
+                rt.batch_id,
+                exc,
+                extra={"action": "poll_failed", "batch_id": rt.batch_id},
+            )
+            return "failed"
+        self._on_auth_success()
+        return scan.pages, scan.complete
 
     def _record(self, batch_id: str, result: DiffResult) -> None:
         m = self._metrics

@@ -13,12 +13,9 @@ import asyncio
 import dataclasses
 import logging
 import math
-import struct
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -27,7 +24,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    stop_after_attempt,
     wait_random_exponential,
 )
 
@@ -46,6 +42,7 @@ from callbridge.errors import (
 )
 from callbridge.metrics import Metrics
 from callbridge.models import CallsPage
+from callbridge.pages import RawPage, body_digest, decode_page
 from callbridge.retry import parse_retry_after
 from callbridge.store.ratelimit import RateLimiter
 
@@ -59,76 +56,12 @@ _EXTRA_PAGES_ALLOWED = 5
 _RETRY_AFTER_CAP_S = 120.0
 
 
-@dataclass(frozen=True, slots=True)
-class RawPage:
-    """One page, decoded but not modelled: items are the API's dicts as returned."""
-
-    items: list[dict[str, Any]]
-    total: int
-    page: int
-    limit: int
-    has_more: bool
-    # Items dropped because they had no usable call_id/status.
-    invalid_items: int = 0
-    # Hash of the response body; a page whose body did not change since the last
-    # cycle is not decoded again (`unchanged` is set and `items` is empty).
-    digest: bytes = b""
-    unchanged: bool = False
-
-
-def body_digest(body: bytes) -> bytes:
-    """64 bits over the body: two cheap C checksums (CRC-32 and Adler-32) plus the length.
-
-    Only used to skip decoding a page identical to the last committed one; measured
-    at a fifth of blake2b's cost over 25 MB of pages.
-    """
-    return struct.pack(">IIQ", zlib.crc32(body), zlib.adler32(body), len(body))
-
-
-def decode_page(body: bytes, *, url: str, digest: bytes | None = None) -> RawPage:
-    """Check a 200 body against the documented envelope; MalformedPageError if it is not."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise MalformedPageError("response is not JSON", url=url, status=200, body=body) from None
-    data = doc.get("data") if isinstance(doc, dict) else None
-    if not isinstance(data, dict):
-        raise MalformedPageError("envelope has no data object", url=url, status=200, body=body)
-    items = data.get("items")
-    total = data.get("total")
-    page = data.get("page")
-    limit = data.get("limit")
-    has_more = data.get("has_more")
-    if not isinstance(items, list):
-        raise MalformedPageError("data.items is not a list", url=url, status=200, body=body)
-    if not (_is_count(total) and _is_count(page) and _is_count(limit)):
-        raise MalformedPageError(
-            "data.total/page/limit are not integers", url=url, status=200, body=body
-        )
-    if not isinstance(has_more, bool):
-        raise MalformedPageError("data.has_more is not a boolean", url=url, status=200, body=body)
-    good = [
-        item
-        for item in items
-        if isinstance(item, dict)
-        and isinstance(item.get("call_id"), str)
-        and item["call_id"]
-        and isinstance(item.get("status"), str)
-        and item["status"].strip()
-    ]
-    return RawPage(
-        items=good,
-        total=total,
-        page=page,
-        limit=limit,
-        has_more=has_more,
-        invalid_items=len(items) - len(good),
-        digest=digest if digest is not None else body_digest(body),
-    )
-
-
-def _is_count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _retry_after(state: RetryCallState) -> float:
+    """The server's Retry-After of the failure that ended `state`'s last try, or 0."""
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, RateLimitedError) and exc.retry_after_s is not None:
+        return exc.retry_after_s
+    return 0.0
 
 
 class UpstreamClient:
@@ -142,12 +75,14 @@ class UpstreamClient:
         metrics: Metrics,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._session = session
         self._limiter = limiter
         self._metrics = metrics
         self._sleep = sleep
+        self._clock = clock
         self._base = str(settings.base_url).rstrip("/")
         self._headers = {
             "Authorization": f"Bearer {settings.api_key.get_secret_value()}",
@@ -189,6 +124,7 @@ class UpstreamClient:
         *,
         previous: RawPage | None = None,
         pages_left: int = 1,
+        retry_within_s: float | None = None,
     ) -> RawPage:
         """One raw page with retries; items without call_id/status are dropped and counted.
 
@@ -214,12 +150,45 @@ class UpstreamClient:
                 )
             return raw
 
-        return await self._retrying(attempt)
+        return await self._retrying(attempt, within_s=retry_within_s)
+
+    async def find_call(
+        self,
+        batch_id: str,
+        call_id: str,
+        external_id: str,
+        *,
+        retry_within_s: float | None = None,
+    ) -> dict[str, Any] | None:
+        """The call's current item, looked up by its external id (None when not served).
+
+        Several calls may share an external id (one contact dialled twice): the
+        item is matched by call_id.
+        """
+        limit = self._settings.page_size
+        params = self._params(1, limit, external_id=external_id)
+
+        async def attempt() -> RawPage:
+            url, body = await self._get(batch_id, params)
+            return decode_page(body, url=url)
+
+        page = await self._retrying(attempt, within_s=retry_within_s)
+        return next((i for i in page.items if i["call_id"] == call_id), None)
 
     async def iter_pages(
-        self, batch_id: str, previous: Mapping[int, RawPage] | None = None
+        self,
+        batch_id: str,
+        previous: Mapping[int, RawPage] | None = None,
+        *,
+        retry_within_s: float | None = None,
     ) -> AsyncIterator[RawPage]:
-        """Every page of a batch, following has_more, bounded by what `total` implies."""
+        """Every page of a batch, following has_more, bounded by what `total` implies.
+
+        Each page's retries stop `retry_within_s` after its first try (a scan that
+        cannot finish is abandoned fast; the caller keeps what arrived). An empty
+        page claiming more ends the scan early (counted): the last page yielded then
+        still says ``has_more``, so the caller knows the scan is not complete.
+        """
         limit = self._settings.page_size
         page_no = 1
         # Pages still to read, as far as we know: lets the budget reserve them together.
@@ -231,6 +200,7 @@ class UpstreamClient:
                 limit,
                 previous=previous.get(page_no) if previous else None,
                 pages_left=max(1, left),
+                retry_within_s=retry_within_s,
             )
             # The server's own page size counts: it may serve fewer than we asked for.
             served = max(1, page.limit or limit)
@@ -242,12 +212,8 @@ class UpstreamClient:
                 return
             if not page.items and not page.unchanged:
                 # has_more with nothing on this page would page forever.
-                self._metrics.upstream_anomalies.labels("empty_page_has_more").inc()
-                raise MalformedPageError(
-                    f"page {page_no} is empty but has_more is true",
-                    url=self._url(batch_id),
-                    status=200,
-                )
+                self._anomaly(batch_id, "empty_page_has_more", f"page {page_no} is empty")
+                return
             if page_no >= math.ceil(page.total / served) + _EXTRA_PAGES_ALLOWED:
                 self._metrics.upstream_anomalies.labels("endless_paging").inc()
                 raise MalformedPageError(
@@ -267,18 +233,22 @@ class UpstreamClient:
         if page.has_more and len(page.items) + page.invalid_items < served:
             odd.append("short_page_has_more")
         for kind in odd:
-            self._metrics.upstream_anomalies.labels(kind).inc()
-            log.warning(
-                "batch %s page %d: %s (page=%d, items=%d, limit=%d, total=%d)",
+            self._anomaly(
                 batch_id,
-                page_no,
                 kind,
-                page.page,
-                len(page.items),
-                page.limit,
-                page.total,
-                extra={"action": "upstream_anomaly", "batch_id": batch_id},
+                f"page {page_no} (page={page.page}, items={len(page.items)}, "
+                f"limit={page.limit}, total={page.total})",
             )
+
+    def _anomaly(self, batch_id: str, kind: str, detail: str) -> None:
+        self._metrics.upstream_anomalies.labels(kind).inc()
+        log.warning(
+            "batch %s: %s: %s",
+            batch_id,
+            kind,
+            detail,
+            extra={"action": "upstream_anomaly", "batch_id": batch_id},
+        )
 
     def _url(self, batch_id: str) -> str:
         return self._base + UPSTREAM_CALLS_PATH.format(batch_id=batch_id)
@@ -298,25 +268,34 @@ class UpstreamClient:
             params["external_id"] = external_id
         return params
 
-    async def _retrying(self, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, fn: Callable[[], Awaitable[T]], within_s: float | None = None) -> T:
+        """`fn` with retries of transient errors; with `within_s`, none starts after it."""
+        deadline = math.inf if within_s is None else self._clock() + within_s
+
+        def stop(state: RetryCallState) -> bool:
+            if state.attempt_number >= self._settings.max_attempts:
+                return True
+            # Give up now rather than wait past the deadline (a 429's Retry-After
+            # included): the caller keeps what it has and tries again on time.
+            return deadline - self._clock() <= _retry_after(state)
+
+        def wait(state: RetryCallState) -> float:
+            backoff = wait_random_exponential(
+                multiplier=0.5, max=self._settings.backoff_max_seconds
+            )
+            delay = max(backoff(state), _retry_after(state))
+            return max(0.0, min(delay, deadline - self._clock()))
+
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(UpstreamTransientError),
-            stop=stop_after_attempt(self._settings.max_attempts),
-            wait=self._wait,
+            stop=stop,
+            wait=wait,
             sleep=self._sleep,
             reraise=True,
         ):
             with attempt:
                 return await fn()
         raise AssertionError("unreachable: tenacity reraises the last error")
-
-    def _wait(self, state: RetryCallState) -> float:
-        backoff = wait_random_exponential(multiplier=0.5, max=self._settings.backoff_max_seconds)
-        delay = backoff(state)
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, RateLimitedError) and exc.retry_after_s is not None:
-            delay = max(delay, exc.retry_after_s)
-        return delay
 
     async def _get(
         self, batch_id: str, params: dict[str, str], pages_left: int = 1

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -7,7 +8,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callbridge.diff import BatchView, CallState, DiffResult, Fingerprint, diff, event_id
+from callbridge.callstate import CallState, Fingerprint
+from callbridge.diff import BatchView, DiffResult, ScanFacts, diff, event_id
 from callbridge.models import KNOWN_STATUSES, TERMINAL_STATUSES
 
 NOW = 1_800_000_000_000
@@ -39,11 +41,22 @@ class Tracker:
         self.backfill = backfill
         self.events: list[dict[str, Any]] = []
         self.ids: list[str] = []
+        # Backward moves seen last scan: a second scan showing them confirms them.
+        self.suspects: dict[str, str] = {}
 
-    def poll(self, items: list[dict[str, Any]]) -> DiffResult:
+    def poll(self, items: list[dict[str, Any]], scan: ScanFacts | None = None) -> DiffResult:
         r = diff(
-            "b1", self.states, items, self.view, now_ms=NOW, timestamp=TS, backfill=self.backfill
+            "b1",
+            self.states,
+            items,
+            self.view,
+            now_ms=NOW,
+            timestamp=TS,
+            backfill=self.backfill,
+            scan=scan or ScanFacts(),
+            confirmed=set(self.suspects),
         )
+        self.suspects = r.unconfirmed
         self.states.update(r.states)
         self.view = BatchView(r.counts, r.completed, r.completions)
         self.events += [orjson.loads(e.body) for e in r.events]
@@ -112,12 +125,54 @@ def test_unknown_status_and_extra_fields() -> None:
     assert orjson.loads(r.events[0].body)["data"]["changed_fields"] == ["recording"]
 
 
-def test_status_regression_is_ignored() -> None:
+def test_one_off_stale_copy_is_ignored() -> None:
     t = Tracker()
     t.poll([item("c1", "answered")])
     r = t.poll([item("c1", "ringing")])
     assert types(r) == []
     assert r.anomalies["status_regressed"] == 1
+    assert r.unconfirmed == {"c1": "ringing"}
+    # The next scan shows the call where it was: the copy was stale, nothing happened.
+    assert types(t.poll([item("c1", "answered")])) == []
+    assert t.suspects == {}
+
+
+def test_stale_copy_of_a_finished_call_reports_nothing() -> None:
+    t = Tracker()
+    t.poll([item("c1", "pending")])
+    assert types(t.poll([item("c1", "completed")])) == ["call.completed", "batch.completed"]
+    assert types(t.poll([item("c1", "in_progress")])) == []
+    assert types(t.poll([item("c1", "completed")])) == []
+    assert [e["type"] for e in t.events] == ["call.completed", "batch.completed"]
+
+
+def test_confirmed_backward_move_is_a_redial_whose_terminal_was_missed() -> None:
+    t = Tracker()
+    t.poll([item("c1", "pending")])
+    t.poll([item("c1", "ringing")])
+    # no_answer came and went between two scans; the platform redialled.
+    assert types(t.poll([item("c1", "queued")])) == []
+    r = t.poll([item("c1", "queued")])
+    assert types(r) == ["call.queued"]
+    data = orjson.loads(r.events[0].body)["data"]
+    assert data["previous_status"] == "ringing"
+    assert data["missed_terminal"] is True
+    assert data["sequence"] == 2
+    r = t.poll([item("c1", "ringing")])
+    data = orjson.loads(r.events[0].body)["data"]
+    assert (data["previous_status"], data["missed_terminal"]) == ("queued", False)
+
+
+def test_partial_scan_never_completes_the_batch() -> None:
+    t = Tracker()
+    t.poll([item("c1", "pending"), item("c2", "pending")])
+    r = t.poll([item("c1", "completed"), item("c2", "completed")], ScanFacts(complete=False))
+    assert types(r) == ["call.completed", "call.completed"]
+    # The platform says three calls: the one we never saw may still be ringing.
+    r = t.poll([], ScanFacts(complete=True, total=3))
+    assert types(r) == []
+    r = t.poll([item("c3", "busy")], ScanFacts(complete=True, total=3))
+    assert types(r) == ["call.busy", "batch.completed"]
 
 
 def test_redial_re_enters_with_new_sequence_and_batch_reopens() -> None:
@@ -125,8 +180,11 @@ def test_redial_re_enters_with_new_sequence_and_batch_reopens() -> None:
     t.poll([item("c1", "pending"), item("c2", "completed")])
     r = t.poll([item("c1", "no_answer")])
     assert types(r) == ["call.no_answer", "batch.completed"]
+    # Out of a terminal status: confirmed by a second observation before it counts.
+    assert types(t.poll([item("c1", "queued")])) == []
     r = t.poll([item("c1", "queued")])
     assert types(r) == ["call.queued"]
+    assert orjson.loads(r.events[0].body)["data"]["missed_terminal"] is False
     assert not r.completed
     r = t.poll([item("c1", "ringing")])
     r = t.poll([item("c1", "completed")])
@@ -196,11 +254,15 @@ def test_properties_over_random_lifecycles(calls: list[list[str]], data: st.Data
         for i, seq in enumerate(calls):
             positions[i] = min(len(seq) - 1, positions[i] + data.draw(st.integers(0, 2)))
         scan = [item(f"c{i}", calls[i][positions[i]]) for i in range(len(calls))]
+        # Each status is seen by at least two scans (a backward move needs a
+        # second observation); a third identical scan then emits nothing.
         t.poll(scan)
-        # Replaying the same scan emits nothing.
+        t.poll(scan)
         assert types(t.poll(scan)) == []
     # Everything visible at the end.
-    t.poll([item(f"c{i}", seq[-1]) for i, seq in enumerate(calls)])
+    final = [item(f"c{i}", seq[-1]) for i, seq in enumerate(calls)]
+    t.poll(final)
+    t.poll(final)
     per_call: dict[str, list[dict[str, Any]]] = {}
     for e in t.events:
         if e["type"].startswith("call."):
@@ -217,6 +279,11 @@ def test_properties_over_random_lifecycles(calls: list[list[str]], data: st.Data
         if seq[-1] in TERMINAL_STATUSES:
             assert evs
             assert evs[-1]["status"] == seq[-1]
+        # previous_status chains from one reported status to the next.
+        statuses = [e for e in evs if e["previous_status"] is not None or e["initial"]]
+        for before, after in itertools.pairwise(statuses):
+            if after["status"] != before["status"]:
+                assert after["previous_status"] == before["status"]
     assert len(set(t.ids)) == len(t.ids)
 
 
@@ -260,3 +327,25 @@ def test_unreadable_state_raises_value_error() -> None:
     for bad in [b"x", b"1|zz|ok", b"a|b|c", b"\xe9", b"1|AAAA;x=zz|ok"]:
         with pytest.raises((ValueError, UnicodeDecodeError)):
             CallState.decode(bad)
+
+
+def test_field_names_with_separators_round_trip() -> None:
+    # Platform field names may hold anything; they once corrupted the stored status.
+    t = Tracker()
+    t.poll([item("c1", "pending", **{"a|b": 1, "x;y=z": 2, "50%": 3})])
+    encoded = t.states["c1"].encode()
+    decoded = CallState.decode(encoded)
+    assert decoded == t.states["c1"]
+    assert decoded.status == "pending"
+    assert types(t.poll([item("c1", "pending", **{"a|b": 1, "x;y=z": 2, "50%": 3})])) == []
+
+
+def test_schema_1_entries_are_read() -> None:
+    # As written by the previous release: seq|fingerprint|status, names raw.
+    fp = Fingerprint.of(item("c1", "ringing", recording="r1"))
+    head = fp.encode().split(";")[0]
+    old = f"3|{head};recording={dict(fp.extra)['recording']:x}|ringing"
+    state = CallState.decode(old.encode())
+    assert (state.status, state.seq) == ("ringing", 3)
+    assert state.fingerprint == fp
+    assert CallState.decode(state.encode()) == state

@@ -8,9 +8,16 @@ too (fencing). Heartbeats let each replica size its fair share of the batches.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
+from callbridge.errors import LeaseLostError
 from callbridge.store.connection import Redis
 from callbridge.store.keys import Keys
 from callbridge.store.scripts import register
+
+log = logging.getLogger(__name__)
 
 
 class LeaseStore:
@@ -47,3 +54,53 @@ class LeaseStore:
 
     async def live_replicas(self, now_ms: int, ttl_ms: int) -> int:
         return int(await self._redis.zcount(self._keys.replicas(), now_ms - ttl_ms, "+inf"))
+
+
+class LeaseKeeper:
+    """Keeps a batch lease alive while a long cycle runs (``async with``).
+
+    A scan under a small request budget can take longer than the lease TTL; the
+    keeper renews the lease every third of it, so a live replica's cycle is never
+    fenced. `check` raises `LeaseLostError` once a renewal found the lease gone
+    (another replica took the batch): the cycle stops instead of scanning for
+    nothing, and the commit script would refuse its write anyway.
+    """
+
+    def __init__(self, leases: LeaseStore, batch_id: str, token: str, ttl_ms: int) -> None:
+        self._leases = leases
+        self._batch_id = batch_id
+        self._token = token
+        self._ttl_ms = ttl_ms
+        self._lost = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LeaseKeeper:
+        self._task = asyncio.create_task(self._renew_forever())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def check(self) -> None:
+        if self._lost:
+            raise LeaseLostError(f"lease on batch {self._batch_id} lost during the scan")
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl_ms / 3000)
+            try:
+                if not await self._leases.renew(self._batch_id, self._token, self._ttl_ms):
+                    self._lost = True
+                    return
+            except Exception:
+                # Redis unreachable for a moment: the lease may well still be ours;
+                # the next renewal (or the commit's fencing) decides.
+                log.warning(
+                    "could not renew the lease on batch %s",
+                    self._batch_id,
+                    exc_info=True,
+                    extra={"action": "lease_renew_failed", "batch_id": self._batch_id},
+                )

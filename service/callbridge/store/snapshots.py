@@ -17,7 +17,8 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
-from callbridge.diff import CallState, TimelineEntry
+from callbridge.callstate import CallState
+from callbridge.diff import TimelineEntry
 from callbridge.errors import LeaseLostError, StoreError
 from callbridge.models import Event
 from callbridge.store.connection import Redis

@@ -1,0 +1,124 @@
+"""What the bridge stores of each call, and its encoding in the snapshot hash.
+
+Per-call state is compact (it is stored for every tracked call): the status, a
+sequence number and a fingerprint made of one CRC-32 per field. Field digests let
+the diff name the changed fields of a ``call.updated`` without storing the item.
+
+Encoding schema 2 (``v2|seq|fingerprint|status``, field names percent-encoded)
+replaced schema 1 (``seq|fingerprint|status``, names raw: a name holding ``|`` or
+``;`` corrupted the entry). Both are read; schema 2 is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote
+
+import orjson
+
+# Fields with a fixed slot in the fingerprint; others are kept by name.
+FINGERPRINT_FIELDS: tuple[str, ...] = (
+    "external_id",
+    "phone_number",
+    "name",
+    "duration_seconds",
+    "started_at",
+    "ended_at",
+    "metadata",
+)
+_NOT_FINGERPRINTED = frozenset({"call_id", "status"})
+ABSENT = 0  # digest of a missing or null field
+
+
+def field_digest(value: Any) -> int:
+    """CRC-32 of the canonical JSON of a field value; 0 means absent/null."""
+    if value is None:
+        return ABSENT
+    digest = zlib.crc32(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+    # Keep 0 reserved for "absent".
+    return digest or 1
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """Digests of every field but call_id and status."""
+
+    known: tuple[int, ...]
+    extra: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, item: Mapping[str, Any]) -> Fingerprint:
+        known = tuple(field_digest(item.get(name)) for name in FINGERPRINT_FIELDS)
+        extra = tuple(
+            sorted(
+                (k, field_digest(v))
+                for k, v in item.items()
+                if k not in _NOT_FINGERPRINTED and k not in _KNOWN_SET
+            )
+        )
+        return cls(known, extra)
+
+    def as_dict(self) -> dict[str, int]:
+        out = dict(zip(FINGERPRINT_FIELDS, self.known, strict=True))
+        out.update(self.extra)
+        return out
+
+    def encode(self) -> str:
+        """Compact text form: base64 of the fixed slots, then ``;name=digest`` extras.
+
+        Extra field names come from the platform and may hold any character: they
+        are percent-encoded, so ``;``, ``=`` and ``|`` never appear unescaped.
+        """
+        head = base64.b64encode(struct.pack(f">{len(self.known)}I", *self.known)).decode()
+        tail = "".join(f";{quote(k, safe='')}={d:x}" for k, d in self.extra)
+        return head.rstrip("=") + tail
+
+    @classmethod
+    def decode(cls, text: str, *, escaped: bool = True) -> Fingerprint:
+        """Parse `encode`'s form; ``escaped=False`` reads schema 1 (names written raw)."""
+        head, *extras = text.split(";")
+        raw = base64.b64decode(head + "=" * (-len(head) % 4))
+        if len(raw) != 4 * len(FINGERPRINT_FIELDS):
+            raise ValueError("fingerprint has the wrong number of fields")
+        known = struct.unpack(f">{len(FINGERPRINT_FIELDS)}I", raw)
+        extra = []
+        for part in extras:
+            name, _, digest = part.rpartition("=")
+            extra.append((unquote(name) if escaped else name, int(digest, 16)))
+        return cls(tuple(known), tuple(extra))
+
+
+_KNOWN_SET = frozenset(FINGERPRINT_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class CallState:
+    """What the bridge last observed of one call."""
+
+    status: str
+    seq: int
+    fingerprint: Fingerprint
+
+    def encode(self) -> str:
+        """Schema 2: ``v2|seq|fingerprint|status``.
+
+        The status goes last: an unknown status string may contain anything.
+        """
+        return f"v2|{self.seq}|{self.fingerprint.encode()}|{self.status}"
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> CallState:
+        """Reads schema 2 and schema 1 (``seq|fingerprint|status``, raw field names),
+        so replicas of the previous release and this one share a snapshot."""
+        if isinstance(text, bytes):
+            text = text.decode()
+        if text.startswith("v2|"):
+            seq, fp, status = text[3:].split("|", 2)
+            return cls(status=status, seq=int(seq), fingerprint=Fingerprint.decode(fp))
+        seq, fp, status = text.split("|", 2)
+        return cls(status=status, seq=int(seq), fingerprint=Fingerprint.decode(fp, escaped=False))
