@@ -210,8 +210,15 @@ class DeliverySettings(_Model):
 
     # Concurrent requests of this replica across all subscriptions.
     global_max_in_flight: int = Field(64, ge=1, le=10000)
-    # Consecutive failures that open an endpoint's circuit breaker, and the pause.
+    # An endpoint's circuit breaker opens when it looks down: this many consecutive
+    # connection failures (refused, DNS, TLS), or at least `breaker_failure_ratio`
+    # of at least `breaker_min_attempts` attempts failed in the last
+    # `breaker_window_seconds`. A 429 paces the endpoint instead (Retry-After).
     breaker_failure_threshold: int = Field(5, ge=1)
+    breaker_failure_ratio: float = Field(0.5, gt=0, le=1)
+    breaker_min_attempts: int = Field(20, ge=1)
+    breaker_window_seconds: PositiveSeconds = 30.0
+    # The pause once open, doubling while probes fail, up to the max.
     breaker_cooloff_seconds: PositiveSeconds = 30.0
     breaker_cooloff_max_seconds: PositiveSeconds = 600.0
     # How long delivered/dead records are kept for inspection and redelivery.

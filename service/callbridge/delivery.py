@@ -80,6 +80,9 @@ class Deliverer:
             breaker_threshold=self._d.breaker_failure_threshold,
             cooloff_ms=int(self._d.breaker_cooloff_seconds * 1000),
             cooloff_max_ms=int(self._d.breaker_cooloff_max_seconds * 1000),
+            breaker_failure_ratio=self._d.breaker_failure_ratio,
+            breaker_min_attempts=self._d.breaker_min_attempts,
+            breaker_window_ms=int(self._d.breaker_window_seconds * 1000),
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self.last_loop_at = time.monotonic()
@@ -246,6 +249,8 @@ class Deliverer:
                 outcome=d.outcome,
                 delay_ms=int(d.delay_s * 1000),
                 attempt=attempt,
+                kind=d.kind,
+                pace_ms=int(d.pace_s * 1000),
             ),
         )
         m = self._metrics

@@ -6,6 +6,10 @@
                                     at least the receiver's Retry-After within bounds),
                                     or dead letter once the schedule is used up
 
+Each failure also says how it counts for the endpoint's breaker (`FailureKind`):
+a 429 paces the endpoint instead of counting as a failure, and a failure to
+connect at all counts towards the consecutive connection failures.
+
 Redirects are failures: following one would send signed payloads to an address
 the operator never registered.
 """
@@ -21,6 +25,9 @@ from typing import Literal
 from callbridge.constants import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S, RETRY_JITTER_RATIO
 
 Outcome = Literal["success", "retry", "dead", "disable"]
+# How an attempt counts for the endpoint's circuit breaker: a success, a failure,
+# a failure to connect at all (refused, DNS, TLS), or a request to slow down (429).
+FailureKind = Literal["ok", "fail", "conn", "paced"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +39,8 @@ class AttemptResult:
     retry_after_s: float | None = None
     duration_s: float = 0.0
     response_excerpt: str = ""
+    # No connection was made (refused, DNS, TLS): the endpoint looks down.
+    no_connection: bool = False
 
     @property
     def ok(self) -> bool:
@@ -43,6 +52,9 @@ class Decision:
     outcome: Outcome
     delay_s: float = 0.0
     reason: str = ""
+    kind: FailureKind = "fail"
+    # With kind "paced": no attempt to the endpoint for this long.
+    pace_s: float = 0.0
 
 
 def parse_retry_after(value: str | None, *, cap_s: float = RETRY_AFTER_MAX_S) -> float | None:
@@ -75,15 +87,28 @@ def classify(
 ) -> Decision:
     """Decide after `attempts_done` attempts (this one included) of a delivery."""
     if result.ok:
-        return Decision("success")
+        return Decision("success", kind="ok")
     reason = failure_reason(result)
     if result.status == 410 and result.error is None:
         return Decision("disable", reason="410 Gone: endpoint asked to stop receiving")
-    if attempts_done > len(schedule):
-        return Decision("dead", reason=f"{reason}; gave up after {attempts_done} attempts")
-    jitter = (rng or random).uniform(1 - RETRY_JITTER_RATIO, 1 + RETRY_JITTER_RATIO)
-    delay = schedule[attempts_done - 1] * jitter
+    kind: FailureKind = "conn" if result.no_connection else "fail"
+    pace = 0.0
+    hinted = None
     if result.retry_after_s is not None:
         hinted = min(max(result.retry_after_s, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
+    if result.status == 429:
+        # Slow down, not down: pace the endpoint for the time it asked (1 s when it
+        # did not say), and keep the breaker out of it.
+        kind, pace = "paced", hinted or RETRY_AFTER_MIN_S
+    if attempts_done > len(schedule):
+        return Decision(
+            "dead",
+            reason=f"{reason}; gave up after {attempts_done} attempts",
+            kind=kind,
+            pace_s=pace,
+        )
+    jitter = (rng or random).uniform(1 - RETRY_JITTER_RATIO, 1 + RETRY_JITTER_RATIO)
+    delay = schedule[attempts_done - 1] * jitter
+    if hinted is not None:
         delay = max(delay, hinted)
-    return Decision("retry", delay_s=delay, reason=reason)
+    return Decision("retry", delay_s=delay, reason=reason, kind=kind, pace_s=pace)

@@ -48,6 +48,7 @@ class WebhookSender:
         error: str | None = None
         retry_after: float | None = None
         text = ""
+        no_connection = False
         try:
             async with self._session.post(
                 str(sub.url),
@@ -65,12 +66,16 @@ class WebhookSender:
             error = f"timeout after {sub.timeout_seconds:g}s"
         except aiohttp.ClientConnectorDNSError as exc:
             error = f"dns: {exc.os_error}"
+            no_connection = True
         except aiohttp.ClientConnectorCertificateError as exc:
             error = f"tls certificate: {exc.certificate_error}"
+            no_connection = True
         except aiohttp.ClientSSLError as exc:
             error = f"tls: {exc}"
+            no_connection = True
         except aiohttp.ClientConnectorError as exc:
             error = f"connect: {exc.os_error}"
+            no_connection = True
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
             error = f"connection dropped: {type(exc).__name__}"
         except aiohttp.ClientResponseError as exc:
@@ -86,4 +91,5 @@ class WebhookSender:
             retry_after_s=retry_after,
             duration_s=time.perf_counter() - started,
             response_excerpt=text,
+            no_connection=no_connection,
         )

@@ -22,6 +22,7 @@ from callbridge.store.keys import Keys
 from callbridge.store.queue import Completion, CompletionPolicy, DeliveryQueue
 from tests.support.metrics import sample
 from tests.support.receivers import Receiver
+from tests.support.servers import free_port
 from tests.support.settings import OLD_SECRET, SECRET, make_settings
 
 FAST = [0, 0, 0]  # retries due at once, so tests never wait for a schedule
@@ -186,7 +187,7 @@ async def test_410_disables_and_reenable_resumes(make_rig: MakeRig) -> None:
 async def test_breaker_opens_and_spares_other_subscription(make_rig: MakeRig) -> None:
     rig = await make_rig(
         {"dead": {"max_in_flight": 1}, "ok": {}},
-        breaker_failure_threshold=3,
+        breaker_min_attempts=3,
         breaker_cooloff_seconds=3600,
     )
     rig.receivers["dead"].default = 500
@@ -194,12 +195,56 @@ async def test_breaker_opens_and_spares_other_subscription(make_rig: MakeRig) ->
     await rig.enqueue("dead", *events)
     await rig.enqueue("ok", *events)
     await rig.deliverer.drain()
-    # The dead endpoint got only threshold attempts, not 20 x 4.
+    # Every attempt failed: open once the window held min_attempts, not 20 x 4.
     assert len(rig.receivers["dead"].received) == 3
     assert (await rig.queue.endpoint("dead")).open_until_ms > 0
     assert len(rig.receivers["ok"].delivered) == 20
     depth = await rig.queue.depths("dead")
     assert depth["ready"] + depth["scheduled"] == 20  # all still queued
+
+
+async def test_flaky_endpoint_never_opens_the_breaker(make_rig: MakeRig) -> None:
+    # One first attempt in five fails: an endpoint that mostly works is not down.
+    rig = await make_rig({"crm": {"retry_schedule_seconds": [0] * 3, "max_in_flight": 4}})
+    rec = rig.receivers["crm"]
+    rec.answers.extend([500, 200, 200, 200, 200] * 20)
+    await rig.enqueue("crm", *[event(i, f"c{i}") for i in range(100)])
+    await rig.deliverer.drain()
+    assert len({r.id for r in rec.delivered}) == 100
+    ep = await rig.queue.endpoint("crm")
+    assert ep.open_until_ms == 0
+
+
+async def test_connection_refused_opens_the_breaker_at_once(make_rig: MakeRig) -> None:
+    # Nothing listens there: two refused connections and the breaker opens, long
+    # before the window holds min_attempts (20) attempts.
+    rig = await make_rig(
+        {"crm": {"max_in_flight": 1, "url": f"http://127.0.0.1:{free_port()}/h"}},
+        breaker_failure_threshold=2,
+        breaker_cooloff_seconds=3600,
+    )
+    await rig.enqueue("crm", *[event(i, f"c{i}") for i in range(10)])
+    await rig.deliverer.drain()
+    ep = await rig.queue.endpoint("crm")
+    assert ep.open_until_ms > 0
+    depth = await rig.queue.depths("crm")
+    assert depth["ready"] + depth["scheduled"] == 10
+    records = [await rig.queue.record("crm", f"evt_c{i}_{i}") for i in range(10)]
+    assert sum(r["attempts"] for r in records if r) == 2
+
+
+async def test_429_paces_the_endpoint_and_is_not_a_breaker_failure(make_rig: MakeRig) -> None:
+    rig = await make_rig({"crm": {"max_in_flight": 1}}, breaker_min_attempts=1)
+    rec = rig.receivers["crm"]
+    rec.answers.append(429)
+    await rig.enqueue("crm", event(1, "c1"), event(2, "c2"))
+    assert await rig.deliverer.run_once() == 1
+    ep = await rig.queue.endpoint("crm")
+    assert ep.open_until_ms == 0  # min_attempts 1: any counted failure would open it
+    assert ep.paced_until_ms > 0
+    # Paced: c2 is due but nothing is claimed before the Retry-After (1 s) passes.
+    assert await rig.deliverer.run_once() == 0
+    assert len(rec.received) == 1
 
 
 async def test_per_call_order_waits_for_first_attempt(make_rig: MakeRig) -> None:
@@ -250,8 +295,6 @@ async def test_huge_response_body_is_not_read(make_rig: MakeRig) -> None:
 async def test_unreachable_host_is_a_connect_failure(make_rig: MakeRig) -> None:
     rig = await make_rig({"crm": {"retry_schedule_seconds": [3600]}})
     # Point the subscription at a closed port.
-    from tests.support.servers import free_port
-
     sub = rig.settings.subscriptions[0].model_copy(
         update={"url": f"http://127.0.0.1:{free_port()}/h"}
     )

@@ -92,7 +92,7 @@ async def test_subscriber_down_for_long_then_back_gets_everything(
                 "max_in_flight": 4,
             }
         ],
-        delivery={"breaker_failure_threshold": 3, "breaker_cooloff_seconds": 3600},
+        delivery={"breaker_min_attempts": 3, "breaker_cooloff_seconds": 3600},
     )
     svc = await Bridge.create(settings, replica_id="t")
     try:

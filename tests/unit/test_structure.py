@@ -10,6 +10,8 @@ import callbridge
 
 PACKAGE = Path(callbridge.__file__).parent
 MAX_MODULE_LINES = 400
+# Declarative tables may run longer: every setting or metric with its comment.
+DECLARATIVE = {"callbridge.config", "callbridge.metrics"}
 
 
 def module_name(path: Path) -> str:
@@ -97,5 +99,6 @@ def test_modules_stay_small() -> None:
         module_name(p): n
         for p in PACKAGE.rglob("*.py")
         if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+        and module_name(p) not in DECLARATIVE
     }
     assert not big, big

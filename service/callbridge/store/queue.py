@@ -47,6 +47,9 @@ class Completion:
     outcome: str  # success | retry | dead | disable | release
     delay_ms: int = 0
     attempt: dict[str, Any] = field(default_factory=dict)
+    # How it counts for the breaker: ok | fail | conn | paced (see complete.lua).
+    kind: str = "fail"
+    pace_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +58,15 @@ class CompletionPolicy:
 
     retention_ms: int
     dead_retention_ms: int
+    # Consecutive connection failures that open the breaker.
     breaker_threshold: int
     cooloff_ms: int
     cooloff_max_ms: int
     history_max: int = 20
+    # ...or this share of failed attempts, once there were this many in the window.
+    breaker_failure_ratio: float = 0.5
+    breaker_min_attempts: int = 20
+    breaker_window_ms: int = 30_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +75,7 @@ class EndpointState:
     disabled_reason: str
     failures: int
     open_until_ms: int
+    paced_until_ms: int = 0
 
 
 def call_key(event: Event) -> str:
@@ -135,15 +144,24 @@ class DeliveryQueue:
             policy.cooloff_ms,
             policy.cooloff_max_ms,
             policy.history_max,
-        ]
-        args.append(
             orjson.dumps(
                 [
-                    [o.event_id, o.token, o.outcome, o.delay_ms, orjson.dumps(o.attempt).decode()]
+                    [
+                        o.event_id,
+                        o.token,
+                        o.outcome,
+                        o.delay_ms,
+                        orjson.dumps(o.attempt).decode(),
+                        o.kind,
+                        o.pace_ms,
+                    ]
                     for o in outcomes
                 ]
-            )
-        )
+            ),
+            policy.breaker_failure_ratio,
+            policy.breaker_min_attempts,
+            policy.breaker_window_ms,
+        ]
         result = await self._complete(keys=keys, args=args)
         return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
 
@@ -184,6 +202,7 @@ class DeliveryQueue:
             disabled_reason=(raw.get(b"disabled_reason") or b"").decode(),
             failures=int(raw.get(b"failures") or 0),
             open_until_ms=int(raw.get(b"open_until") or 0),
+            paced_until_ms=int(raw.get(b"paced_until") or 0),
         )
 
     async def set_enabled(self, sub: str, enabled: bool, reason: str = "operator") -> None:
@@ -191,7 +210,14 @@ class DeliveryQueue:
         if enabled:
             # Re-enabling also closes the breaker: the operator says the endpoint is back.
             await self._redis.hset(
-                key, mapping={"disabled": "0", "failures": 0, "open_until": 0, "opens": 0}
+                key,
+                mapping={
+                    "disabled": "0",
+                    "failures": 0,
+                    "conn_failures": 0,
+                    "open_until": 0,
+                    "opens": 0,
+                },
             )
         else:
             await self._redis.hset(key, mapping={"disabled": "1", "disabled_reason": reason})
