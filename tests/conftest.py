@@ -10,12 +10,19 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
+from callbridge.app import Bridge
+from callbridge.config import Settings
+from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from tests.support.bridges import MakeService
+from tests.support.receivers import Receiver
 from tests.support.servers import free_port, start_server
+from tests.support.settings import SECRET, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +93,41 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.terminate()
         for proc in procs:
             proc.wait(10)
+
+
+@pytest.fixture
+async def make_service(
+    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> AsyncIterator[MakeService]:
+    services: list[Bridge] = []
+
+    async def build(
+        sim_config: SimulatorConfig, *, events: list[str] | None = None, **sections: Any
+    ) -> tuple[Bridge, Simulator, Receiver]:
+        sim = Simulator(sim_config)
+        upstream = await aiohttp_server(make_app(sim))
+        receiver = Receiver()
+        hook = await aiohttp_server(receiver.app())
+        settings: Settings = make_settings(
+            str(upstream.make_url("")),
+            redis_url,
+            batches=sim.batch_ids,
+            subscriptions=[
+                {
+                    "name": "crm",
+                    "url": str(hook.make_url("/hook")),
+                    "secret": SECRET,
+                    "events": events or ["*"],
+                    "retry_schedule_seconds": [0, 0, 0],
+                }
+            ],
+            **sections,
+        )
+        svc = await Bridge.create(settings, replica_id="test")
+        await svc.registry.register_config(settings.batches)
+        services.append(svc)
+        return svc, sim, receiver
+
+    yield build
+    for svc in services:
+        await svc.close()

@@ -114,7 +114,7 @@ class Bridge:
             metrics,
             replica_id=replica_id or default_replica_id(),
         )
-        scheduler = Scheduler(settings, poller, store, leases, registry, metrics)
+        scheduler = Scheduler(settings, poller, store, leases, registry, relay, metrics)
         operations = Operations(
             settings,
             store,
@@ -180,6 +180,7 @@ class Bridge:
                 log.warning("%s did not stop in time; cancelling", t.get_name())
                 t.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.scheduler.leave()
         await self.poller.release_all()
         await self.close()
 
@@ -201,7 +202,7 @@ class Bridge:
             checks["redis"] = "ok"
         except Exception as exc:
             checks["redis"] = f"fail: {type(exc).__name__}"
-        checks["upstream_auth"] = "ok" if self.poller.upstream_auth_ok else "fail: API key rejected"
+        checks["upstream_auth"] = "ok" if self.poller.reach.auth_ok else "fail: API key rejected"
         if self.stopping.is_set():
             checks["shutdown"] = "fail: shutting down"
         return checks

@@ -36,6 +36,19 @@ _VAR = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _BATCH_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _EVENT_PATTERN = re.compile(r"^(\*|[a-z_]+\.(\*|[a-z_]+))$")
+# Headers a subscription may not set: the signature headers (any webhook-*), and
+# those HTTP or the request's framing and credentials depend on.
+_RESERVED_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "host",
+        "authorization",
+        "connection",
+        "user-agent",
+    }
+)
 
 
 class _Model(BaseModel):
@@ -126,6 +139,9 @@ class BatchSettings(_Model):
     def _id_shape(cls, v: str) -> str:
         if not _BATCH_ID.fullmatch(v):
             raise ValueError("must be 1-128 characters of letters, digits, _ . : -")
+        if set(v) == {"."}:
+            # "." and ".." are path segments: the request would leave the batch's URL.
+            raise ValueError("must not be made of dots only")
         return v
 
 
@@ -185,12 +201,19 @@ class SubscriptionSettings(_Model):
     @field_validator("headers")
     @classmethod
     def _headers_allowed(cls, v: dict[str, str]) -> dict[str, str]:
-        reserved = {"webhook-id", "webhook-timestamp", "webhook-signature", "content-type"}
-        for name in v:
-            if name.lower() in reserved:
-                raise ValueError(f"header {name!r} is set by callbridge and cannot be overridden")
+        for name, value in v.items():
             if not re.match(r"^[A-Za-z0-9-]+$", name):
                 raise ValueError(f"{name!r} is not a valid header name")
+            low = name.lower()
+            if low.startswith("webhook-") or low in _RESERVED_HEADERS:
+                raise ValueError(
+                    f"header {name!r} is set by callbridge or HTTP itself and cannot be set "
+                    "here (for credentials use a custom header such as X-Webhook-Token, or "
+                    "user:password@ in the URL)"
+                )
+            if any(ch in value for ch in "\r\n\0"):
+                # A header value with a line break would make every request fail.
+                raise ValueError(f"header {name!r}: the value must not contain CR, LF or NUL")
         return v
 
     @model_validator(mode="after")

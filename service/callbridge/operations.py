@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from callbridge.config import Settings
 from callbridge.diff import event_id
@@ -18,6 +19,18 @@ from callbridge.store.leases import LeaseStore
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.registry import BatchRegistry
 from callbridge.store.snapshots import SnapshotStore
+
+
+def redact_url(url: str) -> str:
+    """`url` without what often carries capability tokens: userinfo and query values."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(
+        f"{k}=***" if v else k for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 class UnknownSubscriptionError(CallbridgeError):
@@ -122,7 +135,7 @@ class Operations:
             out.append(
                 {
                     "name": sub.name,
-                    "url": str(sub.url),
+                    "url": redact_url(str(sub.url)),
                     "events": sub.events,
                     "enabled_in_config": sub.enabled,
                     "disabled": ep.disabled,

@@ -36,9 +36,10 @@ from callbridge.errors import (
 from callbridge.metrics import Metrics, event_label, status_label
 from callbridge.models import PollOutcome
 from callbridge.pages import RawPage
+from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
 from callbridge.scan import confirm_backward_moves, read_pages
-from callbridge.schedule import BatchLifecycle, auth_backoff_s, lifecycle
+from callbridge.schedule import BatchLifecycle, lifecycle
 from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import BatchMeta, SnapshotStore
 from callbridge.upstream import UpstreamClient
@@ -112,15 +113,9 @@ class Poller:
         self._monotonic = monotonic
         self.batches: dict[str, BatchRuntime] = {}
         self.ttl_ms = int(self._p.lease_ttl_seconds * 1000)
-        self._auth_failures = 0
-        # Monotonic time before which no batch is polled (the API key was rejected).
-        self.auth_paused_until = 0.0
+        self.reach = PlatformReach(self._p, monotonic=monotonic)
 
     # -- state for health and admin ------------------------------------------
-
-    @property
-    def upstream_auth_ok(self) -> bool:
-        return self._auth_failures == 0
 
     def owned(self) -> list[str]:
         return sorted(b for b, rt in self.batches.items() if rt.token is not None)
@@ -285,12 +280,13 @@ class Poller:
                 self._upstream, rt.batch_id, rt.pages, keeper, self._p.interval_seconds
             )
         except UpstreamAuthError as exc:
-            self._on_auth_failure(exc)
+            self.reach.key_rejected(exc)
             return "auth_failed"
         except BatchNotFoundError:
-            self._on_auth_success()
+            self.reach.answered()
             return await self._mark_not_found(rt)
         except UpstreamError as exc:
+            self.reach.unreachable()
             log.warning(
                 "poll of batch %s failed, nothing written: %s",
                 rt.batch_id,
@@ -298,7 +294,7 @@ class Poller:
                 extra={"action": "poll_failed", "batch_id": rt.batch_id},
             )
             return "failed"
-        self._on_auth_success()
+        self.reach.answered()
         return scan.pages, scan.complete
 
     def _record(self, batch_id: str, result: DiffResult) -> None:
@@ -366,19 +362,14 @@ class Poller:
             return True
         return False
 
-    def _on_auth_failure(self, exc: UpstreamAuthError) -> None:
-        self._auth_failures += 1
-        pause = auth_backoff_s(self._auth_failures, self._p)
-        self.auth_paused_until = self._monotonic() + pause
-        log.error(
-            "upstream rejected the API key; all polling paused for %.0fs: %s",
-            pause,
-            exc,
-            extra={"action": "upstream_auth_failed"},
-        )
-
-    def _on_auth_success(self) -> None:
-        if self._auth_failures:
-            log.info("upstream accepts the API key again", extra={"action": "upstream_auth_ok"})
-        self._auth_failures = 0
-        self.auth_paused_until = 0.0
+    async def probe(self, batch_id: str) -> None:
+        """One small request to learn whether this replica reaches the platform again
+        (while it stepped aside it owns no batch, so no cycle would tell it)."""
+        try:
+            await self._upstream.fetch_page(batch_id, 1, 1)
+        except UpstreamAuthError as exc:
+            self.reach.key_rejected(exc)
+        except UpstreamError:
+            pass
+        else:
+            self.reach.answered()

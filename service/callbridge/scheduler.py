@@ -21,6 +21,7 @@ from callbridge.config import Settings
 from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome
 from callbridge.poller import BatchRuntime, Poller
+from callbridge.relay import Relay
 from callbridge.schedule import interval_s, jittered
 from callbridge.store.leases import LeaseStore
 from callbridge.store.registry import BatchRegistry
@@ -42,6 +43,7 @@ class Scheduler:
         store: SnapshotStore,
         leases: LeaseStore,
         registry: BatchRegistry,
+        relay: Relay,
         metrics: Metrics,
         *,
         rng: random.Random | None = None,
@@ -54,6 +56,7 @@ class Scheduler:
         self._store = store
         self._leases = leases
         self._registry = registry
+        self._relay = relay
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._wall_ms = wall_ms
@@ -61,6 +64,8 @@ class Scheduler:
         self._batches = poller.batches
         self._wake = asyncio.Event()
         self._resync = False
+        self._alive = 1
+        self._stepped_aside = False
         self.last_loop_at = monotonic()
 
     def wake(self) -> None:
@@ -81,11 +86,16 @@ class Scheduler:
                     self._resync = False
                     await self._sync(now)
                     next_sync = now + sync_every
-                paused_until = self._poller.auth_paused_until
+                    if self._stepped_aside and now >= self._poller.reach.paused_until:
+                        await self._probe()
+                paused_until = self._poller.reach.paused_until
                 if now >= paused_until:
                     share = await self._fair_share()
-                    # Active batches first: when the request budget or the
-                    # concurrency is short, lingering and missing ones wait.
+                    pages_running = sum(
+                        self._pages(r) for r in self._batches.values() if r.task is not None
+                    )
+                    # Active batches first, most overdue first: when the request
+                    # budget or the concurrency is short, lingering ones wait.
                     for rt in sorted(self._batches.values(), key=self._schedule_key):
                         if rt.task is not None or rt.retired or rt.next_due > now:
                             continue
@@ -94,6 +104,12 @@ class Scheduler:
                             # not on every loop turn.
                             rt.next_due = now + sync_every
                             continue
+                        pages = self._pages(rt)
+                        if pages_running and pages_running + pages > self._page_budget():
+                            # Scans share the request budget: many at once would all
+                            # be slow and stale. Fewer at a time each finish quickly.
+                            break
+                        pages_running += pages
                         rt.task = asyncio.create_task(self.run_cycle(rt, sem))
                 wake_at = min(
                     [next_sync, paused_until or math.inf]
@@ -131,6 +147,19 @@ class Scheduler:
         finally:
             rt.task = None
 
+    def _pages(self, rt: BatchRuntime) -> int:
+        """Requests a scan of `rt` is expected to make (its page count last time)."""
+        if rt.pages:
+            return len(rt.pages)
+        calls = sum(rt.meta.counts.values())
+        return max(1, math.ceil(calls / self._settings.upstream.page_size))
+
+    def _page_budget(self) -> float:
+        """Pages this replica's running scans may hold: what its share of the fleet's
+        request budget reads in one poll interval (so each scan ends within one)."""
+        rate = self._settings.upstream.max_requests_per_second / max(1, self._alive)
+        return rate * max(1.0, self._p.interval_seconds)
+
     def _schedule_key(self, rt: BatchRuntime) -> tuple[int, float]:
         return (_PRIORITY.get(self._poller.lifecycle_of(rt), 3), rt.next_due)
 
@@ -153,9 +182,8 @@ class Scheduler:
     async def _sync(self, now: float) -> None:
         """Heartbeat, renew held leases, follow the registry."""
         try:
-            await self._leases.heartbeat(
-                self._poller.replica_id, self._wall_ms(), self._poller.ttl_ms
-            )
+            await self._announce()
+            await self._registry.prune(int(self._p.retired_retention_seconds * 1000))
             registered = await self._registry.all()
         except Exception:
             log.exception("cannot reach Redis to sync batches", extra={"action": "sync_failed"})
@@ -197,35 +225,96 @@ class Scheduler:
                 extra={"action": "lease_released", "batch_id": rt.batch_id},
             )
 
+    async def _announce(self) -> None:
+        """Heartbeat while this replica can poll; otherwise step aside.
+
+        A replica whose API key is rejected or that cannot reach the platform stops
+        counting as alive, so the others size their shares without it and take its
+        batches (it releases them); alone, it keeps trying, as nobody else can.
+        """
+        if self._poller.reach.can_poll:
+            self._alive = await self._leases.heartbeat(self._poller.replica_id, self._poller.ttl_ms)
+            self._stepped_aside = False
+            return
+        await self._leases.leave(self._poller.replica_id)
+        others = await self._leases.live_replicas(self._poller.ttl_ms)
+        self._stepped_aside = others > 0
+        self._alive = max(1, others)
+        if self._stepped_aside:
+            log.warning(
+                "cannot poll the platform; handing batches to the %d replicas that can",
+                others,
+                extra={"action": "stepped_aside"},
+            )
+
+    async def _probe(self) -> None:
+        batch_id = next((b for b, r in self._batches.items() if not r.retired), None)
+        if batch_id is not None:
+            with contextlib.suppress(Exception):
+                await self._poller.probe(batch_id)
+
     async def _fair_share(self) -> int:
         """How many batches this replica may own: an even split over live replicas."""
+        if self._stepped_aside:
+            return 0
         try:
-            alive = await self._leases.live_replicas(self._wall_ms(), self._poller.ttl_ms)
+            self._alive = max(1, await self._leases.live_replicas(self._poller.ttl_ms))
         except Exception:
             return len(self._batches)
         active = [r for r in self._batches.values() if not r.retired]
-        return max(1, math.ceil(len(active) / max(1, alive)))
+        return max(1, math.ceil(len(active) / self._alive))
+
+    async def leave(self) -> None:
+        """Stop counting as alive (graceful shutdown): others rebalance at once."""
+        with contextlib.suppress(Exception):
+            await self._leases.leave(self._poller.replica_id)
 
     async def _retire(self, rt: BatchRuntime) -> None:
         """Nothing polls the batch any more: it should cost nothing from now on.
 
-        The registry keeps a tombstone (so no replica or restart picks it up again),
-        its state in Redis expires after `retired_retention_seconds` (the timeline
-        stays inspectable until then), and this replica drops its lease, cache and
-        metric series.
+        Its committed events are fanned out first (they are promises). The registry
+        keeps a tombstone (so no replica or restart picks it up again), its state in
+        Redis expires after `retired_retention_seconds` (the timeline stays
+        inspectable until then), and this replica drops its lease, cache and metric
+        series.
         """
-        with contextlib.suppress(Exception):
+        try:
+            await self._relay.drain(rt.batch_id)
             await self._registry.retire(rt.batch_id)
             await self._store.expire_batch(
                 rt.batch_id, int(self._p.retired_retention_seconds * 1000)
             )
+        except Exception:
+            # Redis unreachable: the batch stays as it is and retires next time.
+            log.exception(
+                "could not retire batch %s; will retry",
+                rt.batch_id,
+                extra={"action": "retire_failed", "batch_id": rt.batch_id},
+            )
+            rt.retired = False
+            return
         await self._poller.release(rt)
         self._batches.pop(rt.batch_id, None)
         self._metrics.forget_batch(rt.batch_id)
 
     async def _forget(self, rt: BatchRuntime) -> None:
+        """The batch was removed (``DELETE /v1/batches/{id}``): fan out what it had
+        committed, let its state expire like a retired batch's, drop it here."""
+        try:
+            await self._relay.drain(rt.batch_id)
+            await self._store.expire_batch(
+                rt.batch_id, int(self._p.retired_retention_seconds * 1000)
+            )
+        except Exception:
+            log.exception(
+                "could not forget batch %s; will retry",
+                rt.batch_id,
+                extra={"action": "forget_failed", "batch_id": rt.batch_id},
+            )
+            return
         self._batches.pop(rt.batch_id, None)
         await self._poller.release(rt)
+        self._metrics.forget_batch(rt.batch_id)
 
     async def _stop_cycles(self) -> None:
         tasks = [rt.task for rt in self._batches.values() if rt.task is not None]

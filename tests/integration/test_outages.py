@@ -182,7 +182,7 @@ async def test_upstream_misbehaving_then_recovering(
             sample(m, "poll_cycles_total", batch=sim.batch_ids[0], outcome="auth_failed") or 0
         ) > 0
         # Recovered without operator action.
-        assert svc.poller.upstream_auth_ok
+        assert svc.poller.reach.auth_ok
         assert sample(m, "upstream_auth_ok") == 1
     finally:
         await svc.close()

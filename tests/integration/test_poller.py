@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -13,65 +12,18 @@ import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
 from callbridge.app import Bridge
-from callbridge.config import Settings
 from callbridge.models import TERMINAL_STATUSES
 from callbridge.poller import BatchRuntime
-from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
+from callbridge.simulator import FaultConfig, Simulator
 from callbridge.store.keys import Keys
+from tests.support.bridges import MakeService, sim_config
 from tests.support.metrics import sample
-from tests.support.receivers import Receiver
-from tests.support.settings import API_KEY, SECRET, make_settings
-
-MakeService = Callable[..., Awaitable[tuple[Bridge, Simulator, Receiver]]]
-
-
-@pytest.fixture
-async def make_service(
-    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
-) -> AsyncIterator[MakeService]:
-    services: list[Bridge] = []
-
-    async def build(
-        sim_config: SimulatorConfig, *, events: list[str] | None = None, **sections: Any
-    ) -> tuple[Bridge, Simulator, Receiver]:
-        sim = Simulator(sim_config)
-        upstream = await aiohttp_server(make_app(sim))
-        receiver = Receiver()
-        hook = await aiohttp_server(receiver.app())
-        settings: Settings = make_settings(
-            str(upstream.make_url("")),
-            redis_url,
-            batches=sim.batch_ids,
-            subscriptions=[
-                {
-                    "name": "crm",
-                    "url": str(hook.make_url("/hook")),
-                    "secret": SECRET,
-                    "events": events or ["*"],
-                    "retry_schedule_seconds": [0, 0, 0],
-                }
-            ],
-            **sections,
-        )
-        svc = await Bridge.create(settings, replica_id="test")
-        await svc.registry.register_config(settings.batches)
-        services.append(svc)
-        return svc, sim, receiver
-
-    yield build
-    for svc in services:
-        await svc.close()
+from tests.support.settings import SECRET
 
 
 async def poll_all(svc: Bridge, sim: Simulator) -> None:
     for batch_id in sim.batch_ids:
         await svc.poller.poll_once(batch_id)
-
-
-def sim_config(**kw: Any) -> SimulatorConfig:
-    base: dict[str, Any] = {"api_key": API_KEY, "seed": 11, "calls_per_batch": 30, "batches": 2}
-    base.update(kw)
-    return SimulatorConfig(**base)
 
 
 async def test_lifecycle_with_faults_matches_ground_truth(make_service: MakeService) -> None:
@@ -196,11 +148,11 @@ async def test_404_and_401_are_reported_without_retry_storm(make_service: MakeSe
     before = len(sim.request_log)
     assert await svc.poller.poll_once(sim.batch_ids[0]) == "auth_failed"
     assert len(sim.request_log) == before + 1
-    assert not svc.poller.upstream_auth_ok
+    assert not svc.poller.reach.auth_ok
     assert sample(svc.metrics, "upstream_auth_ok") == 0
     sim.faults = FaultConfig()
     assert await svc.poller.poll_once(sim.batch_ids[0]) in ("committed", "unchanged")
-    assert svc.poller.upstream_auth_ok
+    assert svc.poller.reach.auth_ok
 
 
 async def test_timeline_records_observations(make_service: MakeService) -> None:

@@ -62,7 +62,9 @@ async def running(
         str(upstream.make_url("")),
         redis_url,
         batches=sim.batch_ids,
-        subscriptions=[{"name": "crm", "url": str(hook.make_url("/hook")), "secret": SECRET}],
+        subscriptions=[
+            {"name": "crm", "url": str(hook.make_url("/hook?token=s3cr3t")), "secret": SECRET}
+        ],
         admin={"token": TOKEN},
     )
     client = await aiohttp_client(build_app(settings, replica_id="t"))
@@ -105,11 +107,15 @@ async def test_admin_batches_and_subscriptions(running: Any) -> None:
     resp = await client.post("/v1/batches", json={"id": "sched_new"}, headers=auth())
     assert resp.status == 201
     assert (await client.post("/v1/batches", json={"id": "bad id"}, headers=auth())).status == 400
+    assert (await client.post("/v1/batches", json={"id": ".."}, headers=auth())).status == 400
     assert (await client.post("/v1/batches", data=b"nope", headers=auth())).status == 400
     assert (await client.delete("/v1/batches/sched_new", headers=auth())).status == 200
     assert (await client.delete("/v1/batches/sched_new", headers=auth())).status == 404
     subs = (await (await client.get("/v1/subscriptions", headers=auth())).json())["data"]
     assert subs[0]["name"] == "crm"
+    # URLs often carry capability tokens: userinfo and query values are never shown.
+    assert subs[0]["url"].endswith("/hook?token=***")
+    assert "s3cr3t" not in str(subs)
     assert set(subs[0]["queue"]) == {"ready", "scheduled", "inflight", "dead"}
     assert (await client.post("/v1/subscriptions/nope/enable", headers=auth())).status == 404
     assert (await client.post("/v1/subscriptions/crm/enable", headers=auth())).status == 200

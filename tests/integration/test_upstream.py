@@ -227,3 +227,18 @@ async def test_malformed_bodies_raise_one_clear_error(
     with pytest.raises(MalformedPageError) as info:
         await client.fetch_page("b", 1)
     assert info.value.status == 200
+
+
+async def test_empty_page_claiming_more_ends_the_scan(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    # Page 2 is empty yet says has_more: once a whole cycle failed on it, and a
+    # platform that kept doing it never let the batch advance.
+    def pages(page: int, limit: int) -> Any:
+        return envelope(calls(0, 5) if page == 1 else [], 10, page, 5, True)
+
+    server = await aiohttp_server(adversarial_app(pages))
+    client = make_client(str(server.make_url("")))
+    got = [p async for p in client.iter_pages("b")]
+    assert [len(p.items) for p in got] == [5, 0]
+    assert got[-1].has_more  # the caller sees the scan did not complete

@@ -10,6 +10,7 @@ import yaml
 
 from callbridge.cli import main
 from callbridge.config import ConfigError, interpolate, parse_settings
+from callbridge.operations import redact_url
 from tests.support.settings import SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +68,27 @@ def problems(raw: Any, env: dict[str, str] | None = None) -> list[str]:
             "batches[1].id: duplicate batch id",
         ),
         (lambda c: c.update(batches=[{"id": "bad id!"}]), "batches[0].id: must be"),
+        # "." and ".." would point the request at another path of the API.
+        (lambda c: c.update(batches=[{"id": "."}]), "batches[0].id: must not be made of dots"),
+        (lambda c: c.update(batches=[{"id": ".."}]), "batches[0].id: must not be made of dots"),
+        # A line break in a header value made every delivery fail until dead-lettered.
+        (
+            lambda c: c["subscriptions"][0].update(headers={"X-Token": "a\r\nX-Evil: 1"}),
+            "subscriptions[0].headers: header 'X-Token': the value must not contain CR",
+        ),
+        *[
+            (
+                lambda c, name=name: c["subscriptions"][0].update(headers={name: "x"}),
+                f"subscriptions[0].headers: header {name!r} is set by callbridge or HTTP",
+            )
+            for name in (
+                "Host",
+                "Content-Length",
+                "Transfer-Encoding",
+                "Authorization",
+                "Webhook-Whatever",
+            )
+        ],
         (lambda c: c.update(redis={"url": "http://x"}), "redis.url: must start with"),
         (lambda c: c.update(admin={"token": "short"}), "admin.token: must be at least 16"),
         (
@@ -199,3 +221,15 @@ def test_example_documents_every_key_with_its_default() -> None:
             assert getattr(section, name) == default, (
                 f"{path}.{name} differs from the model default"
             )
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://crm.example/hook", "https://crm.example/hook"),
+        ("https://user:pw@crm.example/hook", "https://***@crm.example/hook"),
+        ("https://crm.example/h?token=abc&v=1&flag", "https://crm.example/h?token=***&v=***&flag"),
+    ],
+)
+def test_subscription_urls_are_redacted(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

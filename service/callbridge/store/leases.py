@@ -28,6 +28,8 @@ class LeaseStore:
         self._keys = keys
         self._renew = register(redis, "renew_lease")
         self._release = register(redis, "release_lease")
+        self._heartbeat = register(redis, "heartbeat")
+        self._live = register(redis, "live_replicas")
 
     # -- leases ----------------------------------------------------------------
 
@@ -46,14 +48,20 @@ class LeaseStore:
 
     # -- replicas ----------------------------------------------------------------
 
-    async def heartbeat(self, replica_id: str, now_ms: int, ttl_ms: int) -> None:
-        key = self._keys.replicas()
-        await self._redis.zadd(key, {replica_id: now_ms})
-        # Replicas silent for ten lease periods are gone for good.
-        await self._redis.zremrangebyscore(key, "-inf", now_ms - 10 * ttl_ms)
+    async def heartbeat(self, replica_id: str, ttl_ms: int) -> int:
+        """Say this replica is alive; returns how many replicas are (itself included).
 
-    async def live_replicas(self, now_ms: int, ttl_ms: int) -> int:
-        return int(await self._redis.zcount(self._keys.replicas(), now_ms - ttl_ms, "+inf"))
+        Times are the Redis server's: a replica with a fast clock must not count as
+        alive long after it died.
+        """
+        return int(await self._heartbeat(keys=[self._keys.replicas()], args=[replica_id, ttl_ms]))
+
+    async def leave(self, replica_id: str) -> None:
+        """Stop counting as alive (shutting down, or unable to poll): others take over."""
+        await self._redis.zrem(self._keys.replicas(), replica_id)
+
+    async def live_replicas(self, ttl_ms: int) -> int:
+        return int(await self._live(keys=[self._keys.replicas()], args=[ttl_ms]))
 
 
 class LeaseKeeper:

@@ -26,6 +26,7 @@ class Registration:
     # Retired batches stay registered as tombstones: a restart must not register a
     # config batch again after its state expired (it would be "seen" afresh).
     retired: bool = False
+    retired_ms: int = 0
 
 
 class BatchRegistry:
@@ -59,8 +60,25 @@ class BatchRegistry:
             "source": current.source,
             "added_ms": current.added_ms,
             "retired": True,
+            "retired_ms": int(time.time() * 1000),
         }
         await self._redis.hset(self._key, batch_id, orjson.dumps(doc))
+
+    async def prune(self, older_than_ms: int) -> int:
+        """Drop tombstones of batches added through the API and retired long ago.
+
+        Their state has expired by then. Tombstones of config batches stay (as many
+        as the config lists): without them a restart would watch the batch afresh.
+        """
+        cutoff = int(time.time() * 1000) - older_than_ms
+        gone = [
+            b
+            for b, reg in (await self.all()).items()
+            if reg.retired and reg.source == "api" and 0 < reg.retired_ms < cutoff
+        ]
+        if gone:
+            await self._redis.hdel(self._key, *gone)
+        return len(gone)
 
     async def get(self, batch_id: str) -> Registration | None:
         raw = await self._redis.hget(self._key, batch_id)
@@ -85,6 +103,7 @@ class BatchRegistry:
             source=doc.get("source", "api"),
             added_ms=int(doc.get("added_ms", 0)),
             retired=bool(doc.get("retired", False)),
+            retired_ms=int(doc.get("retired_ms", 0)),
         )
 
     @staticmethod

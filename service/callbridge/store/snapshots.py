@@ -215,7 +215,16 @@ class SnapshotStore:
         return CallState.decode(raw) if raw else None
 
     async def expire_batch(self, batch_id: str, after_ms: int) -> None:
-        """Let a retired batch's state go after `after_ms` (kept for inspection until then)."""
+        """Let a retired batch's state go after `after_ms` (kept for inspection until then).
+
+        Its outbox goes too: it was drained before, and an empty stream would stay.
+        """
         k = self._keys
-        for key in (k.snapshot(batch_id), k.batch_meta(batch_id), k.timeline(batch_id)):
+        keys = (
+            k.snapshot(batch_id),
+            k.batch_meta(batch_id),
+            k.timeline(batch_id),
+            k.outbox(batch_id),
+        )
+        for key in keys:
             await self._redis.pexpire(key, after_ms)

@@ -66,6 +66,11 @@ if n_states > 0 or n_events > 0 then
   redis.call('HSET', meta, 'version', version)
 end
 redis.call('PEXPIRE', lease, ttl_ms)
+-- A batch watched again after it was retired still has the expiry set then:
+-- a polled batch's state must never expire under it.
+redis.call('PERSIST', calls)
+redis.call('PERSIST', meta)
+redis.call('PERSIST', timeline)
 -- The outbox ids let the caller fan out from memory and trim exactly these entries.
 table.insert(stream_ids, 1, version)
 return stream_ids

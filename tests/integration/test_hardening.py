@@ -1,0 +1,169 @@
+"""Defects found by reading the queue, store and poller (issue 12), each pinned by a
+test that failed before its fix: real Redis, real simulator, real receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from callbridge.app import Bridge
+from callbridge.diff import select_candidates
+from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from callbridge.store.keys import Keys
+from tests.support.bridges import MakeService, sim_config
+from tests.support.settings import API_KEY, SECRET, make_settings
+
+
+async def test_failed_takeover_drain_is_retried_and_nothing_is_stranded(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    """A take-over drain that fails (a Redis error) is retried by the next cycle; the
+    earlier owner's committed events reach the subscription, older ones first."""
+    first, sim, receiver = await make_service(sim_config(batches=1, calls_per_batch=5))
+    batch = sim.batch_ids[0]
+    await first.poller.poll_once(batch)
+    sim.advance(3)
+    due = Keys().due("crm")
+    # The subscription's queue is broken: the fan-out after the commit fails.
+    await redis_client.set(due, "not a sorted set")
+    with pytest.raises(ResponseError):
+        await first.poller.poll_once(batch)
+    assert await redis_client.xlen(Keys().outbox(batch)) > 0
+    await first.poller.release_all()
+
+    second = await Bridge.create(first.settings, replica_id="second")
+    try:
+        # The new owner's take-over drain fails too...
+        with pytest.raises(ResponseError):
+            await second.poller.poll_once(batch)
+        await redis_client.delete(due)
+        # ...and is retried by its next cycle, before the cycle's own events.
+        sim.advance(2)
+        await second.poller.poll_once(batch)
+        assert await redis_client.xlen(Keys().outbox(batch)) == 0
+        await second.deliverer.drain()
+    finally:
+        await second.close()
+    seqs: dict[str, list[int]] = {}
+    for p in receiver.verify_all(SECRET):
+        if p["type"].startswith("call."):
+            seqs.setdefault(p["data"]["call_id"], []).append(p["data"]["sequence"])
+    assert seqs
+    for call_seqs in seqs.values():
+        assert call_seqs == list(range(1, len(call_seqs) + 1))
+
+
+async def test_watching_a_retired_batch_again_clears_its_expiry(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=3))
+    batch = sim.batch_ids[0]
+    await svc.poller.poll_once(batch)
+    # Retired: its state expires after the retention...
+    await svc.store.expire_batch(batch, 60_000)
+    k = Keys()
+    assert 0 < await redis_client.pttl(k.snapshot(batch)) <= 60_000
+    # ...watched again: the next commit makes it permanent, or it would vanish
+    # under an active batch and every call would be re-emitted.
+    await svc.operations.add_batch(batch)
+    sim.advance()
+    await svc.poller.poll_once(batch)
+    for key in (k.snapshot(batch), k.batch_meta(batch), k.timeline(batch)):
+        assert await redis_client.pttl(key) == -1, key
+
+
+def _forge_crc(prefix: bytes, suffix: bytes, target: int, n: int = 10) -> bytes:
+    """`n` characters (from '@'..'O') making crc32(prefix + them + suffix) == target.
+
+    CRC-32 is affine in the message bits: flipping the low four bits of each
+    character gives 4n changes of the checksum; solve for `target` over GF(2).
+    """
+    base = bytearray(b"@" * n)
+    c0 = zlib.crc32(prefix + base + suffix)
+    basis: dict[int, tuple[int, int]] = {}  # leading bit -> (checksum change, flips)
+    for k in range(4 * n):
+        m = bytearray(base)
+        m[k // 4] ^= 1 << (k % 4)
+        vec, mask = zlib.crc32(prefix + m + suffix) ^ c0, 1 << k
+        for bit in range(31, -1, -1):
+            if not vec >> bit & 1:
+                continue
+            if bit not in basis:
+                basis[bit] = (vec, mask)
+                break
+            vec, mask = vec ^ basis[bit][0], mask ^ basis[bit][1]
+    want, flips = target ^ c0, 0
+    for bit in range(31, -1, -1):
+        if want >> bit & 1:
+            vec, mask = basis[bit]
+            want, flips = want ^ vec, flips ^ mask
+    for k in range(4 * n):
+        if flips >> k & 1:
+            base[k // 4] ^= 1 << (k % 4)
+    return bytes(base)
+
+
+def test_a_checksum_collision_does_not_hide_a_change() -> None:
+    """32-bit item signatures let a CRC collision skip a real change (possibly a final
+    status); signatures are 64 bits now."""
+    before = {"call_id": "c1", "status": "in_progress", "x": "@@@@@@@@@@"}
+    _, sigs, _ = select_candidates([[before]], {})
+    raw_before = orjson.dumps(before)
+    head = b'{"call_id":"c1","status":"completed","x":"'
+    forged = _forge_crc(head, b'"}', zlib.crc32(raw_before))
+    after = {"call_id": "c1", "status": "completed", "x": forged.decode()}
+    assert zlib.crc32(orjson.dumps(after)) == zlib.crc32(raw_before)
+    candidates, _, _ = select_candidates([[after]], sigs)
+    assert candidates == [after]
+
+
+async def test_heartbeats_use_the_server_clock(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    svc, _, _ = await make_service(sim_config(batches=1, calls_per_batch=1))
+    assert await svc.leases.heartbeat("r1", 5000) == 1
+    score = await redis_client.zscore(Keys().replicas(), "r1")
+    server_s, server_us = await redis_client.time()
+    assert abs(score - (server_s * 1000 + server_us / 1000)) < 1000
+    await svc.leases.leave("r1")
+    assert await svc.leases.live_replicas(5000) == 0
+
+
+async def test_replica_with_a_rejected_key_hands_its_batches_over(
+    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> None:
+    sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=2, batches=4, calls_per_batch=3))
+    upstream = await aiohttp_server(make_app(sim))
+
+    def settings(api_key: str) -> Any:
+        return make_settings(
+            str(upstream.make_url("")),
+            redis_url,
+            batches=sim.batch_ids,
+            upstream={"api_key": api_key},
+            poller={"interval_seconds": 0.2, "lease_ttl_seconds": 2, "jitter_ratio": 0},
+        )
+
+    bad = await Bridge.create(settings("sk_rejected"), replica_id="bad")
+    good = await Bridge.create(settings(API_KEY), replica_id="good")
+    stop = asyncio.Event()
+    await bad.registry.register_config(bad.settings.batches)
+    tasks = [asyncio.create_task(b.scheduler.run(stop)) for b in (bad, good)]
+    try:
+        deadline = time.monotonic() + 20
+        while not (len(good.poller.owned()) == 4 and not bad.poller.owned()):
+            assert time.monotonic() < deadline, (bad.poller.owned(), good.poller.owned())
+            await asyncio.sleep(0.1)
+        assert not bad.poller.reach.can_poll
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for b in (bad, good):
+            await b.close()
