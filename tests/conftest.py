@@ -12,14 +12,21 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
 
 from callbridge.app import Bridge
 from callbridge.config import Settings
+from callbridge.delivery import Deliverer
+from callbridge.metrics import Metrics
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from callbridge.store.keys import Keys
+from callbridge.store.queue import DeliveryQueue
 from tests.support.bridges import MakeService
+from tests.support.deliveries import FAST, MakeRig, Rig
 from tests.support.receivers import Receiver
 from tests.support.servers import free_port, start_server
 from tests.support.settings import SECRET, make_settings
@@ -131,3 +138,47 @@ async def make_service(
     yield build
     for svc in services:
         await svc.close()
+
+
+@pytest.fixture
+async def make_rig(
+    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> AsyncIterator[MakeRig]:
+    sessions: list[aiohttp.ClientSession] = []
+    clients: list[Any] = []
+
+    async def build(subs: dict[str, dict[str, Any]], **delivery: Any) -> Rig:
+        receivers: dict[str, Receiver] = {}
+        sub_cfg = []
+        for name, cfg in subs.items():
+            rec = Receiver()
+            receivers[name] = rec
+            server: TestServer = await aiohttp_server(rec.app())
+            sub_cfg.append(
+                {
+                    "name": name,
+                    "url": str(server.make_url("/hook")),
+                    "secret": SECRET,
+                    "retry_schedule_seconds": FAST,
+                    "timeout_seconds": 2,
+                    **cfg,
+                }
+            )
+        settings = make_settings(
+            "http://127.0.0.1:1", redis_url, subscriptions=sub_cfg, delivery=delivery
+        )
+        client = aioredis.Redis.from_url(redis_url)
+        clients.append(client)
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        queue = DeliveryQueue(client, Keys())
+        metrics = Metrics()
+        return Rig(
+            settings, queue, Deliverer(settings, queue, session, metrics), metrics, receivers
+        )
+
+    yield build
+    for s in sessions:
+        await s.close()
+    for c in clients:
+        await c.aclose()

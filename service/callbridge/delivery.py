@@ -70,7 +70,10 @@ class Deliverer:
         self._rng = rng or random.Random()
         self._wall = wall
         self._token = uuid.uuid4().hex
-        self._global = asyncio.Semaphore(self._d.global_max_in_flight)
+        # Request slots of this replica not held by a claim. A slot is taken before
+        # the claim, so a claimed delivery's request starts at once: its visibility
+        # deadline never runs out while it waits for a slot.
+        self._free = self._d.global_max_in_flight
         self._subs = {
             s.name: _Sub(s, s.signing_keys, asyncio.Event()) for s in settings.subscriptions
         }
@@ -144,37 +147,45 @@ class Deliverer:
             )
 
     async def _claim(self, sub: _Sub) -> list[Claimed]:
+        """Claim what may start now; each claimed delivery holds its slots already
+        (the subscription's and this replica's), released by `_deliver`."""
         s = sub.settings
         if not s.enabled:
             return []
-        free = min(s.max_in_flight - sub.inflight, self._global_free())
-        if free <= 0:
+        want = min(s.max_in_flight - sub.inflight, self._free)
+        if want <= 0:
             return []
-        visibility_ms = int((s.timeout_seconds + self._d.visibility_margin_seconds) * 1000)
-        return await self._queue.claim(
-            s.name,
-            max_in_flight=s.max_in_flight,
-            limit=free,
-            visibility_ms=visibility_ms,
-            token=self._token,
-        )
-
-    def _global_free(self) -> int:
-        # Semaphore has no public counter; our own bookkeeping mirrors it.
-        return self._d.global_max_in_flight - sum(s.inflight for s in self._subs.values())
+        # Reserve before the round trip: another loop claiming meanwhile must not
+        # count these slots as free.
+        self._free -= want
+        sub.inflight += want
+        claimed: list[Claimed] = []
+        try:
+            visibility_ms = int((s.timeout_seconds + self._d.visibility_margin_seconds) * 1000)
+            claimed = await self._queue.claim(
+                s.name,
+                max_in_flight=s.max_in_flight,
+                limit=want,
+                visibility_ms=visibility_ms,
+                token=self._token,
+            )
+            return claimed
+        finally:
+            unused = want - len(claimed)
+            self._free += unused
+            sub.inflight -= unused
 
     # -- one attempt ---------------------------------------------------------------
 
     async def _deliver(self, sub: _Sub, claimed: Claimed) -> None:
+        """One attempt of a claimed delivery; frees the slots `_claim` took for it."""
         s = sub.settings
-        sub.inflight += 1
         try:
-            async with self._global:
-                try:
-                    result = await self.sender.send(s, sub.keys, claimed.event_id, claimed.body)
-                except asyncio.CancelledError:
-                    await asyncio.shield(self._release(sub, claimed.event_id))
-                    raise
+            try:
+                result = await self.sender.send(s, sub.keys, claimed.event_id, claimed.body)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._release(sub, claimed.event_id))
+                raise
             decision = classify(result, claimed.attempts + 1, s.retry_schedule_seconds, self._rng)
             try:
                 # The outcome is written even if we are cancelled meanwhile (shutdown).
@@ -190,8 +201,13 @@ class Deliverer:
                 )
         finally:
             sub.inflight -= 1
+            self._free += 1
             # A slot is free, and a call's next event may have been waiting for this one.
             sub.wake.set()
+            if self._free == 1:
+                # The replica was full: any subscription may have been waiting.
+                for other in self._subs.values():
+                    other.wake.set()
 
     async def _record(self, sub: _Sub, outcome: Completion) -> str:
         """Queue an outcome for the next batched write; returns what applied.

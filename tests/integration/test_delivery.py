@@ -4,98 +4,15 @@ the reference standardwebhooks implementation."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 import orjson
 import pytest
-import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 
-from callbridge.config import Settings
-from callbridge.delivery import Deliverer
-from callbridge.metrics import Metrics
-from callbridge.models import Event
-from callbridge.store.keys import Keys
-from callbridge.store.queue import Completion, CompletionPolicy, DeliveryQueue
+from callbridge.store.queue import Completion, CompletionPolicy
+from tests.support.deliveries import MakeRig, event
 from tests.support.metrics import sample
-from tests.support.receivers import Receiver
 from tests.support.servers import free_port
-from tests.support.settings import OLD_SECRET, SECRET, make_settings
-
-FAST = [0, 0, 0]  # retries due at once, so tests never wait for a schedule
-
-
-def event(n: int, call: str = "c1", etype: str = "call.completed") -> Event:
-    return Event.build(
-        event_id=f"evt_{call}_{n}",
-        type=etype,
-        timestamp="2026-11-28T10:00:05.123Z",
-        batch_id="b1",
-        call_id=call,
-        data={"batch_id": "b1", "call_id": call, "sequence": n, "status": etype.split(".")[1]},
-    )
-
-
-@dataclass
-class Rig:
-    settings: Settings
-    queue: DeliveryQueue
-    deliverer: Deliverer
-    metrics: Metrics
-    receivers: dict[str, Receiver]
-
-    async def enqueue(self, sub: str, *events: Event) -> int:
-        return await self.queue.enqueue(sub, [(e, 1) for e in events])
-
-
-MakeRig = Callable[..., Awaitable[Rig]]
-
-
-@pytest.fixture
-async def make_rig(
-    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
-) -> AsyncIterator[MakeRig]:
-    sessions: list[aiohttp.ClientSession] = []
-    clients: list[Any] = []
-
-    async def build(subs: dict[str, dict[str, Any]], **delivery: Any) -> Rig:
-        receivers: dict[str, Receiver] = {}
-        sub_cfg = []
-        for name, cfg in subs.items():
-            rec = Receiver()
-            receivers[name] = rec
-            server: TestServer = await aiohttp_server(rec.app())
-            sub_cfg.append(
-                {
-                    "name": name,
-                    "url": str(server.make_url("/hook")),
-                    "secret": SECRET,
-                    "retry_schedule_seconds": FAST,
-                    "timeout_seconds": 2,
-                    **cfg,
-                }
-            )
-        settings = make_settings(
-            "http://127.0.0.1:1", redis_url, subscriptions=sub_cfg, delivery=delivery
-        )
-        client = aioredis.Redis.from_url(redis_url)
-        clients.append(client)
-        session = aiohttp.ClientSession()
-        sessions.append(session)
-        queue = DeliveryQueue(client, Keys())
-        metrics = Metrics()
-        return Rig(
-            settings, queue, Deliverer(settings, queue, session, metrics), metrics, receivers
-        )
-
-    yield build
-    for s in sessions:
-        await s.close()
-    for c in clients:
-        await c.aclose()
+from tests.support.settings import OLD_SECRET, SECRET
 
 
 async def test_signed_delivery_verifies_with_reference_library(make_rig: MakeRig) -> None:

@@ -18,6 +18,7 @@ from callbridge.diff import select_candidates
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.keys import Keys
 from tests.support.bridges import MakeService, sim_config
+from tests.support.deliveries import MakeRig, event
 from tests.support.settings import API_KEY, SECRET, make_settings
 
 
@@ -167,3 +168,25 @@ async def test_replica_with_a_rejected_key_hands_its_batches_over(
         await asyncio.gather(*tasks)
         for b in (bad, good):
             await b.close()
+
+
+async def test_a_claim_holds_its_request_slot(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    """Claims take this replica's request slot first: a claimed delivery never waits
+    for a slot while its visibility deadline runs (it was swept and sent twice)."""
+    rig = await make_rig({"a": {}, "b": {}}, global_max_in_flight=1)
+    for name in ("a", "b"):
+        rig.receivers[name].answers.append("hang")
+        await rig.enqueue(name, event(1, "c1"), event(2, "c2"))
+    task = asyncio.create_task(rig.deliverer.run_once())
+    arrived = [asyncio.create_task(r.arrived.wait()) for r in rig.receivers.values()]
+    await asyncio.wait(arrived, return_when=asyncio.FIRST_COMPLETED)
+    k = Keys()
+    inflight = [await redis_client.zcard(k.inflight(n)) for n in ("a", "b")]
+    assert sum(inflight) == 1, inflight  # one slot: one claim, not 2 x 2 waiting
+    for r in rig.receivers.values():
+        r.release.set()
+    assert await task == 1
+    for t in arrived:
+        t.cancel()
