@@ -253,7 +253,7 @@ async def test_cancelled_attempt_hands_claim_back(make_rig: MakeRig) -> None:
         await task
     rec.release.set()
     depth = await rig.queue.depths("crm")
-    assert depth == {"ready": 1, "scheduled": 0, "inflight": 0, "dead": 0}
+    assert depth == {"ready": 1, "scheduled": 0, "inflight": 0, "dead": 0, "waiting": 0}
     record = await rig.queue.record("crm", "evt_c1_1")
     assert record is not None
     assert record["attempts"] == 0

@@ -190,3 +190,26 @@ async def test_a_claim_holds_its_request_slot(
     assert await task == 1
     for t in arrived:
         t.cancel()
+
+
+async def test_blocked_successors_never_hide_a_chain_head(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    """100 calls with 26 events each; their heads claimed, then handed back by the
+    sweep (their worker died) behind their own successors. The claim scan once
+    looked at ~2,000 due entries, all blocked successors: nothing was ever claimed."""
+    rig = await make_rig({"crm": {"max_in_flight": 100}})
+    for c in range(100):
+        await rig.enqueue("crm", *[event(n, f"c{c}") for n in range(26)])
+    heads = await rig.queue.claim(
+        "crm", max_in_flight=100, limit=100, visibility_ms=0, token="dead-worker"
+    )
+    assert len(heads) == 100
+    assert await rig.queue.sweep("crm", dead_retention_ms=60_000) == 100
+    depth = await rig.queue.depths("crm")
+    assert (depth["ready"], depth["waiting"]) == (100, 2500)
+    claimed = await rig.queue.claim(
+        "crm", max_in_flight=100, limit=10, visibility_ms=60_000, token="live-worker"
+    )
+    assert len(claimed) == 10
+    assert {c.event_id for c in claimed} <= {f"evt_c{c}_0" for c in range(100)}

@@ -108,7 +108,7 @@ async def test_subscriber_down_for_long_then_back_gets_everything(
         # (at most the requests in flight when it opened, then nothing)
         assert len(receiver.received) <= 4 + 3
         depth = await svc.queue.depths("crm")
-        queued = depth["ready"] + depth["scheduled"]
+        queued = depth["ready"] + depth["scheduled"] + depth["waiting"]
         assert queued > 100
         assert depth["dead"] == 0
         # Back up; the operator (or the next successful probe) closes the breaker.

@@ -116,7 +116,7 @@ async def test_admin_batches_and_subscriptions(running: Any) -> None:
     # URLs often carry capability tokens: userinfo and query values are never shown.
     assert subs[0]["url"].endswith("/hook?token=***")
     assert "s3cr3t" not in str(subs)
-    assert set(subs[0]["queue"]) == {"ready", "scheduled", "inflight", "dead"}
+    assert set(subs[0]["queue"]) == {"ready", "scheduled", "inflight", "dead", "waiting"}
     assert (await client.post("/v1/subscriptions/nope/enable", headers=auth())).status == 404
     assert (await client.post("/v1/subscriptions/crm/enable", headers=auth())).status == 200
     dl = await client.get("/v1/subscriptions/crm/dead-letters", headers=auth())

@@ -74,6 +74,11 @@ class Keys:
         """Sorted set delivery_id -> due time (ms)."""
         return f"{self._s(subscription)}:due"
 
+    def parked(self, subscription: str) -> str:
+        """Sorted set delivery_id -> enqueue time (ms): deliveries waiting for the first
+        attempt of their call's previous event (never in `due` until released)."""
+        return f"{self._s(subscription)}:parked"
+
     def inflight(self, subscription: str) -> str:
         """Sorted set delivery_id -> visibility deadline (ms) of a claimed attempt."""
         return f"{self._s(subscription)}:inflight"

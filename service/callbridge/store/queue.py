@@ -100,8 +100,9 @@ class DeliveryQueue:
         if not events:
             return 0
         k = self._keys
-        keys = [k.due(sub), k.chain(sub)] + [k.delivery(sub, ev.id) for ev, _ in events]
-        args: list[Any] = []
+        keys = [k.due(sub), k.chain(sub), k.parked(sub)]
+        keys += [k.delivery(sub, ev.id) for ev, _ in events]
+        args: list[Any] = [k.sub_prefix(sub)]
         for ev, observed_ms in events:
             args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms)
         return int(await self._enqueue(keys=keys, args=args))
@@ -136,7 +137,7 @@ class DeliveryQueue:
             return []
         k = self._keys
         keys = [k.due(sub), k.inflight(sub), k.dead(sub), k.endpoint(sub), k.chain(sub)]
-        keys += [k.delivery(sub, o.event_id) for o in outcomes]
+        keys += [k.parked(sub)] + [k.delivery(sub, o.event_id) for o in outcomes]
         args: list[Any] = [
             policy.retention_ms,
             policy.dead_retention_ms,
@@ -161,6 +162,7 @@ class DeliveryQueue:
             policy.breaker_failure_ratio,
             policy.breaker_min_attempts,
             policy.breaker_window_ms,
+            k.sub_prefix(sub),
         ]
         result = await self._complete(keys=keys, args=args)
         return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
@@ -178,7 +180,8 @@ class DeliveryQueue:
     # -- inspection and operator actions --------------------------------------
 
     async def depths(self, sub: str) -> dict[str, int]:
-        """Deliveries by state: ready (due now), scheduled (later), inflight, dead."""
+        """Deliveries by state: ready (due now), scheduled (later), inflight, dead, and
+        waiting (for the first attempt of their call's previous event)."""
         k = self._keys
         now_s, now_us = await self._redis.time()
         now_ms = int(now_s) * 1000 + int(now_us) // 1000
@@ -187,12 +190,14 @@ class DeliveryQueue:
             pipe.zcard(k.due(sub))
             pipe.zcard(k.inflight(sub))
             pipe.zcard(k.dead(sub))
-            ready, due_total, inflight, dead = await pipe.execute()
+            pipe.zcard(k.parked(sub))
+            ready, due_total, inflight, dead, waiting = await pipe.execute()
         return {
             "ready": int(ready),
             "scheduled": int(due_total) - int(ready),
             "inflight": int(inflight),
             "dead": int(dead),
+            "waiting": int(waiting),
         }
 
     async def endpoint(self, sub: str) -> EndpointState:
@@ -245,7 +250,7 @@ class DeliveryQueue:
         k = self._keys
         return bool(
             await self._requeue(
-                keys=[k.due(sub), k.dead(sub), k.delivery(sub, event_id)],
+                keys=[k.due(sub), k.dead(sub), k.delivery(sub, event_id), k.parked(sub)],
                 args=[event_id, "1" if reset_attempts else "0"],
             )
         )

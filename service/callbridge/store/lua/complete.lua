@@ -1,7 +1,8 @@
 -- complete.lua: record the outcomes of attempts of one subscription, several at once.
 --
 -- KEYS[1] due  KEYS[2] inflight  KEYS[3] dead  KEYS[4] endpoint  KEYS[5] chain
--- KEYS[5+j]    record hash of the j-th outcome's delivery
+-- KEYS[6] parked
+-- KEYS[6+j]    record hash of the j-th outcome's delivery
 --
 -- ARGV[1] retention_ms       delivered records are kept this long
 -- ARGV[2] dead_retention_ms  dead letters are kept this long
@@ -15,6 +16,7 @@
 --         kind: ok | fail | conn (no connection: refused, DNS, TLS) | paced (429:
 --         no attempt to the endpoint for pace_ms; not a breaker failure)
 -- ARGV[8] failure_ratio  ARGV[9] min_attempts  ARGV[10] window_ms
+-- ARGV[11] prefix        the subscription's key prefix (records are prefix:d:<id>)
 --         the breaker opens when at least failure_ratio of at least min_attempts
 --         attempts in the last window_ms failed (3 buckets of window_ms / 3)
 --
@@ -27,6 +29,7 @@
 -- no longer exists.
 --#include now
 local due, inflight, dead, endpoint, chain = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local parked, prefix = KEYS[6], ARGV[11]
 local retention, dead_retention = tonumber(ARGV[1]), tonumber(ARGV[2])
 local threshold, cooloff, cooloff_max = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local history_max = tonumber(ARGV[6])
@@ -86,7 +89,19 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
     redis.call('ZADD', due, now, id)
     return outcome
   end
-  redis.call('HINCRBY', rec, 'attempts', 1)
+  if redis.call('HINCRBY', rec, 'attempts', 1) == 1 then
+    -- The first attempt happened: the call's next event may start now.
+    local nxt = redis.call('HGET', rec, 'next')
+    if nxt and nxt ~= '' then
+      local nrec = prefix .. ':d:' .. nxt
+      if redis.call('HGET', nrec, 'state') == 'waiting' then
+        redis.call('HSET', nrec, 'state', 'pending')
+        redis.call('ZADD', due, now, nxt)
+      end
+      redis.call('ZREM', parked, nxt)
+      redis.call('HSET', rec, 'next', '')
+    end
+  end
   if outcome == 'success' then
     redis.call('HSET', rec, 'state', 'delivered', 'delivered_ms', now)
     redis.call('PEXPIRE', rec, retention)
@@ -141,7 +156,7 @@ local out = {}
 -- client more CPU than the whole script costs the server.
 local items = cjson.decode(ARGV[7])
 for j, o in ipairs(items) do
-  out[#out + 1] = complete(KEYS[5 + j], o[1], o[2], o[3], tonumber(o[4]), o[5],
+  out[#out + 1] = complete(KEYS[6 + j], o[1], o[2], o[3], tonumber(o[4]), o[5],
                            o[6] or 'fail', tonumber(o[7] or '0'))
 end
 return out

@@ -4,31 +4,53 @@
 --
 -- KEYS[1] due      zset: delivery id -> due time (ms)
 -- KEYS[2] chain    hash: call key -> last event id enqueued for that call
--- KEYS[2+j] record hash: the j-th delivery (one key per event)
+-- KEYS[3] parked   zset: deliveries waiting for their predecessor's first attempt
+-- KEYS[3+j] record hash: the j-th delivery (one key per event)
 --
--- ARGV: five per event, in KEYS order:
+-- ARGV[1] prefix   the subscription's key prefix (records are prefix:d:<id>)
+-- then five per event, in KEYS order:
 --   call key ('' for batch events: unordered), event id, event type, body,
 --   observed_ms (when the change was committed)
 --
+-- Per-call order: a delivery whose call's previous event has not had its first
+-- attempt yet is parked (state 'waiting', not due) and named in the predecessor's
+-- 'next' field; complete.lua releases it after that first attempt. So the due set
+-- only ever holds deliveries that may start, and none can hide another.
+--
 -- Reply: how many deliveries were created.
 --#include now
-local due, chain = KEYS[1], KEYS[2]
+local due, chain, parked = KEYS[1], KEYS[2], KEYS[3]
+local prefix = ARGV[1]
 local added = 0
-local n = (#ARGV) / 5
+local n = (#ARGV - 1) / 5
 for j = 0, n - 1 do
-  local rec = KEYS[3 + j]
-  local callkey, id, etype, body, observed = ARGV[j*5+1], ARGV[j*5+2], ARGV[j*5+3],
-                                             ARGV[j*5+4], ARGV[j*5+5]
+  local rec = KEYS[4 + j]
+  local a = 1 + j * 5
+  local callkey, id, etype, body, observed = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4],
+                                             ARGV[a+5]
   if redis.call('EXISTS', rec) == 0 then
     local prev = ''
     if callkey ~= '' then
       prev = redis.call('HGET', chain, callkey) or ''
       redis.call('HSET', chain, callkey, id)
     end
-    redis.call('HSET', rec, 'body', body, 'type', etype, 'state', 'pending', 'attempts', 0,
+    local state = 'pending'
+    if prev ~= '' then
+      local prec = prefix .. ':d:' .. prev
+      local p = redis.call('HMGET', prec, 'state', 'attempts')
+      if p[2] == '0' and (p[1] == 'pending' or p[1] == 'inflight' or p[1] == 'waiting') then
+        state = 'waiting'
+        redis.call('HSET', prec, 'next', id)
+      end
+    end
+    redis.call('HSET', rec, 'body', body, 'type', etype, 'state', state, 'attempts', 0,
                'created_ms', now, 'observed_ms', observed, 'prev', prev, 'callkey', callkey,
                'history', '[]')
-    redis.call('ZADD', due, now, id)
+    if state == 'waiting' then
+      redis.call('ZADD', parked, now, id)
+    else
+      redis.call('ZADD', due, now, id)
+    end
     added = added + 1
   end
 end

@@ -1,6 +1,6 @@
 -- requeue.lua: make a dead or delivered delivery due again now (replay, redeliver).
 --
--- KEYS[1] due  KEYS[2] dead  KEYS[3] record
+-- KEYS[1] due  KEYS[2] dead  KEYS[3] record  KEYS[4] parked
 --
 -- ARGV[1] event id
 -- ARGV[2] reset_attempts  '1' gives the delivery a fresh retry schedule
@@ -11,6 +11,7 @@ local state = redis.call('HGET', KEYS[3], 'state')
 if not state then return 0 end
 if state == 'inflight' then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('PERSIST', KEYS[3])
 redis.call('HSET', KEYS[3], 'state', 'pending', 'prev', '')
 if ARGV[2] == '1' then redis.call('HSET', KEYS[3], 'attempts', 0) end
