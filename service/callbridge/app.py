@@ -122,6 +122,13 @@ class Bridge:
             registry,
             queue,
             owns=lambda batch_id: batch_id in poller.owned(),
+            poll_period_s=lambda batch_id: (
+                metrics.registry.get_sample_value(
+                    "callbridge_batch_poll_interval_seconds", {"batch": batch_id}
+                )
+                if batch_id in poller.owned()
+                else None
+            ),
             on_batches_changed=scheduler.wake,
         )
         return cls(
