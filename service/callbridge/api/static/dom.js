@@ -1,6 +1,6 @@
 // DOM helpers. Everything from the API is untrusted: it becomes text nodes
 // (Node.append with a string, textContent) or attribute values we name ourselves,
-// never markup. There is no innerHTML anywhere in the console (a test checks it).
+// never markup: no script of the console parses a string as HTML (a test checks it).
 
 /** An element: h("td", {class: "num"}, "12"); strings become text nodes. */
 export function h(tag, props = {}, ...children) {
