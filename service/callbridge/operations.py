@@ -51,7 +51,7 @@ class Operations:
         queue: DeliveryQueue,
         *,
         owns: Callable[[str], bool] = lambda batch_id: False,
-        poll_period_s: Callable[[str], float | None] = lambda batch_id: None,
+        poll_periods_s: Callable[[], Mapping[str, float]] = dict,
         on_batches_changed: Callable[[], None] = lambda: None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
@@ -61,7 +61,7 @@ class Operations:
         self._registry = registry
         self._queue = queue
         self._owns = owns
-        self._poll_period_s = poll_period_s
+        self._poll_periods_s = poll_periods_s
         self._on_batches_changed = on_batches_changed
         self._wall_ms = wall_ms
 
@@ -74,8 +74,12 @@ class Operations:
 
     async def list_batches(self) -> list[dict[str, Any]]:
         out = []
-        for batch_id, reg in sorted((await self._registry.all()).items()):
-            meta = await self._store.load_meta(batch_id)
+        registered = sorted((await self._registry.all()).items())
+        ids = [batch_id for batch_id, _ in registered]
+        metas = await self._store.load_metas(ids)
+        owners = await self._leases.owners(ids)
+        periods = self._poll_periods_s()
+        for (batch_id, reg), meta, owner in zip(registered, metas, owners, strict=True):
             state = (
                 "retired"
                 if reg.retired
@@ -99,10 +103,10 @@ class Operations:
                     "completions": meta.completions,
                     "last_poll_ms": meta.last_poll_ms or None,
                     "last_change_ms": meta.last_change_ms or None,
-                    "owner": await self._leases.owner(batch_id),
+                    "owner": owner,
                     "owned_here": self._owns(batch_id),
                     "poll_interval_s": interval_s(state, self._settings.poller),
-                    "poll_period_s": self._poll_period_s(batch_id),
+                    "poll_period_s": periods.get(batch_id),
                 }
             )
         return out
