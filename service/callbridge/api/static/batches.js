@@ -6,6 +6,18 @@ import {
 } from "./dom.js";
 
 const PAGE = 50;
+// The documented statuses in lifecycle order; others (new ones) follow, by name.
+const ORDER = [
+  "pending", "queued", "ringing", "answered", "in_progress",
+  "completed", "failed", "no_answer", "busy", "cancelled",
+];
+const rank = (s) => (ORDER.includes(s) ? ORDER.indexOf(s) : ORDER.length);
+const byLifecycle = ([a], [b]) => rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0);
+
+function completions(n) {
+  if (!n) return "not completed yet";
+  return n === 1 ? "completed once" : `completed ${n} times (redials reopened it)`;
+}
 
 /** [label, count, css class] for the bar: pending, active, then each ending. */
 function parts(batch) {
@@ -102,7 +114,7 @@ export function batchView(root, route, ctx) {
           h(
             "p", { class: "facts" },
             badge(batch.lifecycle), " owner ", owner(batch), " · last poll ", when(batch.last_poll_ms),
-            " · ", period(batch), ` · completed ${batch.completions} time(s)`,
+            " · ", period(batch), ` · ${completions(batch.completions)}`,
           ),
         ]
         : [h("p", { class: "muted" }, "This batch is not watched any more.")]),
@@ -120,7 +132,7 @@ export function batchView(root, route, ctx) {
       );
     filters.replaceChildren(
       chip("all", null, batch ? batch.total : page.total),
-      ...Object.entries(counts).map(([s, n]) => chip(s, s, n)),
+      ...Object.entries(counts).sort(byLifecycle).map(([s, n]) => chip(s, s, n)),
     );
     rows.replaceChildren(
       ...page.items.map((c) =>
