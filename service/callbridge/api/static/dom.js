@@ -93,7 +93,7 @@ export function clock(ms) {
 export function when(ms) {
   if (ms === null || ms === undefined) return h("span", { class: "muted" }, "never");
   const s = Math.round((ms - Date.now()) / 1000);
-  const text = s <= 0 ? `${duration(-s)} ago` : `in ${duration(s)}`;
+  const text = s === 0 ? "just now" : s < 0 ? `${duration(-s)} ago` : `in ${duration(s)}`;
   return h("time", { datetime: new Date(ms).toISOString(), title: clock(ms) }, text);
 }
 
