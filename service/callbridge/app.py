@@ -50,6 +50,12 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
+def _owned_periods(metrics: Metrics, poller: Poller) -> dict[str, float]:
+    # A period measured before the lease moved elsewhere is stale: owned batches only.
+    owned = set(poller.owned())
+    return {b: s for b, s in metrics.poll_periods().items() if b in owned}
+
+
 @dataclass
 class Bridge:
     """Every long-lived part of a running bridge (implements `api.BridgeView`)."""
@@ -122,6 +128,7 @@ class Bridge:
             registry,
             queue,
             owns=lambda batch_id: batch_id in poller.owned(),
+            poll_periods_s=lambda: _owned_periods(metrics, poller),
             on_batches_changed=scheduler.wake,
         )
         return cls(

@@ -166,7 +166,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     configure_logging("text", "WARNING")
     try:
-        return asyncio.run(run_demo(calls=args.calls, step_seconds=args.step, port=args.port))
+        return asyncio.run(
+            run_demo(
+                calls=args.calls, step_seconds=args.step, port=args.port, keep_open=args.keep_open
+            )
+        )
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -246,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=int, default=20, help="calls in the demo batch (default 20)")
     p.add_argument("--step", type=float, default=0.5, help="seconds per simulated step")
     p.add_argument("--port", type=int, default=8080, help="bridge HTTP port (default 8080)")
+    p.add_argument(
+        "--keep-open",
+        action="store_true",
+        help="keep the bridge and its console (/ui/) running after the batch completes",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("verify", help="verify a captured webhook request's signature")

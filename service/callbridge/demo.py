@@ -2,8 +2,10 @@
 
 It starts the embedded Redis, the platform simulator with one batch, a local
 receiver that verifies every delivery's signature as a CRM would, and the bridge
-itself; prints each verified webhook and a progress line; and exits 0 once the
-batch has completed and its ``batch.completed`` event was delivered (or on Ctrl-C).
+itself; prints the console's URL and token, each verified webhook and a progress
+line; and exits 0 once the batch has completed and its ``batch.completed`` event was
+delivered (or on Ctrl-C). With `keep_open` the bridge and its console stay up after
+that, until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ async def run_demo(
     out: TextIO = sys.stdout,
     timeout_s: float = 600,
     on_ready: Callable[[dict[str, Any]], None] | None = None,
+    keep_open: bool = False,
 ) -> int:
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     token = secrets.token_urlsafe(24)
@@ -166,9 +169,12 @@ async def run_demo(
                 on_ready(info)
             print(
                 f"callbridge demo: batch {batch_id} with {calls} calls on a simulated platform\n"
+                f"  console:   {base}/ui/  (admin token: {token})\n"
                 f"  metrics:   {base}/metrics\n"
                 f"  admin API: {base}/v1/batches  (Authorization: Bearer {token})\n"
-                f"  Ctrl-C to stop.\n",
+                f"  Ctrl-C to stop"
+                + ("." if keep_open else "; --keep-open keeps the console up when done.")
+                + "\n",
                 file=out,
             )
             started = time.monotonic()
@@ -200,6 +206,9 @@ async def run_demo(
                 f" {receiver.rejected} rejected",
                 file=out,
             )
+            if keep_open and not stop.is_set():
+                print(f"console still at {base}/ui/ - Ctrl-C to stop", file=out)
+                await stop.wait()
             return 0 if receiver.done.is_set() or stop.is_set() else 1
         finally:
             for r in reversed(runners):

@@ -169,6 +169,14 @@ class Metrics:
         for label, n in by_label.items():
             self.calls.labels(batch_id, label).set(n)
 
+    def poll_periods(self) -> dict[str, float]:
+        """The last measured time between two polls, per batch this replica polled."""
+        return {
+            sample.labels["batch"]: sample.value
+            for family in self.poll_interval.collect()
+            for sample in family.samples
+        }
+
     def forget_batch(self, batch_id: str) -> None:
         """Drop a retired batch's series, so label values stay bounded over months."""
         for status in (*KNOWN_STATUSES, "other"):

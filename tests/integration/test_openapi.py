@@ -216,13 +216,15 @@ async def test_live_data_matches_the_document(live: Any) -> None:
     )
     assert not report.failures, "\n\n".join(report.failures)
     operations = {label for label, _ in report.examples}
-    assert len(operations) == 13
+    assert len(operations) == 14
     no_success = [op for op in operations if not any(200 <= s < 300 for s in report.statuses[op])]
     assert not no_success, report.statuses
     # The detailed schemas were checked against real content, not only empty lists.
     data = report.data
-    assert any(d["timeline"] for d in data("GET /v1/batches/{batch_id}/calls/{call_id}/timeline"))
-    assert any(d["items"] for d in data("GET /v1/subscriptions/{name}/dead-letters"))
+    timelines = data("GET /v1/batches/{batch_id}/calls/{call_id}/timeline")
+    assert any(e["deliveries"] for d in timelines for e in d["timeline"])
+    assert any(d["items"] for d in data("GET /v1/batches/{batch_id}/calls"))
+    assert any(d["items"] and d["total"] for d in data("GET /v1/subscriptions/{name}/dead-letters"))
     assert any(b["counts"] and b["owner"] for d in data("GET /v1/batches") for b in d)
     assert any(d["replayed"] > 0 for d in data("POST /v1/subscriptions/{name}/dead-letters/replay"))
     assert any(d["subscriptions"] for d in data("POST /v1/events/{event_id}/redeliver"))
@@ -237,12 +239,13 @@ async def test_generated_requests_match_the_document(live: Any) -> None:
     assert not report.failures, "\n\n".join(report.failures)
     positive = sum(n for (_, mode), n in report.examples.items() if mode == POSITIVE)
     negative = sum(n for (_, mode), n in report.examples.items() if mode == NEGATIVE)
-    assert len({label for label, _ in report.examples}) == 13
-    assert positive >= 13 * 5
+    assert len({label for label, _ in report.examples}) == 14
+    assert positive >= 14 * 5
     # Invalid bodies and query strings exist for these; the rest take only free strings.
     negated = {label for (label, mode) in report.examples if mode == NEGATIVE}
     assert negated >= {
         "POST /v1/batches",
+        "GET /v1/batches/{batch_id}/calls",
         "GET /v1/subscriptions/{name}/dead-letters",
         "POST /v1/subscriptions/{name}/dead-letters/replay",
     }
@@ -262,7 +265,7 @@ async def test_without_token_every_admin_operation_answers_401(live: Any) -> Non
         only=lambda label: " /v1/" in label,
     )
     assert not report.failures, "\n\n".join(report.failures)
-    assert len(report.statuses) == 10
+    assert len(report.statuses) == 11
     assert all(set(s) == {401} for s in report.statuses.values()), report.statuses
 
 
@@ -280,7 +283,7 @@ async def test_admin_off_every_admin_operation_answers_404(
         only=lambda label: " /v1/" in label,
     )
     assert not report.failures, "\n\n".join(report.failures)
-    assert len(report.statuses) == 10
+    assert len(report.statuses) == 11
     assert all(set(s) == {404} for s in report.statuses.values()), report.statuses
 
 

@@ -1,4 +1,5 @@
-"""Running the real `callbridge run` as subprocesses, for crash and replica tests."""
+"""Running the real `callbridge run` as subprocesses (crash and replica tests), and
+pausing an in-process bridge's loops so a test drives its work."""
 
 from __future__ import annotations
 
@@ -11,10 +12,21 @@ from typing import Any
 
 import yaml
 
+from callbridge.app import Bridge
 from callbridge.simulator import Simulator
 from tests.support.receivers import Receiver
 from tests.support.servers import free_port
 from tests.support.settings import API_KEY, SECRET
+
+
+async def pause_loops(bridge: Bridge) -> None:
+    """Stop a served bridge's own poll and delivery loops; its HTTP surface stays up.
+
+    The test then does the work with `poll_once` / `drain`, so nothing is still in
+    flight when it looks (leases are kept: the replica still owns its batches).
+    """
+    bridge.stopping.set()
+    await asyncio.gather(*bridge.tasks)
 
 
 def write_config(

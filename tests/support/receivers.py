@@ -35,6 +35,7 @@ class Received:
 @dataclass
 class Receiver:
     default: int | str = 200
+    failure_text: str = "nope"  # the body of every non-2xx answer
     answers: deque[int | str] = field(default_factory=deque)
     received: list[Received] = field(default_factory=list)
     delivered: list[Received] = field(default_factory=list)  # answered 2xx
@@ -76,7 +77,9 @@ class Receiver:
         if 200 <= answer < 300:
             self.delivered.append(rec)
         headers = {"Retry-After": "1"} if answer in (429, 503) else {}
-        return web.Response(status=answer, text="ok" if answer < 300 else "nope", headers=headers)
+        return web.Response(
+            status=answer, text="ok" if answer < 300 else self.failure_text, headers=headers
+        )
 
     def verify_all(self, secret: str) -> list[dict[str, Any]]:
         """Verify every delivered request with the reference implementation.

@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from callbridge.api.health import BRIDGE
+from callbridge.api.recent import RECENT
 from callbridge.config import BatchSettings
 from callbridge.operations import Operations, UnknownSubscriptionError
 
@@ -76,6 +77,17 @@ async def _json(request: web.Request) -> dict[str, Any]:
     return doc
 
 
+def _page(request: web.Request, default_limit: int) -> tuple[int, int]:
+    """``limit`` (clamped to 1-1000) and ``offset`` (clamped to >= 0) of a listing."""
+    try:
+        limit = min(1000, max(1, int(request.query.get("limit", str(default_limit)))))
+        # Redis ranges are signed 64-bit: an offset past any real list is just empty.
+        offset = min(10**12, max(0, int(request.query.get("offset", "0"))))
+    except ValueError:
+        raise BadRequest("limit and offset must be integers") from None
+    return limit, offset
+
+
 async def list_batches(request: web.Request) -> web.Response:
     return envelope(200, "Batches", await _ops(request).list_batches())
 
@@ -101,6 +113,16 @@ async def delete_batch(request: web.Request) -> web.Response:
     return envelope(404, f"No batch watched with id {batch_id}", code="NOT_FOUND")
 
 
+async def list_calls(request: web.Request) -> web.Response:
+    batch_id = request.match_info["batch_id"]
+    limit, offset = _page(request, 50)
+    status = request.query.get("status") or None
+    data = await _ops(request).calls(batch_id, status, limit, offset)
+    if data is None:
+        return envelope(404, f"No batch watched with id {batch_id}", code="NOT_FOUND")
+    return envelope(200, "Calls", data)
+
+
 async def call_timeline(request: web.Request) -> web.Response:
     batch_id, call_id = request.match_info["batch_id"], request.match_info["call_id"]
     data = await _ops(request).timeline(batch_id, call_id)
@@ -110,7 +132,13 @@ async def call_timeline(request: web.Request) -> web.Response:
 
 
 async def list_subscriptions(request: web.Request) -> web.Response:
-    return envelope(200, "Subscriptions", await _ops(request).list_subscriptions())
+    subs = await _ops(request).list_subscriptions()
+    # This replica's deliveries over the last minutes (sampled while the console is on).
+    window = request.config_dict.get(RECENT)
+    recent = window.stats(s["name"] for s in subs) if window is not None else {}
+    for sub in subs:
+        sub["recent"] = recent.get(sub["name"])
+    return envelope(200, "Subscriptions", subs)
 
 
 async def enable_subscription(request: web.Request) -> web.Response:
@@ -121,14 +149,13 @@ async def enable_subscription(request: web.Request) -> web.Response:
 
 async def list_dead_letters(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    try:
-        limit = min(1000, max(1, int(request.query.get("limit", "100"))))
-        # Redis ranges are signed 64-bit: an offset past any real list is just empty.
-        offset = min(10**12, max(0, int(request.query.get("offset", "0"))))
-    except ValueError:
-        return envelope(400, "limit and offset must be integers", code="VALIDATION_ERROR")
-    items = await _ops(request).dead_letters(name, limit, offset)
-    return envelope(200, "Dead letters", {"items": items, "limit": limit, "offset": offset})
+    limit, offset = _page(request, 100)
+    ops = _ops(request)
+    items = await ops.dead_letters(name, limit, offset)
+    total = await ops.dead_letter_count(name)
+    return envelope(
+        200, "Dead letters", {"items": items, "total": total, "limit": limit, "offset": offset}
+    )
 
 
 async def replay_dead_letters(request: web.Request) -> web.Response:
@@ -164,6 +191,7 @@ def admin_app(token: str | None) -> web.Application:
     r.add_get("/batches", list_batches)
     r.add_post("/batches", add_batch)
     r.add_delete("/batches/{batch_id}", delete_batch)
+    r.add_get("/batches/{batch_id}/calls", list_calls)
     r.add_get("/batches/{batch_id}/calls/{call_id}/timeline", call_timeline)
     r.add_get("/subscriptions", list_subscriptions)
     r.add_post("/subscriptions/{name}/enable", enable_subscription)

@@ -46,6 +46,13 @@ class LeaseStore:
         raw = await self._redis.get(self._keys.lease(batch_id))
         return raw.decode() if raw else None
 
+    async def owners(self, batch_ids: list[str]) -> list[str | None]:
+        """`owner` of many batches in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                pipe.get(self._keys.lease(batch_id))
+            return [raw.decode() if raw else None for raw in await pipe.execute()]
+
     # -- replicas ----------------------------------------------------------------
 
     async def heartbeat(self, replica_id: str, ttl_ms: int) -> int:

@@ -241,9 +241,17 @@ class DeliveryQueue:
             "history": orjson.loads(raw[b"history"]),
         }
 
+    async def body(self, sub: str, event_id: str) -> bytes | None:
+        """The exact payload a delivery sends (what its receiver verifies)."""
+        raw: bytes | None = await self._redis.hget(self._keys.delivery(sub, event_id), "body")
+        return raw
+
     async def dead_letters(self, sub: str, limit: int = 100, offset: int = 0) -> list[str]:
         rows = await self._redis.zrange(self._keys.dead(sub), offset, offset + limit - 1)
         return [r.decode() for r in rows]
+
+    async def dead_count(self, sub: str) -> int:
+        return int(await self._redis.zcard(self._keys.dead(sub)))
 
     async def requeue(self, sub: str, event_id: str, *, reset_attempts: bool) -> bool:
         """Make a dead or delivered delivery due again now (replay / redeliver)."""

@@ -94,6 +94,13 @@ class SnapshotStore:
     async def load_meta(self, batch_id: str) -> BatchMeta:
         return BatchMeta.from_redis(await self._redis.hgetall(self._keys.batch_meta(batch_id)))
 
+    async def load_metas(self, batch_ids: list[str]) -> list[BatchMeta]:
+        """The meta of many batches in one round trip (a cluster client splits it by node)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                pipe.hgetall(self._keys.batch_meta(batch_id))
+            return [BatchMeta.from_redis(raw) for raw in await pipe.execute()]
+
     async def load(self, batch_id: str) -> tuple[BatchMeta, dict[str, CallState]]:
         """The whole snapshot of a batch, consistent with the meta version returned.
 
