@@ -84,7 +84,7 @@ async def start_world(aiohttp_server: Any, redis_url: str) -> World:
             sub("gone", hooks[2], events=["batch.completed"]),
         ],
         admin={"token": TOKEN},
-        delivery={"breaker_failure_threshold": 1000},
+        delivery={"breaker_failure_threshold": 1000, "breaker_min_attempts": 1000},
     )
     server = await aiohttp_server(build_app(settings, replica_id="console-test"))
     return World(

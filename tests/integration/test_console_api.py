@@ -43,7 +43,7 @@ async def running(
             },
         ],
         admin={"token": TOKEN},
-        delivery={"breaker_failure_threshold": 3, "breaker_cooloff_seconds": 60},
+        delivery={"breaker_min_attempts": 3, "breaker_cooloff_seconds": 60},
     )
     client = await aiohttp_client(build_app(settings, replica_id="t"))
     bridge = client.app[RUNNING]
@@ -156,7 +156,7 @@ async def test_subscriptions_show_breaker_and_recent_deliveries(running: Any) ->
     subs = {s["name"]: s for s in await data(client, "/v1/subscriptions")}
     crm, refusing = subs["crm"], subs["refusing"]
     assert crm["breaker"] == "closed"
-    assert refusing["breaker"] == "open"  # three or more failures in a row: a 60 s pause
+    assert refusing["breaker"] == "open"  # every one of >= 3 attempts failed: a 60 s pause
     assert refusing["breaker_open_until_ms"] > 0
     assert crm["recent"]["success_ratio"] == 1.0
     assert crm["recent"]["attempts"] == crm["recent"]["successes"] > 0

@@ -32,6 +32,7 @@ POLICY = CompletionPolicy(
     retention_ms=3_600_000,
     dead_retention_ms=7 * 86_400_000,
     breaker_threshold=10**9,
+    breaker_min_attempts=10**9,
     cooloff_ms=1000,
     cooloff_max_ms=1000,
 )

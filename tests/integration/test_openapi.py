@@ -172,7 +172,7 @@ async def live(
             },
         ],
         admin={"token": TOKEN},
-        delivery={"breaker_failure_threshold": 1000},
+        delivery={"breaker_failure_threshold": 1000, "breaker_min_attempts": 1000},
     )
     # Seed Redis with a replica that runs no loops, so the work is done when drain returns;
     # the served app then starts on that state.
