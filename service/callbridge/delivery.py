@@ -184,7 +184,7 @@ class Deliverer:
             try:
                 result = await self.sender.send(s, sub.keys, claimed.event_id, claimed.body)
             except asyncio.CancelledError:
-                await asyncio.shield(self._release(sub, claimed.event_id))
+                await asyncio.shield(self._release(sub, claimed))
                 raise
             decision = classify(result, claimed.attempts + 1, s.retry_schedule_seconds, self._rng)
             try:
@@ -261,7 +261,7 @@ class Deliverer:
             sub,
             Completion(
                 event_id=claimed.event_id,
-                token=self._token,
+                token=claimed.token,
                 outcome=d.outcome,
                 delay_ms=int(d.delay_s * 1000),
                 attempt=attempt,
@@ -312,9 +312,9 @@ class Deliverer:
                 extra={"action": "subscription_disabled", **extra},
             )
 
-    async def _release(self, sub: _Sub, event_id: str) -> None:
+    async def _release(self, sub: _Sub, claimed: Claimed) -> None:
         with contextlib.suppress(Exception):
-            await self._record(sub, Completion(event_id, self._token, "release"))
+            await self._record(sub, Completion(claimed.event_id, claimed.token, "release"))
 
     # -- the loops -----------------------------------------------------------------
 

@@ -265,7 +265,12 @@ class Poller:
             # Committed, so never lost: if this fails the outbox still holds them
             # and the next cycle drains it first.
             rt.outbox_dirty = True
-            await self._relay.publish(batch_id, list(zip(result.events, stream_ids, strict=True)))
+            if stream_ids is None:
+                await self._relay.drain(batch_id)
+            else:
+                await self._relay.publish(
+                    batch_id, list(zip(result.events, stream_ids, strict=True))
+                )
             rt.outbox_dirty = False
         if not complete:
             return "partial"

@@ -69,7 +69,7 @@ async def seed_dead_letters(queue: DeliveryQueue, sub: str, n: int) -> None:
             "response": "nope",
             "outcome": "dead",
         }
-        outcomes = [Completion(c.event_id, "seed", "dead", 0, attempt) for c in claimed]
+        outcomes = [Completion(c.event_id, c.token, "dead", 0, attempt) for c in claimed]
         await queue.complete(sub, outcomes, POLICY)
 
 

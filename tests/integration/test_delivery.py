@@ -234,7 +234,8 @@ async def test_expired_claim_is_reclaimed_and_stale_outcome_ignored(make_rig: Ma
         retention_ms=1000, dead_retention_ms=1000, breaker_threshold=1, cooloff_ms=1,
         cooloff_max_ms=1,
     )  # fmt: skip
-    [outcome] = await rig.queue.complete("crm", [Completion("evt_c1_1", "dead", "dead")], policy)
+    late = Completion("evt_c1_1", claimed[0].token, "dead")
+    [outcome] = await rig.queue.complete("crm", [late], policy)
     assert outcome == "stale"
     record = await rig.queue.record("crm", "evt_c1_1")
     assert record is not None

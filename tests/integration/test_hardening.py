@@ -4,8 +4,10 @@ test that failed before its fix: real Redis, real simulator, real receiver."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -14,11 +16,17 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from callbridge.app import Bridge
+from callbridge.config import RedisSettings
 from callbridge.diff import select_candidates
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from callbridge.store.connection import connect
 from callbridge.store.keys import Keys
+from callbridge.store.queue import DeliveryQueue
+from callbridge.store.scripts import source
 from tests.support.bridges import MakeService, sim_config
 from tests.support.deliveries import MakeRig, event
+from tests.support.proxy import ReplyDropper
+from tests.support.receivers import Receiver
 from tests.support.settings import API_KEY, SECRET, make_settings
 
 
@@ -213,3 +221,71 @@ async def test_blocked_successors_never_hide_a_chain_head(
     )
     assert len(claimed) == 10
     assert {c.event_id for c in claimed} <= {f"evt_c{c}_0" for c in range(100)}
+
+
+def _sha(script: str) -> bytes:
+    return hashlib.sha1(source(script).encode()).hexdigest().encode()  # noqa: S324
+
+
+@pytest.fixture
+async def lossy_redis(redis_url: str, redis_client: aioredis.Redis) -> AsyncIterator[Any]:
+    """(proxy, URL through it): a Redis whose replies can be lost, one at a time."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = ReplyDropper(port)
+    url = f"redis://127.0.0.1:{await proxy.start()}/0"
+    yield proxy, url
+    await proxy.close()
+
+
+async def test_a_claim_resent_after_a_lost_reply_claims_nothing_more(lossy_redis: Any) -> None:
+    proxy, url = lossy_redis
+    client = connect(url, RedisSettings(url=url))
+    try:
+        queue = DeliveryQueue(client, Keys())
+        await queue.enqueue("crm", [(event(1, f"c{i}"), 0) for i in range(10)])
+        assert len(
+            await queue.claim("crm", max_in_flight=50, limit=1, visibility_ms=60_000, token="w")
+        )
+        proxy.arm(_sha("claim"))
+        claimed = await queue.claim(
+            "crm", max_in_flight=50, limit=3, visibility_ms=60_000, token="w"
+        )
+        assert proxy.dropped == 1
+        assert len(claimed) == 3
+        # Re-sent by the client: the same three, not three more held as phantoms.
+        assert (await queue.depths("crm"))["inflight"] == 4
+    finally:
+        await client.aclose()
+
+
+async def test_a_commit_resent_after_a_lost_reply_is_not_a_conflict(
+    lossy_redis: Any, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> None:
+    proxy, url = lossy_redis
+    sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=4, batches=1, calls_per_batch=6))
+    upstream = await aiohttp_server(make_app(sim))
+    receiver = Receiver()
+    hook = await aiohttp_server(receiver.app())
+    settings = make_settings(
+        str(upstream.make_url("")),
+        url,
+        batches=sim.batch_ids,
+        subscriptions=[{"name": "crm", "url": str(hook.make_url("/hook")), "secret": SECRET}],
+    )
+    bridge = await Bridge.create(settings, replica_id="lossy")
+    try:
+        batch = sim.batch_ids[0]
+        await bridge.poller.poll_once(batch)  # first sight: all pending, recorded silently
+        sim.advance(3)
+        proxy.arm(_sha("commit"))
+        # The first run wrote; the re-sent one must not fail on the version it moved
+        # (it was a CONFLICT: the batch idled for a lease TTL).
+        assert await bridge.poller.poll_once(batch) == "committed"
+        assert proxy.dropped == 1
+        await bridge.deliverer.drain()
+        ids = [r.id for r in receiver.delivered]
+        assert ids
+        assert len(ids) == len(set(ids))
+        assert await redis_client.xlen(Keys().outbox(batch)) == 0
+    finally:
+        await bridge.close()

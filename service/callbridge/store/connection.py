@@ -13,10 +13,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from callbridge.config import RedisSettings
 
@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 
 Redis = Any
 
-# Transient Redis failures (failover, restart) are retried by the client itself
-# for a few seconds before an error reaches our code.
+# Transient Redis failures (failover, restart, a dropped connection) are retried by
+# the client itself for a few seconds before an error reaches our code. It must be
+# the asyncio Retry: the sync one returns the coroutine unawaited, so nothing was
+# ever retried. A retried script may have run already (the reply was lost): every
+# script is idempotent for that reason (see store/lua/).
 _RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
 
 

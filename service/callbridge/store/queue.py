@@ -14,6 +14,7 @@ skewed clocks agree on what is due.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ class Claimed:
     attempts: int  # completed attempts before this one
     body: bytes
     observed_ms: int
+    # This claim's token: its outcome is recorded under it (see claim.lua).
+    token: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +113,17 @@ class DeliveryQueue:
     async def claim(
         self, sub: str, *, max_in_flight: int, limit: int, visibility_ms: int, token: str
     ) -> list[Claimed]:
+        """Claim due deliveries for worker `token`.
+
+        Each call claims under a token of its own (the worker's plus a unique part),
+        so a call re-sent after a lost reply returns the same deliveries instead of
+        holding more slots until their visibility deadline.
+        """
         k = self._keys
+        claim_token = f"{token}:{uuid.uuid4().hex[:12]}"
         raw = await self._claim(
             keys=[k.due(sub), k.inflight(sub), k.endpoint(sub)],
-            args=[k.sub_prefix(sub), max_in_flight, limit, visibility_ms, token],
+            args=[k.sub_prefix(sub), max_in_flight, limit, visibility_ms, claim_token],
         )
         return [
             Claimed(
@@ -121,6 +131,7 @@ class DeliveryQueue:
                 attempts=int(raw[i + 1]),
                 body=raw[i + 2],
                 observed_ms=int(raw[i + 3] or 0),
+                token=claim_token,
             )
             for i in range(0, len(raw), 4)
         ]

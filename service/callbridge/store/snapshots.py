@@ -10,6 +10,7 @@ so a crash at any instant leaves either the whole cycle or none of it.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,10 +143,12 @@ class SnapshotStore:
         timeline: Iterable[TimelineEntry],
         timeline_max: int,
         meta: BatchMeta,
-    ) -> tuple[int, list[bytes]]:
+    ) -> tuple[int, list[bytes] | None]:
         """Write a cycle's states, events, timeline and meta atomically.
 
-        Returns the new version and the outbox stream ids of `events`, in order.
+        Returns the new version and the outbox stream ids of `events`, in order;
+        None instead of the ids when the reply of the write was lost and the client
+        re-sent it (the events are in the outbox; drain it).
         """
         k = self._keys
         events = list(events)
@@ -159,6 +162,9 @@ class SnapshotStore:
             len(events),
             len(timeline),
             len(meta.to_fields()),
+            # Unique per commit: redis-py re-sends a script after a lost reply, and
+            # the second run must not fail on the version the first one moved.
+            uuid.uuid4().hex,
         ]
         for call_id, state in states.items():
             args += (call_id, state.encode())
@@ -185,6 +191,8 @@ class SnapshotStore:
             if str(exc).startswith("CONFLICT"):
                 raise LeaseLostError(f"batch {batch_id}: {exc}; cycle discarded") from None
             raise
+        if len(reply) == 2 and reply[1] == b"replayed":
+            return int(reply[0]), None
         return int(reply[0]), [bytes(s) for s in reply[1:]]
 
     # -- outbox ------------------------------------------------------------------

@@ -8,7 +8,10 @@
 -- ARGV[2] max_in_flight  fleet-wide cap of claimed deliveries
 -- ARGV[3] limit          at most this many claimed now
 -- ARGV[4] visibility_ms  a claim not completed by now + this is given back by the sweep
--- ARGV[5] token          the worker's claim token
+-- ARGV[5] token          this claim's token, unique per call: it marks the claimed
+--                        records, and a repeated call with the same token (the client
+--                        re-sent it after a lost reply) returns the same deliveries
+--                        instead of claiming more
 --
 -- Reply: flat list, four per claimed delivery: id, attempts so far, body, observed_ms.
 -- Nothing while the endpoint is disabled, its breaker is open or it asked us to
@@ -18,6 +21,20 @@ local due, inflight, endpoint = KEYS[1], KEYS[2], KEYS[3]
 local prefix = ARGV[1]
 local max_in_flight, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local visibility, token = tonumber(ARGV[4]), ARGV[5]
+local receipt = prefix .. ':claim:' .. token
+local function reply_for(ids)
+  local out = {}
+  for _, id in ipairs(ids) do
+    local rec = prefix .. ':d:' .. id
+    local f = redis.call('HMGET', rec, 'attempts', 'body', 'observed_ms', 'claim')
+    if f[4] == token then
+      out[#out + 1] = id; out[#out + 1] = f[1]; out[#out + 1] = f[2]; out[#out + 1] = f[3]
+    end
+  end
+  return out
+end
+local earlier = redis.call('GET', receipt)
+if earlier then return reply_for(cjson.decode(earlier)) end
 local ep = redis.call('HMGET', endpoint, 'disabled', 'open_until', 'paced_until')
 if ep[1] == '1' then return {} end
 local open_until = tonumber(ep[2] or '0')
@@ -32,7 +49,7 @@ if open_until > 0 then
 end
 local free = math.min(max_in_flight - busy, limit)
 if free <= 0 then return {} end
-local out = {}
+local out, claimed = {}, {}
 -- Scan due deliveries in pages: a long run of events of one call, each waiting for
 -- its predecessor, must not hide the due deliveries of other calls behind it.
 local scanned, offset, page = 0, 0, free * 2 + 16
@@ -49,8 +66,8 @@ while scanned < 2000 do
       offset = offset - 1
       blocked = true
     elseif f[1] and f[1] ~= '' then
-      -- Per-call order: wait while the call's previous event has not had its
-      -- first attempt to this subscription.
+      -- Per-call order. enqueue.lua parks such deliveries outside the due set;
+      -- this check only catches those queued by releases before parking existed.
       local p = redis.call('HMGET', prefix .. ':d:' .. f[1], 'state', 'attempts')
       if p[1] and (p[1] == 'pending' or p[1] == 'inflight') and p[2] == '0' then
         blocked = true
@@ -65,9 +82,14 @@ while scanned < 2000 do
       out[#out + 1] = f[2]
       out[#out + 1] = f[3]
       out[#out + 1] = f[4]
-      if #out / 4 >= free then return out end
+      claimed[#claimed + 1] = id
+      if #claimed >= free then break end
     end
   end
+  if #claimed >= free then break end
   offset = offset + #ids
+end
+if #claimed > 0 then
+  redis.call('SET', receipt, cjson.encode(claimed), 'PX', math.max(1, visibility))
 end
 return out

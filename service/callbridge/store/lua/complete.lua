@@ -26,7 +26,8 @@
 --
 -- Reply: per outcome, what applied: the outcome itself, 'stale' when the claim had
 -- expired and moved to another worker (nothing recorded), 'gone' when the record
--- no longer exists.
+-- no longer exists. Idempotent: an outcome sent again for the same claim (a lost
+-- reply re-sent by the client) returns what applied the first time, changing nothing.
 --#include now
 local due, inflight, dead, endpoint, chain = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local parked, prefix = KEYS[6], ARGV[11]
@@ -59,12 +60,14 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
   local state = redis.call('HGET', rec, 'state')
   if not state then return 'gone' end
   if state ~= 'inflight' or redis.call('HGET', rec, 'claim') ~= token then
+    local done = redis.call('HMGET', rec, 'done', 'done_outcome')
+    if done[1] == token then return done[2] end
     -- Our claim timed out and the delivery was handed to another worker (or it was
     -- replayed): record nothing, that worker owns the outcome now.
     return 'stale'
   end
   redis.call('ZREM', inflight, id)
-  redis.call('HSET', rec, 'claim', '')
+  redis.call('HSET', rec, 'claim', '', 'done', token, 'done_outcome', outcome)
   if outcome == 'release' then
     -- Shutdown handed the claim back before an answer came: not an attempt.
     redis.call('HSET', rec, 'state', 'pending')

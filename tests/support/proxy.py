@@ -1,0 +1,69 @@
+"""A TCP proxy in front of Redis that loses one reply, as a network can.
+
+The client's request reaches Redis and runs; the reply never comes back and the
+connection drops, so the client (redis-py with callbridge's retry policy) sends
+the same command again on a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class ReplyDropper:
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream_port = upstream_port
+        self._server: asyncio.Server | None = None
+        self._armed: bytes | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+        self.dropped = 0
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def arm(self, marker: bytes) -> None:
+        """Lose the reply to the next request containing `marker`."""
+        self._armed = marker
+
+    async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        ureader, uwriter = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        swallow = asyncio.Event()
+
+        async def client_to_redis() -> None:
+            while data := await creader.read(65536):
+                if self._armed is not None and self._armed in data:
+                    self._armed = None
+                    swallow.set()
+                uwriter.write(data)
+                await uwriter.drain()
+
+        async def redis_to_client() -> None:
+            while data := await ureader.read(65536):
+                if swallow.is_set():
+                    self.dropped += 1
+                    return  # the reply is lost with the connection
+                cwriter.write(data)
+                await cwriter.drain()
+
+        tasks = [asyncio.create_task(client_to_redis()), asyncio.create_task(redis_to_client())]
+        self._pumps.update(tasks)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._pumps.difference_update(tasks)
+        for w in (cwriter, uwriter):
+            w.close()
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
