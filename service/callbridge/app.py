@@ -21,9 +21,11 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from callbridge.aio import wait_any
 from callbridge.api import BRIDGE, add_routes
 from callbridge.config import Settings
 from callbridge.delivery import Deliverer
+from callbridge.janitor import Janitor
 from callbridge.metrics import Metrics
 from callbridge.operations import Operations
 from callbridge.poller import Poller
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Both loops wake at least every second; this long without a turn means stuck.
 _STUCK_AFTER_S = 30.0
+# How often removed subscriptions are looked for (and configured ones re-announced).
+_JANITOR_EVERY_S = 600.0
 
 
 def default_replica_id() -> str:
@@ -73,6 +77,7 @@ class Bridge:
     poller: Poller
     scheduler: Scheduler
     deliverer: Deliverer
+    janitor: Janitor
     operations: Operations
     embedded: EmbeddedRedis | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -110,7 +115,15 @@ class Bridge:
         )
         upstream = UpstreamClient(settings.upstream, session, limiter, metrics)
         deliverer = Deliverer(settings, queue, session, metrics)
-        relay = Relay(store, queue, settings.subscriptions, on_enqueued=deliverer.wake)
+        relay = Relay(
+            store,
+            queue,
+            settings.subscriptions,
+            on_enqueued=deliverer.wake,
+            max_backlog=settings.delivery.max_backlog,
+            dead_retention_ms=int(settings.delivery.dead_letter_retention_seconds * 1000),
+            metrics=metrics,
+        )
         poller = Poller(
             settings,
             store,
@@ -145,6 +158,7 @@ class Bridge:
             poller=poller,
             scheduler=scheduler,
             deliverer=deliverer,
+            janitor=Janitor(settings, redis, keys, metrics),
             operations=operations,
             embedded=embedded,
         )
@@ -156,10 +170,19 @@ class Bridge:
         for name, coro in (
             ("poller", self.scheduler.run(self.stopping)),
             ("delivery", self.deliverer.run(self.stopping)),
+            ("janitor", self._janitor_loop()),
         ):
             task = asyncio.create_task(coro, name=name)
             task.add_done_callback(self._on_task_done)
             self.tasks.append(task)
+
+    async def _janitor_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.janitor.run_once()
+            except Exception:
+                log.exception("janitor run failed", extra={"action": "janitor_failed"})
+            await wait_any(self.stopping, within_s=_JANITOR_EVERY_S)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self.stopping.is_set():

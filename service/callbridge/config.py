@@ -244,6 +244,13 @@ class DeliverySettings(_Model):
     # The pause once open, doubling while probes fail, up to the max.
     breaker_cooloff_seconds: PositiveSeconds = 30.0
     breaker_cooloff_max_seconds: PositiveSeconds = 600.0
+    # Undelivered deliveries one subscription may hold (its endpoint down or disabled
+    # for long): further ones go straight to its dead letters, counted and
+    # replayable, so Redis stays bounded.
+    max_backlog: int = Field(100_000, ge=1)
+    # A subscription removed from the config (or renamed) keeps its keys this long
+    # (dead letters inspectable), then they are deleted.
+    orphan_retention_seconds: PositiveSeconds = 7 * 86400.0
     # How long delivered/dead records are kept for inspection and redelivery.
     retention_seconds: PositiveSeconds = 3 * 86400.0
     dead_letter_retention_seconds: PositiveSeconds = 14 * 86400.0

@@ -150,6 +150,12 @@ class Metrics:
             ["subscription"],
             registry=r,
         )
+        self.orphaned_subscriptions = Gauge(
+            p + "orphaned_subscriptions",
+            "Subscriptions with keys in Redis that this replica's config no longer names "
+            "(deleted after delivery.orphan_retention_seconds).",
+            registry=r,
+        )
         self.embedded_redis = Gauge(
             p + "embedded_redis",
             "1 when this process runs its own embedded Redis (not for production).",

@@ -142,6 +142,8 @@ class Poller:
                 await self._leases.release(rt.batch_id, rt.token)
         rt.token = None
         rt.drop_cache()
+        # The new owner exports the batch's series; ours would go stale.
+        self._metrics.forget_batch(rt.batch_id)
 
     async def release_all(self) -> None:
         """Hand every held lease back so other replicas take over at once."""

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from callbridge.config import SubscriptionSettings
+from callbridge.metrics import Metrics
 from callbridge.models import Event
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.snapshots import SnapshotStore
@@ -44,12 +45,30 @@ class Relay:
         *,
         on_enqueued: Callable[[str], None] | None = None,
         chunk: int = 500,
+        max_backlog: int = 2**62,
+        dead_retention_ms: int = 14 * 86_400_000,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._queue = queue
         self._subs = list(subscriptions)
         self._on_enqueued = on_enqueued
         self._chunk = chunk
+        self._max_backlog = max_backlog
+        self._dead_retention_ms = dead_retention_ms
+        self._metrics = metrics
+
+    def _on_overflow(self, name: str, n: int) -> None:
+        if self._metrics is not None:
+            self._metrics.dead_letters.labels(name).inc(n)
+        log.error(
+            "subscription %s holds %d undelivered deliveries (delivery.max_backlog): "
+            "%d new ones went to its dead letters, replayable once it catches up",
+            name,
+            self._max_backlog,
+            n,
+            extra={"action": "backlog_full", "subscription": name},
+        )
 
     async def drain(self, batch_id: str) -> int:
         """Fan out everything in the batch's outbox; returns the number of events moved.
@@ -89,11 +108,19 @@ class Relay:
             for event, stream_id in chunk:
                 observed = observed_ms(stream_id)
                 for sub in self._subs:
-                    if matches(sub, event.type, batch_id):
+                    # A subscription disabled in the config collects nothing.
+                    if sub.enabled and matches(sub, event.type, batch_id):
                         per_sub.setdefault(sub.name, []).append((event, observed))
             for name, deliveries in per_sub.items():
-                added = await self._queue.enqueue(name, deliveries)
-                if added and self._on_enqueued is not None:
+                added, overflow = await self._queue.enqueue(
+                    name,
+                    deliveries,
+                    max_backlog=self._max_backlog,
+                    dead_retention_ms=self._dead_retention_ms,
+                )
+                if overflow:
+                    self._on_overflow(name, overflow)
+                if added > overflow and self._on_enqueued is not None:
                     self._on_enqueued(name)
             # Only once every delivery exists: a crash before this line re-enqueues
             # the same ids (a no-op), a crash after it has nothing left to do.

@@ -18,6 +18,8 @@ from redis.exceptions import ResponseError
 from callbridge.app import Bridge
 from callbridge.config import RedisSettings
 from callbridge.diff import select_candidates
+from callbridge.janitor import Janitor
+from callbridge.relay import Relay
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.connection import connect
 from callbridge.store.keys import Keys
@@ -25,6 +27,7 @@ from callbridge.store.queue import DeliveryQueue
 from callbridge.store.scripts import source
 from tests.support.bridges import MakeService, sim_config
 from tests.support.deliveries import MakeRig, event
+from tests.support.metrics import sample
 from tests.support.proxy import ReplyDropper
 from tests.support.receivers import Receiver
 from tests.support.settings import API_KEY, SECRET, make_settings
@@ -289,3 +292,81 @@ async def test_a_commit_resent_after_a_lost_reply_is_not_a_conflict(
         assert await redis_client.xlen(Keys().outbox(batch)) == 0
     finally:
         await bridge.close()
+
+
+# -- growth without bound ---------------------------------------------------------
+
+
+async def test_a_full_backlog_dead_letters_new_deliveries(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    """An endpoint down or disabled for days once made its queue, then Redis, grow
+    without bound (under noeviction even commits then fail)."""
+    rig = await make_rig({"crm": {}})
+    await rig.queue.set_enabled("crm", False)
+    added, overflow = await rig.queue.enqueue(
+        "crm", [(event(1, f"c{i}"), 0) for i in range(8)], max_backlog=5
+    )
+    assert (added, overflow) == (8, 3)
+    depth = await rig.queue.depths("crm")
+    assert (depth["ready"], depth["dead"]) == (5, 3)
+    dead = await rig.queue.dead_letters("crm")
+    record = await rig.queue.record("crm", dead[0])
+    assert record is not None
+    assert record["history"][0]["error"] == "backlog full"
+    # Visible and replayable: nothing silently dropped.
+    await rig.queue.set_enabled("crm", True)
+    for event_id in dead:
+        assert await rig.queue.requeue("crm", event_id, reset_attempts=True)
+    await rig.deliverer.drain()
+    assert len({r.id for r in rig.receivers["crm"].delivered}) == 8
+
+
+async def test_a_subscription_disabled_in_config_collects_nothing(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=4))
+    off = svc.settings.subscriptions[0].model_copy(update={"enabled": False})
+    relay = Relay(svc.store, svc.queue, [off])
+    batch = sim.batch_ids[0]
+    sim.advance(3)
+    svc.poller._relay = relay
+    await svc.poller.poll_once(batch)
+    depth = await svc.queue.depths("crm")
+    assert sum(depth.values()) == 0
+
+
+async def test_removed_subscriptions_are_deleted_after_their_retention(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    rig = await make_rig({"crm": {}, "old": {}})
+    await rig.enqueue("old", event(1), event(2, "c2"))
+    k = Keys()
+    clock = [1_000_000]
+    before = Janitor(rig.settings, redis_client, k, rig.metrics, wall_ms=lambda: clock[0])
+    assert await before.run_once() == []
+    # The config loses "old": kept for the retention (a rolling change, dead letters
+    # still inspectable), then every key of it goes; "crm" is untouched.
+    only_crm = rig.settings.model_copy(
+        update={"subscriptions": [s for s in rig.settings.subscriptions if s.name == "crm"]}
+    )
+    after = Janitor(only_crm, redis_client, k, rig.metrics, wall_ms=lambda: clock[0])
+    assert await after.run_once() == []
+    assert sample(rig.metrics, "orphaned_subscriptions") == 1
+    clock[0] += int(only_crm.delivery.orphan_retention_seconds * 1000) + 1
+    assert await after.run_once() == ["old"]
+    assert [key async for key in redis_client.scan_iter(match=k.subscription_pattern("old"))] == []
+    assert await redis_client.hkeys(k.subscriptions()) == [b"crm"]
+    assert sample(rig.metrics, "orphaned_subscriptions") == 0
+
+
+async def test_a_released_batch_stops_exporting_its_series(make_service: MakeService) -> None:
+    svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=3))
+    batch = sim.batch_ids[0]
+    await svc.poller.poll_once(batch)
+    assert sample(svc.metrics, "calls", batch=batch, status="pending") == 3
+    rt = svc.poller.runtime(batch)
+    assert rt is not None
+    # Another replica owns it now (rebalance): its series are that replica's to export.
+    await svc.poller.release(rt)
+    assert sample(svc.metrics, "calls", batch=batch, status="pending") is None

@@ -35,7 +35,8 @@ class Rig:
     receivers: dict[str, Receiver]
 
     async def enqueue(self, sub: str, *events: Event) -> int:
-        return await self.queue.enqueue(sub, [(e, 1) for e in events])
+        added, _ = await self.queue.enqueue(sub, [(e, 1) for e in events])
+        return added
 
 
 MakeRig = Callable[..., Awaitable[Rig]]

@@ -38,6 +38,14 @@ class Keys:
         """Sorted set replica_id -> last heartbeat (ms)."""
         return f"{self.prefix}:replicas"
 
+    def subscriptions(self) -> str:
+        """Hash subscription name -> when a replica whose config has it last said so (ms)."""
+        return f"{self.prefix}:subscriptions"
+
+    def subscription_pattern(self, subscription: str) -> str:
+        """SCAN pattern matching every key of one subscription."""
+        return f"{self._s(subscription)}:*"
+
     def upstream_budget(self) -> str:
         """Theoretical arrival time (ms) of the next upstream request (fleet-wide GCRA)."""
         return f"{self.prefix}:upstream:budget"

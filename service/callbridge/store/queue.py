@@ -98,17 +98,29 @@ class DeliveryQueue:
         self._sweep = register(redis, "sweep")
         self._requeue = register(redis, "requeue")
 
-    async def enqueue(self, sub: str, events: list[tuple[Event, int]]) -> int:
-        """Add deliveries of (event, observed_ms) to `sub`; existing ones are left alone."""
+    async def enqueue(
+        self,
+        sub: str,
+        events: list[tuple[Event, int]],
+        *,
+        max_backlog: int = 2**62,
+        dead_retention_ms: int = 14 * 86_400_000,
+    ) -> tuple[int, int]:
+        """Add deliveries of (event, observed_ms) to `sub`; existing ones are left alone.
+
+        Returns (created, of which dead-lettered at once because `sub` already held
+        `max_backlog` undelivered deliveries).
+        """
         if not events:
-            return 0
+            return 0, 0
         k = self._keys
-        keys = [k.due(sub), k.chain(sub), k.parked(sub)]
+        keys = [k.due(sub), k.chain(sub), k.parked(sub), k.inflight(sub), k.dead(sub)]
         keys += [k.delivery(sub, ev.id) for ev, _ in events]
-        args: list[Any] = [k.sub_prefix(sub)]
+        args: list[Any] = [k.sub_prefix(sub), max_backlog, dead_retention_ms]
         for ev, observed_ms in events:
             args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms)
-        return int(await self._enqueue(keys=keys, args=args))
+        added, overflow = await self._enqueue(keys=keys, args=args)
+        return int(added), int(overflow)
 
     async def claim(
         self, sub: str, *, max_in_flight: int, limit: int, visibility_ms: int, token: str

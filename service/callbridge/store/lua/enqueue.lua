@@ -5,9 +5,12 @@
 -- KEYS[1] due      zset: delivery id -> due time (ms)
 -- KEYS[2] chain    hash: call key -> last event id enqueued for that call
 -- KEYS[3] parked   zset: deliveries waiting for their predecessor's first attempt
--- KEYS[3+j] record hash: the j-th delivery (one key per event)
+-- KEYS[4] inflight zset: claimed deliveries   KEYS[5] dead  zset: dead letters
+-- KEYS[5+j] record hash: the j-th delivery (one key per event)
 --
 -- ARGV[1] prefix   the subscription's key prefix (records are prefix:d:<id>)
+-- ARGV[2] max_backlog        deliveries a subscription may hold undelivered
+-- ARGV[3] dead_retention_ms  how long a dead letter is kept
 -- then five per event, in KEYS order:
 --   call key ('' for batch events: unordered), event id, event type, body,
 --   observed_ms (when the change was committed)
@@ -17,18 +20,34 @@
 -- 'next' field; complete.lua releases it after that first attempt. So the due set
 -- only ever holds deliveries that may start, and none can hide another.
 --
--- Reply: how many deliveries were created.
+-- Backlog: a subscription holding max_backlog undelivered deliveries (an endpoint
+-- down or disabled for long) gets further ones as dead letters at once ('backlog
+-- full'): Redis stays bounded, and each one stays visible and replayable for the
+-- dead-letter retention.
+--
+-- Reply: {deliveries created, of which dead-lettered because the backlog was full}.
 --#include now
-local due, chain, parked = KEYS[1], KEYS[2], KEYS[3]
+local due, chain, parked, inflight, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local prefix = ARGV[1]
-local added = 0
-local n = (#ARGV - 1) / 5
+local max_backlog, dead_retention = tonumber(ARGV[2]), tonumber(ARGV[3])
+local backlog = redis.call('ZCARD', due) + redis.call('ZCARD', parked)
+                + redis.call('ZCARD', inflight)
+local added, overflow = 0, 0
+local n = (#ARGV - 3) / 5
 for j = 0, n - 1 do
-  local rec = KEYS[4 + j]
-  local a = 1 + j * 5
+  local rec = KEYS[6 + j]
+  local a = 3 + j * 5
   local callkey, id, etype, body, observed = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4],
                                              ARGV[a+5]
-  if redis.call('EXISTS', rec) == 0 then
+  if redis.call('EXISTS', rec) == 0 and backlog >= max_backlog then
+    local entry = cjson.encode({at_ms = now, error = 'backlog full', outcome = 'dead'})
+    redis.call('HSET', rec, 'body', body, 'type', etype, 'state', 'dead', 'attempts', 0,
+               'created_ms', now, 'observed_ms', observed, 'prev', '', 'callkey', callkey,
+               'history', '[' .. entry .. ']', 'dead_ms', now)
+    redis.call('ZADD', dead, now, id)
+    redis.call('PEXPIRE', rec, dead_retention)
+    added, overflow = added + 1, overflow + 1
+  elseif redis.call('EXISTS', rec) == 0 then
     local prev = ''
     if callkey ~= '' then
       prev = redis.call('HGET', chain, callkey) or ''
@@ -51,7 +70,7 @@ for j = 0, n - 1 do
     else
       redis.call('ZADD', due, now, id)
     end
-    added = added + 1
+    added, backlog = added + 1, backlog + 1
   end
 end
-return added
+return {added, overflow}
