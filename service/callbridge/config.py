@@ -119,6 +119,12 @@ class PollerSettings(_Model):
     lease_ttl_seconds: PositiveSeconds = 15.0
     backfill: bool = True
     timeline_max_entries: int = Field(20, ge=1, le=1000)
+    # Which requests a cycle makes (see `planner`): full reads every page; active reads
+    # the calls that can change (status filter, look-ups); auto picks the cheaper.
+    scan: Literal["auto", "full", "active"] = "auto"
+    # Active plans see what passes through an active status or leaves pending; a full
+    # scan this often catches the rest (edits of finished calls). 0: never.
+    full_scan_every_seconds: float = Field(300.0, ge=0)
 
     @model_validator(mode="after")
     def _lease_outlives_cycle(self) -> PollerSettings:

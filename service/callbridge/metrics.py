@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from callbridge.models import KNOWN_STATUSES, PollOutcome
 
 _POLL_OUTCOMES: tuple[str, ...] = get_args(PollOutcome)
+_SCAN_PLANS = ("full", "active")
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LAG_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 300, 1800, 7200)
 _CYCLE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -88,6 +89,25 @@ class Metrics:
             p + "batch_poll_interval_seconds",
             "Effective time between two polls of a batch (grows when the request budget is short).",
             ["batch"],
+            registry=r,
+        )
+        self.scan_requests = Counter(
+            p + "scan_requests",
+            "Upstream requests of poll cycles by plan: full (every page) or active "
+            "(status lists, probes, look-ups; counted also when the cycle fell back).",
+            ["plan"],
+            registry=r,
+        )
+        self.scan_plans = Counter(
+            p + "scan_plans",
+            "Poll cycles by the plan they read with and why (cold, periodic, cheaper, ...).",
+            ["plan", "reason"],
+            registry=r,
+        )
+        self.batch_scan_plan = Gauge(
+            p + "batch_scan_plan",
+            "1 for the plan the last cycle of a batch read with (full or active), 0 for the other.",
+            ["batch", "plan"],
             registry=r,
         )
         self.calls = Gauge(
@@ -167,6 +187,11 @@ class Metrics:
             registry=r,
         )
 
+    def set_plan(self, batch_id: str, plan: str) -> None:
+        """The plan the last cycle of a batch read with."""
+        for name in _SCAN_PLANS:
+            self.batch_scan_plan.labels(batch_id, name).set(1 if name == plan else 0)
+
     def set_calls(self, batch_id: str, counts: Mapping[str, int]) -> None:
         """Calls per status of a batch; statuses gone to zero read 0, unknown ones are summed."""
         by_label = dict.fromkeys((*KNOWN_STATUSES, "other"), 0)
@@ -190,6 +215,9 @@ class Metrics:
                 self.calls.remove(batch_id, status)
         with contextlib.suppress(KeyError):
             self.poll_interval.remove(batch_id)
+        for plan in _SCAN_PLANS:
+            with contextlib.suppress(KeyError):
+                self.batch_scan_plan.remove(batch_id, plan)
         for outcome in _POLL_OUTCOMES:
             with contextlib.suppress(KeyError):
                 self.poll_cycles.remove(batch_id, outcome)

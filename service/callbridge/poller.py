@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from callbridge.active_scan import PlannedScan, record, scan_batch, settle
 from callbridge.callstate import CallState
 from callbridge.config import Settings
 from callbridge.diff import BatchView, DiffResult, ScanFacts, diff, select_candidates
@@ -36,9 +37,10 @@ from callbridge.errors import (
 from callbridge.metrics import Metrics, event_label, status_label
 from callbridge.models import PollOutcome
 from callbridge.pages import RawPage
+from callbridge.planner import PlanState
 from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
-from callbridge.scan import confirm_backward_moves, read_pages
+from callbridge.scan import confirm_backward_moves
 from callbridge.schedule import BatchLifecycle, lifecycle
 from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import BatchMeta, SnapshotStore
@@ -71,6 +73,7 @@ class BatchRuntime:
     outbox_dirty: bool = False
     # Calls last seen moving backwards, unconfirmed: call_id -> status seen.
     suspects: dict[str, str] = field(default_factory=dict)
+    plan: PlanState = field(default_factory=PlanState)
     next_due: float = 0.0
     last_started: float | None = None
     task: asyncio.Task[None] | None = None
@@ -80,6 +83,7 @@ class BatchRuntime:
         self.signatures = {}
         self.pages = {}
         self.suspects = {}
+        self.plan = PlanState()
 
 
 class Poller:
@@ -103,6 +107,7 @@ class Poller:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._p = settings.poller
+        self._page_size = settings.upstream.page_size
         self._store = store
         self._leases = leases
         self._upstream = upstream
@@ -191,10 +196,7 @@ class Poller:
             scan = await self._scan(rt, keeper)
             if isinstance(scan, str):
                 return scan
-            pages, complete = scan
-            candidates, new_sigs, duplicates = select_candidates(
-                (p.items for p in pages), rt.signatures
-            )
+            candidates, new_sigs, duplicates = select_candidates(scan.groups, rt.signatures)
             confirmed = await confirm_backward_moves(
                 self._upstream,
                 batch_id,
@@ -212,7 +214,7 @@ class Poller:
             now_ms=now_ms,
             timestamp=iso_ms(now_ms),
             backfill=rt.backfill,
-            scan=ScanFacts(complete=complete, total=pages[-1].total if complete else None),
+            scan=ScanFacts(complete=scan.complete, total=scan.total),
             confirmed=confirmed,
         )
         if duplicates:
@@ -227,6 +229,8 @@ class Poller:
             completions=result.completions,
             last_poll_ms=now_ms,
             not_found_since_ms=0,
+            scan_plan=scan.plan.kind,
+            scan_reason=scan.plan.reason,
         )
         if result.changed:
             meta.last_change_ms = now_ms
@@ -249,11 +253,7 @@ class Poller:
         rt.states.update(result.states)
         rt.signatures.update(new_sigs)
         rt.suspects = result.unconfirmed
-        if complete:
-            rt.pages = {p.page: dataclasses.replace(p, items=[], unchanged=False) for p in pages}
-        else:
-            # Pages that did not arrive keep no digest: they are read in full next time.
-            rt.pages = {}
+        rt.pages = settle(rt.plan, scan, candidates, rt.pages, changed=result.changed)
         self._record(batch_id, result)
         if result.events:
             log.info(
@@ -261,7 +261,7 @@ class Poller:
                 batch_id,
                 len(result.events),
                 len(result.states),
-                "" if complete else " (partial scan)",
+                " (partial scan)" if scan.partial else "",
                 extra={"action": "cycle_committed", "batch_id": batch_id},
             )
             # Committed, so never lost: if this fails the outbox still holds them
@@ -274,17 +274,26 @@ class Poller:
                     batch_id, list(zip(result.events, stream_ids, strict=True))
                 )
             rt.outbox_dirty = False
-        if not complete:
+        if scan.partial:
             return "partial"
         return "committed" if result.changed else "unchanged"
 
-    async def _scan(
-        self, rt: BatchRuntime, keeper: LeaseKeeper
-    ) -> tuple[list[RawPage], bool] | PollOutcome:
-        """Read the batch's pages: (pages, complete), or the outcome when nothing came."""
+    async def _scan(self, rt: BatchRuntime, keeper: LeaseKeeper) -> PlannedScan | PollOutcome:
+        """Read the batch under the planner's plan, or the outcome when nothing came."""
+        assert rt.states is not None
         try:
-            scan = await read_pages(
-                self._upstream, rt.batch_id, rt.pages, keeper, self._p.interval_seconds
+            scan = await scan_batch(
+                self._upstream,
+                rt.batch_id,
+                keeper,
+                settings=self._p,
+                state=rt.plan,
+                states=rt.states,
+                counts=rt.meta.counts,
+                completed=rt.meta.completed,
+                previous_pages=rt.pages,
+                page_size=self._page_size,
+                now=self._monotonic(),
             )
         except UpstreamAuthError as exc:
             self.reach.key_rejected(exc)
@@ -302,7 +311,8 @@ class Poller:
             )
             return "failed"
         self.reach.answered()
-        return scan.pages, scan.complete
+        record(self._metrics, rt.batch_id, scan)
+        return scan
 
     def _record(self, batch_id: str, result: DiffResult) -> None:
         m = self._metrics

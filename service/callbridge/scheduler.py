@@ -20,6 +20,7 @@ from callbridge.aio import wait_any
 from callbridge.config import Settings
 from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome
+from callbridge.planner import expected_requests
 from callbridge.poller import BatchRuntime, Poller
 from callbridge.relay import Relay
 from callbridge.schedule import interval_s, jittered
@@ -148,11 +149,16 @@ class Scheduler:
             rt.task = None
 
     def _pages(self, rt: BatchRuntime) -> int:
-        """Requests a scan of `rt` is expected to make (its page count last time)."""
-        if rt.pages:
-            return len(rt.pages)
-        calls = sum(rt.meta.counts.values())
-        return max(1, math.ceil(calls / self._settings.upstream.page_size))
+        """Requests the next cycle of `rt` is expected to make, under the plan the
+        planner will choose (a full scan: its page count last time)."""
+        return expected_requests(
+            self._p,
+            rt.plan,
+            rt.meta.counts,
+            self._settings.upstream.page_size,
+            self._monotonic(),
+            known_pages=len(rt.pages),
+        )
 
     def _page_budget(self) -> float:
         """Pages this replica's running scans may hold: what its share of the fleet's

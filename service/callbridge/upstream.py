@@ -125,13 +125,15 @@ class UpstreamClient:
         previous: RawPage | None = None,
         pages_left: int = 1,
         retry_within_s: float | None = None,
+        status: str | None = None,
     ) -> RawPage:
         """One raw page with retries; items without call_id/status are dropped and counted.
 
         With `previous` (this page as of the last committed cycle), an identical body
-        is not decoded again: `previous` comes back marked `unchanged`.
+        is not decoded again: `previous` comes back marked `unchanged`. With `status`,
+        a page of the calls in that status only.
         """
-        params = self._params(page, limit)
+        params = self._params(page, limit, status=status)
 
         async def attempt() -> RawPage:
             url, body = await self._get(batch_id, params, pages_left)

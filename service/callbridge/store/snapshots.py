@@ -41,6 +41,9 @@ class BatchMeta:
     last_change_ms: int = 0
     completed_at_ms: int = 0
     not_found_since_ms: int = 0
+    # The plan the last cycle read with (full, active) and why; "" before any.
+    scan_plan: str = ""
+    scan_reason: str = ""
 
     @classmethod
     def from_redis(cls, raw: Mapping[bytes, bytes]) -> BatchMeta:
@@ -58,6 +61,8 @@ class BatchMeta:
             last_change_ms=num("last_change_ms"),
             completed_at_ms=num("completed_at_ms"),
             not_found_since_ms=num("not_found_since_ms"),
+            scan_plan=raw.get(b"scan_plan", b"").decode(),
+            scan_reason=raw.get(b"scan_reason", b"").decode(),
         )
 
     def to_fields(self) -> dict[str, str]:
@@ -70,6 +75,8 @@ class BatchMeta:
             "last_change_ms": str(self.last_change_ms),
             "completed_at_ms": str(self.completed_at_ms),
             "not_found_since_ms": str(self.not_found_since_ms),
+            "scan_plan": self.scan_plan,
+            "scan_reason": self.scan_reason,
         }
 
 
