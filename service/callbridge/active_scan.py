@@ -33,7 +33,7 @@ from callbridge.callstate import CallState
 from callbridge.config import PollerSettings
 from callbridge.errors import UpstreamAuthError, UpstreamError
 from callbridge.metrics import Metrics
-from callbridge.models import PENDING, normalise_status
+from callbridge.models import PENDING, TERMINAL_STATUSES, is_backward, normalise_status
 from callbridge.pages import RawPage
 from callbridge.planner import (
     FILTER_DISTRUST_S,
@@ -141,8 +141,19 @@ class ActiveScan:
         if vanished or self._pending_gap():
             await self._resolve(vanished)
         known = any(n > 0 for n in self.books.expected.values())
-        if not self._completed and known and self.books.open_calls() == 0:
+        if not self._completed and known and self._open_after() == 0:
             raise _Fallback("completion")
+
+    def _open_after(self) -> int:
+        """Calls the diff will hold in a non-terminal status: a backward move counts
+        as not made, as the diff holds it until a second look confirms it."""
+        n = self.books.open_calls()
+        for call_id, item in self.items.items():
+            prev = self._states.get(call_id)
+            status = normalise_status(item["status"])
+            if prev is not None and is_backward(prev.status, status):
+                n += (prev.status not in TERMINAL_STATUSES) - (status not in TERMINAL_STATUSES)
+        return n
 
     def _pending_gap(self) -> int:
         """> 0: calls left pending unseen; < 0: calls came to pending unseen."""
@@ -376,6 +387,7 @@ def settle(
     digests: dict[int, RawPage],
     *,
     changed: bool,
+    unconfirmed: bool,
 ) -> dict[int, RawPage]:
     """Move the planner's memory on once the cycle that read `scan` is committed;
     returns the page digests to keep for the next full scan."""
@@ -385,6 +397,10 @@ def settle(
     state.gone = scan.gone
     state.remember(committed)
     state.last = scan.plan
+    if unconfirmed:
+        # A backward move waits to be seen again: its page must be read, not skipped
+        # as unchanged (which would leave the move unconfirmed for as long).
+        return {}
     if scan.pages is not None and scan.complete:
         return {p.page: dataclasses.replace(p, items=[], unchanged=False) for p in scan.pages}
     if scan.pages is not None or changed:

@@ -253,7 +253,14 @@ class Poller:
         rt.states.update(result.states)
         rt.signatures.update(new_sigs)
         rt.suspects = result.unconfirmed
-        rt.pages = settle(rt.plan, scan, candidates, rt.pages, changed=result.changed)
+        rt.pages = settle(
+            rt.plan,
+            scan,
+            candidates,
+            rt.pages,
+            changed=result.changed,
+            unconfirmed=bool(result.unconfirmed),
+        )
         self._record(batch_id, result)
         if result.events:
             log.info(

@@ -165,17 +165,24 @@ class UpstreamClient:
         """The call's current item, looked up by its external id (None when not served).
 
         Several calls may share an external id (one contact dialled twice): the
-        item is matched by call_id.
+        item is matched by call_id, on as many pages as they fill.
         """
         limit = self._settings.page_size
-        params = self._params(1, limit, external_id=external_id)
+        page_no = 1
+        while True:
+            params = self._params(page_no, limit, external_id=external_id)
 
-        async def attempt() -> RawPage:
-            url, body = await self._get(batch_id, params)
-            return decode_page(body, url=url)
+            async def attempt(params: dict[str, str] = params) -> RawPage:
+                url, body = await self._get(batch_id, params)
+                return decode_page(body, url=url)
 
-        page = await self._retrying(attempt, within_s=retry_within_s)
-        return next((i for i in page.items if i["call_id"] == call_id), None)
+            page = await self._retrying(attempt, within_s=retry_within_s)
+            found = next((i for i in page.items if i["call_id"] == call_id), None)
+            if found is not None or not page.has_more or not page.items:
+                return found
+            if page_no >= math.ceil(page.total / max(1, page.limit)) + _EXTRA_PAGES_ALLOWED:
+                return None
+            page_no += 1
 
     async def iter_pages(
         self,
