@@ -1,7 +1,6 @@
-"""One cycle's reading under its plan: the active plan's requests, or a full scan.
+"""The active plan: one cycle's reading of only the calls that can have changed.
 
-`scan_batch` asks the `planner` for the cycle's plan and reads accordingly. The
-active plan (`ActiveScan`) reads, in order:
+`ActiveScan.run` reads, in order:
 
 1. every page of each active status's list (``status=queued`` ...): new arrivals
    and moves show there, and every item must carry the status asked for;
@@ -11,88 +10,70 @@ active plan (`ActiveScan`) reads, in order:
    otherwise, and always when ``pending`` shrank by more than the arrivals explain
    (calls that ended without passing an active status), the tail of each terminal
    status's list, largest first, until everything is explained; a list with
-   arrivals still unseen is read further back.
+   arrivals still unseen is read further back;
+4. for a call seen back in an active status from a terminal one (a redial, or a
+   stale copy), the tail of that terminal list: a call absent from where it must be
+   (lists come in creation order; positions are known from the last full scan) has
+   left it, which confirms the move with no look-up. A move back between active
+   statuses is confirmed by its absence from the old status's list, read whole.
 
-Whatever still does not add up, costs more than a full scan (``auto``), or shows the
-status filter misbehaving makes the cycle read every page instead ("fallback"); so
-does a batch whose calls all look finished, since only a full scan may complete it.
-The active plan never reports ``complete``: it does not re-read finished calls.
+`Fallback` is raised when something still does not add up, when resolving would
+cost more than a full scan (``budget``), when the status filter misbehaves, or when
+every call looks finished (only a full scan may complete a batch): the caller then
+reads every page. An active plan never stands for a complete scan.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
+import itertools
 import math
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from callbridge.callstate import CallState
-from callbridge.config import PollerSettings
-from callbridge.errors import UpstreamAuthError, UpstreamError
-from callbridge.metrics import Metrics
 from callbridge.models import PENDING, TERMINAL_STATUSES, is_backward, normalise_status
 from callbridge.pages import RawPage
 from callbridge.planner import (
-    FILTER_DISTRUST_S,
     TERMINAL_ORDER,
     Books,
-    Plan,
     PlanReason,
     PlanState,
     active_statuses,
-    choose,
     filtered_page_problem,
-    full_cost,
-    learn,
     window,
 )
-from callbridge.scan import read_pages
 from callbridge.store.leases import LeaseKeeper
 from callbridge.upstream import UpstreamClient
-
-log = logging.getLogger(__name__)
 
 # Pages past what `total` implies before a filtered list counts as paging forever.
 _EXTRA_PAGES_ALLOWED = 5
 
 
-@dataclass(slots=True)
-class PlannedScan:
-    """What one cycle read, ready for `select_candidates` and the diff."""
+class Fallback(Exception):
+    """This cycle needs a full scan, for `reason` (and `anomaly`: the filter misbehaved)."""
 
-    plan: Plan
-    # Item lists in the order they were served (a later copy of a call wins).
-    groups: list[list[dict[str, Any]]]
-    # Every call of the batch was read: batch-level facts (completion) may follow.
-    complete: bool
-    total: int | None
-    # A request failed after its retries; what arrived before is kept.
-    partial: bool
-    # The full scan's pages (for the page digests); None when the plan was active.
-    pages: list[RawPage] | None
-    # When the cycle's plan was chosen (monotonic) and what a full scan costs.
-    started: float = 0.0
-    full_pages: int = 1
-    requests: Counter[str] = field(default_factory=Counter)
-    resolve_requests: int = 0
-    anomaly: str | None = None
-    # The planner's `gone` set once this cycle is committed.
-    gone: set[str] = field(default_factory=set)
-
-
-class _Fallback(Exception):  # control flow, never escapes this module
     def __init__(self, reason: PlanReason, anomaly: str | None = None) -> None:
         super().__init__(reason)
         self.reason: PlanReason = reason
         self.anomaly = anomaly
 
 
+@dataclass(slots=True)
+class _Tail:
+    """What this cycle read of one terminal status's list: pages ``first..last``."""
+
+    first: int
+    last: int
+    limit: int
+    at_end: bool = False
+    # Creation positions (from the last full scan) of the items, per page read.
+    positions: dict[int, list[int]] = field(default_factory=dict)
+    served: set[str] = field(default_factory=set)
+
+
 class ActiveScan:
-    """The active plan of one cycle of one batch; `run` raises `_Fallback` when it
-    cannot stand for a full scan."""
+    """The active plan of one cycle of one batch."""
 
     def __init__(
         self,
@@ -121,112 +102,116 @@ class ActiveScan:
         self.books = Books(states, counts, state.gone)
         self.items: dict[str, dict[str, Any]] = {}
         self.gone = set(state.gone)
+        # Backward moves this cycle's reads confirm (see module docstring, step 4).
+        self.confirmed: set[str] = set()
         self.requests = 0
         self.resolving = 0
-        # Per terminal status read: (first page read, its limit, first position read).
-        self._tails: dict[str, tuple[int, int, int]] = {}
+        self._listed: dict[str, set[str]] = {}
+        self._tails: dict[str, _Tail] = {}
 
     async def run(self) -> None:
-        listed = active_statuses(self._counts)
-        for status in listed:
+        """Read; raises `Fallback` when the cycle needs a full scan instead."""
+        for status in active_statuses(self._counts):
+            self._listed[status] = set()
             await self._read_list(status)
         probe = await self._page(PENDING, 1, 1)
         self.books.totals[PENDING] = probe.total
-        listed_set = set(listed)
         vanished = [
             call_id
             for call_id, st in self._states.items()
-            if st.status in listed_set and call_id not in self.items and call_id not in self.gone
+            if st.status in self._listed and call_id not in self.items and call_id not in self.gone
         ]
-        if vanished or self._pending_gap():
-            await self._resolve(vanished)
+        if vanished or self._pending_gap() > 0:
+            await self._explain(vanished)
+        redialled = self._back_from_terminal()
+        for status in sorted(set(redialled.values()) - self._tails.keys()):
+            if self.resolving + 1 <= self._budget:
+                self.resolving += 1
+                await self._read_tail(status)
+        await self._chase()
+        if self._pending_gap() or any(self.books.imbalance(t) for t in self._tails):
+            raise Fallback("unexplained")
+        if any(c not in self.items and c not in self.gone for c in vanished):
+            raise Fallback("unexplained")
+        self._confirm(redialled)
         known = any(n > 0 for n in self.books.expected.values())
         if not self._completed and known and self._open_after() == 0:
-            raise _Fallback("completion")
-
-    def _open_after(self) -> int:
-        """Calls the diff will hold in a non-terminal status: a backward move counts
-        as not made, as the diff holds it until a second look confirms it."""
-        n = self.books.open_calls()
-        for call_id, item in self.items.items():
-            prev = self._states.get(call_id)
-            status = normalise_status(item["status"])
-            if prev is not None and is_backward(prev.status, status):
-                n += (prev.status not in TERMINAL_STATUSES) - (status not in TERMINAL_STATUSES)
-        return n
+            raise Fallback("completion")
 
     def _pending_gap(self) -> int:
         """> 0: calls left pending unseen; < 0: calls came to pending unseen."""
         return self.books.expected[PENDING] - self.books.totals[PENDING]
 
-    async def _resolve(self, vanished: list[str]) -> None:
+    async def _explain(self, vanished: list[str]) -> None:
         ext = self._state.external_ids
         lookable = all(c in ext for c in vanished)
         if self._pending_gap() > 0 or not lookable or len(vanished) > len(TERMINAL_ORDER):
-            await self._read_tails(vanished)
+            # Largest first: most of what ended is there.
+            for status in sorted(TERMINAL_ORDER, key=lambda t: -self.books.expected[t]):
+                if self._pending_gap() <= 0 and all(c in self.items for c in vanished):
+                    break
+                self._afford(1)
+                await self._read_tail(status)
         left = [c for c in vanished if c not in self.items]
         if left:
             if not all(c in ext for c in left):
-                raise _Fallback("unexplained")
+                raise Fallback("unexplained")
             self._afford(len(left))
             for call_id in left:
                 await self._lookup(call_id, ext[call_id])
-        await self._chase()
-        if self._pending_gap() != 0:
-            raise _Fallback("unexplained")
-        if any(self.books.imbalance(t) for t in self._tails):
-            raise _Fallback("unexplained")
 
-    def _unexplained(self, vanished: list[str]) -> bool:
-        return self._pending_gap() > 0 or any(c not in self.items for c in vanished)
-
-    async def _read_tails(self, vanished: list[str]) -> None:
-        """The end of each terminal status's list, largest first, until every call that
-        left pending or vanished from the active lists is found."""
-        order = sorted(TERMINAL_ORDER, key=lambda t: -self.books.expected[t])
-        quarter = max(1, self._size // 4)
-        for status in order:
-            if not self._unexplained(vanished):
-                return
-            end = self.books.expected[status]
-            page_no, limit = window(end - quarter, end + quarter, self._size)
+    async def _read_tail(self, status: str) -> None:
+        """The end of `status`'s list: half a page before where it ended as far as we
+        know, a quarter after (it grows at the end: calls are dialled in order)."""
+        end = self.books.expected[status]
+        page_no, limit = window(end - self._size // 2, end + self._size // 4, self._size)
+        tail = self._tails[status] = _Tail(page_no, page_no, limit)
+        page = await self._tail_page(status, tail, page_no)
+        while page.has_more:
+            self._check_endless(page_no + 1, page)
             self._afford(1)
-            page = await self._page(status, page_no, limit)
-            self._tails[status] = (page_no, limit, (page_no - 1) * max(1, page.limit))
-            while page.has_more:
-                page_no += 1
-                self._check_endless(status, page_no, page)
-                self._afford(1)
-                page = await self._page(status, page_no, limit)
+            page_no += 1
+            page = await self._tail_page(status, tail, page_no)
+        tail.at_end = True
 
     async def _chase(self) -> None:
         """Read further back in the terminal lists that hold calls not seen yet."""
         while True:
             behind = [
                 (self.books.imbalance(t), t)
-                for t, (_, _, first) in self._tails.items()
-                if first > 0 and self.books.imbalance(t) > 0
+                for t, tail in self._tails.items()
+                if tail.first > 1 and self.books.imbalance(t) > 0
             ]
             if not behind:
                 return
             _, status = max(behind)
-            page_no, limit, _ = self._tails[status]
             self._afford(1)
-            page = await self._page(status, page_no - 1, limit)
-            self._tails[status] = (page_no - 1, limit, (page_no - 2) * max(1, page.limit))
+            tail = self._tails[status]
+            await self._tail_page(status, tail, tail.first - 1)
+
+    async def _tail_page(self, status: str, tail: _Tail, page_no: int) -> RawPage:
+        page = await self._page(status, page_no, tail.limit)
+        tail.first, tail.last = min(tail.first, page_no), max(tail.last, page_no)
+        positions = self._state.positions
+        tail.positions[page_no] = [
+            positions[i["call_id"]] for i in page.items if i["call_id"] in positions
+        ]
+        tail.served.update(i["call_id"] for i in page.items)
+        return page
 
     async def _read_list(self, status: str) -> None:
         page_no = 1
         while True:
             page = await self._page(status, page_no, self._size)
+            self._listed[status].update(i["call_id"] for i in page.items)
             if not page.has_more:
                 return
             page_no += 1
-            self._check_endless(status, page_no, page)
+            self._check_endless(page_no, page)
 
-    def _check_endless(self, status: str, page_no: int, page: RawPage) -> None:
+    def _check_endless(self, page_no: int, page: RawPage) -> None:
         if page_no > math.ceil(page.total / max(1, page.limit)) + _EXTRA_PAGES_ALLOWED:
-            raise _Fallback("anomaly", "status_filter_total")
+            raise Fallback("anomaly", "status_filter_total")
 
     async def _page(self, status: str, page_no: int, limit: int) -> RawPage:
         self.requests += 1
@@ -236,7 +221,7 @@ class ActiveScan:
         self._keeper.check()
         problem = filtered_page_problem(page, status, page_no)
         if problem is not None:
-            raise _Fallback("anomaly", problem)
+            raise Fallback("anomaly", problem)
         self.books.totals[status] = page.total
         for item in page.items:
             self._observe(item)
@@ -263,148 +248,59 @@ class ActiveScan:
 
     def _afford(self, n: int) -> None:
         if self.resolving + n > self._budget:
-            raise _Fallback("costly")
+            raise Fallback("costly")
         self.resolving += n
 
+    def _back_from_terminal(self) -> dict[str, str]:
+        """Calls served in an active status that the snapshot has in a terminal one."""
+        out = {}
+        for call_id, item in self.items.items():
+            prev = self._states.get(call_id)
+            back = normalise_status(item["status"]) not in TERMINAL_STATUSES
+            if prev is not None and prev.status in TERMINAL_STATUSES and back:
+                out[call_id] = prev.status
+        return out
 
-async def scan_batch(
-    upstream: UpstreamClient,
-    batch_id: str,
-    keeper: LeaseKeeper,
-    *,
-    settings: PollerSettings,
-    state: PlanState,
-    states: Mapping[str, CallState],
-    counts: Mapping[str, int],
-    completed: bool,
-    previous_pages: Mapping[int, RawPage],
-    page_size: int,
-    now: float,
-) -> PlannedScan:
-    """Read `batch_id` for one cycle under the plan `planner.choose` picks.
+    def _confirm(self, redialled: Mapping[str, str]) -> None:
+        for call_id, item in self.items.items():
+            prev = self._states.get(call_id)
+            status = normalise_status(item["status"])
+            if prev is None or not is_backward(prev.status, status):
+                continue
+            if not isinstance(item.get("external_id"), str):
+                # A full scan could not look it up either: it waits for the next
+                # cycle's second look, as there.
+                continue
+            old = prev.status
+            if old in self._listed:
+                absent = call_id not in self._listed[old]
+            else:
+                absent = old in self._tails and self._absent(self._tails[old], call_id)
+            if absent:
+                self.confirmed.add(call_id)
 
-    Raises the upstream error when nothing at all could be read.
-    """
-    plan = choose(settings, state, counts, page_size, now)
-    requests: Counter[str] = Counter()
-    anomaly = None
-    full_pages = full_cost(counts, page_size)
-    if plan.kind == "active":
-        budget = full_pages if settings.scan == "auto" else math.inf
-        active = ActiveScan(
-            upstream,
-            batch_id,
-            keeper,
-            states=states,
-            counts=counts,
-            state=state,
-            page_size=page_size,
-            completed=completed,
-            budget=budget,
-            retry_within_s=settings.interval_seconds,
-        )
-        try:
-            await active.run()
-        except _Fallback as fallback:
-            requests["active"] += active.requests
-            plan = Plan("full", fallback.reason)
-            anomaly = fallback.anomaly
-            if anomaly is not None:
-                state.distrust_until = now + FILTER_DISTRUST_S
-        except UpstreamAuthError:
-            raise
-        except UpstreamError as exc:
-            if not active.items:
-                raise
-            log.warning(
-                "active scan of batch %s stopped after %d requests, keeping what arrived: %s",
-                batch_id,
-                active.requests,
-                exc,
-                extra={"action": "scan_partial", "batch_id": batch_id},
-            )
-            return _active_result(plan, active, now, full_pages, partial=True)
-        else:
-            return _active_result(plan, active, now, full_pages, partial=False)
-    scan = await read_pages(upstream, batch_id, previous_pages, keeper, settings.interval_seconds)
-    requests["full"] += len(scan.pages)
-    return PlannedScan(
-        plan=plan,
-        groups=[p.items for p in scan.pages],
-        complete=scan.complete,
-        total=scan.pages[-1].total if scan.complete else None,
-        partial=not scan.complete,
-        pages=scan.pages,
-        started=now,
-        full_pages=full_pages,
-        requests=requests,
-        anomaly=anomaly,
-        # A complete scan served every call there is; a call still missing is looked up
-        # again (once) by the next active cycle.
-        gone=set() if scan.complete else set(state.gone),
-    )
+    def _absent(self, tail: _Tail, call_id: str) -> bool:
+        """Whether the pages of `tail` prove `call_id` is not in that list: its creation
+        position lies within what they cover, and they came in creation order."""
+        pos = self._state.positions.get(call_id)
+        if pos is None or call_id in tail.served:
+            return False
+        seen = [p for page in sorted(tail.positions) for p in tail.positions[page]]
+        if any(a >= b for a, b in itertools.pairwise(seen)):
+            return False  # not in creation order: positions tell nothing here
+        after_first = tail.first == 1 or (bool(seen) and seen[0] < pos)
+        before_last = tail.at_end or (bool(seen) and pos < seen[-1])
+        return after_first and before_last
 
-
-def _active_result(
-    plan: Plan, active: ActiveScan, started: float, full_pages: int, *, partial: bool
-) -> PlannedScan:
-    return PlannedScan(
-        plan=plan,
-        groups=[list(active.items.values())],
-        complete=False,
-        total=None,
-        partial=partial,
-        pages=None,
-        started=started,
-        full_pages=full_pages,
-        requests=Counter(active=active.requests),
-        resolve_requests=active.resolving,
-        gone=active.gone,
-    )
-
-
-def record(metrics: Metrics, batch_id: str, scan: PlannedScan) -> None:
-    """Count a cycle's requests and plan (whether or not its commit succeeds)."""
-    for kind, n in scan.requests.items():
-        metrics.scan_requests.labels(kind).inc(n)
-    metrics.scan_plans.labels(scan.plan.kind, scan.plan.reason).inc()
-    metrics.set_plan(batch_id, scan.plan.kind)
-    if scan.anomaly is not None:
-        metrics.upstream_anomalies.labels(scan.anomaly).inc()
-        log.warning(
-            "batch %s: the status filter misbehaved (%s); full scans for %.0fs",
-            batch_id,
-            scan.anomaly,
-            FILTER_DISTRUST_S,
-            extra={"action": "upstream_anomaly", "batch_id": batch_id},
-        )
-
-
-def settle(
-    state: PlanState,
-    scan: PlannedScan,
-    committed: Iterable[Mapping[str, Any]],
-    digests: dict[int, RawPage],
-    *,
-    changed: bool,
-    unconfirmed: bool,
-) -> dict[int, RawPage]:
-    """Move the planner's memory on once the cycle that read `scan` is committed;
-    returns the page digests to keep for the next full scan."""
-    if scan.plan.kind == "full" and scan.complete:
-        state.last_full_at = scan.started
-    learn(state, scan.plan, resolve_requests=scan.resolve_requests, full_cost=scan.full_pages)
-    state.gone = scan.gone
-    state.remember(committed)
-    state.last = scan.plan
-    if unconfirmed:
-        # A backward move waits to be seen again: its page must be read, not skipped
-        # as unchanged (which would leave the move unconfirmed for as long).
-        return {}
-    if scan.pages is not None and scan.complete:
-        return {p.page: dataclasses.replace(p, items=[], unchanged=False) for p in scan.pages}
-    if scan.pages is not None or changed:
-        # Pages that did not arrive keep no digest, nor pages whose calls an active
-        # cycle moved since (a digest stands for the snapshot of its calls).
-        return {}
-    return digests
+    def _open_after(self) -> int:
+        """Calls the diff will hold in a non-terminal status: a backward move counts
+        as not made unless confirmed, as the diff holds it until a second look."""
+        n = self.books.open_calls()
+        for call_id, item in self.items.items():
+            prev = self._states.get(call_id)
+            status = normalise_status(item["status"])
+            if call_id in self.confirmed or prev is None:
+                continue
+            if is_backward(prev.status, status):
+                n += (prev.status not in TERMINAL_STATUSES) - (status not in TERMINAL_STATUSES)
+        return n

@@ -91,7 +91,16 @@ class PlanState:
     # External ids of the calls last seen in an active status: a call that vanishes
     # from the active lists is looked up by it.
     external_ids: dict[str, str] = field(default_factory=dict)
+    # Each call's place in the batch's list (creation order) as of the last full scan.
+    positions: dict[str, int] = field(default_factory=dict)
     last: Plan | None = None
+
+    def place(self, pages: Iterable[RawPage]) -> None:
+        """Note where the calls of a full scan's decoded pages sit in the list."""
+        for page in pages:
+            first = (page.page - 1) * page.limit
+            for i, item in enumerate(page.items):
+                self.positions[item["call_id"]] = first + i
 
     def remember(self, items: Iterable[Mapping[str, Any]]) -> None:
         """Note the external ids of committed items (only active calls need one)."""

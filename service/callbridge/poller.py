@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from callbridge.active_scan import PlannedScan, record, scan_batch, settle
 from callbridge.callstate import CallState
 from callbridge.config import Settings
 from callbridge.diff import BatchView, DiffResult, ScanFacts, diff, select_candidates
@@ -40,7 +39,7 @@ from callbridge.pages import RawPage
 from callbridge.planner import PlanState
 from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
-from callbridge.scan import confirm_backward_moves
+from callbridge.scan import PlannedScan, confirm_backward_moves, record, scan_batch, settle
 from callbridge.schedule import BatchLifecycle, lifecycle
 from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import BatchMeta, SnapshotStore
@@ -201,7 +200,7 @@ class Poller:
                 self._upstream,
                 batch_id,
                 rt.states,
-                rt.suspects,
+                {**rt.suspects, **dict.fromkeys(scan.confirmed, "")},
                 candidates,
                 self._p.interval_seconds,
             )

@@ -64,6 +64,7 @@ def histories(draw: st.DrawFn) -> tuple[int, int, History]:
     n_calls = draw(st.integers(2, 9))
     cycles = draw(st.integers(4, 12))
     history: History = {}
+    end = cycles
     for call in range(n_calls):
         # Shared external ids ("ext-0" for several calls) and a few missing ones.
         ext = draw(st.sampled_from([f"ext-{call % 3}", f"own-{call}", None]))
@@ -82,7 +83,11 @@ def histories(draw: st.DrawFn) -> tuple[int, int, History]:
                 at = t + draw(st.integers(1, stay - 1))
                 history.setdefault(at, []).append((call, {"name": draw(st.sampled_from("ABC"))}))
             t += stay
-    return n_calls, cycles, history
+        if status not in TERMINAL_STATUSES:
+            # The campaign ends: every call finishes, so batches complete.
+            history.setdefault(t, []).append((call, {"status": draw(st.sampled_from(TERMINAL))}))
+            end = max(end, t)
+    return n_calls, end, history
 
 
 @dataclass
@@ -155,7 +160,7 @@ async def test_active_plan_yields_the_events_of_full_scans(
         batch_id = f"sched_p{next(batch_numbers):05d}"
         sim.add_batch(batch_id, n_calls)
         call_ids = [c["call_id"] for c in sim.calls(batch_id)]
-        for cycle in range(cycles + 2):
+        for cycle in range(cycles + 3):
             for call, change in history.get(cycle, []):
                 sim.set_call(batch_id, call_ids[call], **change)
             clock["ms"] += 1000
