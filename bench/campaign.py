@@ -250,9 +250,7 @@ def build_app(sim: Simulator, campaign: Campaign, params: dict[str, Any]) -> web
 
 
 async def main(ns: argparse.Namespace) -> None:
-    config = SimulatorConfig(
-        batches=0, api_key=API_KEY, seed=ns.seed, request_log_max=5_000_000
-    )
+    config = SimulatorConfig(batches=0, api_key=API_KEY, seed=ns.seed, request_log_max=5_000_000)
     sim = Simulator(config, clock=time.time)
     for i in range(ns.batches):
         sim.add_batch(f"sched_c{i:03d}", ns.calls)

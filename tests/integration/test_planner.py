@@ -104,7 +104,8 @@ class Side:
         """Poll once, deliver everything; the events received in this cycle."""
         await self.poller.poll_once(batch_id)
         rt = self.poller.runtime(batch_id)
-        assert rt is not None and rt.plan.last is not None
+        assert rt is not None
+        assert rt.plan.last is not None
         self.plans[f"{rt.plan.last.kind}:{rt.plan.last.reason}"] += 1
         await self.svc.deliverer.drain()
         new = self.receiver.delivered[self.seen :]
