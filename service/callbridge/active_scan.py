@@ -26,6 +26,7 @@ reads every page. An active plan never stands for a complete scan.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ from callbridge.planner import (
 from callbridge.store.leases import LeaseKeeper
 from callbridge.upstream import UpstreamClient
 
+log = logging.getLogger(__name__)
+
+# Pages a terminal list is read back from its tail to find calls not seen yet.
+_CHASE_PAGES = 2
 # Pages past what `total` implies before a filtered list counts as paging forever.
 _EXTRA_PAGES_ALLOWED = 5
 
@@ -66,6 +71,7 @@ class _Tail:
     first: int
     last: int
     limit: int
+    tail_start: int
     at_end: bool = False
     # Creation positions (from the last full scan) of the items, per page read.
     positions: dict[int, list[int]] = field(default_factory=dict)
@@ -107,15 +113,17 @@ class ActiveScan:
         self.requests = 0
         self.resolving = 0
         self._listed: dict[str, set[str]] = {}
+        self._pending_before = 0
         self._tails: dict[str, _Tail] = {}
 
     async def run(self) -> None:
         """Read; raises `Fallback` when the cycle needs a full scan instead."""
+        # The pending total first: every call that left pending before it must be
+        # found by the reads that follow (those that leave while they run may be).
+        self._pending_before = (await self._page(PENDING, 1, 1)).total
         for status in active_statuses(self._counts):
             self._listed[status] = set()
             await self._read_list(status)
-        probe = await self._page(PENDING, 1, 1)
-        self.books.totals[PENDING] = probe.total
         vanished = [
             call_id
             for call_id, st in self._states.items()
@@ -123,15 +131,32 @@ class ActiveScan:
         ]
         if vanished or self._pending_gap() > 0:
             await self._explain(vanished)
+        if self._pending_gap() > 0:
+            # Calls that left pending before the probe and are nowhere we looked moved
+            # from one active status to the next while the lists were read: once more.
+            self._afford(len(self._listed))
+            for status in self._listed:
+                await self._read_list(status)
         redialled = self._back_from_terminal()
         for status in sorted(set(redialled.values()) - self._tails.keys()):
             if self.resolving + 1 <= self._budget:
                 self.resolving += 1
                 await self._read_tail(status)
         await self._chase()
-        if self._pending_gap() or any(self.books.imbalance(t) for t in self._tails):
-            raise Fallback("unexplained")
-        if any(c not in self.items and c not in self.gone for c in vanished):
+        unexplained = [c for c in vanished if c not in self.items and c not in self.gone]
+        if self._pending_gap() < 0:
+            # More calls left pending than before the first probe: left while we read,
+            # or calls came to pending unseen; the pending total now tells which.
+            await self._page(PENDING, 1, 1)
+        if self._pending_gap() or unexplained:
+            log.info(
+                "batch %s: %d calls left pending and %d left the active lists unseen; "
+                "reading every page",
+                self._batch,
+                self._pending_gap(),
+                len(unexplained),
+                extra={"action": "scan_fallback", "batch_id": self._batch},
+            )
             raise Fallback("unexplained")
         self._confirm(redialled)
         known = any(n > 0 for n in self.books.expected.values())
@@ -139,8 +164,15 @@ class ActiveScan:
             raise Fallback("completion")
 
     def _pending_gap(self) -> int:
-        """> 0: calls left pending unseen; < 0: calls came to pending unseen."""
-        return self.books.expected[PENDING] - self.books.totals[PENDING]
+        """> 0: calls left pending unseen; < 0: calls came to pending unseen.
+
+        Before the second probe (see `run`), against the first one; after it, a call
+        that left pending between the two may have been found or not: either is right.
+        """
+        expected, now = self.books.expected[PENDING], self.books.totals[PENDING]
+        if expected > self._pending_before:
+            return expected - self._pending_before
+        return min(0, expected - now)
 
     async def _explain(self, vanished: list[str]) -> None:
         ext = self._state.external_ids
@@ -165,7 +197,7 @@ class ActiveScan:
         know, a quarter after (it grows at the end: calls are dialled in order)."""
         end = self.books.expected[status]
         page_no, limit = window(end - self._size // 2, end + self._size // 4, self._size)
-        tail = self._tails[status] = _Tail(page_no, page_no, limit)
+        tail = self._tails[status] = _Tail(page_no, page_no, limit, page_no)
         page = await self._tail_page(status, tail, page_no)
         while page.has_more:
             self._check_endless(page_no + 1, page)
@@ -175,17 +207,25 @@ class ActiveScan:
         tail.at_end = True
 
     async def _chase(self) -> None:
-        """Read further back in the terminal lists that hold calls not seen yet."""
-        while True:
+        """Read a little further back in the terminal lists that hold calls not seen
+        yet (a redial that ended where its first attempt had).
+
+        Best effort: the counts of terminal lists read at different moments are only
+        as exact as a world that stands still while we read; what a chase does not
+        find here, the next cycle or the periodic full scan does.
+        """
+        for _ in range(_CHASE_PAGES * len(TERMINAL_ORDER)):
             behind = [
                 (self.books.imbalance(t), t)
                 for t, tail in self._tails.items()
-                if tail.first > 1 and self.books.imbalance(t) > 0
+                if tail.tail_start - tail.first < _CHASE_PAGES
+                and tail.first > 1
+                and self.books.imbalance(t) > 0
             ]
-            if not behind:
+            if not behind or self.resolving + 1 > self._budget:
                 return
             _, status = max(behind)
-            self._afford(1)
+            self.resolving += 1
             tail = self._tails[status]
             await self._tail_page(status, tail, tail.first - 1)
 

@@ -120,6 +120,8 @@ class Operations:
                     "owned_here": self._owns(batch_id),
                     "poll_interval_s": interval_s(state, self._settings.poller),
                     "poll_period_s": periods.get(batch_id),
+                    "scan_plan": meta.scan_plan or None,
+                    "scan_reason": meta.scan_reason or None,
                 }
             )
         return out

@@ -26,7 +26,10 @@ async def poll_all(svc: Bridge, sim: Simulator) -> None:
         await svc.poller.poll_once(batch_id)
 
 
-async def test_lifecycle_with_faults_matches_ground_truth(make_service: MakeService) -> None:
+@pytest.mark.parametrize("scan", ["auto", "active"])
+async def test_lifecycle_with_faults_matches_ground_truth(
+    make_service: MakeService, scan: str
+) -> None:
     faults = FaultConfig(
         rate_limit_ratio=0.03,
         retry_after_seconds=0,
@@ -35,7 +38,9 @@ async def test_lifecycle_with_faults_matches_ground_truth(make_service: MakeServ
         shift_ratio=0.1,
     )
     svc, sim, receiver = await make_service(
-        sim_config(faults=faults), upstream={"page_size": 7, "max_attempts": 6}
+        sim_config(faults=faults),
+        upstream={"page_size": 7, "max_attempts": 6},
+        poller={"scan": scan},
     )
     for _ in range(400):
         await poll_all(svc, sim)
@@ -84,6 +89,14 @@ async def test_lifecycle_with_faults_matches_ground_truth(make_service: MakeServ
             assert seqs == list(range(1, len(seqs) + 1))
     assert checked_long > 50
     assert (sample(svc.metrics, "upstream_requests_total", outcome="ok", code="200") or 0) > 0
+    if scan == "active":
+        # Faults make some cycles fall back to full scans; most still read actively.
+        active = sample(svc.metrics, "scan_plans_total", plan="active", reason="configured")
+        full = sum(
+            sample(svc.metrics, "scan_plans_total", plan="full", reason=r) or 0
+            for r in ("cold", "unexplained", "completion", "anomaly")
+        )
+        assert (active or 0) > 2 * full
 
 
 async def test_replaying_the_same_scan_emits_nothing(make_service: MakeService) -> None:

@@ -1,0 +1,326 @@
+"""The scan planner over a whole campaign: upstream requests and lag, full scans against auto.
+
+Four runs of the same campaign (``bench.campaign``: 10 batches x 20,000 calls, every
+call pending, then dialled on 60 lines per batch, ended, a share redialled once),
+each with its own Valkey, simulator process, recording receiver and ``callbridge run``
+subprocess (poll interval 2 s, page size 500, ``max_concurrent_batches`` 10):
+
+* ``roomy``: a request budget of 400/s, which full scans (10 x 40 pages every 2 s =
+  200/s) do not exhaust; ``scan: full`` then ``scan: auto``. Target: auto makes >= 3x
+  fewer upstream requests over the campaign.
+* ``tight``: a budget of 60/s, so a full round (400 pages) takes 6.7 s, more than 3
+  intervals; ``scan: full`` then ``scan: auto``. Target: auto's lag p99 (status change
+  -> webhook received) >= 2.5x lower.
+
+The campaign starts once every batch had its first (cold, full) cycle and runs on
+wall-clock time (``--speed`` 0.25: statuses last 0.05-0.8 s, so most calls start and
+end between two polls; a run takes ~5 min). Requests are counted by the simulator
+(every List Batch Calls request it received: whole pages, status lists and probes,
+``external_id`` look-ups) from the campaign start until DRAIN_S after its end. Lag:
+each delivered ``call.*`` event is matched to the moment its call last entered the
+event's status (ground truth from the campaign). Missing: calls whose final status
+(ground truth) never arrived after the call entered it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections import defaultdict
+from typing import Any
+
+import aiohttp
+
+from bench.common import (
+    IMG,
+    SECRET,
+    Bridge,
+    bridge_config,
+    bridge_process,
+    child_server,
+    parse_metrics,
+    quantile,
+    valkey_server,
+)
+
+BATCHES = 10
+CALLS = 20_000
+LINES = 60
+SPEED = 0.25
+INTERVAL_S = 2.0
+PAGE_SIZE = 500
+BUDGETS = {"roomy": 400.0, "tight": 60.0}
+DRAIN_S = 20.0
+# Give up waiting for the last final statuses this long after the campaign ended.
+SETTLE_MAX_S = 120.0
+BIN_S = 15.0
+TARGET_REQUEST_RATIO = 3.0
+TARGET_LAG_RATIO = 2.5
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str, **params: str) -> Any:
+    async with session.get(url, params=params) as resp:
+        resp.raise_for_status()
+        return await resp.json(content_type=None)
+
+
+async def _wait_first_cycles(session: aiohttp.ClientSession, bridge: Bridge, n: int) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        async with session.get(bridge.url + "/metrics") as resp:
+            samples = parse_metrics(await resp.text())
+        polled = {
+            labels["batch"]
+            for labels, value in samples.get("callbridge_poll_cycles_total", [])
+            if value > 0 and labels.get("outcome") in ("committed", "unchanged")
+        }
+        if len(polled) >= n:
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError("the bridge did not poll every batch in time")
+
+
+def _finals(truth: list[list[Any]]) -> dict[tuple[str, str], tuple[str, float]]:
+    out: dict[tuple[str, str], tuple[str, float]] = {}
+    for batch, call, status, t in truth:
+        out[(batch, call)] = (status, float(t))
+    return out
+
+
+def _missing(
+    finals: dict[tuple[str, str], tuple[str, float]], events: list[list[Any]]
+) -> list[tuple[str, str]]:
+    """Calls whose final status never arrived after the call entered it."""
+    arrived: dict[tuple[str, str, str], float] = {}
+    for received, etype, batch, call, status, _stamp in events:
+        if str(etype).startswith("call."):
+            key = (batch, call, status)
+            arrived[key] = max(arrived.get(key, 0.0), float(received))
+    return [
+        key
+        for key, (status, t) in finals.items()
+        if arrived.get((*key, status), 0.0) < t
+    ]
+
+
+def _lags(truth: list[list[Any]], events: list[list[Any]]) -> list[tuple[float, float]]:
+    """(change time, lag) of each delivered call event, matched to the last time its call
+    entered the event's status before the event was received."""
+    entered: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for batch, call, status, t in truth:
+        entered[(batch, call, status)].append(float(t))
+    out = []
+    for received, etype, batch, call, status, _stamp in events:
+        if not str(etype).startswith("call."):
+            continue
+        times = entered.get((batch, call, status))
+        if not times:
+            continue
+        i = bisect.bisect_right(times, float(received)) - 1
+        if i >= 0:
+            out.append((times[i], float(received) - times[i]))
+    return out
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50_s": quantile(values, 0.5),
+        "p95_s": quantile(values, 0.95),
+        "p99_s": quantile(values, 0.99),
+        "max_s": max(values, default=float("nan")),
+    }
+
+
+async def run_one(scan: str, budget_name: str, calls: int, batches: int) -> dict[str, Any]:
+    label = f"{budget_name}_{scan}"
+    started = time.perf_counter()
+    sim_args = ["--batches", str(batches), "--calls", str(calls), "--lines", str(LINES)]
+    sim_args += ["--speed", str(SPEED)]
+    with (
+        valkey_server() as valkey,
+        child_server("bench.campaign", sim_args, f"campaign_{label}") as sim,
+        child_server("bench.receiver", ["--record"], f"receiver_planner_{label}") as receiver,
+    ):
+        async with aiohttp.ClientSession() as session:
+            info = await _get_json(session, sim.url + "/_campaign/info")
+            batch_ids: list[str] = info["batch_ids"]
+            config = bridge_config(
+                sim.url,
+                valkey.url,
+                batches=batch_ids,
+                subscriptions=[
+                    {"name": "crm", "url": receiver.url + "/hook", "secret": SECRET}
+                ],
+                upstream={
+                    "page_size": PAGE_SIZE,
+                    "max_requests_per_second": BUDGETS[budget_name],
+                },
+                poller={
+                    "interval_seconds": INTERVAL_S,
+                    "scan": scan,
+                    "max_concurrent_batches": batches,
+                    "lease_ttl_seconds": 60,
+                },
+                logging={"level": "INFO"},
+            )
+            with bridge_process(config, f"bridge_planner_{label}") as bridge:
+                await _wait_first_cycles(session, bridge, len(batch_ids))
+                async with session.post(sim.url + "/_campaign/start") as resp:
+                    t0 = float((await resp.json())["started_at"])
+                cpu0 = (bridge.cpu_s(), sim.cpu_s())
+                while not (await _get_json(session, sim.url + "/_campaign/state"))["finished"]:
+                    await asyncio.sleep(1.0)
+                state = await _get_json(session, sim.url + "/_campaign/state")
+                t_end = float(state["finished_at"])
+                truth = await _get_json(session, sim.url + "/_campaign/truth")
+                finals = _finals(truth)
+                # Until every final status arrived (or SETTLE_MAX_S), and DRAIN_S at least.
+                while True:
+                    events = await _get_json(session, receiver.url + "/_events")
+                    now = time.time()
+                    done = not _missing(finals, events) and now >= t_end + DRAIN_S
+                    if done or now > t_end + SETTLE_MAX_S:
+                        break
+                    await asyncio.sleep(1.0)
+                cpu1 = (bridge.cpu_s(), sim.cpu_s())
+                async with session.get(bridge.url + "/metrics") as resp:
+                    metrics = parse_metrics(await resp.text())
+            requests = await _get_json(session, sim.url + "/_campaign/requests", since=str(t0))
+
+    window_end = t_end + DRAIN_S
+    in_window = [(float(t), kind) for t, kind in requests if float(t) <= window_end]
+    by_kind: dict[str, int] = defaultdict(int)
+    for _, kind in in_window:
+        by_kind[kind] += 1
+    bins = int((window_end - t0) // BIN_S) + 1
+    per_bin = [0] * bins
+    for t, _ in in_window:
+        per_bin[int((t - t0) // BIN_S)] += 1
+    lags = _lags(truth, events)
+    lag_bins: list[list[float]] = [[] for _ in range(bins + 8)]
+    for changed, lag in lags:
+        lag_bins[min(len(lag_bins) - 1, max(0, int((changed - t0) // BIN_S)))].append(lag)
+    final_lags = _lags([[b, c, s, t] for (b, c), (s, t) in finals.items()], events)
+    plans = {
+        f"{labels['plan']}:{labels['reason']}": v
+        for labels, v in metrics.get("callbridge_scan_plans_total", [])
+    }
+    missing = _missing(finals, events)
+    return {
+        "scan": scan,
+        "budget": budget_name,
+        "budget_rps": BUDGETS[budget_name],
+        "campaign_s": t_end - t0,
+        "dials": state["dials"],
+        "status_changes": len(truth),
+        "requests": len(in_window),
+        "requests_by_kind": dict(by_kind),
+        "requests_per_min": [n * 60.0 / BIN_S for n in per_bin],
+        "lag": _summary([lag for _, lag in lags]),
+        "final_lag": _summary([lag for _, lag in final_lags]),
+        "lag_p99_per_bin": [quantile(v, 0.99) if v else None for v in lag_bins],
+        "events": len(events),
+        "calls": len(finals),
+        "missing_finals": len(missing),
+        "missing_examples": missing[:10],
+        "plans": plans,
+        "anomalies": {
+            labels["kind"]: v
+            for labels, v in metrics.get("callbridge_upstream_anomalies_total", [])
+        },
+        "cpu_s": {"bridge": cpu1[0] - cpu0[0], "simulator": cpu1[1] - cpu0[1]},
+        "elapsed_s": time.perf_counter() - started,
+    }
+
+
+async def run(quick: bool = False, profile: bool = True) -> dict[str, Any]:
+    calls = 4_000 if quick else CALLS
+    batches = 4 if quick else BATCHES
+    runs = {}
+    for budget_name in BUDGETS:
+        for scan in ("full", "auto"):
+            runs[f"{budget_name}_{scan}"] = await run_one(scan, budget_name, calls, batches)
+    roomy = runs["roomy_full"]["requests"] / max(1, runs["roomy_auto"]["requests"])
+    tight = runs["tight_full"]["lag"]["p99_s"] / runs["tight_auto"]["lag"]["p99_s"]
+    result = {
+        "batches": batches,
+        "calls_per_batch": calls,
+        "lines": LINES,
+        "speed": SPEED,
+        "interval_s": INTERVAL_S,
+        "page_size": PAGE_SIZE,
+        "budgets_rps": BUDGETS,
+        "runs": runs,
+        "request_ratio_roomy": roomy,
+        "lag_p99_ratio_tight": tight,
+        "targets": {"request_ratio": TARGET_REQUEST_RATIO, "lag_ratio": TARGET_LAG_RATIO},
+        "missing_finals": {k: r["missing_finals"] for k, r in runs.items()},
+    }
+    plot(result)
+    return result
+
+
+def plot(result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), constrained_layout=True)
+    colours = {"full": "tab:red", "auto": "tab:blue"}
+    for row, budget_name in enumerate(BUDGETS):
+        for scan in ("full", "auto"):
+            r = result["runs"][f"{budget_name}_{scan}"]
+            xs = [i * BIN_S / 60 for i in range(len(r["requests_per_min"]))]
+            axes[row][0].step(
+                xs,
+                r["requests_per_min"],
+                where="post",
+                color=colours[scan],
+                label=f"{scan}: {r['requests']:,} requests",
+            )
+            lag = [(i * BIN_S / 60, v) for i, v in enumerate(r["lag_p99_per_bin"]) if v]
+            axes[row][1].plot(
+                [x for x, _ in lag],
+                [v for _, v in lag],
+                color=colours[scan],
+                label=f"{scan}: p99 {r['lag']['p99_s']:.1f} s over the campaign",
+            )
+        budget = BUDGETS[budget_name]
+        axes[row][0].set_title(f"{budget_name} budget ({budget:.0f} req/s): requests per minute")
+        axes[row][0].set_xlabel("minutes since the campaign started")
+        axes[row][0].set_ylabel("upstream requests / min")
+        axes[row][0].legend()
+        axes[row][1].set_title(f"{budget_name} budget: lag p99 per {BIN_S:.0f} s of changes")
+        axes[row][1].set_xlabel("minutes since the campaign started")
+        axes[row][1].set_ylabel("status change -> webhook (s)")
+        axes[row][1].legend()
+    fig.suptitle(
+        f"{result['batches']} batches x {result['calls_per_batch']:,} calls, "
+        f"{result['lines']} lines per batch, poll interval {result['interval_s']:.0f} s"
+    )
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / "planner.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="4 batches x 4,000 calls")
+    parser.add_argument("--only", help="one run, e.g. roomy_auto (no plot)")
+    ns = parser.parse_args()
+    if ns.only:
+        budget_name, scan = ns.only.split("_")
+        out = asyncio.run(run_one(scan, budget_name, CALLS, BATCHES))
+        out = {k: v for k, v in out.items() if k not in ("requests_per_min", "lag_p99_per_bin")}
+    else:
+        out = asyncio.run(run(quick=ns.quick))
+        for r in out["runs"].values():
+            r.pop("requests_per_min")
+            r.pop("lag_p99_per_bin")
+    print(json.dumps(out, indent=1, default=str))

@@ -1,0 +1,245 @@
+"""Which plan the planner picks, what it costs, and what happens when the platform's
+status filter cannot be trusted: real bridges against the simulator (some behind a
+middleware that breaks the filter the way a platform might), real Valkey."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from callbridge.app import Bridge
+from callbridge.poller import Poller
+from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from tests.support.metrics import sample
+from tests.support.receivers import Receiver
+from tests.support.settings import API_KEY, SECRET, make_settings
+
+BATCH = "sched_plans"
+
+
+class Clock:
+    """A monotonic clock the test moves (the planner's periodic full scan)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def bridge(
+    aiohttp_server: Any,
+    redis_url: str,
+    sim: Simulator,
+    *,
+    middleware: Callable[..., Any] | None = None,
+    clock: Clock | None = None,
+    **poller: Any,
+) -> tuple[Bridge, Poller, Receiver]:
+    app = make_app(sim)
+    if middleware is not None:
+        app.middlewares.append(middleware)
+    upstream = await aiohttp_server(app)
+    receiver = Receiver()
+    hook = await aiohttp_server(receiver.app())
+    settings = make_settings(
+        str(upstream.make_url("")),
+        redis_url,
+        batches=[BATCH],
+        upstream={"page_size": 5},
+        poller={"full_scan_every_seconds": 30, **poller},
+        subscriptions=[{"name": "crm", "url": str(hook.make_url("/hook")), "secret": SECRET}],
+    )
+    svc = await Bridge.create(settings, replica_id="plans")
+    await svc.registry.register_config(settings.batches)
+    poller_ = Poller(
+        settings,
+        svc.store,
+        svc.leases,
+        svc.upstream,
+        svc.relay,
+        svc.metrics,
+        replica_id="plans",
+        monotonic=clock or Clock(),
+    )
+    return svc, poller_, receiver
+
+
+def simulator(calls: int = 60) -> Simulator:
+    sim = Simulator(SimulatorConfig(api_key=API_KEY, batches=0, seed=3, concurrency=4))
+    sim.add_batch(BATCH, calls)
+    return sim
+
+
+async def plan_of(poller: Poller, batch_id: str = BATCH) -> str:
+    await poller.poll_once(batch_id)
+    rt = poller.runtime(batch_id)
+    assert rt is not None
+    assert rt.plan.last is not None
+    return f"{rt.plan.last.kind}:{rt.plan.last.reason}"
+
+
+def statuses(poller: Poller, batch_id: str = BATCH) -> dict[str, str]:
+    rt = poller.runtime(batch_id)
+    assert rt is not None
+    assert rt.states is not None
+    return {call_id: st.status for call_id, st in rt.states.items()}
+
+
+def truth(sim: Simulator, batch_id: str = BATCH) -> dict[str, str]:
+    return {c["call_id"]: c["status"] for c in sim.calls(batch_id)}
+
+
+async def test_auto_reads_actively_when_cheaper_and_in_full_when_due(
+    redis_url: str, redis_client: Any, aiohttp_server: Any
+) -> None:
+    sim = simulator()
+    sim.add_batch("sched_small", 4)
+    clock = Clock()
+    svc, poller, _ = await bridge(aiohttp_server, redis_url, sim, clock=clock)
+    try:
+        # 60 calls in pages of 5: 12 requests for a full scan, 5 for an active one.
+        assert await plan_of(poller) == "full:cold"
+        plans = []
+        for _ in range(12):
+            sim.advance()
+            clock.now += 2
+            plans.append(await plan_of(poller))
+            # Every cycle, active or not, leaves the snapshot where the platform is.
+            assert statuses(poller) == truth(sim)
+        assert plans.count("active:cheaper") >= 8, plans
+        clock.now += 30
+        assert await plan_of(poller) == "full:periodic"
+        # A batch of one page is always read whole.
+        assert await plan_of(poller, "sched_small") == "full:cold"
+        clock.now += 2
+        assert await plan_of(poller, "sched_small") == "full:cheaper"
+
+        m = svc.metrics
+        assert (sample(m, "scan_requests_total", plan="active") or 0) > 0
+        assert (sample(m, "scan_requests_total", plan="full") or 0) >= 12 * 2
+        assert sample(m, "scan_plans_total", plan="full", reason="periodic") == 1
+        assert sample(m, "batch_scan_plan", batch=BATCH, plan="full") == 1
+        assert sample(m, "batch_scan_plan", batch=BATCH, plan="active") == 0
+        sim.advance()
+        clock.now += 2
+        assert await plan_of(poller) == "active:cheaper"
+        assert sample(m, "batch_scan_plan", batch=BATCH, plan="active") == 1
+        # The admin API's batch view shows the last plan (from Redis: any replica).
+        (view,) = [b for b in await svc.operations.list_batches() if b["id"] == BATCH]
+        assert (view["scan_plan"], view["scan_reason"]) == ("active", "cheaper")
+        # Far fewer requests than full scans every cycle: 14 cycles x 12 pages.
+        requests = sum(1 for _, path, _ in sim.request_log if BATCH in path)
+        assert requests < 14 * 12 * 0.75, requests
+    finally:
+        await svc.close()
+
+
+async def test_a_redial_is_confirmed_by_its_terminal_list_without_a_look_up(
+    redis_url: str, redis_client: Any, aiohttp_server: Any
+) -> None:
+    sim = simulator(40)
+    svc, poller, receiver = await bridge(aiohttp_server, redis_url, sim, scan="active")
+    try:
+        call = sim.calls(BATCH)[7]["call_id"]
+        assert await plan_of(poller) == "full:cold"
+        # Cancelled before dialling: pending shrinks with no active arrival, so the
+        # terminal lists' tails are read and the call found there.
+        sim.set_call(BATCH, call, status="cancelled")
+        assert await plan_of(poller) == "active:configured"
+        assert statuses(poller)[call] == "cancelled"
+        sim.set_call(BATCH, call, status="queued")
+        seen = len(sim.request_log)
+        assert await plan_of(poller) == "active:configured"
+        assert statuses(poller)[call] == "queued"
+        paths = [path for _, path, _ in sim.request_log[seen:]]
+        assert any("status=cancelled" in p for p in paths), paths
+        assert not any("external_id=" in p for p in paths), paths
+        await svc.deliverer.drain()
+        bodies = [r.payload()["data"] for r in receiver.delivered]
+        assert [(d["status"], d["previous_status"]) for d in bodies] == [
+            ("cancelled", "pending"),
+            ("queued", "cancelled"),
+        ]
+    finally:
+        await svc.close()
+
+
+def ignore_status_filter() -> Callable[..., Any]:
+    """A platform that ignores ``status``: the whole batch comes back."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if "status" in request.query:
+            query = {k: v for k, v in request.query.items() if k != "status"}
+            request = request.clone(rel_url=request.rel_url.with_query(query))
+        return await handler(request)
+
+    return middleware
+
+
+def unfiltered_totals(sim: Simulator) -> Callable[..., Any]:
+    """A platform that filters the items but reports the batch's total."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if "status" not in request.query or not isinstance(response, web.Response):
+            return response
+        assert response.body is not None
+        doc = orjson.loads(bytes(response.body))  # type: ignore[arg-type]
+        doc["data"]["total"] = sim.count(request.match_info["batch_id"])
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    return middleware
+
+
+async def check_distrusted(
+    sim: Simulator, svc: Bridge, poller: Poller, clock: Clock, kind: str
+) -> None:
+    assert await plan_of(poller) == "full:cold"
+    sim.advance(3)
+    clock.now += 2
+    # The active plan's first list shows the fault: counted, and this cycle reads
+    # every page instead, so nothing is lost.
+    assert await plan_of(poller) == "full:anomaly"
+    assert sample(svc.metrics, "upstream_anomalies_total", kind=kind) == 1
+    assert statuses(poller) == truth(sim)
+    for _ in range(3):
+        sim.advance()
+        clock.now += 2
+        assert await plan_of(poller) == "full:distrust"
+        assert statuses(poller) == truth(sim)
+    assert sample(svc.metrics, "upstream_anomalies_total", kind=kind) == 1
+
+
+async def test_a_platform_ignoring_the_status_filter_gets_full_scans(
+    redis_url: str, redis_client: Any, aiohttp_server: Any
+) -> None:
+    sim = simulator()
+    clock = Clock()
+    svc, poller, _ = await bridge(
+        aiohttp_server, redis_url, sim, middleware=ignore_status_filter(), clock=clock
+    )
+    try:
+        await check_distrusted(sim, svc, poller, clock, "status_filter_ignored")
+    finally:
+        await svc.close()
+
+
+async def test_filtered_totals_that_disagree_get_full_scans(
+    redis_url: str, redis_client: Any, aiohttp_server: Any
+) -> None:
+    sim = simulator()
+    clock = Clock()
+    svc, poller, _ = await bridge(
+        aiohttp_server, redis_url, sim, middleware=unfiltered_totals(sim), clock=clock
+    )
+    try:
+        await check_distrusted(sim, svc, poller, clock, "status_filter_total")
+    finally:
+        await svc.close()
