@@ -81,6 +81,16 @@ async def _wait_first_cycles(session: aiohttp.ClientSession, bridge: Bridge, n: 
     raise RuntimeError("the bridge did not poll every batch in time")
 
 
+async def _wait_finished(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """The campaign's state once every call has its final status."""
+    for _ in range(3600):
+        state: dict[str, Any] = await _get_json(session, url + "/_campaign/state")
+        if state["finished"]:
+            return state
+        await asyncio.sleep(1.0)
+    raise RuntimeError("the campaign did not finish within an hour")
+
+
 def _finals(truth: list[list[Any]]) -> dict[tuple[str, str], tuple[str, float]]:
     out: dict[tuple[str, str], tuple[str, float]] = {}
     for batch, call, status, t in truth:
@@ -170,9 +180,7 @@ async def run_one(scan: str, budget_name: str, calls: int, batches: int) -> dict
                 async with session.post(sim.url + "/_campaign/start") as resp:
                     t0 = float((await resp.json())["started_at"])
                 cpu0 = (bridge.cpu_s(), sim.cpu_s())
-                while not (await _get_json(session, sim.url + "/_campaign/state"))["finished"]:
-                    await asyncio.sleep(1.0)
-                state = await _get_json(session, sim.url + "/_campaign/state")
+                state = await _wait_finished(session, sim.url)
                 t_end = float(state["finished_at"])
                 truth = await _get_json(session, sim.url + "/_campaign/truth")
                 finals = _finals(truth)
