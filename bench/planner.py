@@ -107,11 +107,7 @@ def _missing(
         if str(etype).startswith("call."):
             key = (batch, call, status)
             arrived[key] = max(arrived.get(key, 0.0), float(received))
-    return [
-        key
-        for key, (status, t) in finals.items()
-        if arrived.get((*key, status), 0.0) < t
-    ]
+    return [key for key, (status, t) in finals.items() if arrived.get((*key, status), 0.0) < t]
 
 
 def _lags(truth: list[list[Any]], events: list[list[Any]]) -> list[tuple[float, float]]:
@@ -160,9 +156,7 @@ async def run_one(scan: str, budget_name: str, calls: int, batches: int) -> dict
                 sim.url,
                 valkey.url,
                 batches=batch_ids,
-                subscriptions=[
-                    {"name": "crm", "url": receiver.url + "/hook", "secret": SECRET}
-                ],
+                subscriptions=[{"name": "crm", "url": receiver.url + "/hook", "secret": SECRET}],
                 upstream={
                     "page_size": PAGE_SIZE,
                     "max_requests_per_second": BUDGETS[budget_name],
