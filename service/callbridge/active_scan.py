@@ -2,25 +2,34 @@
 
 `ActiveScan.run` reads, in order:
 
-1. every page of each active status's list (``status=queued`` ...): new arrivals
+1. ``status=pending&limit=1``: only its ``total``;
+2. every page of each active status's list (``status=queued`` ...): new arrivals
    and moves show there, and every item must carry the status asked for;
-2. ``status=pending&limit=1``: only its ``total``;
 3. when the counts do not add up (`planner.Books`): calls that vanished from the
    active lists are looked up by ``external_id`` (matched by ``call_id``) when few;
-   otherwise, and always when ``pending`` shrank by more than the arrivals explain
-   (calls that ended without passing an active status), the tail of each terminal
-   status's list, largest first, until everything is explained; a list with
-   arrivals still unseen is read further back;
+   otherwise, and always when more calls left ``pending`` before the probe than the
+   reads found (calls that ended without passing an active status), the tail of each
+   terminal status's list, largest first, until everything is explained (lists come
+   in creation order and calls are dialled in it, so what just ended is near the
+   end); the active lists once more if calls are still missing (they moved from one
+   active status to the next while the lists were read); a terminal list with calls
+   still unseen is read up to two pages further back;
 4. for a call seen back in an active status from a terminal one (a redial, or a
    stale copy), the tail of that terminal list: a call absent from where it must be
-   (lists come in creation order; positions are known from the last full scan) has
-   left it, which confirms the move with no look-up. A move back between active
-   statuses is confirmed by its absence from the old status's list, read whole.
+   (positions are known from the last full scan) has left it, which confirms the
+   move without a look-up. A move back between active statuses is confirmed by its
+   absence from the old status's list, read whole.
 
-`Fallback` is raised when something still does not add up, when resolving would
-cost more than a full scan (``budget``), when the status filter misbehaves, or when
-every call looks finished (only a full scan may complete a batch): the caller then
-reads every page. An active plan never stands for a complete scan.
+The platform moves while we read. Calls that leave ``pending`` during the reads may
+be found or not; when more are found than the first probe allows, a second probe
+tells whether they left meanwhile or calls came back to ``pending`` unseen. Counts of
+terminal lists are taken at different moments, so they only steer where to look.
+
+`Fallback` is raised when a call that left ``pending`` or an active list is still
+not found, when resolving would cost more than a full scan (``budget``), when the
+status filter misbehaves, or when every call looks finished (only a full scan may
+complete a batch): the caller then reads every page. An active plan never stands
+for a complete scan.
 """
 
 from __future__ import annotations
