@@ -85,6 +85,8 @@ class _Tail:
     # Creation positions (from the last full scan) of the items, per page read.
     positions: dict[int, list[int]] = field(default_factory=dict)
     served: set[str] = field(default_factory=set)
+    # Calls the snapshot places in this status within the span read (when asked).
+    members: set[str] | None = None
 
 
 class ActiveScan:
@@ -324,22 +326,33 @@ class ActiveScan:
             if old in self._listed:
                 absent = call_id not in self._listed[old]
             else:
-                absent = old in self._tails and self._absent(self._tails[old], call_id)
+                absent = old in self._tails and self._absent(old, self._tails[old], call_id)
             if absent:
                 self.confirmed.add(call_id)
 
-    def _absent(self, tail: _Tail, call_id: str) -> bool:
-        """Whether the pages of `tail` prove `call_id` is not in that list: its creation
-        position lies within what they cover, and they came in creation order."""
-        pos = self._state.positions.get(call_id)
+    def _absent(self, status: str, tail: _Tail, call_id: str) -> bool:
+        """Whether the pages of `tail` (of `status`'s list) prove `call_id` is not in it:
+        its creation position lies within what they cover, and they came in creation
+        order, holding every other call we place there in that span."""
+        positions = self._state.positions
+        pos = positions.get(call_id)
         if pos is None or call_id in tail.served:
             return False
         seen = [p for page in sorted(tail.positions) for p in tail.positions[page]]
         if any(a >= b for a, b in itertools.pairwise(seen)):
             return False  # not in creation order: positions tell nothing here
-        after_first = tail.first == 1 or (bool(seen) and seen[0] < pos)
-        before_last = tail.at_end or (bool(seen) and pos < seen[-1])
-        return after_first and before_last
+        low = -1 if tail.first == 1 else (seen[0] if seen else math.inf)
+        high = math.inf if tail.at_end else (seen[-1] if seen else -1)
+        if not low < pos < high:
+            return False
+        if tail.members is None:
+            tail.members = {
+                c
+                for c, st in self._states.items()
+                if st.status == status and low <= positions.get(c, -2) <= high
+            }
+        # Every call we place in that span is served there, or seen elsewhere now.
+        return all(c in tail.served or c in self.items for c in tail.members)
 
     def _open_after(self) -> int:
         """Calls the diff will hold in a non-terminal status: a backward move counts
