@@ -195,13 +195,11 @@ class ActiveScan:
                     break
                 self._afford(1)
                 await self._read_tail(status)
-        left = [c for c in vanished if c not in self.items]
-        if left:
-            if not all(c in ext for c in left):
-                raise Fallback("unexplained")
-            self._afford(len(left))
-            for call_id in left:
-                await self._lookup(call_id, ext[call_id])
+        # The rest one by one (those without an external id stay unexplained).
+        left = [c for c in vanished if c not in self.items and c in ext]
+        self._afford(len(left))
+        for call_id in left:
+            await self._lookup(call_id, ext[call_id])
 
     async def _read_tail(self, status: str) -> None:
         """The end of `status`'s list: half a page before where it ended as far as we
