@@ -221,6 +221,10 @@ async def run_one(scan: str, budget_name: str, calls: int, batches: int) -> dict
         "requests_by_kind": dict(by_kind),
         "requests_per_min": [n * 60.0 / BIN_S for n in per_bin],
         "lag": _summary([lag for _, lag in lags]),
+        "late_events": {
+            f">{limit:.0f}s": sum(1 for _, lag in lags if lag > limit)
+            for limit in (5.0, 10.0, 30.0)
+        },
         "final_lag": _summary([lag for _, lag in final_lags]),
         "lag_p99_per_bin": [quantile(v, 0.99) if v else None for v in lag_bins],
         "events": len(events),

@@ -58,6 +58,11 @@ from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
+# The frontier page (`ActiveScan._read_frontier`) is read while it explains at least
+# this share of what moved (EWMA); skipped, the share creeps back up to retry it.
+_FRONTIER_MIN_HITS = 0.25
+_FRONTIER_RETRY = 0.02
+_EWMA = 0.3
 # Pages a terminal list is read back from its tail to find calls not seen yet.
 _CHASE_PAGES = 2
 # Pages past what `total` implies before a filtered list counts as paging forever.
@@ -135,12 +140,18 @@ class ActiveScan:
         for status in active_statuses(self._counts):
             self._listed[status] = set()
             await self._read_list(status)
-        vanished = [
-            call_id
-            for call_id, st in self._states.items()
-            if st.status in self._listed and call_id not in self.items and call_id not in self.gone
-        ]
+        vanished: list[str] = []
+        frontier = math.inf  # where the first call still pending sits in the list
+        positions = self._state.positions
+        for call_id, st in self._states.items():
+            if call_id in self.items or call_id in self.gone:
+                continue
+            if st.status in self._listed:
+                vanished.append(call_id)
+            elif st.status == PENDING:
+                frontier = min(frontier, positions.get(call_id, math.inf))
         if vanished or self._pending_gap() > 0:
+            await self._read_frontier(vanished, frontier)
             await self._explain(vanished)
         if self._pending_gap() > 0:
             # Calls that left pending before the probe and are nowhere we looked moved
@@ -184,6 +195,31 @@ class ActiveScan:
         if expected > self._pending_before:
             return expected - self._pending_before
         return min(0, expected - now)
+
+    async def _read_frontier(self, vanished: list[str], frontier: float) -> None:
+        """One page of the whole list where the dialler works: calls leave pending in
+        creation order, so those that left and those just ended sit around the first
+        call still pending. Skipped for a while when it explained little lately."""
+        state = self._state
+        if frontier == math.inf or state.frontier_hits < _FRONTIER_MIN_HITS:
+            state.frontier_hits += _FRONTIER_RETRY
+            return
+        positions = state.positions
+        high = int(frontier) + max(0, self._pending_gap()) + max(1, self._size // 20)
+        low = min([int(frontier)] + [positions[c] for c in vanished if c in positions])
+        page_no, limit = window(max(low, high - self._size), high, self._size)
+        unexplained = len(vanished) + max(0, self._pending_gap())
+        self._afford(1)
+        self.requests += 1
+        page = await self._upstream.fetch_page(
+            self._batch, page_no, limit, retry_within_s=self._retry_s
+        )
+        self._keeper.check()
+        for item in page.items:
+            self._observe(item)
+        left = sum(1 for c in vanished if c not in self.items) + max(0, self._pending_gap())
+        hits = (unexplained - left) / max(1, unexplained)
+        state.frontier_hits = (1 - _EWMA) * state.frontier_hits + _EWMA * hits
 
     async def _explain(self, vanished: list[str]) -> None:
         ext = self._state.external_ids

@@ -93,6 +93,8 @@ class PlanState:
     external_ids: dict[str, str] = field(default_factory=dict)
     # Each call's place in the batch's list (creation order) as of the last full scan.
     positions: dict[str, int] = field(default_factory=dict)
+    # How much of what moved the page at the dialler's frontier explained lately.
+    frontier_hits: float = 1.0
     last: Plan | None = None
 
     def place(self, pages: Iterable[RawPage]) -> None:
