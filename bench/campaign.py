@@ -214,7 +214,7 @@ def build_app(sim: Simulator, campaign: Campaign, params: dict[str, Any]) -> web
         return web.json_response(
             {
                 "running": campaign.task is not None and not campaign.task.done(),
-                "finished": campaign.finished,
+                "finished": campaign.finished_at > 0,
                 "started_at": campaign.started_at,
                 "finished_at": campaign.finished_at,
                 "dials": campaign.dials,
