@@ -131,6 +131,8 @@ class ActiveScan:
         self._listed: dict[str, set[str]] = {}
         self._pending_before = 0
         self._tails: dict[str, _Tail] = {}
+        # call_id -> the requests that served it behind where the snapshot has it.
+        self._backward_in: dict[str, set[int]] = {}
 
     async def run(self) -> None:
         """Read; raises `Fallback` when the cycle needs a full scan instead."""
@@ -160,7 +162,8 @@ class ActiveScan:
             for status in self._listed:
                 await self._read_list(status)
         redialled = self._back_from_terminal()
-        for status in sorted(set(redialled.values()) - self._tails.keys()):
+        once = {old for c, old in redialled.items() if len(self._backward_in.get(c, ())) < 2}
+        for status in sorted(once - self._tails.keys()):
             if self.resolving + 1 <= self._budget:
                 self.resolving += 1
                 await self._read_tail(status)
@@ -327,9 +330,13 @@ class ActiveScan:
 
     def _observe(self, item: dict[str, Any]) -> None:
         call_id = item["call_id"]
+        status = normalise_status(item["status"])
         self.items[call_id] = item
         self.gone.discard(call_id)
-        self.books.observe(call_id, normalise_status(item["status"]))
+        self.books.observe(call_id, status)
+        prev = self._states.get(call_id)
+        if prev is not None and is_backward(prev.status, status):
+            self._backward_in.setdefault(call_id, set()).add(self.requests)
 
     def _afford(self, n: int) -> None:
         if self.resolving + n > self._budget:
@@ -357,7 +364,9 @@ class ActiveScan:
                 # cycle's second look, as there.
                 continue
             old = prev.status
-            if old in self._listed:
+            if len(self._backward_in.get(call_id, ())) >= 2:
+                absent = True  # two reads agree: the second look a look-up would be
+            elif old in self._listed:
                 absent = call_id not in self._listed[old]
             else:
                 absent = old in self._tails and self._absent(old, self._tails[old], call_id)

@@ -20,6 +20,7 @@ status filter is distrusted, and whenever it is cheaper; active otherwise.
 from __future__ import annotations
 
 import math
+import zlib
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -144,8 +145,14 @@ def choose(
     counts: Mapping[str, int],
     page_size: int,
     now: float,
+    batch_id: str = "",
 ) -> Plan:
-    """The plan of the next cycle of a batch (`now` on the monotonic clock)."""
+    """The plan of the next cycle of a batch (`now` on the monotonic clock).
+
+    The periodic full scan of each batch comes up to ``jitter_ratio`` of the period
+    early, by a share fixed per batch: batches seen together (a restart) do not all
+    read every page in the same cycle ever after.
+    """
     if settings.scan == "full":
         return Plan("full", "configured")
     if state.last_full_at is None:
@@ -153,7 +160,8 @@ def choose(
     if now < state.distrust_until:
         return Plan("full", "distrust")
     every = settings.full_scan_every_seconds
-    if every > 0 and now - state.last_full_at >= every:
+    early = settings.jitter_ratio * (zlib.crc32(batch_id.encode()) / 2**32)
+    if every > 0 and now - state.last_full_at >= every * (1 - early):
         return Plan("full", "periodic")
     if settings.scan == "active":
         return Plan("active", "configured")
@@ -169,11 +177,12 @@ def expected_requests(
     page_size: int,
     now: float,
     *,
+    batch_id: str = "",
     known_pages: int = 0,
 ) -> int:
     """What the next cycle of a batch is expected to cost (the scheduler's estimate);
     `known_pages`: the page count of the last full scan, when known."""
-    plan = choose(settings, state, counts, page_size, now)
+    plan = choose(settings, state, counts, page_size, now, batch_id)
     if plan.kind == "full":
         return known_pages or full_cost(counts, page_size)
     return math.ceil(active_cost(counts, page_size, state))

@@ -163,7 +163,7 @@ async def scan_batch(
 
     Raises the upstream error when nothing at all could be read.
     """
-    plan = choose(settings, state, counts, page_size, now)
+    plan = choose(settings, state, counts, page_size, now, batch_id)
     full_pages = full_cost(counts, page_size)
     requests: Counter[str] = Counter()
     anomaly = None

@@ -157,6 +157,7 @@ class Scheduler:
             rt.meta.counts,
             self._settings.upstream.page_size,
             self._monotonic(),
+            batch_id=rt.batch_id,
             known_pages=len(rt.pages),
         )
 

@@ -198,3 +198,18 @@ def test_plan_state_remembers_external_ids_of_active_calls_and_positions() -> No
     assert state.external_ids == {}
     state.place([page(items("pending", 3), total=9, page_no=2, limit=3)])
     assert state.positions == {"c0": 3, "c1": 4, "c2": 5}
+
+
+def test_periodic_full_scans_of_batches_spread_over_the_jitter() -> None:
+    p = poller(full_scan_every_seconds=300, jitter_ratio=0.1)
+    due = {}
+    for batch_id in (f"sched_{i}" for i in range(20)):
+        t = next(
+            t
+            for t in range(200, 401)
+            if choose(p, warm(), CAMPAIGN, 500, 100.0 + t, batch_id).reason == "periodic"
+        )
+        due[batch_id] = t
+    # Each batch between 270 s and 300 s after its last full scan, not all at once.
+    assert all(270 <= t <= 300 for t in due.values()), due
+    assert len(set(due.values())) > 10
