@@ -40,7 +40,7 @@ UNKNOWN = ["voicemail"]
 OPEN = [*ACTIVE_STATUSES, *UNKNOWN]
 PAGE_SIZE = 2
 EPOCH_MS = 1_790_000_000_000
-# More with CALLBRIDGE_PLANNER_EXAMPLES=300 (about a minute).
+# More with CALLBRIDGE_PLANNER_EXAMPLES=400 and --timeout 900 (about 90 s).
 EXAMPLES = int(os.environ.get("CALLBRIDGE_PLANNER_EXAMPLES", "30"))
 
 
