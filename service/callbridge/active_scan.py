@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from callbridge.callstate import CallState
-from callbridge.models import PENDING, TERMINAL_STATUSES, is_backward, normalise_status
+from callbridge.models import PENDING, is_backward, normalise_status
 from callbridge.pages import RawPage
 from callbridge.planner import (
     TERMINAL_ORDER,
@@ -50,6 +50,7 @@ from callbridge.planner import (
     PlanReason,
     PlanState,
     active_statuses,
+    back_from_terminal,
     filtered_page_problem,
     window,
 )
@@ -161,7 +162,7 @@ class ActiveScan:
             self._afford(len(self._listed))
             for status in self._listed:
                 await self._read_list(status)
-        redialled = self._back_from_terminal()
+        redialled = back_from_terminal(self._states, self.items)
         once = {old for c, old in redialled.items() if len(self._backward_in.get(c, ())) < 2}
         for status in sorted(once - self._tails.keys()):
             if self.resolving + 1 <= self._budget:
@@ -185,7 +186,8 @@ class ActiveScan:
             raise Fallback("unexplained")
         self._confirm(redialled)
         known = any(n > 0 for n in self.books.expected.values())
-        if not self._completed and known and self._open_after() == 0:
+        open_after = self.books.open_calls(self._states, self.items, self.confirmed)
+        if not self._completed and known and open_after == 0:
             raise Fallback("completion")
 
     def _pending_gap(self) -> int:
@@ -343,16 +345,6 @@ class ActiveScan:
             raise Fallback("costly")
         self.resolving += n
 
-    def _back_from_terminal(self) -> dict[str, str]:
-        """Calls served in an active status that the snapshot has in a terminal one."""
-        out = {}
-        for call_id, item in self.items.items():
-            prev = self._states.get(call_id)
-            back = normalise_status(item["status"]) not in TERMINAL_STATUSES
-            if prev is not None and prev.status in TERMINAL_STATUSES and back:
-                out[call_id] = prev.status
-        return out
-
     def _confirm(self, redialled: Mapping[str, str]) -> None:
         for call_id, item in self.items.items():
             prev = self._states.get(call_id)
@@ -396,16 +388,3 @@ class ActiveScan:
             }
         # Every call we place in that span is served there, or seen elsewhere now.
         return all(c in tail.served or c in self.items for c in tail.members)
-
-    def _open_after(self) -> int:
-        """Calls the diff will hold in a non-terminal status: a backward move counts
-        as not made unless confirmed, as the diff holds it until a second look."""
-        n = self.books.open_calls()
-        for call_id, item in self.items.items():
-            prev = self._states.get(call_id)
-            status = normalise_status(item["status"])
-            if call_id in self.confirmed or prev is None:
-                continue
-            if is_backward(prev.status, status):
-                n += (prev.status not in TERMINAL_STATUSES) - (status not in TERMINAL_STATUSES)
-        return n

@@ -36,6 +36,7 @@ from callbridge.models import (
     QUEUED,
     RINGING,
     TERMINAL_STATUSES,
+    is_backward,
     normalise_status,
 )
 from callbridge.pages import RawPage
@@ -201,6 +202,20 @@ def learn(state: PlanState, plan: Plan, *, resolve_requests: int, full_cost: int
     state.resolve_requests = (1 - _EWMA) * state.resolve_requests + _EWMA * spent
 
 
+def back_from_terminal(
+    states: Mapping[str, CallState], items: Mapping[str, Mapping[str, Any]]
+) -> dict[str, str]:
+    """Calls served in a non-terminal status that `states` has in a terminal one: their
+    call_id -> that terminal status (a redial, or a stale copy)."""
+    out = {}
+    for call_id, item in items.items():
+        prev = states.get(call_id)
+        back = normalise_status(item["status"]) not in TERMINAL_STATUSES
+        if prev is not None and prev.status in TERMINAL_STATUSES and back:
+            out[call_id] = prev.status
+    return out
+
+
 def window(start: int, stop: int, max_limit: int) -> tuple[int, int]:
     """``(page, limit)`` of one page covering positions ``[start, stop)`` of a list.
 
@@ -279,9 +294,24 @@ class Books:
     def imbalance(self, status: str) -> int:
         return self.totals[status] - self.expected[status]
 
-    def open_calls(self) -> int:
-        """Calls expected in a non-terminal status once this cycle is committed."""
-        return sum(n for s, n in self.expected.items() if s not in TERMINAL_STATUSES and n > 0)
+    def open_calls(
+        self,
+        states: Mapping[str, CallState] | None = None,
+        items: Mapping[str, Mapping[str, Any]] | None = None,
+        confirmed: Collection[str] = (),
+    ) -> int:
+        """Calls expected in a non-terminal status once this cycle is committed.
+
+        With the cycle's `items`: as the diff will hold them, where a backward move not
+        `confirmed` yet counts as not made (it waits for a second look).
+        """
+        n = sum(n for s, n in self.expected.items() if s not in TERMINAL_STATUSES and n > 0)
+        for call_id, item in (items or {}).items():
+            prev = (states or {}).get(call_id)
+            status = normalise_status(item["status"])
+            if prev is not None and call_id not in confirmed and is_backward(prev.status, status):
+                n += (prev.status not in TERMINAL_STATUSES) - (status not in TERMINAL_STATUSES)
+        return n
 
     def _move(self, call_id: str, status: str | None) -> None:
         old = self.status_of(call_id)

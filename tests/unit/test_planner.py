@@ -15,6 +15,7 @@ from callbridge.planner import (
     PlanState,
     active_cost,
     active_statuses,
+    back_from_terminal,
     choose,
     expected_requests,
     filtered_page_problem,
@@ -213,3 +214,23 @@ def test_periodic_full_scans_of_batches_spread_over_the_jitter() -> None:
     # Each batch between 270 s and 300 s after its last full scan, not all at once.
     assert all(270 <= t <= 300 for t in due.values()), due
     assert len(set(due.values())) > 10
+
+
+def test_open_calls_as_the_diff_will_hold_them() -> None:
+    states = {
+        "r": CallState("completed", 3, FP),  # seen queued: a redial, or a stale copy
+        "s": CallState("ringing", 2, FP),  # seen queued: back between active statuses
+        "t": CallState("pending", 0, FP),
+    }
+    books = Books(states, {"completed": 1, "ringing": 1, "pending": 1})
+    items = {
+        "r": {"call_id": "r", "status": "queued"},
+        "s": {"call_id": "s", "status": "queued"},
+        "t": {"call_id": "t", "status": "cancelled"},
+    }
+    books.observe_items(items.values())
+    assert books.open_calls() == 2
+    # Unconfirmed, the redial leaves the batch finished as far as the diff goes.
+    assert books.open_calls(states, items) == 1
+    assert books.open_calls(states, items, confirmed={"r"}) == 2
+    assert back_from_terminal(states, items) == {"r": "completed"}
