@@ -118,7 +118,7 @@ class ActiveScan:
         self._states = states
         self._counts = counts
         self._state = state
-        self._size = page_size
+        self._size = self.page_size = page_size
         self._completed = completed
         self._budget = budget
         self._retry_s = retry_within_s
@@ -153,6 +153,8 @@ class ActiveScan:
                 vanished.append(call_id)
             elif st.status == PENDING:
                 frontier = min(frontier, positions.get(call_id, math.inf))
+        # The budget covers the whole cycle: what the lists took is spent already.
+        self._budget -= self.requests
         if vanished or self._pending_gap() > 0:
             await self._read_frontier(vanished, frontier)
             await self._explain(vanished)

@@ -68,8 +68,10 @@ ACTIVE_STATUSES: tuple[str, ...] = (QUEUED, RINGING, ANSWERED, IN_PROGRESS)
 TERMINAL_ORDER: tuple[str, ...] = tuple(s for s in KNOWN_STATUSES if s in TERMINAL_STATUSES)
 # After the status filter misbehaved, full scans only for this long.
 FILTER_DISTRUST_S = 3600.0
-# Weight of the last active cycle in the estimate of what resolving costs.
+# Weight of the last cycle in the estimate of what resolving costs.
 _EWMA = 0.3
+# `auto` reads actively when that is expected to cost at most this share of a full scan.
+_ACTIVE_MARGIN = 0.75
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +168,8 @@ def choose(
         return Plan("full", "periodic")
     if settings.scan == "active":
         return Plan("active", "configured")
-    if active_cost(counts, page_size, state) < full_cost(counts, page_size):
+    # A margin: an active cycle that falls back costs both plans.
+    if active_cost(counts, page_size, state) <= _ACTIVE_MARGIN * full_cost(counts, page_size):
         return Plan("active", "cheaper")
     return Plan("full", "cheaper")
 
@@ -189,16 +192,27 @@ def expected_requests(
     return math.ceil(active_cost(counts, page_size, state))
 
 
-def learn(state: PlanState, plan: Plan, *, resolve_requests: int, full_cost: int) -> None:
-    """Update the cost estimate after a cycle that used `plan`."""
+def learn(
+    state: PlanState,
+    plan: Plan,
+    *,
+    resolve_requests: int,
+    full_cost: int,
+    moved: int = 0,
+    page_size: int = 500,
+) -> None:
+    """Update the cost estimate after a cycle that used `plan`.
+
+    A full cycle tells how many calls moved (`moved`): an active cycle would have
+    looked each up when few, or read the terminal lists' tails (a page more per
+    `page_size` of them) when many.
+    """
     if plan.kind == "active":
         spent: float = resolve_requests
     elif plan.reason == "costly":
         spent = full_cost
     else:
-        # A full cycle says nothing about resolving: let a high estimate fade, so an
-        # active plan is tried again once the burst of moves is over.
-        spent = state.resolve_requests / 2
+        spent = min(moved, len(TERMINAL_ORDER) + math.ceil(moved / page_size))
     state.resolve_requests = (1 - _EWMA) * state.resolve_requests + _EWMA * spent
 
 

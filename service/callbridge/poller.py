@@ -259,6 +259,7 @@ class Poller:
             rt.pages,
             changed=result.changed,
             unconfirmed=bool(result.unconfirmed),
+            moved=len(result.transitions),
         )
         self._record(batch_id, result)
         if result.events:

@@ -135,6 +135,7 @@ class PlannedScan:
     # When the plan was chosen (monotonic) and what a full scan would cost.
     started: float
     full_pages: int
+    page_size: int
     requests: Counter[str] = field(default_factory=Counter)
     resolve_requests: int = 0
     anomaly: str | None = None
@@ -214,6 +215,7 @@ async def scan_batch(
         pages=scan.pages,
         started=now,
         full_pages=full_pages,
+        page_size=page_size,
         requests=requests,
         anomaly=anomaly,
         # A complete scan served every call there is; one still missing is looked up
@@ -234,6 +236,7 @@ def _active(
         pages=None,
         started=started,
         full_pages=full_pages,
+        page_size=active.page_size,
         requests=Counter(active=active.requests),
         resolve_requests=active.resolving,
         gone=active.gone,
@@ -266,6 +269,7 @@ def settle(
     *,
     changed: bool,
     unconfirmed: bool,
+    moved: int = 0,
 ) -> dict[int, RawPage]:
     """Move the planner's memory on once the cycle that read `scan` is committed;
     returns the page digests to keep for the next full scan."""
@@ -273,7 +277,14 @@ def settle(
         state.last_full_at = scan.started
     if scan.pages is not None:
         state.place(scan.pages)
-    learn(state, scan.plan, resolve_requests=scan.resolve_requests, full_cost=scan.full_pages)
+    learn(
+        state,
+        scan.plan,
+        resolve_requests=scan.resolve_requests,
+        full_cost=scan.full_pages,
+        moved=moved,
+        page_size=scan.page_size,
+    )
     state.gone = scan.gone
     state.remember(committed)
     state.last = scan.plan

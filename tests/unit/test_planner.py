@@ -87,9 +87,14 @@ def test_learning_what_resolving_costs() -> None:
     assert state.resolve_requests == pytest.approx(0.7 * 3 + 0.3 * 40)
     high = state.resolve_requests
     for _ in range(10):
-        learn(state, Plan("full", "cheaper"), resolve_requests=0, full_cost=40)
-    # Full cycles let it fade, so the active plan is tried again.
+        learn(state, Plan("full", "cheaper"), resolve_requests=0, full_cost=40, moved=3)
+    # Full cycles where few calls moved (three look-ups) let it fade: active again.
     assert state.resolve_requests < high / 4
+    assert state.resolve_requests == pytest.approx(3, abs=0.5)
+    for _ in range(10):
+        learn(state, Plan("full", "periodic"), resolve_requests=0, full_cost=40, moved=2000)
+    # 2,000 calls moved a cycle: five terminal tails and four pages more of them.
+    assert state.resolve_requests == pytest.approx(9, abs=0.5)
 
 
 @settings(max_examples=500)
