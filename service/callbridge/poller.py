@@ -193,7 +193,7 @@ class Poller:
                 return scan
             pages, complete = scan
             candidates, new_sigs, duplicates = select_candidates(
-                (p.items for p in pages), rt.signatures
+                (p.entries for p in pages), rt.signatures
             )
             confirmed = await confirm_backward_moves(
                 self._upstream,
@@ -250,7 +250,7 @@ class Poller:
         rt.signatures.update(new_sigs)
         rt.suspects = result.unconfirmed
         if complete:
-            rt.pages = {p.page: dataclasses.replace(p, items=[], unchanged=False) for p in pages}
+            rt.pages = {p.page: dataclasses.replace(p, entries=[], unchanged=False) for p in pages}
         else:
             # Pages that did not arrive keep no digest: they are read in full next time.
             rt.pages = {}

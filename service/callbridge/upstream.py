@@ -137,7 +137,7 @@ class UpstreamClient:
             url, body = await self._get(batch_id, params, pages_left)
             digest = body_digest(body)
             if previous is not None and previous.digest == digest:
-                return dataclasses.replace(previous, items=[], unchanged=True)
+                return dataclasses.replace(previous, entries=[], unchanged=True)
             raw = decode_page(body, url=url, digest=digest)
             if raw.invalid_items:
                 self._metrics.upstream_anomalies.labels("invalid_item").inc(raw.invalid_items)
@@ -173,7 +173,7 @@ class UpstreamClient:
             return decode_page(body, url=url)
 
         page = await self._retrying(attempt, within_s=retry_within_s)
-        return next((i for i in page.items if i["call_id"] == call_id), None)
+        return next((e.item for e in page.entries if e.call_id == call_id), None)
 
     async def iter_pages(
         self,
@@ -210,7 +210,7 @@ class UpstreamClient:
             yield page
             if not page.has_more:
                 return
-            if not page.items and not page.unchanged:
+            if not page.entries and not page.unchanged:
                 # has_more with nothing on this page would page forever.
                 self._anomaly(batch_id, "empty_page_has_more", f"page {page_no} is empty")
                 return
@@ -230,13 +230,13 @@ class UpstreamClient:
         odd = []
         if page.page != page_no:
             odd.append("page_mismatch")
-        if page.has_more and len(page.items) + page.invalid_items < served:
+        if page.has_more and len(page.entries) + page.invalid_items < served:
             odd.append("short_page_has_more")
         for kind in odd:
             self._anomaly(
                 batch_id,
                 kind,
-                f"page {page_no} (page={page.page}, items={len(page.items)}, "
+                f"page {page_no} (page={page.page}, items={len(page.entries)}, "
                 f"limit={page.limit}, total={page.total})",
             )
 

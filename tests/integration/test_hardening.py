@@ -19,6 +19,7 @@ from callbridge.app import Bridge
 from callbridge.config import RedisSettings
 from callbridge.diff import select_candidates
 from callbridge.janitor import Janitor
+from callbridge.pages import PageEntry
 from callbridge.relay import Relay
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.connection import connect
@@ -122,17 +123,21 @@ def _forge_crc(prefix: bytes, suffix: bytes, target: int, n: int = 10) -> bytes:
     return bytes(base)
 
 
+def served(item: dict[str, Any]) -> PageEntry:
+    return PageEntry(item["call_id"], item["status"], orjson.dumps(item))
+
+
 def test_a_checksum_collision_does_not_hide_a_change() -> None:
     """32-bit item signatures let a CRC collision skip a real change (possibly a final
     status); signatures are 64 bits now."""
     before = {"call_id": "c1", "status": "in_progress", "x": "@@@@@@@@@@"}
-    _, sigs, _ = select_candidates([[before]], {})
+    _, sigs, _ = select_candidates([[served(before)]], {})
     raw_before = orjson.dumps(before)
     head = b'{"call_id":"c1","status":"completed","x":"'
     forged = _forge_crc(head, b'"}', zlib.crc32(raw_before))
     after = {"call_id": "c1", "status": "completed", "x": forged.decode()}
     assert zlib.crc32(orjson.dumps(after)) == zlib.crc32(raw_before)
-    candidates, _, _ = select_candidates([[after]], sigs)
+    candidates, _, _ = select_candidates([[served(after)]], sigs)
     assert candidates == [after]
 
 

@@ -307,9 +307,13 @@ def test_status_case_and_spaces_are_normalised() -> None:
 
 def test_select_candidates_merges_pages_and_skips_unchanged() -> None:
     from callbridge.diff import select_candidates
+    from callbridge.pages import PageEntry
 
-    page1 = [item("c1", "ringing"), item("c2", "pending")]
-    page2 = [item("c2", "queued"), item("c3", "pending")]  # c2 shifted: served twice
+    def served(*items: dict[str, Any]) -> list[PageEntry]:
+        return [PageEntry(i["call_id"], i["status"], orjson.dumps(i)) for i in items]
+
+    page1 = served(item("c1", "ringing"), item("c2", "pending"))
+    page2 = served(item("c2", "queued"), item("c3", "pending"))  # c2 shifted: served twice
     cands, sigs, dups = select_candidates([page1, page2], {})
     assert dups == 1
     assert {c["call_id"]: c["status"] for c in cands} == {
