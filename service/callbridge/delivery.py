@@ -82,6 +82,8 @@ class Deliverer:
             cooloff_max_ms=int(self._d.breaker_cooloff_max_seconds * 1000),
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        for name in self._subs:
+            metrics.init_subscription(name)  # alerts see the first failure (see metrics.py)
         self.last_loop_at = time.monotonic()
 
     def wake(self, name: str) -> None:

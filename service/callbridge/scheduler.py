@@ -165,6 +165,7 @@ class Scheduler:
             if batch_id not in self._batches:
                 backfill = self._p.backfill if reg.backfill is None else reg.backfill
                 self._batches[batch_id] = BatchRuntime(batch_id, backfill, next_due=now)
+                self._metrics.init_batch(batch_id)
         for batch_id in list(self._batches):
             rt = self._batches[batch_id]
             if batch_id not in registered:
@@ -226,6 +227,7 @@ class Scheduler:
     async def _forget(self, rt: BatchRuntime) -> None:
         self._batches.pop(rt.batch_id, None)
         await self._poller.release(rt)
+        self._metrics.forget_batch(rt.batch_id)
 
     async def _stop_cycles(self) -> None:
         tasks = [rt.task for rt in self._batches.values() if rt.task is not None]
