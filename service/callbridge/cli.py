@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from callbridge import __version__
+from callbridge.admin_cli import add_admin_parser
 from callbridge.errors import CallbridgeError, ConfigError
 
 log = logging.getLogger("callbridge.cli")
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=int, default=300, help="accepted timestamp skew, seconds")
     p.add_argument("--now", help="unix time to check the timestamp against (default: now)")
     p.set_defaults(func=cmd_verify)
+
+    add_admin_parser(sub)
     return parser
 
 
