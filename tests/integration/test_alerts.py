@@ -93,13 +93,17 @@ def broken_bridge_config(
         redis_url,
         refused,
         batches,
-        # No circuit breaker pause: failing attempts keep coming.
-        delivery={"breaker_failure_threshold": 1_000_000},
+        # Breaker pauses of at most a second: failing attempts keep coming.
+        delivery={
+            "breaker_failure_threshold": 1_000_000,
+            "breaker_cooloff_seconds": 0.5,
+            "breaker_cooloff_max_seconds": 1,
+        },
         server={"port": port},
     )
     config = yaml.safe_load(path.read_text())
-    # Two quick retries, then the dead-letter store.
-    config["subscriptions"][0]["retry_schedule_seconds"] = [0.2, 0.2]
+    # No retries: every failed attempt is a dead letter at once.
+    config["subscriptions"][0]["retry_schedule_seconds"] = []
     path.write_text(yaml.safe_dump(config))
     return path
 
