@@ -93,6 +93,8 @@ class Bridge:
         replica_id: str | None = None,
     ) -> Bridge:
         metrics = metrics or Metrics()
+        metrics.init_fixed_series()
+        metrics.upstream_budget.set(settings.upstream.max_requests_per_second)
         embedded = None
         url = settings.redis.url
         if url is None:

@@ -1,6 +1,7 @@
 """The ``callbridge`` command: builds settings, configures logging, runs things.
 
-Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.
+Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage
+(`callbridge admin` adds 1 not found, 3 auth, 4 unreachable: see `admin_cli`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from callbridge import __version__
+from callbridge.admin_cli import add_admin_parser
 from callbridge.errors import CallbridgeError, ConfigError
 
 log = logging.getLogger("callbridge.cli")
@@ -134,7 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from callbridge.simulator import FaultConfig, SimulatorConfig, serve
+    from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, serve
+    from callbridge.simulator.serve import usage_text
 
     configure_logging("text", "INFO")
     faults = FaultConfig(
@@ -144,20 +147,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         malformed_ratio=args.fault_malformed,
         shift_ratio=args.fault_shift,
     )
+    env_key = os.environ.get("CALLBRIDGE_API_KEY")
     config = SimulatorConfig(
         batches=args.batches,
         calls_per_batch=args.calls,
-        api_key=os.environ.get("CALLBRIDGE_API_KEY", args.api_key),
+        api_key=env_key or args.api_key,
         seed=args.seed,
         faults=faults,
     )
+    simulator = Simulator(config)
 
     def ready(url: str) -> None:
-        print(f"simulator listening on {url} (API key from CALLBRIDGE_API_KEY or --api-key)")
-        sys.stdout.flush()
+        # A key from the environment may be a real one: refer to it, never print it.
+        key = "${CALLBRIDGE_API_KEY}" if env_key else config.api_key
+        print(usage_text(url, simulator.batch_ids, key), flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port, config, step_seconds=args.step, on_ready=ready))
+        asyncio.run(
+            serve(
+                args.host,
+                args.port,
+                config,
+                step_seconds=args.step,
+                on_ready=ready,
+                simulator=simulator,
+            )
+        )
     return EXIT_OK
 
 
@@ -227,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "simulate",
         help="serve a simulated List Batch Calls API with calls moving through their lifecycle",
+        description="Serve a simulated List Batch Calls API whose calls move through their "
+        "lifecycle. On start it prints the batch ids it serves, the API key it accepts "
+        "and a config snippet (upstream: base_url + api_key, batches:) to paste into a "
+        "callbridge config.",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9000)
@@ -234,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=int, default=200, help="calls per batch (default 200)")
     p.add_argument("--step", type=float, default=1.0, help="seconds per lifecycle step")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--api-key", default="sk_test", help="accepted key if CALLBRIDGE_API_KEY unset")
+    p.add_argument(
+        "--api-key",
+        default="sk_test",
+        help="the key it accepts (default sk_test); CALLBRIDGE_API_KEY wins when set",
+    )
     for name in ("429", "5xx", "slow", "malformed", "shift"):
         p.add_argument(
             f"--fault-{name}", type=float, default=0.0, metavar="RATIO",
@@ -266,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=int, default=300, help="accepted timestamp skew, seconds")
     p.add_argument("--now", help="unix time to check the timestamp against (default: now)")
     p.set_defaults(func=cmd_verify)
+
+    add_admin_parser(sub)
     return parser
 
 

@@ -88,6 +88,8 @@ class Deliverer:
             breaker_window_ms=int(self._d.breaker_window_seconds * 1000),
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        for name in self._subs:
+            metrics.init_subscription(name)  # alerts see the first failure (see metrics.py)
         self.last_loop_at = time.monotonic()
 
     def wake(self, name: str) -> None:
