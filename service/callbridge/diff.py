@@ -49,8 +49,9 @@ class TimelineEntry:
     seq: int
     event_type: str | None  # None when recorded silently (first sight as pending)
 
-    def encode(self) -> bytes:
-        return orjson.dumps([self.at_ms, self.status, self.seq, self.event_type])
+    def as_list(self) -> list[Any]:
+        """The stored form: ``[at_ms, status, sequence, event type or null]``."""
+        return [self.at_ms, self.status, self.seq, self.event_type]
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,27 +153,28 @@ class SnapshotStore:
         k = self._keys
         events = list(events)
         timeline = list(timeline)
+        states_arg: list[str] = []
+        for call_id, state in states.items():
+            states_arg += (call_id, state.encode())
+        events_arg: list[str] = []
+        for ev in events:
+            events_arg += (ev.id, ev.type, ev.call_id or "", ev.body.decode())
+        timeline_arg: list[Any] = []
+        for entry in timeline:
+            timeline_arg += (entry.call_id, entry.as_list())
         args: list[Any] = [
             token,
             expected_version,
             lease_ttl_ms,
             timeline_max,
-            len(states),
-            len(events),
-            len(timeline),
-            len(meta.to_fields()),
             # Unique per commit: redis-py re-sends a script after a lost reply, and
             # the second run must not fail on the version the first one moved.
             uuid.uuid4().hex,
+            orjson.dumps(states_arg),
+            orjson.dumps(events_arg),
+            orjson.dumps(timeline_arg),
+            orjson.dumps(meta.to_fields()),
         ]
-        for call_id, state in states.items():
-            args += (call_id, state.encode())
-        for ev in events:
-            args += (ev.id, ev.type, ev.call_id or "", ev.body)
-        for entry in timeline:
-            args += (entry.call_id, entry.encode())
-        for name, value in meta.to_fields().items():
-            args += (name, value)
         try:
             reply: list[Any] = await self._commit(
                 keys=[
