@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -122,3 +122,47 @@ class CallState:
             return cls(status=status, seq=int(seq), fingerprint=Fingerprint.decode(fp))
         seq, fp, status = text.split("|", 2)
         return cls(status=status, seq=int(seq), fingerprint=Fingerprint.decode(fp, escaped=False))
+
+
+class CallStates(Mapping[str, CallState]):
+    """The call states of a batch, kept in their stored (encoded) form.
+
+    A replica keeps every call of the batches it polls in memory; as strings they
+    cost less memory and, unlike objects, nothing to the garbage collector's full
+    passes (which once took a fifth of a cycle). A state is decoded when it is read,
+    which the poller does only for the calls that changed. An entry that cannot be
+    decoded (written by something else) reads as absent: the call is seen afresh.
+    """
+
+    __slots__ = ("_encoded", "unreadable")
+
+    def __init__(self, encoded: dict[str, str] | None = None) -> None:
+        self._encoded: dict[str, str] = encoded if encoded is not None else {}
+        self.unreadable = 0
+
+    def __getitem__(self, call_id: str) -> CallState:
+        text = self._encoded[call_id]
+        try:
+            return CallState.decode(text)
+        except ValueError:
+            self.unreadable += 1
+            raise KeyError(call_id) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._encoded)
+
+    def __len__(self) -> int:
+        return len(self._encoded)
+
+    def __contains__(self, call_id: object) -> bool:
+        return call_id in self._encoded
+
+    def status(self, call_id: str) -> str | None:
+        """The call's status without decoding the rest (None when unknown)."""
+        text = self._encoded.get(call_id)
+        if text is None:
+            return None
+        return text.split("|", 3 if text.startswith("v2|") else 2)[-1]
+
+    def update_encoded(self, encoded: Mapping[str, str]) -> None:
+        self._encoded.update(encoded)

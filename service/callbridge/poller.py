@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from callbridge.callstate import CallState
+from callbridge.callstate import CallStates
 from callbridge.config import Settings
 from callbridge.diff import BatchView, DiffResult, ScanFacts, diff, select_candidates
 from callbridge.errors import (
@@ -62,7 +62,7 @@ class BatchRuntime:
     backfill: bool
     token: str | None = None
     meta: BatchMeta = field(default_factory=BatchMeta)
-    states: dict[str, CallState] | None = None  # None: not loaded (cold)
+    states: CallStates | None = None  # None: not loaded (cold)
     signatures: dict[str, int] = field(default_factory=dict)
     pages: dict[int, RawPage] = field(default_factory=dict)
     not_found: bool = False
@@ -218,6 +218,14 @@ class Poller:
         )
         if duplicates:
             result.anomalies["duplicate_item"] += duplicates
+        if rt.states.unreadable:
+            log.warning(
+                "batch %s: %d unreadable snapshot entries; those calls are seen afresh",
+                batch_id,
+                rt.states.unreadable,
+                extra={"action": "snapshot_unreadable", "batch_id": batch_id},
+            )
+            rt.states.unreadable = 0
         for call_id in result.unconfirmed:
             # Seen again next cycle as a candidate, and confirmed if still backwards.
             new_sigs.pop(call_id, None)
@@ -233,12 +241,13 @@ class Poller:
             meta.last_change_ms = now_ms
         if result.completions > rt.meta.completions:
             meta.completed_at_ms = now_ms
+        encoded = {call_id: state.encode() for call_id, state in result.states.items()}
         meta.version, stream_ids = await self._store.commit(
             batch_id,
             token=rt.token,
             expected_version=rt.meta.version,
             lease_ttl_ms=self.ttl_ms,
-            states=result.states,
+            states=encoded,
             events=result.events,
             timeline=result.timeline,
             timeline_max=self._p.timeline_max_entries,
@@ -247,7 +256,7 @@ class Poller:
         # Committed: only now may the caches move forward.
         rt.meta = meta
         rt.not_found = False
-        rt.states.update(result.states)
+        rt.states.update_encoded(encoded)
         rt.signatures.update(new_sigs)
         rt.suspects = result.unconfirmed
         if complete:

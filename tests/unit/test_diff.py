@@ -353,3 +353,16 @@ def test_schema_1_entries_are_read() -> None:
     assert (state.status, state.seq) == ("ringing", 3)
     assert state.fingerprint == fp
     assert CallState.decode(state.encode()) == state
+
+
+def test_call_states_decode_on_access_and_skip_unreadable_entries() -> None:
+    from callbridge.callstate import CallStates
+
+    state = CallState("ringing", 2, Fingerprint.of(item("c1", "ringing")))
+    states = CallStates({"c1": state.encode(), "c2": "garbage"})
+    assert states["c1"] == state
+    assert states.status("c1") == "ringing"
+    # Written by something else: the call reads as unknown (seen afresh), counted.
+    assert states.get("c2") is None
+    assert states.unreadable == 1
+    assert set(states) == {"c1", "c2"}
