@@ -16,6 +16,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
 
 from callbridge.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerprint
@@ -28,7 +29,7 @@ from callbridge.models import (
     normalise_status,
     skipped_statuses,
 )
-from callbridge.pages import PageEntry
+from callbridge.pages import PageEntry, entry
 
 
 def event_id(batch_id: str, subject: str, seq: int, event_type: str) -> str:
@@ -133,6 +134,7 @@ def diff(
     backfill: bool = True,
     scan: ScanFacts = ScanFacts(),
     confirmed: Collection[str] = (),
+    raws: Mapping[str, bytes] | None = None,
 ) -> DiffResult:
     """Events for the scanned `items` given what was known before.
 
@@ -146,9 +148,13 @@ def diff(
     listed in `unconfirmed` and left as it was. A confirmed move out of a terminal
     status is a redial; one between two non-terminal statuses is a redial whose
     terminal status the platform never showed us (``missed_terminal: true``).
+
+    `raws` holds items' exact bytes as served: event bodies embed them as they are
+    instead of serialising the decoded item again.
     """
     out = DiffResult()
     counts = Counter(batch.counts)
+    raw_of = (raws or {}).get
     for item in items:
         call_id: str = item["call_id"]
         status = normalise_status(item["status"])
@@ -164,7 +170,9 @@ def diff(
             etype = f"call.{status}"
             out.states[call_id] = CallState(status, seq, new_fp)
             out.events.append(
-                _call_event(batch_id, item, etype, seq, None, True, [], None, timestamp)
+                _call_event(
+                    batch_id, item, etype, seq, None, True, [], None, timestamp, raw=raw_of(call_id)
+                )
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
             out.transitions.append((None, status))
@@ -199,6 +207,7 @@ def diff(
                     None,
                     timestamp,
                     missed_terminal=missed_terminal,
+                    raw=raw_of(call_id),
                 )
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
@@ -209,7 +218,16 @@ def diff(
             out.states[call_id] = CallState(status, seq, merged_fp)
             out.events.append(
                 _call_event(
-                    batch_id, item, etype, seq, status, False, [], changed_fields, timestamp
+                    batch_id,
+                    item,
+                    etype,
+                    seq,
+                    status,
+                    False,
+                    [],
+                    changed_fields,
+                    timestamp,
+                    raw=raw_of(call_id),
                 )
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
@@ -256,6 +274,7 @@ def _call_event(
     timestamp: str,
     *,
     missed_terminal: bool = False,
+    raw: bytes | None = None,
 ) -> Event:
     call_id: str = item["call_id"]
     data: dict[str, Any] = {
@@ -271,7 +290,7 @@ def _call_event(
     }
     if changed_fields is not None:
         data["changed_fields"] = changed_fields
-    data["call"] = item
+    data["call"] = item if raw is None else orjson.Fragment(raw)
     return Event.build(
         event_id=event_id(batch_id, call_id, seq, etype),
         type=etype,
@@ -282,29 +301,70 @@ def _call_event(
     )
 
 
-def select_candidates(
-    pages: Iterable[Iterable[PageEntry]], signatures: Mapping[str, int]
-) -> tuple[list[dict[str, Any]], dict[str, int], int]:
-    """Items that differ from the last committed scan, their new 64-bit signatures, duplicates.
+@dataclass(slots=True)
+class Candidates:
+    """What a scan showed that differs from the last committed one."""
 
-    Items are merged by call_id; when a call appears twice (pages shifting while
-    we read), the copy from the later page wins, as it was served later. Only the
-    candidates are decoded: an unchanged item costs two checksums of its bytes.
+    items: list[dict[str, Any]] = field(default_factory=list)
+    # The items' exact bytes as served, by call_id (event bodies embed them as is).
+    raws: dict[str, bytes] = field(default_factory=dict)
+    signatures: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    invalid: int = 0
+
+
+def select_candidates(
+    pages: Iterable[Iterable[bytes | msgspec.Raw]], known: ItemSignatures
+) -> Candidates:
+    """Items that differ from the last committed scan.
+
+    An item whose bytes checksum to a signature the last committed scan saw is
+    unchanged and costs nothing more: not even its call_id is decoded. The others
+    are checked (call_id, status) and decoded. Items are merged by call_id; when a
+    call appears twice (pages shifting while we read), the copy from the later page
+    wins, as it was served later.
     """
-    merged: dict[str, bytes] = {}
-    duplicates = 0
-    for entries in pages:
-        for entry in entries:
-            if entry.call_id in merged:
-                duplicates += 1
-            merged[entry.call_id] = entry.raw
-    candidates: list[dict[str, Any]] = []
-    new_sigs: dict[str, int] = {}
-    crc, adler, loads, get = zlib.crc32, zlib.adler32, orjson.loads, signatures.get
-    for call_id, raw in merged.items():
-        # As `PageEntry.signature`, inlined: this loop runs for every call of a scan.
-        sig = (crc(raw) << 32) | adler(raw)
-        if get(call_id) != sig:
-            candidates.append(loads(raw))
-            new_sigs[call_id] = sig
-    return candidates, new_sigs, duplicates
+    owners = known.owners
+    # call_id -> (signature, entry); entry None: identical to the committed item.
+    latest: dict[str, tuple[int, PageEntry | None]] = {}
+    out = Candidates()
+    crc, adler = zlib.crc32, zlib.adler32
+    for raws in pages:
+        for raw in raws:
+            # As `pages.signature`, inlined: this loop runs for every call of a scan.
+            sig = (crc(raw) << 32) | adler(raw)
+            call_id = owners.get(sig)
+            e = None
+            if call_id is None:
+                e = entry(raw)
+                if e is None:
+                    out.invalid += 1
+                    continue
+                call_id = e.call_id
+            if call_id in latest:
+                out.duplicates += 1
+            latest[call_id] = (sig, e)
+    for call_id, (sig, e) in latest.items():
+        if e is not None:
+            out.items.append(e.item)
+            out.raws[call_id] = e.raw
+            out.signatures[call_id] = sig
+    return out
+
+
+class ItemSignatures:
+    """The signature of each call's item as of the last committed scan, both ways."""
+
+    __slots__ = ("by_call", "owners")
+
+    def __init__(self) -> None:
+        self.by_call: dict[str, int] = {}
+        self.owners: dict[int, str] = {}
+
+    def update(self, signatures: Mapping[str, int]) -> None:
+        for call_id, sig in signatures.items():
+            old = self.by_call.get(call_id)
+            if old is not None and self.owners.get(old) == call_id:
+                del self.owners[old]
+            self.by_call[call_id] = sig
+            self.owners[sig] = call_id

@@ -1,11 +1,11 @@
 """The List Batch Calls page format: decode a 200 body and check its envelope.
 
 The poller's fast path. A page is decoded by msgspec straight into a checked
-envelope whose items stay raw JSON bytes; of each item only ``call_id`` and
-``status`` are decoded (and validated). An item identical to the one the last
-committed scan saw is recognised by a checksum of its bytes and never turned into
-Python objects; only changed items are decoded in full (`PageEntry.item`).
-Building a dict per call of every page cost more than the rest of a cycle.
+envelope whose items stay raw JSON bytes (`RawPage.raws`). An item identical to
+the one the last committed scan saw is recognised by a checksum of its bytes
+(`signature`) and never decoded at all; of the others, `entry` decodes and checks
+``call_id`` and ``status``, and only the changed ones become dicts. Building a
+dict per call of every page cost more than the rest of a cycle.
 """
 
 from __future__ import annotations
@@ -44,6 +44,23 @@ _ENVELOPE = msgspec.json.Decoder(_Envelope)
 _KEY = msgspec.json.Decoder(_Key)
 
 
+def signature(raw: bytes | msgspec.Raw) -> int:
+    """64 bits over an item's bytes: two C checksums. A collision would hide a real
+    change (with 32 bits, about one in 50 days at 1,000 changes/s)."""
+    return (zlib.crc32(raw) << 32) | zlib.adler32(raw)
+
+
+def entry(raw: bytes | msgspec.Raw) -> PageEntry | None:
+    """The item's call_id and status, checked; None when it has no usable ones."""
+    try:
+        key = _KEY.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    if not key.status.strip():
+        return None
+    return PageEntry(key.call_id, key.status, bytes(raw))
+
+
 @dataclass(frozen=True, slots=True)
 class PageEntry:
     """One call as served: its id and status, and the item's exact JSON bytes."""
@@ -58,33 +75,35 @@ class PageEntry:
         decoded: dict[str, Any] = orjson.loads(self.raw)
         return decoded
 
-    @property
-    def signature(self) -> int:
-        """64 bits over the item's bytes: two C checksums. A collision would hide a
-        real change (32 bits: about one in 50 days at 1,000 changes/s)."""
-        return (zlib.crc32(self.raw) << 32) | zlib.adler32(self.raw)
-
 
 @dataclass(frozen=True, slots=True)
 class RawPage:
-    """One page, checked but not modelled: entries keep each item's bytes."""
+    """One page, its envelope checked, its items still raw JSON."""
 
-    entries: list[PageEntry]
+    raws: list[msgspec.Raw]
     total: int
     page: int
     limit: int
     has_more: bool
-    # Items dropped because they had no usable call_id/status.
-    invalid_items: int = 0
     # Hash of the response body; a page whose body did not change since the last
-    # cycle is not decoded again (`unchanged` is set and `entries` is empty).
+    # cycle is not decoded again (`unchanged` is set and `raws` is empty).
     digest: bytes = b""
     unchanged: bool = False
 
     @property
+    def entries(self) -> list[PageEntry]:
+        """Every item with a usable call_id and status (items without are skipped)."""
+        return [e for raw in self.raws if (e := entry(raw)) is not None]
+
+    @property
     def items(self) -> list[dict[str, Any]]:
-        """Every item, decoded: for look-ups and tests, not the poller's hot path."""
+        """Every usable item, decoded: for look-ups and tests, not the hot path."""
         return [e.item for e in self.entries]
+
+    @property
+    def invalid_items(self) -> int:
+        """Items without a usable call_id/status (the poller counts them as it reads)."""
+        return len(self.raws) - len(self.entries)
 
 
 def body_digest(body: bytes) -> bytes:
@@ -109,20 +128,11 @@ def decode_page(body: bytes, *, url: str, digest: bytes | None = None) -> RawPag
     data = envelope.data
     if data is None:
         raise MalformedPageError("envelope has no data object", url=url, status=200, body=body)
-    entries = []
-    for raw in data.items:
-        try:
-            key = _KEY.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            continue  # counted below: an item without a usable call_id/status
-        if key.status.strip():
-            entries.append(PageEntry(key.call_id, key.status, bytes(raw)))
     return RawPage(
-        entries=entries,
+        raws=data.items,
         total=data.total,
         page=data.page,
         limit=data.limit,
         has_more=data.has_more,
-        invalid_items=len(data.items) - len(entries),
         digest=digest if digest is not None else body_digest(body),
     )

@@ -23,11 +23,17 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from callbridge.callstate import CallStates
 from callbridge.config import Settings
-from callbridge.diff import BatchView, DiffResult, ScanFacts, diff, select_candidates
+from callbridge.diff import (
+    BatchView,
+    DiffResult,
+    ItemSignatures,
+    ScanFacts,
+    diff,
+    select_candidates,
+)
 from callbridge.errors import (
     BatchNotFoundError,
     LeaseLostError,
@@ -35,7 +41,7 @@ from callbridge.errors import (
     UpstreamError,
 )
 from callbridge.metrics import Metrics, event_label, status_label
-from callbridge.models import PollOutcome
+from callbridge.models import PollOutcome, iso_ms
 from callbridge.pages import RawPage
 from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
@@ -48,12 +54,6 @@ from callbridge.upstream import UpstreamClient
 log = logging.getLogger(__name__)
 
 
-def iso_ms(now_ms: int) -> str:
-    """``2026-11-28T10:00:05.123Z``."""
-    dt = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now_ms % 1000:03d}Z"
-
-
 @dataclass(slots=True)
 class BatchRuntime:
     """What this replica knows about a batch it polls."""
@@ -63,7 +63,7 @@ class BatchRuntime:
     token: str | None = None
     meta: BatchMeta = field(default_factory=BatchMeta)
     states: CallStates | None = None  # None: not loaded (cold)
-    signatures: dict[str, int] = field(default_factory=dict)
+    signatures: ItemSignatures = field(default_factory=ItemSignatures)
     pages: dict[int, RawPage] = field(default_factory=dict)
     not_found: bool = False
     retired: bool = False
@@ -78,7 +78,7 @@ class BatchRuntime:
 
     def drop_cache(self) -> None:
         self.states = None
-        self.signatures = {}
+        self.signatures = ItemSignatures()
         self.pages = {}
         self.suspects = {}
 
@@ -193,31 +193,32 @@ class Poller:
             if isinstance(scan, str):
                 return scan
             pages, complete = scan
-            candidates, new_sigs, duplicates = select_candidates(
-                (p.entries for p in pages), rt.signatures
-            )
+            cands = select_candidates((p.raws for p in pages), rt.signatures)
             confirmed = await confirm_backward_moves(
                 self._upstream,
                 batch_id,
                 rt.states,
                 rt.suspects,
-                candidates,
+                cands,
                 self._p.interval_seconds,
             )
         now_ms = self._wall_ms()
         result = diff(
             batch_id,
             rt.states,
-            candidates,
+            cands.items,
             BatchView(rt.meta.counts, rt.meta.completed, rt.meta.completions),
             now_ms=now_ms,
             timestamp=iso_ms(now_ms),
             backfill=rt.backfill,
             scan=ScanFacts(complete=complete, total=pages[-1].total if complete else None),
             confirmed=confirmed,
+            raws=cands.raws,
         )
-        if duplicates:
-            result.anomalies["duplicate_item"] += duplicates
+        if cands.duplicates:
+            result.anomalies["duplicate_item"] += cands.duplicates
+        if cands.invalid:
+            result.anomalies["invalid_item"] += cands.invalid
         if rt.states.unreadable:
             log.warning(
                 "batch %s: %d unreadable snapshot entries; those calls are seen afresh",
@@ -228,7 +229,7 @@ class Poller:
             rt.states.unreadable = 0
         for call_id in result.unconfirmed:
             # Seen again next cycle as a candidate, and confirmed if still backwards.
-            new_sigs.pop(call_id, None)
+            cands.signatures.pop(call_id, None)
         meta = dataclasses.replace(
             rt.meta,
             counts=result.counts,
@@ -257,10 +258,10 @@ class Poller:
         rt.meta = meta
         rt.not_found = False
         rt.states.update_encoded(encoded)
-        rt.signatures.update(new_sigs)
+        rt.signatures.update(cands.signatures)
         rt.suspects = result.unconfirmed
         if complete:
-            rt.pages = {p.page: dataclasses.replace(p, entries=[], unchanged=False) for p in pages}
+            rt.pages = {p.page: dataclasses.replace(p, raws=[], unchanged=False) for p in pages}
         else:
             # Pages that did not arrive keep no digest: they are read in full next time.
             rt.pages = {}

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from callbridge.callstate import CallState
+from callbridge.diff import Candidates
 from callbridge.errors import UpstreamAuthError, UpstreamError
 from callbridge.models import is_backward, normalise_status
 from callbridge.pages import RawPage
@@ -68,7 +68,7 @@ async def confirm_backward_moves(
     batch_id: str,
     states: Mapping[str, CallState],
     suspects: Mapping[str, str],
-    candidates: list[dict[str, Any]],
+    candidates: Candidates,
     retry_within_s: float,
 ) -> set[str]:
     """Call ids whose backward move a second observation confirms.
@@ -80,7 +80,7 @@ async def confirm_backward_moves(
     """
     confirmed: set[str] = set()
     lookups = 0
-    for i, item in enumerate(candidates):
+    for i, item in enumerate(candidates.items):
         call_id = item["call_id"]
         prev = states.get(call_id)
         if prev is None or not is_backward(prev.status, normalise_status(item["status"])):
@@ -100,7 +100,8 @@ async def confirm_backward_moves(
             continue  # the next scan confirms it, or not
         if fresh is None:
             continue
-        candidates[i] = fresh
-        if is_backward(prev.status, normalise_status(fresh["status"])):
+        candidates.items[i] = fresh.item
+        candidates.raws[call_id] = fresh.raw
+        if is_backward(prev.status, normalise_status(fresh.status)):
             confirmed.add(call_id)
     return confirmed

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 import orjson
@@ -42,7 +42,7 @@ from callbridge.errors import (
 )
 from callbridge.metrics import Metrics
 from callbridge.models import CallsPage
-from callbridge.pages import RawPage, body_digest, decode_page
+from callbridge.pages import PageEntry, RawPage, body_digest, decode_page
 from callbridge.retry import parse_retry_after
 from callbridge.store.ratelimit import RateLimiter
 
@@ -126,7 +126,7 @@ class UpstreamClient:
         pages_left: int = 1,
         retry_within_s: float | None = None,
     ) -> RawPage:
-        """One raw page with retries; items without call_id/status are dropped and counted.
+        """One raw page with retries (its items are checked as they are used).
 
         With `previous` (this page as of the last committed cycle), an identical body
         is not decoded again: `previous` comes back marked `unchanged`.
@@ -137,18 +137,8 @@ class UpstreamClient:
             url, body = await self._get(batch_id, params, pages_left)
             digest = body_digest(body)
             if previous is not None and previous.digest == digest:
-                return dataclasses.replace(previous, entries=[], unchanged=True)
-            raw = decode_page(body, url=url, digest=digest)
-            if raw.invalid_items:
-                self._metrics.upstream_anomalies.labels("invalid_item").inc(raw.invalid_items)
-                log.warning(
-                    "page %d of batch %s had %d items without call_id/status; ignored",
-                    page,
-                    batch_id,
-                    raw.invalid_items,
-                    extra={"action": "upstream_anomaly", "batch_id": batch_id},
-                )
-            return raw
+                return dataclasses.replace(previous, raws=[], unchanged=True)
+            return decode_page(body, url=url, digest=digest)
 
         return await self._retrying(attempt, within_s=retry_within_s)
 
@@ -159,7 +149,7 @@ class UpstreamClient:
         external_id: str,
         *,
         retry_within_s: float | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> PageEntry | None:
         """The call's current item, looked up by its external id (None when not served).
 
         Several calls may share an external id (one contact dialled twice): the
@@ -173,7 +163,7 @@ class UpstreamClient:
             return decode_page(body, url=url)
 
         page = await self._retrying(attempt, within_s=retry_within_s)
-        return next((e.item for e in page.entries if e.call_id == call_id), None)
+        return next((e for e in page.entries if e.call_id == call_id), None)
 
     async def iter_pages(
         self,
@@ -210,7 +200,7 @@ class UpstreamClient:
             yield page
             if not page.has_more:
                 return
-            if not page.entries and not page.unchanged:
+            if not page.raws and not page.unchanged:
                 # has_more with nothing on this page would page forever.
                 self._anomaly(batch_id, "empty_page_has_more", f"page {page_no} is empty")
                 return
@@ -230,13 +220,13 @@ class UpstreamClient:
         odd = []
         if page.page != page_no:
             odd.append("page_mismatch")
-        if page.has_more and len(page.entries) + page.invalid_items < served:
+        if page.has_more and len(page.raws) < served:
             odd.append("short_page_has_more")
         for kind in odd:
             self._anomaly(
                 batch_id,
                 kind,
-                f"page {page_no} (page={page.page}, items={len(page.entries)}, "
+                f"page {page_no} (page={page.page}, items={len(page.raws)}, "
                 f"limit={page.limit}, total={page.total})",
             )
 

@@ -17,9 +17,8 @@ from redis.exceptions import ResponseError
 
 from callbridge.app import Bridge
 from callbridge.config import RedisSettings
-from callbridge.diff import select_candidates
+from callbridge.diff import ItemSignatures, select_candidates
 from callbridge.janitor import Janitor
-from callbridge.pages import PageEntry
 from callbridge.relay import Relay
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.connection import connect
@@ -123,22 +122,18 @@ def _forge_crc(prefix: bytes, suffix: bytes, target: int, n: int = 10) -> bytes:
     return bytes(base)
 
 
-def served(item: dict[str, Any]) -> PageEntry:
-    return PageEntry(item["call_id"], item["status"], orjson.dumps(item))
-
-
 def test_a_checksum_collision_does_not_hide_a_change() -> None:
     """32-bit item signatures let a CRC collision skip a real change (possibly a final
     status); signatures are 64 bits now."""
     before = {"call_id": "c1", "status": "in_progress", "x": "@@@@@@@@@@"}
-    _, sigs, _ = select_candidates([[served(before)]], {})
+    known = ItemSignatures()
+    known.update(select_candidates([[orjson.dumps(before)]], known).signatures)
     raw_before = orjson.dumps(before)
     head = b'{"call_id":"c1","status":"completed","x":"'
     forged = _forge_crc(head, b'"}', zlib.crc32(raw_before))
     after = {"call_id": "c1", "status": "completed", "x": forged.decode()}
     assert zlib.crc32(orjson.dumps(after)) == zlib.crc32(raw_before)
-    candidates, _, _ = select_candidates([[served(after)]], sigs)
-    assert candidates == [after]
+    assert select_candidates([[orjson.dumps(after)]], known).items == [after]
 
 
 async def test_heartbeats_use_the_server_clock(

@@ -306,23 +306,33 @@ def test_status_case_and_spaces_are_normalised() -> None:
 
 
 def test_select_candidates_merges_pages_and_skips_unchanged() -> None:
-    from callbridge.diff import select_candidates
-    from callbridge.pages import PageEntry
+    from callbridge.diff import ItemSignatures, select_candidates
 
-    def served(*items: dict[str, Any]) -> list[PageEntry]:
-        return [PageEntry(i["call_id"], i["status"], orjson.dumps(i)) for i in items]
+    def served(*items: dict[str, Any]) -> list[bytes]:
+        return [orjson.dumps(i) for i in items]
 
     page1 = served(item("c1", "ringing"), item("c2", "pending"))
     page2 = served(item("c2", "queued"), item("c3", "pending"))  # c2 shifted: served twice
-    cands, sigs, dups = select_candidates([page1, page2], {})
-    assert dups == 1
-    assert {c["call_id"]: c["status"] for c in cands} == {
+    known = ItemSignatures()
+    cands = select_candidates([page1, page2], known)
+    assert cands.duplicates == 1
+    assert {c["call_id"]: c["status"] for c in cands.items} == {
         "c1": "ringing",
         "c2": "queued",  # the later page wins
         "c3": "pending",
     }
-    again, _, _ = select_candidates([page1, page2], sigs)
-    assert again == []
+    assert set(cands.raws) == {"c1", "c2", "c3"}
+    known.update(cands.signatures)
+    again = select_candidates([page1, page2], known)
+    # c2's first copy is not its committed one: it is a candidate (a stale copy), but
+    # the later, committed copy wins the merge, so nothing is left to diff.
+    assert again.items == []
+    assert again.duplicates == 1
+    # Items without a usable call_id or status are counted, never decoded further.
+    odd = select_candidates(
+        [[b'{"call_id":"","status":"x"}', b"[1]", orjson.dumps(item("c4", " "))]], known
+    )
+    assert (odd.items, odd.invalid) == ([], 3)
 
 
 def test_unreadable_state_raises_value_error() -> None:
