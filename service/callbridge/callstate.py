@@ -11,7 +11,7 @@ replaced schema 1 (``seq|fingerprint|status``, names raw: a name holding ``|`` o
 
 from __future__ import annotations
 
-import base64
+import binascii
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
@@ -32,6 +32,7 @@ FINGERPRINT_FIELDS: tuple[str, ...] = (
     "metadata",
 )
 _NOT_FINGERPRINTED = frozenset({"call_id", "status"})
+_SLOTS = struct.Struct(f">{len(FINGERPRINT_FIELDS)}I")
 ABSENT = 0  # digest of a missing or null field
 
 
@@ -53,15 +54,12 @@ class Fingerprint:
 
     @classmethod
     def of(cls, item: Mapping[str, Any]) -> Fingerprint:
-        known = tuple(field_digest(item.get(name)) for name in FINGERPRINT_FIELDS)
-        extra = tuple(
-            sorted(
-                (k, field_digest(v))
-                for k, v in item.items()
-                if k not in _NOT_FINGERPRINTED and k not in _KNOWN_SET
-            )
-        )
-        return cls(known, extra)
+        get = item.get
+        known = tuple([field_digest(get(name)) for name in FINGERPRINT_FIELDS])
+        others = item.keys() - _NAMED
+        if not others:  # the documented fields only: the common case
+            return cls(known)
+        return cls(known, tuple(sorted((k, field_digest(item[k])) for k in others)))
 
     def as_dict(self) -> dict[str, int]:
         out = dict(zip(FINGERPRINT_FIELDS, self.known, strict=True))
@@ -74,7 +72,9 @@ class Fingerprint:
         Extra field names come from the platform and may hold any character: they
         are percent-encoded, so ``;``, ``=`` and ``|`` never appear unescaped.
         """
-        head = base64.b64encode(struct.pack(f">{len(self.known)}I", *self.known)).decode()
+        head = binascii.b2a_base64(_SLOTS.pack(*self.known), newline=False).decode()
+        if not self.extra:
+            return head.rstrip("=")
         tail = "".join(f";{quote(k, safe='')}={d:x}" for k, d in self.extra)
         return head.rstrip("=") + tail
 
@@ -82,10 +82,15 @@ class Fingerprint:
     def decode(cls, text: str, *, escaped: bool = True) -> Fingerprint:
         """Parse `encode`'s form; ``escaped=False`` reads schema 1 (names written raw)."""
         head, *extras = text.split(";")
-        raw = base64.b64decode(head + "=" * (-len(head) % 4))
-        if len(raw) != 4 * len(FINGERPRINT_FIELDS):
+        try:
+            raw = binascii.a2b_base64(head + "=" * (-len(head) % 4), strict_mode=True)
+        except binascii.Error as exc:
+            raise ValueError(f"fingerprint is not base64: {exc}") from None
+        if len(raw) != _SLOTS.size:
             raise ValueError("fingerprint has the wrong number of fields")
-        known = struct.unpack(f">{len(FINGERPRINT_FIELDS)}I", raw)
+        known = _SLOTS.unpack(raw)
+        if not extras:
+            return cls(known)
         extra = []
         for part in extras:
             name, _, digest = part.rpartition("=")
@@ -94,6 +99,8 @@ class Fingerprint:
 
 
 _KNOWN_SET = frozenset(FINGERPRINT_FIELDS)
+# Fields with a fixed slot or not fingerprinted at all; any other one is an extra.
+_NAMED = _KNOWN_SET | _NOT_FINGERPRINTED
 
 
 @dataclass(frozen=True, slots=True)

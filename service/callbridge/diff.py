@@ -106,8 +106,23 @@ def _merge_fingerprint(
     than a real edit: it is counted, not reported, and its last value is kept so
     it does not come back as a change either.
     """
+    if prev == new:
+        return prev, []
+    if not prev.extra and not new.extra:
+        # The documented fields only (the common case): slot by slot.
+        known: list[int] = []
+        changed: list[str] = []
+        for name, old, cur in zip(FINGERPRINT_FIELDS, prev.known, new.known, strict=True):
+            if cur == ABSENT and old != ABSENT:
+                anomalies["field_regressed"] += 1
+                known.append(old)
+            else:
+                known.append(cur)
+                if cur != old:
+                    changed.append(name)
+        return Fingerprint(tuple(known)), sorted(changed)
     prev_d, new_d = prev.as_dict(), new.as_dict()
-    changed: list[str] = []
+    changed = []
     merged: dict[str, int] = {}
     for name in prev_d.keys() | new_d.keys():
         old, cur = prev_d.get(name, ABSENT), new_d.get(name, ABSENT)
@@ -118,9 +133,9 @@ def _merge_fingerprint(
             merged[name] = cur
             if cur != old:
                 changed.append(name)
-    known = tuple(merged.pop(n, ABSENT) for n in FINGERPRINT_FIELDS)
+    slots = tuple(merged.pop(n, ABSENT) for n in FINGERPRINT_FIELDS)
     extra = tuple(sorted((k, d) for k, d in merged.items() if d != ABSENT))
-    return Fingerprint(known, extra), sorted(changed)
+    return Fingerprint(slots, extra), sorted(changed)
 
 
 def diff(
@@ -325,8 +340,8 @@ def select_candidates(
     wins, as it was served later.
     """
     owners = known.owners
-    # call_id -> (signature, entry); entry None: identical to the committed item.
-    latest: dict[str, tuple[int, PageEntry | None]] = {}
+    fresh: dict[str, tuple[int, PageEntry]] = {}
+    unchanged: set[str] = set()
     out = Candidates()
     crc, adler = zlib.crc32, zlib.adler32
     for raws in pages:
@@ -334,21 +349,25 @@ def select_candidates(
             # As `pages.signature`, inlined: this loop runs for every call of a scan.
             sig = (crc(raw) << 32) | adler(raw)
             call_id = owners.get(sig)
-            e = None
-            if call_id is None:
-                e = entry(raw)
-                if e is None:
-                    out.invalid += 1
-                    continue
-                call_id = e.call_id
-            if call_id in latest:
+            if call_id is not None:
+                if call_id in unchanged:
+                    out.duplicates += 1
+                elif call_id in fresh:
+                    out.duplicates += 1
+                    del fresh[call_id]  # a later copy, as committed: nothing changed
+                unchanged.add(call_id)
+                continue
+            e = entry(raw)
+            if e is None:
+                out.invalid += 1
+                continue
+            if e.call_id in fresh or e.call_id in unchanged:
                 out.duplicates += 1
-            latest[call_id] = (sig, e)
-    for call_id, (sig, e) in latest.items():
-        if e is not None:
-            out.items.append(e.item)
-            out.raws[call_id] = e.raw
-            out.signatures[call_id] = sig
+            fresh[e.call_id] = (sig, e)
+    for call_id, (sig, e) in fresh.items():
+        out.items.append(e.item)
+        out.raws[call_id] = e.raw
+        out.signatures[call_id] = sig
     return out
 
 

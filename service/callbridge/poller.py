@@ -194,10 +194,16 @@ class Poller:
                 return scan
             pages, complete = scan
             cands = select_candidates((p.raws for p in pages), rt.signatures)
+            # Decoded once, for the calls that changed: the rest stay encoded.
+            previous = {
+                c["call_id"]: st
+                for c in cands.items
+                if (st := rt.states.get(c["call_id"])) is not None
+            }
             confirmed = await confirm_backward_moves(
                 self._upstream,
                 batch_id,
-                rt.states,
+                previous,
                 rt.suspects,
                 cands,
                 self._p.interval_seconds,
@@ -205,7 +211,7 @@ class Poller:
         now_ms = self._wall_ms()
         result = diff(
             batch_id,
-            rt.states,
+            previous,
             cands.items,
             BatchView(rt.meta.counts, rt.meta.completed, rt.meta.completions),
             now_ms=now_ms,
