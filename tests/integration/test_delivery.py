@@ -151,17 +151,20 @@ async def test_connection_refused_opens_the_breaker_at_once(make_rig: MakeRig) -
 
 
 async def test_429_paces_the_endpoint_and_is_not_a_breaker_failure(make_rig: MakeRig) -> None:
-    rig = await make_rig({"crm": {"max_in_flight": 1}}, breaker_min_attempts=1)
+    rig = await make_rig({"crm": {"max_in_flight": 8}}, breaker_min_attempts=1)
     rec = rig.receivers["crm"]
     rec.answers.append(429)
-    await rig.enqueue("crm", event(1, "c1"), event(2, "c2"))
+    await rig.enqueue("crm", event(1, "c1"))
     assert await rig.deliverer.run_once() == 1
     ep = await rig.queue.endpoint("crm")
     assert ep.open_until_ms == 0  # min_attempts 1: any counted failure would open it
     assert ep.paced_until_ms > 0
-    # Paced: c2 is due but nothing is claimed before the Retry-After (1 s) passes.
-    assert await rig.deliverer.run_once() == 0
-    assert len(rec.received) == 1
+    # Paced (Retry-After: 1 s): one request at a time, not eight, and the delivery
+    # that got the 429 waits for its Retry-After.
+    await rig.enqueue("crm", *[event(1, f"c{i}") for i in range(2, 6)])
+    assert await rig.deliverer.run_once() == 1
+    assert [r.id for r in rec.received][-1] != "evt_c1_1"
+    assert len(rec.received) == 2
 
 
 async def test_per_call_order_waits_for_first_attempt(make_rig: MakeRig) -> None:

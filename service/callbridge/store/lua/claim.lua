@@ -14,8 +14,8 @@
 --                        instead of claiming more
 --
 -- Reply: flat list, four per claimed delivery: id, attempts so far, body, observed_ms.
--- Nothing while the endpoint is disabled, its breaker is open or it asked us to
--- wait (429 + Retry-After); one probe at a time while the breaker is half-open.
+-- Nothing while the endpoint is disabled or its breaker is open; one request at a
+-- time while the breaker is half-open, or while a 429's Retry-After runs.
 --#include now
 local due, inflight, endpoint = KEYS[1], KEYS[2], KEYS[3]
 local prefix = ARGV[1]
@@ -39,11 +39,10 @@ local ep = redis.call('HMGET', endpoint, 'disabled', 'open_until', 'paced_until'
 if ep[1] == '1' then return {} end
 local open_until = tonumber(ep[2] or '0')
 if open_until > now then return {} end
--- The endpoint answered 429 with Retry-After: nothing starts before that time.
-if tonumber(ep[3] or '0') > now then return {} end
 local busy = redis.call('ZCARD', inflight)
-if open_until > 0 then
-  -- Half-open: one probe at a time until a success closes the breaker.
+if open_until > 0 or tonumber(ep[3] or '0') > now then
+  -- Half-open: one probe at a time until a success closes the breaker. Paced (the
+  -- endpoint answered 429 with Retry-After): one request at a time until then.
   if busy > 0 then return {} end
   max_in_flight = 1
 end
