@@ -10,13 +10,11 @@ What is stored per call is in `callstate`.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import orjson
 
 from callbridge.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerprint
@@ -29,7 +27,6 @@ from callbridge.models import (
     normalise_status,
     skipped_statuses,
 )
-from callbridge.pages import PageEntry, entry
 
 
 def event_id(batch_id: str, subject: str, seq: int, event_type: str) -> str:
@@ -150,6 +147,7 @@ def diff(
     scan: ScanFacts = ScanFacts(),
     confirmed: Collection[str] = (),
     raws: Mapping[str, bytes] | None = None,
+    replays: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> DiffResult:
     """Events for the scanned `items` given what was known before.
 
@@ -164,16 +162,21 @@ def diff(
     status is a redial; one between two non-terminal statuses is a redial whose
     terminal status the platform never showed us (``missed_terminal: true``).
 
+    `replays` holds, for confirmed calls, what the previous scan showed when it saw
+    the call go backwards, if the call has moved on since (``no_answer`` unseen,
+    then ``queued``, then ``ringing``): it is reported first, as it was served.
+
     `raws` holds items' exact bytes as served: event bodies embed them as they are
     instead of serialising the decoded item again.
     """
     out = DiffResult()
     counts = Counter(batch.counts)
     raw_of = (raws or {}).get
-    for item in items:
+    for item, raw in _observations(items, confirmed, replays or {}, raw_of):
         call_id: str = item["call_id"]
         status = normalise_status(item["status"])
-        prev = previous.get(call_id)
+        # A call observed twice in one diff (a replay) moves on from the first.
+        prev = out.states.get(call_id) or previous.get(call_id)
         new_fp = Fingerprint.of(item)
         if prev is None:
             counts[status] += 1
@@ -185,9 +188,7 @@ def diff(
             etype = f"call.{status}"
             out.states[call_id] = CallState(status, seq, new_fp)
             out.events.append(
-                _call_event(
-                    batch_id, item, etype, seq, None, True, [], None, timestamp, raw=raw_of(call_id)
-                )
+                _call_event(batch_id, item, etype, seq, None, True, [], None, timestamp, raw=raw)
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
             out.transitions.append((None, status))
@@ -222,7 +223,7 @@ def diff(
                     None,
                     timestamp,
                     missed_terminal=missed_terminal,
-                    raw=raw_of(call_id),
+                    raw=raw,
                 )
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
@@ -242,7 +243,7 @@ def diff(
                     [],
                     changed_fields,
                     timestamp,
-                    raw=raw_of(call_id),
+                    raw=raw,
                 )
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
@@ -275,6 +276,20 @@ def diff(
         # A call left a terminal status (a redial): the batch is open again.
         out.completed = False
     return out
+
+
+def _observations(
+    items: Iterable[Mapping[str, Any]],
+    confirmed: Collection[str],
+    replays: Mapping[str, Mapping[str, Any]],
+    raw_of: Callable[[str], bytes | None],
+) -> Iterator[tuple[Mapping[str, Any], bytes | None]]:
+    for item in items:
+        call_id = item["call_id"]
+        replay = replays.get(call_id)
+        if replay is not None and call_id in confirmed:
+            yield replay, None
+        yield item, raw_of(call_id)
 
 
 def _call_event(
@@ -314,76 +329,3 @@ def _call_event(
         call_id=call_id,
         data=data,
     )
-
-
-@dataclass(slots=True)
-class Candidates:
-    """What a scan showed that differs from the last committed one."""
-
-    items: list[dict[str, Any]] = field(default_factory=list)
-    # The items' exact bytes as served, by call_id (event bodies embed them as is).
-    raws: dict[str, bytes] = field(default_factory=dict)
-    signatures: dict[str, int] = field(default_factory=dict)
-    duplicates: int = 0
-    invalid: int = 0
-
-
-def select_candidates(
-    pages: Iterable[Iterable[bytes | msgspec.Raw]], known: ItemSignatures
-) -> Candidates:
-    """Items that differ from the last committed scan.
-
-    An item whose bytes checksum to a signature the last committed scan saw is
-    unchanged and costs nothing more: not even its call_id is decoded. The others
-    are checked (call_id, status) and decoded. Items are merged by call_id; when a
-    call appears twice (pages shifting while we read), the copy from the later page
-    wins, as it was served later.
-    """
-    owners = known.owners
-    fresh: dict[str, tuple[int, PageEntry]] = {}
-    unchanged: set[str] = set()
-    out = Candidates()
-    crc, adler = zlib.crc32, zlib.adler32
-    for raws in pages:
-        for raw in raws:
-            # As `pages.signature`, inlined: this loop runs for every call of a scan.
-            sig = (crc(raw) << 32) | adler(raw)
-            call_id = owners.get(sig)
-            if call_id is not None:
-                if call_id in unchanged:
-                    out.duplicates += 1
-                elif call_id in fresh:
-                    out.duplicates += 1
-                    del fresh[call_id]  # a later copy, as committed: nothing changed
-                unchanged.add(call_id)
-                continue
-            e = entry(raw)
-            if e is None:
-                out.invalid += 1
-                continue
-            if e.call_id in fresh or e.call_id in unchanged:
-                out.duplicates += 1
-            fresh[e.call_id] = (sig, e)
-    for call_id, (sig, e) in fresh.items():
-        out.items.append(e.item)
-        out.raws[call_id] = e.raw
-        out.signatures[call_id] = sig
-    return out
-
-
-class ItemSignatures:
-    """The signature of each call's item as of the last committed scan, both ways."""
-
-    __slots__ = ("by_call", "owners")
-
-    def __init__(self) -> None:
-        self.by_call: dict[str, int] = {}
-        self.owners: dict[int, str] = {}
-
-    def update(self, signatures: Mapping[str, int]) -> None:
-        for call_id, sig in signatures.items():
-            old = self.by_call.get(call_id)
-            if old is not None and self.owners.get(old) == call_id:
-                del self.owners[old]
-            self.by_call[call_id] = sig
-            self.owners[sig] = call_id

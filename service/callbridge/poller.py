@@ -1,15 +1,11 @@
 """Polls batches, turns what changed into events, commits them atomically.
 
-One cycle of one batch (``poll_once``): hold the batch lease, read every page,
+One cycle of one batch (``poll_once``): hold the batch lease, read the pages,
 pick the items that differ from the last committed scan, diff them against the
 snapshot, commit states + events + timeline in one fenced Lua step, then fan the
-events out to the subscription queues. A cycle that fails anywhere before the
-commit writes nothing; the next cycle starts from the same snapshot.
-
-The owner keeps the snapshot, per-call item signatures and per-page body hashes
-in memory, so an unchanged page costs one hash and an unchanged call one CRC.
-Those caches are updated only after a successful commit and dropped whenever
-the lease is lost.
+events out. A cycle that fails before the commit writes nothing. The owner keeps
+the snapshot (encoded), item signatures and page digests in memory, updated only
+after a commit and dropped whenever the lease is lost.
 """
 
 from __future__ import annotations
@@ -25,15 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from callbridge.callstate import CallStates
+from callbridge.candidates import ItemSignatures, select_candidates
 from callbridge.config import Settings
-from callbridge.diff import (
-    BatchView,
-    DiffResult,
-    ItemSignatures,
-    ScanFacts,
-    diff,
-    select_candidates,
-)
+from callbridge.diff import BatchView, DiffResult, ScanFacts, diff
 from callbridge.errors import (
     BatchNotFoundError,
     LeaseLostError,
@@ -45,7 +35,13 @@ from callbridge.models import PollOutcome, iso_ms
 from callbridge.pages import RawPage
 from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
-from callbridge.scan import confirm_backward_moves, read_pages
+from callbridge.scan import (
+    Suspect,
+    confirm_backward_moves,
+    read_pages,
+    replays_for,
+    suspects_from,
+)
 from callbridge.schedule import BatchLifecycle, lifecycle
 from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import BatchMeta, SnapshotStore
@@ -70,8 +66,8 @@ class BatchRuntime:
     # Set while committed events may still sit in the outbox un-fanned-out
     # (after a take-over, or a fan-out that failed): drained before anything else.
     outbox_dirty: bool = False
-    # Calls last seen moving backwards, unconfirmed: call_id -> status seen.
-    suspects: dict[str, str] = field(default_factory=dict)
+    # Calls last seen moving backwards, unconfirmed, with what that scan showed.
+    suspects: dict[str, Suspect] = field(default_factory=dict)
     next_due: float = 0.0
     last_started: float | None = None
     task: asyncio.Task[None] | None = None
@@ -220,6 +216,7 @@ class Poller:
             scan=ScanFacts(complete=complete, total=pages[-1].total if complete else None),
             confirmed=confirmed,
             raws=cands.raws,
+            replays=replays_for(cands, confirmed, rt.suspects),
         )
         if cands.duplicates:
             result.anomalies["duplicate_item"] += cands.duplicates
@@ -265,7 +262,7 @@ class Poller:
         rt.not_found = False
         rt.states.update_encoded(encoded)
         rt.signatures.update(cands.signatures)
-        rt.suspects = result.unconfirmed
+        rt.suspects = suspects_from(cands, result.unconfirmed)
         if complete:
             rt.pages = {p.page: dataclasses.replace(p, raws=[], unchanged=False) for p in pages}
         else:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from callbridge.callstate import CallState
-from callbridge.diff import Candidates
+from callbridge.candidates import Candidates
 from callbridge.errors import UpstreamAuthError, UpstreamError
-from callbridge.models import is_backward, normalise_status
+from callbridge.models import is_backward, is_terminal, normalise_status
 from callbridge.pages import RawPage
 from callbridge.store.leases import LeaseKeeper
 from callbridge.upstream import UpstreamClient
@@ -24,7 +25,18 @@ from callbridge.upstream import UpstreamClient
 log = logging.getLogger(__name__)
 
 # Backward moves confirmed by a look-up per cycle at most; the rest wait a scan.
-MAX_LOOKUPS_PER_CYCLE = 20
+# Look-ups cost requests from the budget every scan shares, so they are few, and
+# only for the moves a scan alone confirms late (a terminal status never seen).
+MAX_LOOKUPS_PER_CYCLE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    """A call seen moving backwards by one scan, waiting for a second look."""
+
+    status: str
+    item: dict[str, Any]
+    raw: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,16 +79,17 @@ async def confirm_backward_moves(
     upstream: UpstreamClient,
     batch_id: str,
     states: Mapping[str, CallState],
-    suspects: Mapping[str, str],
+    suspects: Mapping[str, Suspect],
     candidates: Candidates,
     retry_within_s: float,
 ) -> set[str]:
     """Call ids whose backward move a second observation confirms.
 
     The second observation is the previous scan (`suspects`: the call was seen
-    backwards then too) or, at once, an ``external_id`` look-up of the call. A
-    look-up showing the call where we last saw it proves the scan's copy stale:
-    the look-up's item replaces it in `candidates` (so the diff sees the truth).
+    backwards then too) or, at once, an ``external_id`` look-up of the call (for a
+    call whose terminal status we never saw: a redial after a seen one waits a
+    scan). A look-up showing the call where we last saw it proves the scan's copy
+    stale: the look-up's item replaces it in `candidates` (so the diff sees the truth).
     """
     confirmed: set[str] = set()
     lookups = 0
@@ -89,7 +102,11 @@ async def confirm_backward_moves(
             confirmed.add(call_id)
             continue
         external_id = item.get("external_id")
-        if not isinstance(external_id, str) or lookups >= MAX_LOOKUPS_PER_CYCLE:
+        if (
+            not isinstance(external_id, str)
+            or is_terminal(prev.status)
+            or lookups >= MAX_LOOKUPS_PER_CYCLE
+        ):
             continue
         lookups += 1
         try:
@@ -105,3 +122,30 @@ async def confirm_backward_moves(
         if is_backward(prev.status, normalise_status(fresh.status)):
             confirmed.add(call_id)
     return confirmed
+
+
+def replays_for(
+    candidates: Candidates, confirmed: set[str], suspects: Mapping[str, Suspect]
+) -> dict[str, dict[str, Any]]:
+    """For confirmed calls that have moved on since the scan that saw them go back,
+    what that scan showed (reported first: see `diff`)."""
+    out = {}
+    for item in candidates.items:
+        call_id = item["call_id"]
+        suspect = suspects.get(call_id)
+        if (
+            call_id in confirmed
+            and suspect is not None
+            and suspect.status != normalise_status(item["status"])
+        ):
+            out[call_id] = suspect.item
+    return out
+
+
+def suspects_from(candidates: Candidates, unconfirmed: Mapping[str, str]) -> dict[str, Suspect]:
+    """The calls this scan saw go back, unconfirmed, with what it showed of them."""
+    return {
+        call_id: Suspect(status, item, candidates.raws[call_id])
+        for item in candidates.items
+        if (status := unconfirmed.get(call_id := item["call_id"])) is not None
+    }

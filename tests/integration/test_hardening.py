@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from callbridge.app import Bridge
+from callbridge.candidates import ItemSignatures, select_candidates
 from callbridge.config import RedisSettings
-from callbridge.diff import ItemSignatures, select_candidates
 from callbridge.janitor import Janitor
 from callbridge.relay import Relay
 from callbridge.simulator import Simulator, SimulatorConfig, make_app

@@ -306,7 +306,7 @@ def test_status_case_and_spaces_are_normalised() -> None:
 
 
 def test_select_candidates_merges_pages_and_skips_unchanged() -> None:
-    from callbridge.diff import ItemSignatures, select_candidates
+    from callbridge.candidates import ItemSignatures, select_candidates
 
     def served(*items: dict[str, Any]) -> list[bytes]:
         return [orjson.dumps(i) for i in items]
@@ -376,3 +376,30 @@ def test_call_states_decode_on_access_and_skip_unreadable_entries() -> None:
     assert states.get("c2") is None
     assert states.unreadable == 1
     assert set(states) == {"c1", "c2"}
+
+
+def test_a_redial_seen_going_on_reports_what_the_first_look_saw() -> None:
+    # ringing; no_answer unseen; the platform redials: queued (one scan), then ringing.
+    # The second look confirms the move back; queued, seen by the first, comes first.
+    t = Tracker()
+    t.poll([item("c1", "pending")])
+    t.poll([item("c1", "ringing")])
+    assert types(t.poll([item("c1", "queued")])) == []
+    first_look = item("c1", "queued")
+    r = diff(
+        "b1",
+        t.states,
+        [item("c1", "ringing")],
+        t.view,
+        now_ms=NOW,
+        timestamp=TS,
+        confirmed={"c1"},
+        replays={"c1": first_look},
+    )
+    data = [orjson.loads(e.body)["data"] for e in r.events]
+    assert [(d["status"], d["previous_status"], d["missed_terminal"]) for d in data] == [
+        ("queued", "ringing", True),
+        ("ringing", "queued", False),
+    ]
+    assert [d["sequence"] for d in data] == [2, 3]
+    assert r.states["c1"].status == "ringing"

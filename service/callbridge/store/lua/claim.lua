@@ -15,7 +15,8 @@
 --
 -- Reply: flat list, four per claimed delivery: id, attempts so far, body, observed_ms.
 -- Nothing while the endpoint is disabled or its breaker is open; one request at a
--- time while the breaker is half-open, or while a 429's Retry-After runs.
+-- time while the breaker is half-open; half of max_in_flight while a 429's
+-- Retry-After runs.
 --#include now
 local due, inflight, endpoint = KEYS[1], KEYS[2], KEYS[3]
 local prefix = ARGV[1]
@@ -40,11 +41,15 @@ if ep[1] == '1' then return {} end
 local open_until = tonumber(ep[2] or '0')
 if open_until > now then return {} end
 local busy = redis.call('ZCARD', inflight)
-if open_until > 0 or tonumber(ep[3] or '0') > now then
-  -- Half-open: one probe at a time until a success closes the breaker. Paced (the
-  -- endpoint answered 429 with Retry-After): one request at a time until then.
+if open_until > 0 then
+  -- Half-open: one probe at a time until a success closes the breaker.
   if busy > 0 then return {} end
   max_in_flight = 1
+elseif tonumber(ep[3] or '0') > now then
+  -- Paced: the endpoint answered 429 with Retry-After; until then it gets half the
+  -- requests at once. (Stopping it, or one at a time, let a CRM that answers 429
+  -- now and then throttle every delivery to a trickle.)
+  max_in_flight = math.max(1, math.floor(max_in_flight / 2))
 end
 local free = math.min(max_in_flight - busy, limit)
 if free <= 0 then return {} end

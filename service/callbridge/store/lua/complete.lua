@@ -14,7 +14,7 @@
 --           pace_ms], ...]
 --         outcome: success | retry | dead | disable | release
 --         kind: ok | fail | conn (no connection: refused, DNS, TLS) | paced (429:
---         one request at a time to the endpoint for pace_ms; not a breaker failure)
+--         half the endpoint's requests at once for pace_ms; not a breaker failure)
 -- ARGV[8] failure_ratio  ARGV[9] min_attempts  ARGV[10] window_ms
 -- ARGV[11] prefix        the subscription's key prefix (records are prefix:d:<id>)
 --         the breaker opens when at least failure_ratio of at least min_attempts
@@ -115,8 +115,8 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
   end
   if kind == 'paced' then
     -- 429 with Retry-After: the endpoint asks us to slow down, it is not down. Until
-    -- the time given it gets one request at a time (this delivery itself waits for
-    -- it); the breaker is not involved.
+    -- the time given it gets half its requests at once (this delivery itself waits
+    -- for it); the breaker is not involved.
     local until_ms = now + pace
     if until_ms > tonumber(redis.call('HGET', endpoint, 'paced_until') or '0') then
       redis.call('HSET', endpoint, 'paced_until', until_ms)
