@@ -16,9 +16,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from callbridge import __version__
 from callbridge.errors import CallbridgeError, ConfigError
+
+if TYPE_CHECKING:
+    from callbridge.simulator import SimulatorConfig
 
 log = logging.getLogger("callbridge.cli")
 
@@ -133,24 +137,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from callbridge.simulator import FaultConfig, SimulatorConfig, serve
+def _dwell(text: str) -> tuple[str, tuple[float, float]]:
+    """``STATUS=LOW:HIGH`` (seconds), or ``STATUS=SECONDS`` for a fixed dwell."""
+    status, sep, span = text.partition("=")
+    low, _, high = span.partition(":")
+    try:
+        bounds = (float(low), float(high or low))
+    except ValueError:
+        bounds = (-1.0, -1.0)
+    if not sep or not status or bounds[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected STATUS=LOW:HIGH in seconds, got {text!r}")
+    return status, bounds
 
-    configure_logging("text", "INFO")
+
+def simulator_config(args: argparse.Namespace) -> SimulatorConfig:
+    """The simulator `callbridge simulate` serves, from its parsed arguments."""
+    from callbridge.simulator import FaultConfig, SimulatorConfig, Timing
+
     faults = FaultConfig(
         rate_limit_ratio=args.fault_429,
         server_error_ratio=args.fault_5xx,
         slow_ratio=args.fault_slow,
         malformed_ratio=args.fault_malformed,
         shift_ratio=args.fault_shift,
+        reorder_ratio=args.fault_reorder,
+        reorder_share=args.reorder_share,
+        outage_every_seconds=args.outage_every,
+        outage_seconds=args.outage_seconds,
+        outage_kind=args.outage_kind,
     )
-    config = SimulatorConfig(
+    timing = None
+    if args.realtime or args.dwell:
+        timing = Timing(step_seconds=args.step or 0.1, dwell_seconds=dict(args.dwell or ()))
+    return SimulatorConfig(
         batches=args.batches,
         calls_per_batch=args.calls,
         api_key=os.environ.get("CALLBRIDGE_API_KEY", args.api_key),
         seed=args.seed,
         faults=faults,
+        concurrency=args.concurrency,
+        timing=timing,
     )
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from callbridge.simulator import serve
+
+    configure_logging("text", "INFO")
+    try:
+        config = simulator_config(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
     def ready(url: str) -> None:
         print(f"simulator listening on {url} (API key from CALLBRIDGE_API_KEY or --api-key)")
@@ -228,14 +266,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--batches", type=int, default=2, help="number of batches (default 2)")
     p.add_argument("--calls", type=int, default=200, help="calls per batch (default 200)")
-    p.add_argument("--step", type=float, default=1.0, help="seconds per lifecycle step")
+    p.add_argument(
+        "--step", type=float, default=None,
+        help="seconds per lifecycle step (default 1, or 0.1 with --realtime)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default="sk_test", help="accepted key if CALLBRIDGE_API_KEY unset")
-    for name in ("429", "5xx", "slow", "malformed", "shift"):
+    p.add_argument(
+        "--concurrency", type=int, default=10, help="calls of a batch dialling at once (default 10)"
+    )
+    p.add_argument(
+        "--realtime", action="store_true",
+        help="wall-clock mode: statuses last seconds (see --dwell), down to sub-second ones",
+    )  # fmt: skip
+    p.add_argument(
+        "--dwell", type=_dwell, action="append", metavar="STATUS=LOW:HIGH",
+        help="how long a status lasts in the wall-clock mode, seconds (repeatable; implies "
+        "--realtime); for no_answer/busy the pause before a redial",
+    )  # fmt: skip
+    for name in ("429", "5xx", "slow", "malformed", "shift", "reorder"):
         p.add_argument(
             f"--fault-{name}", type=float, default=0.0, metavar="RATIO",
             help=f"share of requests answered with the {name} fault (0-1)",
         )  # fmt: skip
+    p.add_argument(
+        "--reorder-share", type=float, default=0.1, metavar="RATIO",
+        help="share of a batch's items that trade places on each reorder (default 0.1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--outage-every", type=float, default=0.0, metavar="SECONDS",
+        help="an outage every that many seconds (with --outage-seconds)",
+    )  # fmt: skip
+    p.add_argument(
+        "--outage-seconds", type=float, default=0.0, metavar="SECONDS",
+        help="how long each outage lasts: every request fails meanwhile",
+    )  # fmt: skip
+    p.add_argument(
+        "--outage-kind", choices=("503", "reset"), default="503",
+        help="answer 503 during an outage, or reset the connection (default 503)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser(
