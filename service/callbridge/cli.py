@@ -150,6 +150,18 @@ def _dwell(text: str) -> tuple[str, tuple[float, float]]:
     return status, bounds
 
 
+def _window(text: str) -> tuple[float, float]:
+    """``START:END``, seconds after the simulator starts."""
+    start, sep, end = text.partition(":")
+    try:
+        window = (float(start), float(end))
+    except ValueError:
+        window = (-1.0, -1.0)
+    if not sep or not 0 <= window[0] < window[1]:
+        raise argparse.ArgumentTypeError(f"expected START:END in seconds, got {text!r}")
+    return window
+
+
 def simulator_config(args: argparse.Namespace) -> SimulatorConfig:
     """The simulator `callbridge simulate` serves, from its parsed arguments."""
     from callbridge.simulator import FaultConfig, SimulatorConfig, Timing
@@ -164,6 +176,7 @@ def simulator_config(args: argparse.Namespace) -> SimulatorConfig:
         reorder_share=args.reorder_share,
         outage_every_seconds=args.outage_every,
         outage_seconds=args.outage_seconds,
+        outage_windows=tuple(args.outage_window or ()),
         outage_kind=args.outage_kind,
     )
     timing = None
@@ -183,12 +196,12 @@ def simulator_config(args: argparse.Namespace) -> SimulatorConfig:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from callbridge.simulator import serve
 
-    configure_logging("text", "INFO")
     try:
         config = simulator_config(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    configure_logging("text", "INFO")
 
     def ready(url: str) -> None:
         print(f"simulator listening on {url} (API key from CALLBRIDGE_API_KEY or --api-key)")
@@ -300,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--outage-seconds", type=float, default=0.0, metavar="SECONDS",
         help="how long each outage lasts: every request fails meanwhile",
+    )  # fmt: skip
+    p.add_argument(
+        "--outage-window", type=_window, action="append", metavar="START:END",
+        help="an outage from START to END seconds after start (repeatable)",
     )  # fmt: skip
     p.add_argument(
         "--outage-kind", choices=("503", "reset"), default="503",

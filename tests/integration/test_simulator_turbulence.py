@@ -297,6 +297,7 @@ def test_simulate_flags_build_the_turbulent_world() -> None:
             "--dwell", "ringing=0.1:0.2", "--dwell", "answered=0.5",
             "--fault-reorder", "0.05", "--reorder-share", "0.2",
             "--outage-every", "20", "--outage-seconds", "2", "--outage-kind", "reset",
+            "--outage-window", "5:7.5",
         ]
     )  # fmt: skip
     config = simulator_config(args)
@@ -308,11 +309,13 @@ def test_simulate_flags_build_the_turbulent_world() -> None:
     f = config.faults
     assert (f.reorder_ratio, f.reorder_share) == (0.05, 0.2)
     assert (f.outage_every_seconds, f.outage_seconds, f.outage_kind) == (20, 2, "reset")
+    assert f.outage_windows == ((5, 7.5),)
     plain = simulator_config(build_parser().parse_args(["simulate"]))
     assert plain.timing is None
     assert plain.faults == FaultConfig()
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["simulate", "--dwell", "ringing"])
+    for bad in (["--dwell", "ringing"], ["--outage-window", "7:5"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["simulate", *bad])
 
 
 async def test_reorder_die_leaves_the_other_faults_draws_alone(
@@ -331,3 +334,12 @@ async def test_reorder_die_leaves_the_other_faults_draws_alone(
     assert set(codes[0]) == {200, 429, 500, 502, 503} or len(set(codes[0])) >= 3
     with pytest.raises(ValueError, match="reorder_share"):
         FaultConfig(reorder_share=2)
+
+
+def test_simulate_refuses_an_impossible_outage_schedule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from callbridge.cli import main
+
+    assert main(["simulate", "--outage-every", "2", "--outage-seconds", "3"]) == 2
+    assert "outage_seconds must be shorter" in capsys.readouterr().err
