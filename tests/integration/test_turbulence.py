@@ -253,3 +253,69 @@ def _all_final_delivered(sim: Simulator, receiver: FlakyReceiver) -> bool:
     return batches == set(sim.batch_ids) and all(
         (b, c["call_id"], c["status"]) in got for b in sim.batch_ids for c in sim.calls(b)
     )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(
+    strict=True,
+    reason="a SIGKILLed replica's leases outlive it: its own restart (a new replica id) "
+    "polls nothing for lease_ttl_seconds (15 s), 7x the 2 x interval a status must survive",
+)
+async def test_a_restarted_replica_polls_again_within_two_intervals(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> None:
+    """Scenario B's blind spot on its own: kill the single replica, restart it at once,
+    time how long until the new process completes a poll cycle."""
+    sim = Simulator(
+        SimulatorConfig(api_key=API_KEY, seed=3, calls_per_batch=100, timing=Timing(0.1)),
+    )
+    upstream = await aiohttp_server(make_app(sim))
+    receiver = FlakyReceiver(SECRET, fail_share=0.0)
+    hook = await aiohttp_server(receiver.app())
+    config = write_config(
+        tmp_path / "config.yaml",
+        str(upstream.make_url("")),
+        redis_url,
+        str(hook.make_url("/hook")),
+        Scenario("restart", subscription={}),  # 1 s interval, defaults elsewhere
+        sim.batch_ids,
+    )
+    replica = Replica(config, tmp_path / "replica.log")
+    stop = asyncio.Event()
+    clock_task = asyncio.create_task(run_clock(sim, 0.1, stop))
+    samples: dict[tuple[str, tuple[Any, ...]], float] = {}
+
+    def polled() -> bool:
+        return any(
+            name == "callbridge_poll_cycles_total" and dict(labels)["outcome"] != "not_owner"
+            for (name, labels), value in samples.items()
+            if value > 0
+        )
+
+    async def sample_until_polled(limit_s: float) -> float:
+        started = time.monotonic()
+        samples.clear()
+        while not polled() and time.monotonic() - started < limit_s:
+            await asyncio.sleep(0.1)
+            samples.update(await replica.metrics(session))
+        return time.monotonic() - started
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        try:
+            await replica.start()
+            await replica.wait_healthy(session)
+            await sample_until_polled(20)
+            assert polled(), "the first process never polled"
+            await asyncio.sleep(2)
+            killed = time.monotonic()
+            await replica.kill()
+            await replica.start()
+            await sample_until_polled(40)
+            blind_s = time.monotonic() - killed
+        finally:
+            stop.set()
+            await replica.stop()
+            await clock_task
+    print(f"== restart: the new process polled {blind_s:.1f}s after the SIGKILL")
+    assert polled()
+    assert blind_s <= 2 * 1.0 + 2.0  # two intervals, plus ~2 s to start a process

@@ -84,7 +84,9 @@ class Report:
     required_by_status: dict[str, int] = field(default_factory=dict)
     status_events: int = 0
     missing: list[Missing] = field(default_factory=list)
-    missing_never_sent: int = 0  # of `missing`: not even attempted (the rest: stuck in delivery)
+    # Of `missing`: no request carried them at all (lost by polling, or still queued
+    # behind an open breaker); the rest were attempted and never answered 2xx.
+    missing_unattempted: int = 0
     invented: list[Problem] = field(default_factory=list)
     out_of_order: list[Problem] = field(default_factory=list)
     broken_chains: list[Problem] = field(default_factory=list)
@@ -125,7 +127,7 @@ class Report:
         return {
             "required": self.required,
             "missing": len(self.missing),
-            "missing_never_sent": self.missing_never_sent,
+            "missing_unattempted": self.missing_unattempted,
             "invented": len(self.invented),
             "out_of_order": len(self.out_of_order),
             "broken_chains": len(self.broken_chains),
@@ -302,8 +304,8 @@ def _check_call(
 ) -> None:
     call = "/".join(key)
     match = _place(chain, required, delivered)
-    # Placing the events sent but never answered 2xx as well tells which missing
-    # statuses the bridge never sent at all (lost polling) from those stuck in delivery.
+    # Placing the events attempted but never answered 2xx as well tells the missing
+    # statuses no request carried from those stuck in retries.
     sent = set(_place(chain, required, tried).values()) if len(tried) > len(delivered) else set()
     for i, e in enumerate(delivered):
         j = match.get(i)
@@ -316,7 +318,7 @@ def _check_call(
     covered = set(match.values())
     for j, span in enumerate(chain):
         if required[j] and j not in covered:
-            report.missing_never_sent += j not in sent
+            report.missing_unattempted += j not in sent
             end = span.end if span.end is not None else now
             report.missing.append(
                 Missing(

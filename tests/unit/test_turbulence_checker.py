@@ -214,6 +214,18 @@ def test_an_id_never_answered_2xx_is_undelivered() -> None:
     assert not report.ok
 
 
+def test_missing_statuses_attempted_or_not() -> None:
+    # in_progress was attempted (a 500, never retried to success); completed never was.
+    requests = [
+        event("c1", "queued", 1, "pending", 1.5),
+        event("c1", "in_progress", 2, "queued", 5.5, ok=False),
+        completed(11.0, 1),
+    ]
+    report = check(CALL, requests, poll_interval_s=T, now=20)
+    assert [m.status for m in report.missing] == ["in_progress", "completed"]
+    assert report.missing_unattempted == 1
+
+
 def test_batch_completed_counts_each_visible_completion_and_reopen() -> None:
     one = spans("c1", ("pending", 0), ("queued", 1), ("no_answer", 2), ("queued", 6), ("busy", 7))
     two = spans("c2", ("pending", 0), ("queued", 1), ("completed", 3))
