@@ -33,8 +33,8 @@ from callbridge.simulator import (
     make_app,
     run_clock,
 )
-from tests.support.bridge import Replica
 from tests.support.flaky import FlakyReceiver
+from tests.support.replicas import Replica
 from tests.support.scenario import (
     FleetWatch,
     Outcome,
@@ -261,7 +261,7 @@ def _all_final_delivered(sim: Simulator, receiver: FlakyReceiver) -> bool:
     reason="a SIGKILLed replica's leases outlive it: its own restart (a new replica id) "
     "polls nothing for lease_ttl_seconds (15 s), 7x the 2 x interval a status must survive",
 )
-async def test_a_restarted_replica_polls_again_within_two_intervals(
+async def test_restarted_replica_polls_again_within_two_intervals(
     tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:
     """Scenario B's blind spot on its own: kill the single replica, restart it at once,

@@ -34,12 +34,14 @@ from callbridge.simulator import (
     make_app,
     run_clock,
 )
-from tests.support.bridge import Replica
 from tests.support.flaky import FlakyReceiver
+from tests.support.replicas import Replica
 from tests.support.settings import API_KEY, SECRET
 from tests.support.turbulence import Report, check
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
+# The admin API is on only to attribute missing statuses (call timelines).
+ADMIN_TOKEN = "turbulence-admin-token-0123"
 
 # 15 % of requests disturbed, plus a 2 s outage every 15 s: what issue 11 measured with.
 PLATFORM_FAULTS = FaultConfig(
@@ -169,6 +171,7 @@ class Outcome:
     watch: FleetWatch
     receiver: dict[str, int]
     log_actions: Counter[str]
+    missing_by_cause: Counter[str]
     world_s: float
     settle_s: float
     kills: int
@@ -180,6 +183,8 @@ class Outcome:
                 f"== scenario {self.scenario.name}: world {self.world_s:.1f}s, settled in "
                 f"{self.settle_s:.1f}s, {self.kills} SIGKILLs, exit codes {self.exit_codes}",
                 str(self.report),
+                f"missing by cause: {dict(self.missing_by_cause)} (polling: the bridge never "
+                f"committed the event; delivery: committed, never delivered)",
                 f"fleet: {self.watch.figures()}",
                 f"first commit per batch (s after start): "
                 f"{ {b: round(s, 1) for b, s in sorted(self.watch.first_commit_s.items())} }",
@@ -199,6 +204,7 @@ def write_config(path: Path, upstream: str, redis_url: str, hook: str, sc: Scena
         "batches": [{"id": b} for b in batches],
         "subscriptions": [{"name": "crm", "url": hook, "secret": SECRET, **sc.subscription}],
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 2},
+        "admin": {"token": ADMIN_TOKEN},
         "logging": {"format": "json"},
     }
     if sc.poll_interval_s is not None:
@@ -260,6 +266,16 @@ async def run_scenario(
             stop_clock.set()
             await _settle(sim, receiver, sc.settle_s)
             settle_s = clock() - started - world_s
+            now = clock()
+            report = check(
+                sim.spans(),
+                receiver.requests,
+                poll_interval_s=sc.poll_interval_s or 5.0,
+                outages=sim.outages(now),
+                now=now,
+                only_final=sc.only_final,
+            )
+            causes = await attribute_missing(report, receiver, replicas, session)
         finally:
             stop_clock.set()
             receiver.release.set()
@@ -267,23 +283,67 @@ async def run_scenario(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    now = clock()
-    report = check(
-        sim.spans(),
-        receiver.requests,
-        poll_interval_s=sc.poll_interval_s or 5.0,
-        outages=sim.outages(now),
-        now=now,
-        only_final=sc.only_final,
-    )
     actions: Counter[str] = Counter()
     for replica in replicas:
         actions.update(replica.log_actions())
     outcome = Outcome(
-        sc, report, watch, receiver.figures(), actions, world_s, settle_s, kills, exit_codes
+        sc,
+        report,
+        watch,
+        receiver.figures(),
+        actions,
+        causes,
+        world_s,
+        settle_s,
+        kills,
+        exit_codes,
     )
     print(outcome)
     return outcome
+
+
+async def attribute_missing(
+    report: Report,
+    receiver: FlakyReceiver,
+    replicas: list[Replica],
+    session: aiohttp.ClientSession,
+    limit: int = 1000,
+) -> Counter[str]:
+    """Why each missing status is missing, from the bridge's call timelines (admin API):
+    "delivery" when the bridge committed more ``call.<status>`` events for the call than
+    arrived, else "polling" (it never saw, or never emitted, that status). Calls past
+    `limit` are "unclassified"."""
+    causes: Counter[str] = Counter()
+    live = next((r for r in replicas if r.alive), None)
+    shortfall: Counter[tuple[str, str, str]] = Counter(
+        (m.batch_id, m.call_id, m.status) for m in report.missing
+    )
+    delivered: Counter[tuple[str, str, str]] = Counter()
+    for r in receiver.first_delivery().values():
+        data = r.payload()["data"]
+        if "call_id" in data:
+            delivered[(data["batch_id"], data["call_id"], data["status"])] += 1
+    timelines: dict[tuple[str, str], list[dict[str, Any]] | None] = {}
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    for (batch_id, call_id, status), short in shortfall.items():
+        key = (batch_id, call_id)
+        if key not in timelines and live is not None and len(timelines) < limit:
+            url = f"{live.url}/v1/batches/{batch_id}/calls/{call_id}/timeline"
+            try:
+                async with session.get(url, headers=headers) as response:
+                    doc = await response.json() if response.status == 200 else {}
+            except aiohttp.ClientError:
+                doc = {}
+            timelines[key] = (doc.get("data") or {}).get("timeline", [])
+        entries = timelines.get(key)
+        if entries is None:
+            causes["unclassified"] += short
+            continue
+        committed = sum(1 for e in entries if e.get("event_type") == f"call.{status}")
+        stuck = min(short, max(0, committed - delivered[(batch_id, call_id, status)]))
+        causes["delivery"] += stuck
+        causes["polling"] += short - stuck
+    return causes
 
 
 async def _settle(
