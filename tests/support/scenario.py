@@ -13,6 +13,7 @@ receiver's arrival times and the metrics watch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -172,6 +174,7 @@ class Outcome:
     receiver: dict[str, int]
     log_actions: Counter[str]
     missing_by_cause: Counter[str]
+    polling_examples: list[str]
     world_s: float
     settle_s: float
     kills: int
@@ -185,6 +188,7 @@ class Outcome:
                 str(self.report),
                 f"missing by cause: {dict(self.missing_by_cause)} (polling: the bridge never "
                 f"committed the event; delivery: committed, never delivered)",
+                *(f"lost by polling: {e}" for e in self.polling_examples),
                 f"fleet: {self.watch.figures()}",
                 f"first commit per batch (s after start): "
                 f"{ {b: round(s, 1) for b, s in sorted(self.watch.first_commit_s.items())} }",
@@ -275,7 +279,8 @@ async def run_scenario(
                 now=now,
                 only_final=sc.only_final,
             )
-            causes = await attribute_missing(report, receiver, replicas, session)
+            examples: list[str] = []
+            causes = await attribute_missing(report, receiver, replicas, session, examples=examples)
         finally:
             stop_clock.set()
             receiver.release.set()
@@ -283,6 +288,7 @@ async def run_scenario(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+    _dump(tmp_path, receiver, report, started)
     actions: Counter[str] = Counter()
     for replica in replicas:
         actions.update(replica.log_actions())
@@ -293,6 +299,7 @@ async def run_scenario(
         receiver.figures(),
         actions,
         causes,
+        examples,
         world_s,
         settle_s,
         kills,
@@ -302,17 +309,43 @@ async def run_scenario(
     return outcome
 
 
+def _dump(tmp_path: Path, receiver: FlakyReceiver, report: Report, started: float) -> None:
+    """Leave the run's evidence next to the bridge logs: every request the receiver got
+    (seconds after the world started) and the report's figures."""
+    with (tmp_path / "receiver.jsonl").open("wb") as out:
+        for r in receiver.requests:
+            doc = r.payload()
+            data = doc.get("data", {})
+            row = {
+                "t": round(r.at - started, 3),
+                "id": r.id,
+                "attempt": r.attempt,
+                "answer": r.answer,
+                "type": doc.get("type"),
+                "call": data.get("call_id"),
+                "seq": data.get("sequence"),
+            }
+            out.write(orjson.dumps(row) + b"\n")
+    figures = {
+        **report.figures(),
+        "missing_list": [dataclasses.asdict(m) for m in report.missing[:2000]],
+    }
+    (tmp_path / "report.json").write_bytes(orjson.dumps(figures, default=str))
+
+
 async def attribute_missing(
     report: Report,
     receiver: FlakyReceiver,
     replicas: list[Replica],
     session: aiohttp.ClientSession,
     limit: int = 1000,
+    examples: list[str] | None = None,
 ) -> Counter[str]:
     """Why each missing status is missing, from the bridge's call timelines (admin API):
     "delivery" when the bridge committed more ``call.<status>`` events for the call than
     arrived, else "polling" (it never saw, or never emitted, that status). Calls past
-    `limit` are "unclassified"."""
+    `limit` are "unclassified". `examples` receives a few polling losses of statuses
+    visible for 5 s or more, with the bridge's timeline of the call."""
     causes: Counter[str] = Counter()
     live = next((r for r in replicas if r.alive), None)
     shortfall: Counter[tuple[str, str, str]] = Counter(
@@ -320,8 +353,9 @@ async def attribute_missing(
     )
     delivered: Counter[tuple[str, str, str]] = Counter()
     for r in receiver.first_delivery().values():
-        data = r.payload()["data"]
-        if "call_id" in data:
+        doc = r.payload()
+        data = doc["data"]
+        if doc["type"] == f"call.{data.get('status')}":  # status events, not call.updated
             delivered[(data["batch_id"], data["call_id"], data["status"])] += 1
     timelines: dict[tuple[str, str], list[dict[str, Any]] | None] = {}
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -343,6 +377,18 @@ async def attribute_missing(
         stuck = min(short, max(0, committed - delivered[(batch_id, call_id, status)]))
         causes["delivery"] += stuck
         causes["polling"] += short - stuck
+        if examples is not None and short > stuck and len(examples) < 5:
+            m = next(
+                m
+                for m in report.missing
+                if (m.batch_id, m.call_id, m.status) == (batch_id, call_id, status)
+            )
+            if m.visible_s >= 5 and not m.final:
+                seen = [(e.get("status"), e.get("event_type")) for e in entries]
+                examples.append(
+                    f"{batch_id}/{call_id} {status} visible {m.visible_s:.1f}s; "
+                    f"the bridge's timeline: {seen}"
+                )
     return causes
 
 

@@ -13,6 +13,10 @@ minus its overlap with outage windows. With the bridge's poll interval ``T``:
   every ``T`` sees it in at least two scans; one failed scan must not lose it), and
   every call's **final** status (the span still open at the end), must arrive as
   ``call.<status>``. ``pending`` is never required (the bridge records it silently).
+  A status that comes back with only statuses visible for less than ``2 x T`` in
+  between (ringing, a 0.3 s no_answer and queued, ringing again) may look to any
+  poller like one unbroken stretch: such repeats form one **occurrence**, required
+  when any part of it is, delivered when any part of it is.
 * **invented**: a delivered ``call.<status>`` whose status the call never had before
   the event arrived; **out of order**: a status the call had, but that no placement of
   the call's events (by ``data.sequence``) in the order of its real statuses explains.
@@ -28,7 +32,8 @@ minus its overlap with outage windows. With the bridge's poll interval ``T``:
   the events were placed on), else it counts as a **false marker**.
 * **batch.completed**: a batch completes when every call is terminal, and reopens when
   a call is redialled. Each completion visible for ``2 x T``, and the last one, must be
-  reported; a shorter one may be: per batch, required <= distinct events <= all.
+  reported; a shorter one may be (completions apart by a reopen shorter than ``2 x T``
+  count as one): per batch, required <= distinct events <= all.
 * **bodies**: no ``webhook-id`` arrives with two different bodies, and no two ids
   claim the same (call, sequence).
 * **lag**: for every placed status event, from the status's start in the ground truth
@@ -261,25 +266,32 @@ def check(
         )
 
     for key, chain in per_call.items():
-        required = [
-            span.status != PENDING
-            and (
-                span.end is None
-                or (not only_final and visible_s(span.start, span.end, outages) >= need_s)
-            )
-            for span in chain
+        long = [
+            span.end is None or visible_s(span.start, span.end, outages) >= need_s for span in chain
         ]
-        for span, req in zip(chain, required, strict=True):
-            if req:
-                report.required += 1
-                report.required_by_status[span.status] = (
-                    report.required_by_status.get(span.status, 0) + 1
-                )
+        required = [
+            span.status != PENDING and (span.end is None or (not only_final and is_long))
+            for span, is_long in zip(chain, long, strict=True)
+        ]
+        group = occurrences([span.status for span in chain], long)
+        for g in {group[j] for j, req in enumerate(required) if req}:
+            report.required += 1
+            status = chain[g].status
+            report.required_by_status[status] = report.required_by_status.get(status, 0) + 1
         delivered = sorted(events.pop(key, []), key=lambda e: e.seq)
         report.status_events += len(delivered)
         tried = sorted(delivered + attempted.get(key, []), key=lambda e: e.seq)
         _check_call(
-            report, key, chain, required, delivered, tried, outages, now, chains=not only_final
+            report,
+            key,
+            chain,
+            required,
+            group,
+            delivered,
+            tried,
+            outages,
+            now,
+            chains=not only_final,
         )
 
     for key, stray in events.items():  # events for calls the platform never had
@@ -295,6 +307,7 @@ def _check_call(
     key: tuple[str, str],
     chain: list[StatusSpan],
     required: list[bool],
+    group: list[int],
     delivered: list[_Event],
     tried: list[_Event],
     outages: list[tuple[float, float]],
@@ -306,7 +319,8 @@ def _check_call(
     match = _place(chain, required, delivered)
     # Placing the events attempted but never answered 2xx as well tells the missing
     # statuses no request carried from those stuck in retries.
-    sent = set(_place(chain, required, tried).values()) if len(tried) > len(delivered) else set()
+    sent_spans = _place(chain, required, tried).values() if len(tried) > len(delivered) else ()
+    sent = {group[j] for j in sent_spans}
     for i, e in enumerate(delivered):
         j = match.get(i)
         if j is None:
@@ -315,21 +329,20 @@ def _check_call(
             target.append(Problem(e.id, call, f"{e.status} (seq {e.seq})"))
         else:
             report.lags_s.append(e.first_ok - chain[j].start)
-    covered = set(match.values())
+    covered = {group[j] for j in match.values()}
+    missing: dict[int, Missing] = {}
     for j, span in enumerate(chain):
-        if required[j] and j not in covered:
-            report.missing_unattempted += j not in sent
-            end = span.end if span.end is not None else now
-            report.missing.append(
-                Missing(
-                    span.batch_id,
-                    span.call_id,
-                    span.status,
-                    span.start,
-                    visible_s(span.start, end, outages),
-                    span.end is None,
-                )
+        g = group[j]
+        if not required[j] or g in covered:
+            continue
+        end = span.end if span.end is not None else now
+        seen_s = visible_s(span.start, end, outages)
+        if g not in missing or seen_s > missing[g].visible_s or span.end is None:
+            missing[g] = Missing(
+                span.batch_id, span.call_id, span.status, span.start, seen_s, span.end is None
             )
+    report.missing += missing.values()
+    report.missing_unattempted += sum(1 for g in missing if g not in sent)
     seqs: set[int] = set()
     for k, e in enumerate(delivered):
         if e.seq in seqs:
@@ -349,6 +362,19 @@ def _check_call(
                     report.false_markers.append(
                         Problem(e.id, call, f"missed_terminal but no terminal before {e.status}")
                     )
+
+
+def occurrences(statuses: Sequence[str], long: Sequence[bool]) -> list[int]:
+    """Per span, the index of the first span of its occurrence: a status repeated with
+    only short (not `long`) spans in between continues the earlier occurrence."""
+    group = list(range(len(statuses)))
+    last: dict[str, int] = {}
+    for k, status in enumerate(statuses):
+        j = last.get(status)
+        if j is not None and not any(long[j + 1 : k]):
+            group[k] = group[j]
+        last[status] = k
+    return group
 
 
 def _place(
@@ -415,9 +441,14 @@ def _check_completions(
                 periods.append((at, None))
             elif periods and periods[-1][1] is None:
                 periods[-1] = (periods[-1][0], at)
-        required = sum(1 for a, b in periods if b is None or visible_s(a, b, outages) >= need_s)
-        report.batch_completed[batch_id] = (
-            len(delivered.get(batch_id, ())),
-            required,
-            len(periods),
-        )
+        # Completions apart by a short reopen may look like one: count them once.
+        groups: list[bool] = []
+        for k, (a, b) in enumerate(periods):
+            is_long = b is None or visible_s(a, b, outages) >= need_s
+            previous_end = periods[k - 1][1] if k else None
+            if previous_end is not None and visible_s(previous_end, a, outages) < need_s:
+                groups[-1] = groups[-1] or is_long
+            else:
+                groups.append(is_long)
+        got = len(delivered.get(batch_id, ()))
+        report.batch_completed[batch_id] = (got, sum(groups), len(periods))
