@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from callbridge.cli import build_parser, simulator_config
+from callbridge.cli import build_parser, turbulence_options
 from callbridge.simulator import (
     DEFAULT_DWELL_SECONDS,
     FaultConfig,
@@ -300,22 +300,32 @@ def test_simulate_flags_build_the_turbulent_world() -> None:
             "--outage-window", "5:7.5",
         ]
     )  # fmt: skip
-    config = simulator_config(args)
-    assert config.timing is not None
-    assert config.timing.step_seconds == 0.05
-    assert config.timing.dwell_seconds["ringing"] == (0.1, 0.2)
-    assert config.timing.dwell_seconds["answered"] == (0.5, 0.5)
-    assert config.concurrency == 40
-    f = config.faults
+    faults, timing = turbulence_options(args)
+    assert timing is not None
+    assert timing.step_seconds == 0.05
+    assert timing.dwell_seconds["ringing"] == (0.1, 0.2)
+    assert timing.dwell_seconds["answered"] == (0.5, 0.5)
+    assert args.concurrency == 40
+    f = FaultConfig(**faults)
     assert (f.reorder_ratio, f.reorder_share) == (0.05, 0.2)
     assert (f.outage_every_seconds, f.outage_seconds, f.outage_kind) == (20, 2, "reset")
     assert f.outage_windows == ((5, 7.5),)
-    plain = simulator_config(build_parser().parse_args(["simulate"]))
-    assert plain.timing is None
-    assert plain.faults == FaultConfig()
+    plain, no_timing = turbulence_options(build_parser().parse_args(["simulate"]))
+    assert no_timing is None
+    assert FaultConfig(**plain) == FaultConfig()
     for bad in (["--dwell", "ringing"], ["--outage-window", "7:5"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["simulate", *bad])
+
+
+def test_simulate_refuses_an_impossible_outage_schedule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = build_parser().parse_args(["simulate", "--outage-every", "2", "--outage-seconds", "3"])
+    with pytest.raises(SystemExit) as exc:
+        turbulence_options(args)
+    assert exc.value.code == 2
+    assert "outage_seconds must be shorter" in capsys.readouterr().err
 
 
 async def test_reorder_die_leaves_the_other_faults_draws_alone(
@@ -334,12 +344,3 @@ async def test_reorder_die_leaves_the_other_faults_draws_alone(
     assert set(codes[0]) == {200, 429, 500, 502, 503} or len(set(codes[0])) >= 3
     with pytest.raises(ValueError, match="reorder_share"):
         FaultConfig(reorder_share=2)
-
-
-def test_simulate_refuses_an_impossible_outage_schedule(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from callbridge.cli import main
-
-    assert main(["simulate", "--outage-every", "2", "--outage-seconds", "3"]) == 2
-    assert "outage_seconds must be shorter" in capsys.readouterr().err

@@ -31,27 +31,17 @@ async def serve(
     port: int,
     config: SimulatorConfig,
     *,
-    step_seconds: float | None = None,
+    step_seconds: float = 1.0,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve a new simulator on host:port and advance it every `step_seconds`.
 
-    `step_seconds` defaults to ``config.timing.step_seconds`` in the wall-clock mode
-    (and must agree with it), else to 1 s. Runs until `stop` is set or the task is
-    cancelled; `on_ready` gets the base URL once the socket listens (``port=0`` picks
-    a free port).
+    Runs until `stop` is set or the task is cancelled; `on_ready` gets the base URL
+    once the socket listens (``port=0`` picks a free port).
     """
-    timing = config.timing
-    if step_seconds is None:
-        step_seconds = timing.step_seconds if timing is not None else 1.0
     if step_seconds <= 0:
         raise ValueError("step_seconds must be > 0")
-    if timing is not None and step_seconds != timing.step_seconds:
-        raise ValueError(
-            f"step_seconds {step_seconds} disagrees with timing.step_seconds "
-            f"{timing.step_seconds}: statuses would last longer or shorter than configured"
-        )
     simulator = Simulator(config)
     stop = stop if stop is not None else asyncio.Event()
     runner = web.AppRunner(make_app(simulator), access_log=None)
@@ -75,9 +65,9 @@ async def serve(
 async def run_clock(simulator: Simulator, step_seconds: float, stop: asyncio.Event) -> None:
     """Advance `simulator` one step every `step_seconds` of real time until `stop` is set.
 
-    A stalled event loop resumes the cadence instead of replaying missed steps, so
-    statuses may last longer than drawn, never shorter; the transitions' clock
-    readings record what really happened.
+    In the wall-clock mode pass ``config.timing.step_seconds``. A stalled event loop
+    resumes the cadence instead of replaying missed steps, so statuses may last longer
+    than drawn, never shorter; the transitions' clock readings record what happened.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + step_seconds
