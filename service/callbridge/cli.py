@@ -19,7 +19,7 @@ from pathlib import Path
 
 from callbridge import __version__
 from callbridge.errors import CallbridgeError, ConfigError
-from callbridge.simulate_cli import add_turbulence_flags
+from callbridge.simulate_cli import add_turbulence_flags, turbulence_options
 
 log = logging.getLogger("callbridge.cli")
 
@@ -135,7 +135,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from callbridge.simulate_cli import turbulence_options
     from callbridge.simulator import FaultConfig, SimulatorConfig, serve
 
     configure_logging("text", "INFO")
