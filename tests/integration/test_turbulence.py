@@ -36,7 +36,6 @@ from callbridge.simulator import (
 from tests.support.flaky import FlakyReceiver
 from tests.support.replicas import Replica
 from tests.support.scenario import (
-    FleetWatch,
     Outcome,
     Scenario,
     run_scenario,
@@ -47,6 +46,7 @@ from tests.support.scenario import (
 from tests.support.servers import free_port
 from tests.support.settings import API_KEY, SECRET
 from tests.support.turbulence import check
+from tests.support.watch import FleetWatch
 
 A = Scenario("A: 1,200 calls, 15% platform faults, 2 s outages, redials, flaky CRM")
 B = Scenario("B: A with 3 SIGKILLs of the single replica", kills=3)
