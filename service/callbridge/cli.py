@@ -22,6 +22,7 @@ from pathlib import Path
 from callbridge import __version__
 from callbridge.admin_cli import add_admin_parser
 from callbridge.errors import CallbridgeError, ConfigError
+from callbridge.simulate_cli import add_turbulence_flags, turbulence_options
 
 log = logging.getLogger("callbridge.cli")
 
@@ -153,12 +154,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from callbridge.simulator.serve import usage_text
 
     configure_logging("text", "INFO")
+    turbulence, timing = turbulence_options(args)  # exits 2 on nonsense
     faults = FaultConfig(
         rate_limit_ratio=args.fault_429,
         server_error_ratio=args.fault_5xx,
         slow_ratio=args.fault_slow,
         malformed_ratio=args.fault_malformed,
         shift_ratio=args.fault_shift,
+        **turbulence,
     )
     env_key = os.environ.get("CALLBRIDGE_API_KEY")
     config = SimulatorConfig(
@@ -167,6 +170,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         api_key=env_key or args.api_key,
         seed=args.seed,
         faults=faults,
+        concurrency=args.concurrency,
+        timing=timing,
     )
     simulator = Simulator(config)
 
@@ -276,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"--fault-{name}", type=float, default=0.0, metavar="RATIO",
             help=f"share of requests answered with the {name} fault (0-1)",
         )  # fmt: skip
+    add_turbulence_flags(p)  # simulate_cli.py
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser(

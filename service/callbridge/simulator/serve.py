@@ -60,12 +60,18 @@ async def serve(
         )
         if on_ready is not None:
             on_ready(url)
-        await _run_clock(simulator, step_seconds, stop)
+        await run_clock(simulator, step_seconds, stop)
     finally:
         await runner.cleanup()
 
 
-async def _run_clock(simulator: Simulator, step_seconds: float, stop: asyncio.Event) -> None:
+async def run_clock(simulator: Simulator, step_seconds: float, stop: asyncio.Event) -> None:
+    """Advance `simulator` one step every `step_seconds` of real time until `stop` is set.
+
+    In the wall-clock mode pass ``config.timing.step_seconds``. A stalled event loop
+    resumes the cadence instead of replaying missed steps, so statuses may last longer
+    than drawn, never shorter; the transitions' clock readings record what happened.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + step_seconds
     reported_finished = False
