@@ -49,8 +49,14 @@ _STUCK_AFTER_S = 30.0
 _JANITOR_EVERY_S = 600.0
 
 
-def default_replica_id() -> str:
-    """Stable per pod (hostname) plus a per-process part, so restarts are distinct."""
+def default_replica_id(settings: Settings) -> str:
+    """`server.replica_id`, else hostname:port: the same across a replica's restarts
+    (a pod's container restarting keeps both), unique on one host since two live
+    processes cannot share a port. Port 0 (a random port) gets a random suffix."""
+    if settings.server.replica_id:
+        return settings.server.replica_id
+    if settings.server.port:
+        return f"{socket.gethostname()}:{settings.server.port}"
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
@@ -133,7 +139,7 @@ class Bridge:
             upstream,
             relay,
             metrics,
-            replica_id=replica_id or default_replica_id(),
+            replica_id=replica_id or default_replica_id(settings),
         )
         scheduler = Scheduler(settings, poller, store, leases, registry, relay, metrics)
         operations = Operations(

@@ -266,6 +266,11 @@ class ServerSettings(_Model):
     port: int = Field(8080, ge=0, le=65535)
     # On SIGTERM: stop claiming, let in-flight work finish for this long, then cancel.
     shutdown_grace_seconds: PositiveSeconds = 20.0
+    # This replica's name, the same across its restarts (default: hostname:port, which
+    # a Kubernetes pod keeps when its container restarts). A restarted replica takes
+    # its predecessor's batch leases over at once instead of waiting them out; two
+    # live replicas must never share one.
+    replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
 class AdminSettings(_Model):

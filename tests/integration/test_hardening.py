@@ -370,3 +370,30 @@ async def test_a_released_batch_stops_exporting_its_series(make_service: MakeSer
     # Another replica owns it now (rebalance): its series are that replica's to export.
     await svc.poller.release(rt)
     assert sample(svc.metrics, "calls", batch=batch, status="pending") is None
+
+
+async def test_a_restarted_replica_takes_its_own_leases_over_at_once(
+    make_service: MakeService,
+) -> None:
+    """A SIGKILLed replica's leases outlived it: its restart (a new process) polled
+    nothing for lease_ttl_seconds. Under the same replica id it takes them at once;
+    another replica still waits."""
+    first, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=3))
+    batch = sim.batch_ids[0]
+    assert await first.poller.poll_once(batch) == "committed"  # leases "test:<...>"
+    killed_token = await first.leases.owner(batch)
+    # Killed: nothing released. Another replica must wait for the TTL...
+    other = await Bridge.create(first.settings, replica_id="someone-else")
+    restarted = await Bridge.create(first.settings, replica_id="test")
+    try:
+        assert await other.poller.poll_once(batch) == "not_owner"
+        # ...the same replica, restarted, need not.
+        sim.advance()
+        assert await restarted.poller.poll_once(batch) in ("committed", "unchanged")
+        owner = await restarted.leases.owner(batch)
+        assert owner is not None
+        assert owner.startswith("test:")
+        assert owner != killed_token
+    finally:
+        await other.close()
+        await restarted.close()

@@ -132,11 +132,6 @@ async def test_c_three_replicas_four_sigkills(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: leases (15 s) expire during 8 concurrent 16 s scans sharing 10 req/s: "
-    "every cycle is fenced, nothing is ever committed",
-)
 async def test_d_large_campaign_on_the_default_config(
     tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:
@@ -256,11 +251,6 @@ def _all_final_delivered(sim: Simulator, receiver: FlakyReceiver) -> bool:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a SIGKILLed replica's leases outlive it: its own restart (a new replica id) "
-    "polls nothing for lease_ttl_seconds (15 s), 7x the 2 x interval a status must survive",
-)
 async def test_restarted_replica_polls_again_within_two_intervals(
     tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:

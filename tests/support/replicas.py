@@ -24,8 +24,9 @@ class Replica:
     """One `callbridge run` process of a fleet, restartable, its logs kept in a file.
 
     Each start gets a fresh free port (`url`), so a restarted replica is a new process
-    as it would be in a pod; `log` collects every start's stderr (JSON lines when the
-    config says ``logging.format: json``).
+    as it would be in a pod, under the same ``server.replica_id`` (the log's name), as
+    a pod's restarted container keeps its hostname; `log` collects every start's
+    stderr (JSON lines when the config says ``logging.format: json``).
     """
 
     def __init__(self, config: Path, log: Path) -> None:
@@ -38,7 +39,8 @@ class Replica:
     async def start(self) -> None:
         port = free_port()
         own = self.config.with_name(f"{self.config.stem}-{port}.yaml")
-        own.write_text(self.config.read_text().replace("port: 0", f"port: {port}"))
+        server = f"port: {port}\n  replica_id: {self.log.stem}"
+        own.write_text(self.config.read_text().replace("port: 0", server))
         self.url = f"http://127.0.0.1:{port}"
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
