@@ -122,7 +122,8 @@ class Bridge:
             redis, keys.upstream_budget(), settings.upstream.max_requests_per_second
         )
         upstream = UpstreamClient(settings.upstream, session, limiter, metrics)
-        deliverer = Deliverer(settings, queue, session, metrics)
+        replica_id = replica_id or default_replica_id(settings)
+        deliverer = Deliverer(settings, queue, session, metrics, replica_id=replica_id)
         relay = Relay(
             store,
             queue,
@@ -139,7 +140,7 @@ class Bridge:
             upstream,
             relay,
             metrics,
-            replica_id=replica_id or default_replica_id(settings),
+            replica_id=replica_id,
         )
         scheduler = Scheduler(settings, poller, store, leases, registry, relay, metrics)
         operations = Operations(
@@ -175,6 +176,19 @@ class Bridge:
         """Register config batches and start the loops."""
         await self.check_redis()
         await self.registry.register_config(self.settings.batches)
+        for sub in self.settings.subscriptions:
+            # This replica restarted (SIGKILL, OOM): its previous process's claims go
+            # back now rather than after their visibility deadline.
+            given_back = await self.queue.reclaim_own(
+                sub.name, self.poller.replica_id, self.deliverer.token
+            )
+            if given_back:
+                log.warning(
+                    "%d deliveries of %s claimed by this replica's previous process: requeued",
+                    given_back,
+                    sub.name,
+                    extra={"action": "deliveries_reclaimed", "subscription": sub.name},
+                )
         for name, coro in (
             ("poller", self.scheduler.run(self.stopping)),
             ("delivery", self.deliverer.run(self.stopping)),

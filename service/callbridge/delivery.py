@@ -61,6 +61,7 @@ class Deliverer:
         *,
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
+        replica_id: str = "",
     ) -> None:
         self._settings = settings
         self._d = settings.delivery
@@ -69,7 +70,9 @@ class Deliverer:
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._wall = wall
-        self._token = uuid.uuid4().hex
+        # Claims are made under "<replica id>:<process>": a restarted replica knows
+        # its predecessor's claims and gives them back at once (`reclaim_own`).
+        self.token = f"{replica_id}:{uuid.uuid4().hex}"
         # Request slots of this replica not held by a claim. A slot is taken before
         # the claim, so a claimed delivery's request starts at once: its visibility
         # deadline never runs out while it waits for a slot.
@@ -169,7 +172,7 @@ class Deliverer:
                 max_in_flight=s.max_in_flight,
                 limit=want,
                 visibility_ms=visibility_ms,
-                token=self._token,
+                token=self.token,
             )
             return claimed
         finally:

@@ -397,3 +397,22 @@ async def test_a_restarted_replica_takes_its_own_leases_over_at_once(
     finally:
         await other.close()
         await restarted.close()
+
+
+async def test_a_restarted_replica_gives_its_predecessors_claims_back_at_once(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig({"crm": {}})
+    await rig.enqueue("crm", event(1, "c1"), event(1, "c2"))
+    # The previous process of replica r1 claimed both and was killed.
+    dead = await rig.queue.claim(
+        "crm", max_in_flight=9, limit=9, visibility_ms=60_000, token="r1:old"
+    )
+    other = await rig.queue.claim(
+        "crm", max_in_flight=9, limit=9, visibility_ms=60_000, token="r2:x"
+    )
+    assert (len(dead), len(other)) == (2, 0)
+    # Restarted, r1 gives back what its predecessor held; nobody else's claims.
+    assert await rig.queue.reclaim_own("crm", "r1", "r1:new") == 2
+    assert await rig.queue.reclaim_own("crm", "r1", "r1:new") == 0
+    assert (await rig.queue.depths("crm"))["ready"] == 2

@@ -97,6 +97,7 @@ class DeliveryQueue:
         self._complete = register(redis, "complete")
         self._sweep = register(redis, "sweep")
         self._requeue = register(redis, "requeue")
+        self._reclaim = register(redis, "reclaim")
 
     async def enqueue(
         self,
@@ -197,6 +198,16 @@ class DeliveryQueue:
             await self._sweep(
                 keys=[k.due(sub), k.inflight(sub), k.dead(sub)],
                 args=[k.sub_prefix(sub), max_items, dead_retention_ms],
+            )
+        )
+
+    async def reclaim_own(self, sub: str, replica: str, current: str) -> int:
+        """Give back claims of `replica`'s earlier processes (all but `current`)."""
+        k = self._keys
+        return int(
+            await self._reclaim(
+                keys=[k.due(sub), k.inflight(sub)],
+                args=[k.sub_prefix(sub), f"{replica}:", f"{current}:"],
             )
         )
 
