@@ -88,11 +88,6 @@ def assert_nothing_lost_or_invented(out: Outcome) -> None:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: statuses lost to outages and to redials taken for stale copies, "
-    "broken chains; the breaker opens on a flaky (not down) endpoint and stalls deliveries",
-)
 async def test_a_platform_faults_and_flaky_crm(
     tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:

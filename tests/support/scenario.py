@@ -97,6 +97,7 @@ class Scenario:
             redial_probability=self.redial_probability,
             faults=self.faults,
             timing=self.timing,
+            record_served=not self.only_final,
         )
 
 
@@ -212,6 +213,7 @@ async def run_scenario(
                 outages=sim.outages(now),
                 now=now,
                 only_final=sc.only_final,
+                served=sim.served if not sc.only_final else None,
             )
             examples: list[str] = []
             causes = await attribute_missing(report, receiver, replicas, session, examples=examples)

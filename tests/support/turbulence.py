@@ -6,17 +6,18 @@ one clock (the simulator's; the receiver is given the same one).
 
 The rule
 --------
-A status is **visible** for the part of its span the API answered: the span's length
-minus its overlap with outage windows. With the bridge's poll interval ``T``:
+A status is **served twice** when at least two of the platform's successful answers
+to the bridge carried the call in that status (the simulator records every answer,
+``SimulatorConfig.record_served``): issue 11's rule. Without that record, a status
+counts as served twice when it was **visible** for ``2 x T`` (``T`` the poll
+interval), visible being the span's length minus its overlap with outage windows.
 
-* **required**: every status held for a visible ``2 x T`` or more (a bridge polling
-  every ``T`` sees it in at least two scans; one failed scan must not lose it), and
-  every call's **final** status (the span still open at the end), must arrive as
-  ``call.<status>``. ``pending`` is never required (the bridge records it silently).
-  A status that comes back with only statuses visible for less than ``2 x T`` in
-  between (ringing, a 0.3 s no_answer and queued, ringing again) may look to any
-  poller like one unbroken stretch: such repeats form one **occurrence**, required
-  when any part of it is, delivered when any part of it is.
+* **required**: every status served twice, and every call's **final** status (the
+  span still open at the end), must arrive as ``call.<status>``. ``pending`` is never
+  required (the bridge records it silently). A status that comes back with only
+  statuses not served twice in between (ringing, a 0.3 s no_answer and queued,
+  ringing again) may look to any poller like one unbroken stretch: such repeats form
+  one **occurrence**, required when any part of it is, delivered when any part of it is.
 * **invented**: a delivered ``call.<status>`` whose status the call never had before
   the event arrived; **out of order**: a status the call had, but that no placement of
   the call's events (by ``data.sequence``) in the order of its real statuses explains.
@@ -49,7 +50,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from callbridge.models import PENDING, TERMINAL_STATUSES
@@ -98,6 +99,7 @@ def check(
     outages: Iterable[tuple[float, float]] = (),
     now: float,
     only_final: bool = False,
+    served: Mapping[tuple[str, str], Sequence[float]] | None = None,
 ) -> Report:
     """Judge `requests` against the ground truth `spans`; see the module docstring."""
     report = Report(poll_interval_s)
@@ -149,9 +151,17 @@ def check(
         )
 
     for key, chain in per_call.items():
-        long = [
-            span.end is None or visible_s(span.start, span.end, outages) >= need_s for span in chain
-        ]
+        if served is None:
+            long = [
+                span.end is None or visible_s(span.start, span.end, outages) >= need_s
+                for span in chain
+            ]
+        else:
+            times = served.get(key, ())
+            long = [
+                span.end is None or sum(span.start <= at < span.end for at in times) >= 2
+                for span in chain
+            ]
         required = [
             span.status != PENDING and (span.end is None or (not only_final and is_long))
             for span, is_long in zip(chain, long, strict=True)

@@ -288,3 +288,16 @@ def test_percentile_is_nearest_rank() -> None:
         50, 99, 100,
     )  # fmt: skip
     assert percentile([3.0], 50) == 3.0
+
+
+def test_with_the_served_record_required_means_served_twice() -> None:
+    # ringing was visible 3 s but the bridge's scans got it once (a failed scan, a
+    # page missing it): not required. queued, served twice in 1.5 s: required.
+    truth = spans("c1", ("pending", 0), ("ringing", 1), ("queued", 4), ("ringing", 5.5))
+    served = {(B, "c1"): [0.5, 2.0, 4.2, 5.0, 6.0, 7.0]}
+    got = [event("c1", "ringing", 2, "queued", 7.1)]
+    report = check(truth, got, poll_interval_s=T, now=10.0, served=served)
+    assert [(m.status, m.start) for m in report.missing] == [("queued", 4)]
+    got = [event("c1", "queued", 1, "pending", 5.2), event("c1", "ringing", 2, "queued", 7.1)]
+    report = check(truth, got, poll_interval_s=T, now=10.0, served=served)
+    assert report.missing == []

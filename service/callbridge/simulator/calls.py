@@ -257,6 +257,16 @@ class BatchRecord:
             return [item or self._encode(start + i) for i, item in enumerate(encoded[start:stop])]
         return [encoded[i] or self._encode(i) for i in self._view(status, external_id)[start:stop]]
 
+    def call_ids(
+        self, status: str | None, external_id: str | None, start: int, stop: int | None
+    ) -> list[str]:
+        """The call ids of `encoded_items`'s answer for the same arguments."""
+        if status is None and external_id is None:
+            indexes = self.order if self.order is not None else range(len(self.calls))
+        else:
+            indexes = self._view(status, external_id)
+        return [self.calls[i].call_id for i in indexes[start:stop]]
+
     def encoded_in_creation_order(self) -> list[bytes]:
         """Every item's JSON bytes in creation order, whatever the served order."""
         return [item or self._encode(i) for i, item in enumerate(self.encoded)]

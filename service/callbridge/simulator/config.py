@@ -209,6 +209,8 @@ class SimulatorConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     concurrency: int = 10
     request_log_max: int = 1_000_000
+    # Keep `Simulator.served` (when each call was in an answer): for test checkers.
+    record_served: bool = False
     timing: Timing | None = None
 
     def __post_init__(self) -> None:

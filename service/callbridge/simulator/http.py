@@ -206,6 +206,9 @@ class _CallsApi:
             batch_id, status=status, external_id=external_id, start=start, stop=start + limit
         )
         body = _page_body(items, total, page, limit, offset + limit < total)
+        served = self._sim.served_ids(
+            batch_id, status=status, external_id=external_id, start=start, stop=start + limit
+        )
         if reorder < faults.reorder_ratio:
             self._sim.reorder(batch_id, self._reorder_rng, faults.reorder_share)
         if malformed < faults.malformed_ratio:
@@ -216,6 +219,7 @@ class _CallsApi:
                 body=_malformed_body(kind, body, items, page),
                 content_type=content_type,
             )
+        self._sim.record_served(batch_id, served)
         return _json(200, body)
 
     def _shift(self, offset: int, total: int) -> tuple[int, int]:

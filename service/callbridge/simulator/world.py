@@ -42,6 +42,7 @@ class Simulator:
         self.clock = clock
         self.started_at = clock()
         self.request_log: list[tuple[float, str, int]] = []
+        self.served: dict[tuple[str, str], list[float]] = {}
         self._lifecycle = Lifecycle(config, clock)
         self._id_rng = random.Random(f"batch-ids:{config.seed}")
         self._batches: dict[str, BatchRecord] = {}
@@ -194,6 +195,29 @@ class Simulator:
     ) -> list[bytes]:
         """The JSON bytes of the matching items ``[start:stop]``, encoded once per change."""
         return self._batch(batch_id).encoded_items(status, external_id, start, stop)
+
+    def served_ids(
+        self,
+        batch_id: str,
+        *,
+        status: str | None = None,
+        external_id: str | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> list[str]:
+        """The call ids `encoded_items` answers for the same arguments (with
+        ``config.record_served``; empty otherwise: a product simulator keeps nothing)."""
+        if not self.config.record_served:
+            return []
+        return self._batch(batch_id).call_ids(status, external_id, start, stop)
+
+    def record_served(self, batch_id: str, call_ids: list[str]) -> None:
+        """Note that these calls reached a client now: `served` holds, per (batch,
+        call), the clock readings of every answer that carried it (what a poller could
+        possibly have seen), for test checkers."""
+        now = self.clock()
+        for call_id in call_ids:
+            self.served.setdefault((batch_id, call_id), []).append(now)
 
     def record_request(self, received: float, path: str, status: int) -> None:
         """Append to `request_log`, keeping at most ``config.request_log_max`` entries."""
