@@ -161,6 +161,8 @@ class SubscriptionSettings(_Model):
         default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE_S), max_length=50
     )
     max_in_flight: int = Field(16, ge=1, le=1000)
+    # Undelivered deliveries this subscription may hold; None: delivery.max_backlog.
+    max_backlog: int | None = Field(None, ge=1)
     headers: dict[str, str] = Field(default_factory=dict)
     enabled: bool = True
 
