@@ -15,7 +15,6 @@ first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from callbridge.aio import wait_any
 from callbridge.config import Settings, SubscriptionSettings
 from callbridge.metrics import Metrics
 from callbridge.outcomes import Finished, OutcomeBook
@@ -38,6 +36,10 @@ _SWEEP_EVERY_S = 1.0
 # Outcomes written per script call at most.
 _COMPLETE_BATCH = 64
 _DEPTH_EVERY_S = 2.0
+# Steps a subscription's loop keeps in flight at once: while one round trip runs,
+# the attempts finishing meanwhile are written (and their slots claimed again) by
+# the next, instead of waiting for the first to return.
+_STEPS_IN_FLIGHT = 2
 
 
 @dataclass(slots=True)
@@ -51,6 +53,13 @@ class _Sub:
     next_depth: float = 0.0
     # Attempts finished since the last step, written by the next one.
     finished: list[Finished] = field(default_factory=list)
+    # Whether a claim may find something: false once one came back short, true
+    # again when work is enqueued or the idle period passed.
+    maybe_due: bool = True
+    # Steps running (the loop keeps a few in flight) and no new one before this
+    # (monotonic) after a step failed.
+    steps: int = 0
+    retry_at: float = 0.0
 
 
 class Deliverer:
@@ -97,6 +106,7 @@ class Deliverer:
         """New work for `name` was enqueued (by this process's relay)."""
         sub = self._subs.get(name)
         if sub is not None:
+            sub.maybe_due = True
             sub.wake.set()
 
     # -- one step, for tests and for the loops -------------------------------
@@ -200,6 +210,8 @@ class Deliverer:
         finally:
             # The batch's slots and the extra ones, less those the new claims hold.
             self._give_back(sub, len(batch) + extra - len(claimed))
+        if want > 0:
+            sub.maybe_due = len(claimed) >= want
         for f, result in zip(batch, applied, strict=True):
             self._book.account(s, f, result)
         return claimed
@@ -276,34 +288,28 @@ class Deliverer:
             sub.wake.set()
 
     async def _loop(self, sub: _Sub, stopping: asyncio.Event) -> None:
-        name = sub.settings.name
         running: set[asyncio.Task[None]] = set()
+        steps: set[asyncio.Task[None]] = set()
         try:
             while not stopping.is_set():
                 self.last_loop_at = time.monotonic()
                 sub.wake.clear()
-                claimed: list[Claimed] = []
+                if sub.steps < _STEPS_IN_FLIGHT and self._wants_step(sub):
+                    sub.steps += 1
+                    # A task of its own, never cancelled by the loop: outcomes in it
+                    # are written even when the loop is cancelled (hard shutdown).
+                    step = asyncio.create_task(self._step_and_start(sub, running))
+                    steps.add(step)
+                    step.add_done_callback(steps.discard)
+                    continue
                 try:
-                    await self._maintain(sub)
-                    claimed = await self._turn(sub)
-                except Exception:
-                    log.exception(
-                        "delivery loop of %s cannot reach Redis; retrying",
-                        name,
-                        extra={"action": "delivery_loop_error", "subscription": name},
-                    )
-                    await wait_any(stopping, within_s=self._d.idle_poll_seconds)
-                    continue
-                for c in claimed:
-                    task = asyncio.create_task(self._attempt(sub, c))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                if sub.finished or (claimed and sub.inflight < sub.settings.max_in_flight):
-                    continue
-                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._d.idle_poll_seconds):
                         await sub.wake.wait()
+                except TimeoutError:
+                    sub.maybe_due = True
         finally:
+            if steps:
+                await asyncio.shield(asyncio.wait(steps))
             if running:
                 _, pending = await asyncio.wait(
                     running, timeout=self._settings.server.shutdown_grace_seconds
@@ -314,8 +320,31 @@ class Deliverer:
             # Whatever finished last (and the claims handed back) is still written.
             await asyncio.shield(self._write(sub))
 
-    async def _turn(self, sub: _Sub) -> list[Claimed]:
-        if not sub.finished:
-            return await self._step(sub)
-        # Outcomes are written even if we are cancelled meanwhile (hard shutdown).
-        return await asyncio.shield(self._step(sub))
+    def _wants_step(self, sub: _Sub) -> bool:
+        if time.monotonic() < sub.retry_at:
+            return False
+        if sub.finished:
+            return True
+        s = sub.settings
+        return s.enabled and sub.maybe_due and min(s.max_in_flight - sub.inflight, self._free) > 0
+
+    async def _step_and_start(self, sub: _Sub, running: set[asyncio.Task[None]]) -> None:
+        name = sub.settings.name
+        try:
+            await self._maintain(sub)
+            claimed = await self._step(sub)
+        except Exception:
+            log.exception(
+                "delivery loop of %s cannot reach Redis; retrying",
+                name,
+                extra={"action": "delivery_loop_error", "subscription": name},
+            )
+            sub.retry_at = time.monotonic() + self._d.idle_poll_seconds
+            return
+        finally:
+            sub.steps -= 1
+            sub.wake.set()
+        for c in claimed:
+            task = asyncio.create_task(self._attempt(sub, c))
+            running.add(task)
+            task.add_done_callback(running.discard)
