@@ -8,15 +8,20 @@
 -- client) returns what applied the first time (the record's done marker), changing
 -- nothing.
 
--- Count an attempt in the sliding window; for a failure, returns failures and total
+-- Writes that successes share are gathered and made once, before anything reads
+-- what they change (a failure's breaker check, the claim that follows) and at the
+-- end: the inflight ZREMs, the window's success count and the endpoint reset.
+local gone_ids, ok_count, reset_pending = {}, 0, false
+
+-- Count attempts in the sliding window; for a failure, returns failures and total
 -- over the window (a success needs neither).
-local function window_add(ok)
+local function window_add(ok, n)
   local bid = math.floor(now / bucket_ms)
   local slot = bid % 3
   if tonumber(redis.call('HGET', endpoint, 'wb' .. slot) or '-1') ~= bid then
     redis.call('HSET', endpoint, 'wb' .. slot, bid, 'wo' .. slot, 0, 'wf' .. slot, 0)
   end
-  redis.call('HINCRBY', endpoint, ok and ('wo' .. slot) or ('wf' .. slot), 1)
+  redis.call('HINCRBY', endpoint, ok and ('wo' .. slot) or ('wf' .. slot), n)
   if ok then return 0, 0 end
   local fails, total = 0, 0
   local f = redis.call('HMGET', endpoint, 'wb0', 'wo0', 'wf0', 'wb1', 'wo1', 'wf1',
@@ -31,6 +36,23 @@ local function window_add(ok)
   return fails, total
 end
 
+local function flush()
+  -- In slices: unpack() takes a few thousand values at most.
+  for i = 1, #gone_ids, 1000 do
+    redis.call('ZREM', inflight, unpack(gone_ids, i, math.min(i + 999, #gone_ids)))
+  end
+  gone_ids = {}
+  if ok_count > 0 then
+    window_add(true, ok_count)
+    ok_count = 0
+  end
+  if reset_pending then
+    -- A success closes the breaker and ends a run of failures.
+    redis.call('HSET', endpoint, 'failures', 0, 'conn_failures', 0, 'open_until', 0, 'opens', 0)
+    reset_pending = false
+  end
+end
+
 local function complete(rec, id, token, outcome, delay, entry, kind, pace)
   local f = redis.call('HMGET', rec, 'state', 'claim', 'done', 'done_outcome', 'history',
                        'attempts', 'next', 'callkey')
@@ -42,7 +64,7 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
     -- replayed): record nothing, that worker owns the outcome now.
     return 'stale'
   end
-  redis.call('ZREM', inflight, id)
+  gone_ids[#gone_ids + 1] = id
   if outcome == 'release' then
     -- Shutdown handed the claim back before an answer came: not an attempt.
     redis.call('HSET', rec, 'claim', '', 'done', token, 'done_outcome', outcome,
@@ -93,10 +115,11 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
     redis.call('HSET', rec, 'state', 'delivered', 'delivered_ms', now, unpack(w))
     redis.call('PEXPIRE', rec, retention)
     release_chain()
-    window_add(true)
-    redis.call('HSET', endpoint, 'failures', 0, 'conn_failures', 0, 'open_until', 0, 'opens', 0)
+    ok_count, reset_pending = ok_count + 1, true
     return outcome
   end
+  -- A failure reads the endpoint's state: earlier successes count first.
+  flush()
   if kind == 'paced' then
     -- 429 with Retry-After: the endpoint asks us to slow down, it is not down.
     -- No attempt to it starts before the time given; the breaker is not involved.
@@ -115,7 +138,7 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
     else
       redis.call('HSET', endpoint, 'conn_failures', 0)
     end
-    local fails, total = window_add(false)
+    local fails, total = window_add(false, 1)
     local open_until = tonumber(redis.call('HGET', endpoint, 'open_until') or '0')
     local down = conn >= threshold or (total >= min_attempts and fails >= ratio * total)
     -- Open (or, after a failed half-open probe, reopen) unless already open:
@@ -145,5 +168,6 @@ local function complete_all(items, rec_of)
     out[#out + 1] = complete(rec_of(j, o[1]), o[1], o[2], o[3], tonumber(o[4]), o[5],
                              o[6] or 'fail', tonumber(o[7] or '0'))
   end
+  flush()
   return out
 end
