@@ -65,6 +65,7 @@ TARGET_RATIO = 0.6
 GOAL_RATIO = 0.8
 TARGET_FIRST_SLACK_S = 0.5
 SUB = "crm"
+RECEIVER_ARGS: list[str] = []
 
 
 async def _json(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> Any:
@@ -221,7 +222,7 @@ def own_time_top(path: Path, n: int = 20) -> dict[str, Any]:
         by_module[_module_of(where)] += count
         total += count
     return {
-        "file": str(path.relative_to(RESULTS.parent.parent)),
+        "file": str(path),
         "samples": total,
         "top_own": [
             {"function": f, "samples": c, "share": c / total} for f, c in own.most_common(n)
@@ -255,7 +256,9 @@ async def one_flood(
     rep: int,
     *,
     profile: bool,
+    sub_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    sub_extra = sub_extra or {}
     flush: Any = aioredis.Redis.from_url(valkey.url)
     try:
         await flush.execute_command("FLUSHDB", "SYNC")
@@ -272,7 +275,7 @@ async def one_flood(
         sim.url,
         valkey.url,
         batches=[batch_id],
-        subscriptions=[{"name": SUB, "url": receiver.url + "/hook", "secret": SECRET}],
+        subscriptions=[{"name": SUB, "url": receiver.url + "/hook", "secret": SECRET, **sub_extra}],
         poller={"interval_seconds": INTERVAL_S},
     )
     label = f"flood_{rep}" + ("_profiled" if profile else "")
@@ -335,7 +338,10 @@ async def one_flood(
     return out
 
 
-async def run(quick: bool = False, profile: bool = True) -> dict[str, Any]:
+async def run(
+    quick: bool = False, profile: bool = True, *, sub_extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`sub_extra`: subscription settings other than the defaults (for experiments)."""
     reps = 1 if quick else 3
     batches = reps + (1 if profile else 0)
     started = time.perf_counter()
@@ -344,19 +350,37 @@ async def run(quick: bool = False, profile: bool = True) -> dict[str, Any]:
         child_server(
             "bench.sim_server", ["--layout", f"{batches}x{CALLS}"], "sim_server_flood"
         ) as sim,
-        child_server("bench.receiver", ["--verify-every", "50"], "receiver_flood") as receiver,
+        child_server(
+            "bench.receiver", ["--verify-every", "50", *RECEIVER_ARGS], "receiver_flood"
+        ) as receiver,
     ):
         async with aiohttp.ClientSession() as session:
             info = await _json(session, "GET", sim.url + "/_bench/info")
             batch_ids: list[str] = info["batch_ids"]
             runs = [
-                await one_flood(session, valkey, sim, receiver, batch_ids[i], i, profile=False)
+                await one_flood(
+                    session,
+                    valkey,
+                    sim,
+                    receiver,
+                    batch_ids[i],
+                    i,
+                    profile=False,
+                    sub_extra=sub_extra,
+                )
                 for i in range(reps)
             ]
             profiled = None
             if profile:
                 profiled = await one_flood(
-                    session, valkey, sim, receiver, batch_ids[reps], reps, profile=True
+                    session,
+                    valkey,
+                    sim,
+                    receiver,
+                    batch_ids[reps],
+                    reps,
+                    profile=True,
+                    sub_extra=sub_extra,
                 )
     ratios = [r["ratio"] for r in runs]
     firsts = [r["first_after_switch_s"] for r in runs]

@@ -100,6 +100,10 @@ class Deliverer:
             breaker_min_attempts=self._d.breaker_min_attempts,
             breaker_window_ms=int(self._d.breaker_window_seconds * 1000),
         )
+        # Subscriptions with work and room of their own that found no free replica
+        # slot: a busy subscription then hands its freed slots back instead of
+        # claiming them again itself (see _step).
+        self._starving: set[str] = set()
         self.last_loop_at = time.monotonic()
 
     def wake(self, name: str) -> None:
@@ -176,9 +180,13 @@ class Deliverer:
         batch = sub.finished[:_COMPLETE_BATCH]
         del sub.finished[: len(batch)]
         extra = 0
-        if claim and s.enabled:
+        want = 0
+        self._starving.discard(s.name)
+        # While another subscription waits for a replica slot, this call claims
+        # nothing: the batch's slots go back to the pool for it.
+        if claim and s.enabled and not self._starving:
             extra = max(0, min(s.max_in_flight - sub.inflight, self._free))
-        want = len(batch) + extra if claim and s.enabled else 0
+            want = extra + len(batch)
         if not batch and want == 0:
             return []
         self._free -= extra
@@ -309,7 +317,7 @@ class Deliverer:
                     sub.maybe_due = True
         finally:
             if steps:
-                await asyncio.shield(asyncio.wait(steps))
+                await asyncio.shield(asyncio.wait(set(steps)))
             if running:
                 _, pending = await asyncio.wait(
                     running, timeout=self._settings.server.shutdown_grace_seconds
@@ -326,7 +334,13 @@ class Deliverer:
         if sub.finished:
             return True
         s = sub.settings
-        return s.enabled and sub.maybe_due and min(s.max_in_flight - sub.inflight, self._free) > 0
+        if not (s.enabled and sub.maybe_due and s.max_in_flight > sub.inflight):
+            self._starving.discard(s.name)
+            return False
+        if self._free <= 0:
+            self._starving.add(s.name)
+            return False
+        return True
 
     async def _step_and_start(self, sub: _Sub, running: set[asyncio.Task[None]]) -> None:
         name = sub.settings.name
