@@ -204,6 +204,19 @@ def _py_spy(pid: int, label: str) -> Any:
             out.update(own_time_top(path))
 
 
+def _committed_at(log_name: str, after: float) -> float:
+    """When the bridge logged its first commit after `after` (its log's local time)."""
+    path = RESULTS / f"{log_name}.log"
+    for line in path.read_text().splitlines():
+        if "action=cycle_committed" not in line:
+            continue
+        stamp, ms = line[:23].split(",")
+        t = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+        if t >= after:
+            return t
+    return float("nan")
+
+
 def own_time_top(path: Path, n: int = 20) -> dict[str, Any]:
     """Top functions by own samples from py-spy's raw output (``frames;... count``)."""
     own: Counter[str] = Counter()
@@ -302,6 +315,7 @@ async def one_flood(
         )
     n = stats["distinct_ids"]
     span = stats["last_at"] - stats["first_at"]
+    committed = _committed_at(f"bridge_{label}", at)
     polls = _poll_times(requests).get(batch_id, [])
     first_poll = polls[0] if polls else float("nan")
     wall = stats["last_at"] - at
@@ -318,6 +332,9 @@ async def one_flood(
         "first_after_switch_s": stats["first_at"] - at,
         "first_poll_after_switch_s": first_poll - at,
         "poll_to_first_webhook_s": stats["first_at"] - first_poll,
+        # The cycle (pages, diff, commit) and the rest (fan-out, claim, first POST).
+        "poll_to_commit_s": committed - first_poll,
+        "commit_to_first_webhook_s": stats["first_at"] - committed,
         "last_after_switch_s": wall,
         "committed_cycles": cycles,
         "cpu_s": {

@@ -99,9 +99,8 @@ while scanned < 2000 do
       end
     end
     if not blocked then
-      redis.call('ZREM', due, id)
-      offset = offset - 1
-      redis.call('ZADD', inflight, now + visibility, id)
+      -- Moved from due to inflight together below (still in due while scanning:
+      -- the offset counts it).
       redis.call('HSET', rec, 'state', 'inflight', 'claim', token)
       out[#out + 1] = id
       out[#out + 1] = f[2]
@@ -115,6 +114,14 @@ while scanned < 2000 do
   offset = offset + #ids
 end
 if #claimed > 0 then
+  -- free <= max_in_flight <= 1000: within what unpack() takes.
+  redis.call('ZREM', due, unpack(claimed))
+  local scored = {}
+  for i, id in ipairs(claimed) do
+    scored[2 * i - 1] = now + visibility
+    scored[2 * i] = id
+  end
+  redis.call('ZADD', inflight, unpack(scored))
   redis.call('SET', receipt, cjson.encode(claimed), 'PX', math.max(1, visibility))
 end
 return {applied, out}
