@@ -23,8 +23,8 @@ session, to the same receiver, rate measured the same way at the receiver.
 Ratio = flood rate / plain rate; the median over the repetitions is reported.
 
 With ``profile``, one more repetition runs with py-spy sampling the bridge process
-(when ``py-spy`` is installed; it is not a project dependency) and the top own-time
-functions are saved.
+while it holds the GIL (when ``py-spy`` is installed; it is not a project dependency)
+and the top own-time functions are saved (``results/pyspy_flood.txt``, raw stacks).
 """
 
 from __future__ import annotations
@@ -184,6 +184,9 @@ def _py_spy(pid: int, label: str) -> Any:
             "--format",
             "raw",
             "--nonblocking",
+            # Only while it holds the GIL: Python's own CPU, not the time in
+            # system calls or waiting for the next event.
+            "--gil",
             "--output",
             str(path),
         ],

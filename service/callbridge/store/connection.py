@@ -45,8 +45,9 @@ class _HiredisPacking:
 
     def pack_command(self, *args: Any) -> list[bytes]:
         name = args[0]
-        if isinstance(name, str):
-            args = (*name.encode().split(), *args[1:])
+        # "CONFIG GET" and the like go out as two words (as redis-py does).
+        if isinstance(name, str) and " " in name:
+            args = (*name.split(), *args[1:])
         elif isinstance(name, bytes) and b" " in name:
             args = (*name.split(), *args[1:])
         try:
