@@ -274,7 +274,10 @@ class Deliverer:
             self._give_back(sub, 1)
             return
         sub.finished.append(self._book.attempt(s, claimed, result, int(self._wall() * 1000)))
-        sub.wake.set()
+        if sub.steps < _STEPS_IN_FLIGHT:
+            # Else the loop could not start a step now: the running ones wake it
+            # when they end, and the next one writes this outcome.
+            sub.wake.set()
 
     # -- the loops -----------------------------------------------------------------
 
