@@ -46,9 +46,7 @@ class _HiredisPacking:
     def pack_command(self, *args: Any) -> list[bytes]:
         name = args[0]
         # "CONFIG GET" and the like go out as two words (as redis-py does).
-        if isinstance(name, str) and " " in name:
-            args = (*name.split(), *args[1:])
-        elif isinstance(name, bytes) and b" " in name:
+        if (isinstance(name, str) and " " in name) or (isinstance(name, bytes) and b" " in name):
             args = (*name.split(), *args[1:])
         try:
             return [hiredis.pack_command(args)]
