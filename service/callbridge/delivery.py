@@ -309,10 +309,11 @@ class Deliverer:
                     sub.steps += 1
                     # A task of its own, never cancelled by the loop: outcomes in it
                     # are written even when the loop is cancelled (hard shutdown).
+                    # It wakes the loop when it ends, as do attempts finishing while
+                    # another step could start.
                     step = asyncio.create_task(self._step_and_start(sub, running))
                     steps.add(step)
                     step.add_done_callback(steps.discard)
-                    continue
                 try:
                     async with asyncio.timeout(self._d.idle_poll_seconds):
                         await sub.wake.wait()
