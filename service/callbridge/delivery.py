@@ -5,8 +5,9 @@ own slots (``max_in_flight``, enforced fleet-wide by the claim script) and its
 share of this replica's ``global_max_in_flight``. A turn of the loop is one script
 call: it records the outcomes of the attempts that finished since the last turn
 and claims due deliveries into the slots they free, so a busy subscription costs
-one round trip per turn, not a claim and a completion per delivery. An attempt
-keeps its slots until its outcome is written; outcome writes are shielded from
+one round trip per turn, not a claim and a completion per delivery. Attempts run
+in the subscription's workers (`workers.py`), not a task each. An attempt keeps
+its slots until its outcome is written; outcome writes are shielded from
 cancellation: a worker cancelled mid-request hands its claim back, and one killed
 outright is reclaimed after the visibility deadline by whichever replica sweeps
 first.
@@ -29,6 +30,7 @@ from callbridge.metrics import Metrics
 from callbridge.outcomes import Finished, OutcomeBook
 from callbridge.sender import WebhookSender
 from callbridge.store.queue import Claimed, CompletionPolicy, DeliveryQueue
+from callbridge.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +301,7 @@ class Deliverer:
             sub.wake.set()
 
     async def _loop(self, sub: _Sub, stopping: asyncio.Event) -> None:
-        running: set[asyncio.Task[None]] = set()
+        workers = Workers(lambda claimed: self._attempt(sub, claimed))
         steps: set[asyncio.Task[None]] = set()
         try:
             while not stopping.is_set():
@@ -311,7 +313,7 @@ class Deliverer:
                     # are written even when the loop is cancelled (hard shutdown).
                     # It wakes the loop when it ends, as do attempts finishing while
                     # another step could start.
-                    step = asyncio.create_task(self._step_and_start(sub, running))
+                    step = asyncio.create_task(self._step_and_start(sub, workers))
                     steps.add(step)
                     step.add_done_callback(steps.discard)
                 try:
@@ -322,13 +324,10 @@ class Deliverer:
         finally:
             if steps:
                 await asyncio.shield(asyncio.wait(set(steps)))
-            if running:
-                _, pending = await asyncio.wait(
-                    running, timeout=self._settings.server.shutdown_grace_seconds
-                )
-                for t in pending:
-                    t.cancel()  # hands the claim back (see _attempt)
-                await asyncio.gather(*pending, return_exceptions=True)
+            # Requests running finish within the grace period; the rest are cancelled
+            # and hand their claims back (see _attempt), as do any never started.
+            unstarted = await workers.close(self._settings.server.shutdown_grace_seconds)
+            sub.finished.extend(OutcomeBook.release(c) for c in unstarted)
             # Whatever finished last (and the claims handed back) is still written.
             await asyncio.shield(self._write(sub))
 
@@ -346,7 +345,7 @@ class Deliverer:
             return False
         return True
 
-    async def _step_and_start(self, sub: _Sub, running: set[asyncio.Task[None]]) -> None:
+    async def _step_and_start(self, sub: _Sub, workers: Workers) -> None:
         name = sub.settings.name
         try:
             await self._maintain(sub)
@@ -362,7 +361,4 @@ class Deliverer:
         finally:
             sub.steps -= 1
             sub.wake.set()
-        for c in claimed:
-            task = asyncio.create_task(self._attempt(sub, c))
-            running.add(task)
-            task.add_done_callback(running.discard)
+        workers.start(claimed)
