@@ -280,3 +280,28 @@ async def test_long_run_of_one_call_does_not_starve_others(make_rig: MakeRig) ->
     assert await rig.deliverer.run_once() == 6  # the head of "busy" + all 5 others
     calls = {r.payload()["data"]["call_id"] for r in rig.receivers["crm"].received}
     assert calls == {"busy", *(f"other{i}" for i in range(5))}
+
+
+async def test_a_busy_subscription_hands_freed_slots_to_a_waiting_one(make_rig: MakeRig) -> None:
+    """A loop claims into the slots its finished attempts free, in the same round
+    trip; while another subscription waits for a replica slot it hands them back."""
+    rig = await make_rig(
+        {"busy": {"max_in_flight": 4}, "quiet": {"max_in_flight": 4}}, global_max_in_flight=4
+    )
+    n = 1000
+    await rig.enqueue("busy", *[event(1, f"c{i}") for i in range(n)])
+    stopping = asyncio.Event()
+    task = asyncio.create_task(rig.deliverer.run(stopping))
+    busy, quiet = rig.receivers["busy"], rig.receivers["quiet"]
+    try:
+        async with asyncio.timeout(20):
+            while len(busy.received) < 20:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            await rig.enqueue("quiet", event(1, "q"))
+            rig.deliverer.wake("quiet")
+            while not quiet.received:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        assert len(busy.received) < n
+    finally:
+        stopping.set()
+        await task

@@ -23,7 +23,7 @@ from callbridge.relay import Relay
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.connection import connect
 from callbridge.store.keys import Keys
-from callbridge.store.queue import DeliveryQueue
+from callbridge.store.queue import Completion, CompletionPolicy, DeliveryQueue
 from callbridge.store.scripts import source
 from tests.support.bridges import MakeService, sim_config
 from tests.support.deliveries import MakeRig, event
@@ -257,6 +257,45 @@ async def test_a_claim_resent_after_a_lost_reply_claims_nothing_more(lossy_redis
         assert len(claimed) == 3
         # Re-sent by the client: the same three, not three more held as phantoms.
         assert (await queue.depths("crm"))["inflight"] == 4
+    finally:
+        await client.aclose()
+
+
+async def test_a_step_resent_after_a_lost_reply_records_and_claims_once(
+    lossy_redis: Any,
+) -> None:
+    """One call records outcomes and claims (issue 13): re-sent after a lost reply it
+    returns what applied the first time and the same claims, changing nothing more."""
+    proxy, url = lossy_redis
+    client = connect(url, RedisSettings(url=url))
+    policy = CompletionPolicy(
+        retention_ms=60_000, dead_retention_ms=60_000, breaker_threshold=5, cooloff_ms=1000,
+        cooloff_max_ms=1000,
+    )  # fmt: skip
+    try:
+        queue = DeliveryQueue(client, Keys())
+        await queue.enqueue("crm", [(event(1, f"c{i}"), 0) for i in range(6)])
+        first = await queue.claim("crm", max_in_flight=2, limit=2, visibility_ms=60_000, token="w")
+        assert len(first) == 2
+        outcomes = [Completion(c.event_id, c.token, "success", kind="ok") for c in first]
+        proxy.arm(_sha("claim"))
+        applied, claimed = await queue.step(
+            "crm", outcomes, policy, max_in_flight=2, limit=2, visibility_ms=60_000, token="w"
+        )
+        assert proxy.dropped == 1
+        assert applied == ["success", "success"]
+        assert len(claimed) == 2
+        assert not {c.event_id for c in claimed} & {c.event_id for c in first}
+        depth = await queue.depths("crm")
+        assert (depth["inflight"], depth["ready"]) == (2, 2)
+        for c in first:
+            record = await queue.record("crm", c.event_id)
+            assert record is not None
+            assert (record["state"], record["attempts"], len(record["history"])) == (
+                "delivered",
+                1,
+                1,
+            )
     finally:
         await client.aclose()
 
