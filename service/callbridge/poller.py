@@ -196,7 +196,7 @@ class Poller:
                 for c in cands.items
                 if (st := rt.states.get(c["call_id"])) is not None
             }
-            confirmed = await confirm_backward_moves(
+            confirmed, moved_on = await confirm_backward_moves(
                 self._upstream,
                 batch_id,
                 previous,
@@ -216,7 +216,7 @@ class Poller:
             scan=ScanFacts(complete=complete, total=pages[-1].total if complete else None),
             confirmed=confirmed,
             raws=cands.raws,
-            replays=replays_for(cands, confirmed, rt.suspects),
+            replays=replays_for(cands, confirmed, rt.suspects, moved_on),
         )
         if cands.duplicates:
             result.anomalies["duplicate_item"] += cands.duplicates

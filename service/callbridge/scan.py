@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from callbridge.callstate import CallState
+from callbridge.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerprint
 from callbridge.candidates import Candidates
 from callbridge.errors import UpstreamAuthError, UpstreamError
 from callbridge.models import is_backward, is_terminal, normalise_status
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # Look-ups cost requests from the budget every scan shares, so they are few, and
 # only for the moves a scan alone confirms late (a terminal status never seen).
 MAX_LOOKUPS_PER_CYCLE = 4
+_STARTED_AT = FINGERPRINT_FIELDS.index("started_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +83,9 @@ async def confirm_backward_moves(
     suspects: Mapping[str, Suspect],
     candidates: Candidates,
     retry_within_s: float,
-) -> set[str]:
-    """Call ids whose backward move a second observation confirms.
+) -> tuple[set[str], dict[str, dict[str, Any]]]:
+    """Call ids whose backward move a second observation confirms, and what the scan
+    showed of those the look-up found moved on since (to report first, see `diff`).
 
     The second observation is the previous scan (`suspects`: the call was seen
     backwards then too) or, at once, an ``external_id`` look-up of the call (for a
@@ -92,6 +94,7 @@ async def confirm_backward_moves(
     stale: the look-up's item replaces it in `candidates` (so the diff sees the truth).
     """
     confirmed: set[str] = set()
+    moved_on: dict[str, dict[str, Any]] = {}
     lookups = 0
     for i, item in enumerate(candidates.items):
         call_id = item["call_id"]
@@ -119,17 +122,32 @@ async def confirm_backward_moves(
             continue
         candidates.items[i] = fresh.item
         candidates.raws[call_id] = fresh.raw
-        if is_backward(prev.status, normalise_status(fresh.status)):
+        status = normalise_status(fresh.status)
+        if is_backward(prev.status, status):
             confirmed.add(call_id)
-    return confirmed
+        elif status == prev.status and _new_attempt(prev, fresh.item):
+            # Back where we last saw it, but in a new attempt (it started ringing at
+            # another time): it was redialled and has come forward again since the
+            # scan. The scan's status was real.
+            confirmed.add(call_id)
+            moved_on[call_id] = item
+    return confirmed, moved_on
+
+
+def _new_attempt(prev: CallState, item: Mapping[str, Any]) -> bool:
+    started = Fingerprint.of(item).known[_STARTED_AT]
+    return started != ABSENT and started != prev.fingerprint.known[_STARTED_AT]
 
 
 def replays_for(
-    candidates: Candidates, confirmed: set[str], suspects: Mapping[str, Suspect]
+    candidates: Candidates,
+    confirmed: set[str],
+    suspects: Mapping[str, Suspect],
+    moved_on: Mapping[str, dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:
     """For confirmed calls that have moved on since the scan that saw them go back,
     what that scan showed (reported first: see `diff`)."""
-    out = {}
+    out = dict(moved_on)
     for item in candidates.items:
         call_id = item["call_id"]
         suspect = suspects.get(call_id)
