@@ -455,3 +455,20 @@ async def test_a_restarted_replica_gives_its_predecessors_claims_back_at_once(
     assert await rig.queue.reclaim_own("crm", "r1", "r1:new") == 2
     assert await rig.queue.reclaim_own("crm", "r1", "r1:new") == 0
     assert (await rig.queue.depths("crm"))["ready"] == 2
+
+
+async def test_a_parked_delivery_released_by_an_older_replica_is_freed_by_the_sweep(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    """During a rolling upgrade, a replica of the previous release completes a call's
+    first event without knowing its successor is parked: the sweep frees it."""
+    rig = await make_rig({"crm": {}})
+    await rig.enqueue("crm", event(1, "c1"), event(2, "c1"))
+    assert (await rig.queue.depths("crm"))["waiting"] == 1
+    # The previous release's outcome script: attempts counted, nothing released.
+    record = Keys().delivery("crm", "evt_c1_1")
+    await redis_client.hset(record, mapping={"state": "delivered", "attempts": 1})
+    await redis_client.zrem(Keys().due("crm"), "evt_c1_1")
+    assert await rig.queue.sweep("crm", dead_retention_ms=60_000) == 0
+    depth = await rig.queue.depths("crm")
+    assert (depth["waiting"], depth["ready"]) == (0, 1)

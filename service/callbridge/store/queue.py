@@ -241,7 +241,7 @@ class DeliveryQueue:
         k = self._keys
         return int(
             await self._sweep(
-                keys=[k.due(sub), k.inflight(sub), k.dead(sub)],
+                keys=[k.due(sub), k.inflight(sub), k.dead(sub), k.parked(sub)],
                 args=[k.sub_prefix(sub), max_items, dead_retention_ms],
             )
         )
