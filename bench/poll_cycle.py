@@ -48,6 +48,7 @@ from bench.common import (
 )
 from bench.phases import PhaseTimer
 from callbridge.app import Bridge
+from callbridge.cli import tune_gc
 from callbridge.config import Settings
 from callbridge.constants import UPSTREAM_CALLS_PATH
 from callbridge.store.keys import Keys
@@ -281,6 +282,8 @@ class Bench:
 
 
 async def run(quick: bool = False, profile: bool = True) -> dict[str, Any]:
+    # As `callbridge run` does at start (production's garbage collector settings).
+    tune_gc()
     reps = (
         {"cold": 1, "warm": 2, "clustered": 1} if quick else {"cold": 3, "warm": 5, "clustered": 3}
     )

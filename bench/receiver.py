@@ -5,7 +5,8 @@ the body. It counts requests and distinct ``webhook-id`` values, and verifies th
 Standard Webhooks signature of every ``--verify-every``-th signed request with
 `callbridge.signing.verify` (a sample: proof the deliveries are signed, at little
 receiver CPU). ``GET /_stats`` returns the counters (with ``first_at``/``last_at``, the
-``time.time()`` of the first and last signed request); ``POST /_reset`` clears them.
+``time.time()`` of the first and last signed request, and ``first_any_at``/
+``last_any_at`` of any request, signed or not); ``POST /_reset`` clears them.
 With ``--record`` it also keeps, per distinct ``webhook-id``, the ``time.time()`` the
 request was received, the event type, ``data.batch_id``/``call_id``/``status`` and the
 event ``timestamp`` (``GET /_events`` returns them), for the end-to-end lag benchmark.
@@ -41,6 +42,8 @@ class Counters:
         self.bad_signatures = 0
         self.first_at = 0.0
         self.last_at = 0.0
+        self.first_any_at = 0.0
+        self.last_any_at = 0.0
         # [received, type, batch_id, call_id, status, event timestamp]
         self.events: list[list[Any]] = []
 
@@ -48,6 +51,8 @@ class Counters:
         return {
             "first_at": self.first_at,
             "last_at": self.last_at,
+            "first_any_at": self.first_any_at,
+            "last_any_at": self.last_any_at,
             "requests": self.requests,
             "signed": self.signed,
             "distinct_ids": len(self.ids),
@@ -61,6 +66,9 @@ def build_app(counters: Counters) -> web.Application:
         body = await request.read()
         received = time.time()
         counters.requests += 1
+        if not counters.first_any_at:
+            counters.first_any_at = received
+        counters.last_any_at = received
         event_id = request.headers.get("webhook-id")
         if event_id is not None:
             counters.signed += 1

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench import budget, delivery, failover, lag, poll_cycle, scale
+from bench import budget, delivery, failover, flood, lag, poll_cycle, scale
 from bench.common import IMG, REPO, RESULTS, machine_info
 
 BENCHMARKS: dict[str, Callable[[bool, bool], Coroutine[Any, Any, dict[str, Any]]]] = {
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[bool, bool], Coroutine[Any, Any, dict[str, Any]]
     "scale": scale.run,
     "budget": budget.run,
     "failover": failover.run,
+    "flood": flood.run,
 }
 
 
@@ -142,7 +143,33 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             ]
         )
     rows += _fleet_rows(results)
+    rows += _flood_rows(results)
     return rows
+
+
+def _flood_rows(results: dict[str, Any]) -> list[list[str]]:
+    fl = results.get("flood")
+    if not fl:
+        return []
+    first = fl["first_after_switch_s"]
+    return [
+        [
+            f"flood {fl['calls']} completions",
+            f"{fl['per_s']:.0f}/s",
+            f"{fl['plain_per_s']:.0f}/s plain",
+            f"{fl['ratio']:.2f}x",
+            f">= {fl['target_ratio']}x",
+            _verdict(fl["ratio"], fl["target_ratio"], higher_is_better=True),
+        ],
+        [
+            "flood first webhook",
+            f"{first:.2f} s",
+            f"{fl['interval_s']:.1f} s interval",
+            f"{first / fl['interval_s']:.2f}x",
+            f"<= {fl['target_first_s']:.1f} s",
+            _verdict(first, fl["target_first_s"], higher_is_better=False),
+        ],
+    ]
 
 
 def _fleet_rows(results: dict[str, Any]) -> list[list[str]]:

@@ -21,6 +21,10 @@ every benchmark process shares. Routes:
   one call changes every 10 s at 1,000/s), and records ``time.time()`` of each;
 * ``GET /_bench/churn`` -> ``{"running", "changes": [[batch, call, status, t], ...]}``;
 * ``POST /_bench/finish?batch=ID ...`` -> every call of those batches ``completed``;
+* ``POST /_bench/switch?status=completed[&batch=ID ...]`` -> every call of those batches
+  (default: the first) takes ``status`` in one step: no request is served half-way,
+  so the whole batch changes at one instant, returned as ``at`` (``time.time()``
+  once the last call changed) with ``switched``, the number of calls;
 * ``GET /_bench/requests?since=T`` -> ``[[t, path_qs, status], ...]`` received at or
   after ``T`` (the simulator's request log).
 
@@ -81,6 +85,14 @@ class Mutator:
                 self.sim.set_call(self.batch_id, call_id, duration_seconds=10 + round_no)
                 fields += 1
         return {"changed": statuses + fields, "status_changes": statuses, "field_changes": fields}
+
+    def switch(self, status: str) -> int:
+        """Every call takes `status` (synchronously: no request sees half of it)."""
+        for call_id in self.call_ids:
+            if self.status[call_id] != status:
+                self.sim.set_call(self.batch_id, call_id, status=status)
+                self.status[call_id] = status
+        return len(self.call_ids)
 
     def finish(self) -> int:
         for call_id in self.call_ids:
@@ -164,6 +176,11 @@ def build_app(sim: Simulator, groups: dict[str, list[str]]) -> web.Application:
         n = sum(mutators[b].finish() for b in request.query.getall("batch", []))
         return web.json_response({"finished_calls": n})
 
+    async def switch(request: web.Request) -> web.Response:
+        status = request.query.get("status", "completed")
+        n = sum(mutators[b].switch(status) for b in request.query.getall("batch", [first]))
+        return web.json_response({"switched": n, "at": time.time()})
+
     async def churn_start(request: web.Request) -> web.Response:
         if churn.task is not None and not churn.task.done():
             raise web.HTTPConflict(text="churn already running")
@@ -190,6 +207,7 @@ def build_app(sim: Simulator, groups: dict[str, list[str]]) -> web.Application:
     app.router.add_get("/_bench/info", info)
     app.router.add_post("/_bench/mutate", mutate)
     app.router.add_post("/_bench/finish", finish)
+    app.router.add_post("/_bench/switch", switch)
     app.router.add_post("/_bench/churn", churn_start)
     app.router.add_get("/_bench/churn", churn_state)
     app.router.add_get("/_bench/requests", requests)

@@ -13,12 +13,10 @@
    in creation order and calls are dialled in it, so what just ended is near the
    end); the active lists once more if calls are still missing (they moved from one
    active status to the next while the lists were read); a terminal list with calls
-   still unseen is read up to two pages further back;
-4. for a call seen back in an active status from a terminal one (a redial, or a
-   stale copy), the tail of that terminal list: a call absent from where it must be
-   (positions are known from the last full scan) has left it, which confirms the
-   move without a look-up. A move back between active statuses is confirmed by its
-   absence from the old status's list, read whole.
+   still unseen is read up to two pages further back.
+
+Backward moves are not this module's business: the cycle's items go through the
+same second look as a full scan's (`scan.confirm_backward_moves`).
 
 The platform moves while we read. Calls that leave ``pending`` during the reads may
 be found or not; when more are found than the first probe allows, a second probe
@@ -34,23 +32,20 @@ for a complete scan.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from callbridge.callstate import CallState
-from callbridge.models import PENDING, is_backward, normalise_status
-from callbridge.pages import RawPage
+from callbridge.callstate import CallStates
+from callbridge.models import PENDING, normalise_status
+from callbridge.pages import PageEntry, RawPage
 from callbridge.planner import (
     TERMINAL_ORDER,
     Books,
     PlanReason,
     PlanState,
     active_statuses,
-    back_from_terminal,
     filtered_page_problem,
     window,
 )
@@ -81,18 +76,12 @@ class Fallback(Exception):
 
 @dataclass(slots=True)
 class _Tail:
-    """What this cycle read of one terminal status's list: pages ``first..last``."""
+    """Where this cycle read one terminal status's list: from page `first` on, in
+    pages of `limit` (`tail_start`: the first page read)."""
 
     first: int
-    last: int
     limit: int
     tail_start: int
-    at_end: bool = False
-    # Creation positions (from the last full scan) of the items, per page read.
-    positions: dict[int, list[int]] = field(default_factory=dict)
-    served: set[str] = field(default_factory=set)
-    # Calls the snapshot places in this status within the span read (when asked).
-    members: set[str] | None = None
 
 
 class ActiveScan:
@@ -104,7 +93,7 @@ class ActiveScan:
         batch_id: str,
         keeper: LeaseKeeper,
         *,
-        states: Mapping[str, CallState],
+        states: CallStates,
         counts: Mapping[str, int],
         state: PlanState,
         page_size: int,
@@ -123,35 +112,34 @@ class ActiveScan:
         self._budget = budget
         self._retry_s = retry_within_s
         self.books = Books(states, counts, state.gone)
-        self.items: dict[str, dict[str, Any]] = {}
+        # Every call served this cycle, its latest copy (raw bytes for the diff).
+        self.items: dict[str, PageEntry] = {}
         self.gone = set(state.gone)
-        # Backward moves this cycle's reads confirm (see module docstring, step 4).
-        self.confirmed: set[str] = set()
         self.requests = 0
         self.resolving = 0
         self._listed: dict[str, set[str]] = {}
         self._pending_before = 0
         self._tails: dict[str, _Tail] = {}
-        # call_id -> the requests that served it behind where the snapshot has it.
-        self._backward_in: dict[str, set[int]] = {}
 
     async def run(self) -> None:
         """Read; raises `Fallback` when the cycle needs a full scan instead."""
         # The pending total first: every call that left pending before it must be
         # found by the reads that follow (those that leave while they run may be).
-        self._pending_before = (await self._page(PENDING, 1, 1)).total
+        self._pending_before = (await self._page(PENDING, 1, 1))[0].total
         for status in active_statuses(self._counts):
             self._listed[status] = set()
             await self._read_list(status)
         vanished: list[str] = []
         frontier = math.inf  # where the first call still pending sits in the list
         positions = self._state.positions
-        for call_id, st in self._states.items():
+        status_of = self._states.status  # no decoding: this loop sees every call
+        for call_id in self._states:
             if call_id in self.items or call_id in self.gone:
                 continue
-            if st.status in self._listed:
+            stored = status_of(call_id)
+            if stored in self._listed:
                 vanished.append(call_id)
-            elif st.status == PENDING:
+            elif stored == PENDING:
                 frontier = min(frontier, positions.get(call_id, math.inf))
         # The budget covers the whole cycle: what the lists took is spent already.
         self._budget -= self.requests
@@ -164,12 +152,6 @@ class ActiveScan:
             self._afford(len(self._listed))
             for status in self._listed:
                 await self._read_list(status)
-        redialled = back_from_terminal(self._states, self.items)
-        once = {old for c, old in redialled.items() if len(self._backward_in.get(c, ())) < 2}
-        for status in sorted(once - self._tails.keys()):
-            if self.resolving + 1 <= self._budget:
-                self.resolving += 1
-                await self._read_tail(status)
         await self._chase()
         unexplained = [c for c in vanished if c not in self.items and c not in self.gone]
         if self._pending_gap() < 0:
@@ -186,10 +168,9 @@ class ActiveScan:
                 extra={"action": "scan_fallback", "batch_id": self._batch},
             )
             raise Fallback("unexplained")
-        self._confirm(redialled)
         known = any(n > 0 for n in self.books.expected.values())
-        open_after = self.books.open_calls(self._states, self.items, self.confirmed)
-        if not self._completed and known and open_after == 0:
+        served = {c: normalise_status(e.status) for c, e in self.items.items()}
+        if not self._completed and known and self.books.open_calls(self._states, served) == 0:
             raise Fallback("completion")
 
     def _pending_gap(self) -> int:
@@ -222,8 +203,8 @@ class ActiveScan:
             self._batch, page_no, limit, retry_within_s=self._retry_s
         )
         self._keeper.check()
-        for item in page.items:
-            self._observe(item)
+        for e in page.entries:
+            self._observe(e)
         left = sum(1 for c in vanished if c not in self.items) + max(0, self._pending_gap())
         hits = (unexplained - left) / max(1, unexplained)
         state.frontier_hits = (1 - _EWMA) * state.frontier_hits + _EWMA * hits
@@ -249,14 +230,13 @@ class ActiveScan:
         know, a quarter after (it grows at the end: calls are dialled in order)."""
         end = self.books.expected[status]
         page_no, limit = window(end - self._size // 2, end + self._size // 4, self._size)
-        tail = self._tails[status] = _Tail(page_no, page_no, limit, page_no)
-        page = await self._tail_page(status, tail, page_no)
+        self._tails[status] = _Tail(page_no, limit, page_no)
+        page, _ = await self._page(status, page_no, limit)
         while page.has_more:
             self._check_endless(page_no + 1, page)
             self._afford(1)
             page_no += 1
-            page = await self._tail_page(status, tail, page_no)
-        tail.at_end = True
+            page, _ = await self._page(status, page_no, limit)
 
     async def _chase(self) -> None:
         """Read a little further back in the terminal lists that hold calls not seen
@@ -279,23 +259,14 @@ class ActiveScan:
             _, status = max(behind)
             self.resolving += 1
             tail = self._tails[status]
-            await self._tail_page(status, tail, tail.first - 1)
-
-    async def _tail_page(self, status: str, tail: _Tail, page_no: int) -> RawPage:
-        page = await self._page(status, page_no, tail.limit)
-        tail.first, tail.last = min(tail.first, page_no), max(tail.last, page_no)
-        positions = self._state.positions
-        tail.positions[page_no] = [
-            positions[i["call_id"]] for i in page.items if i["call_id"] in positions
-        ]
-        tail.served.update(i["call_id"] for i in page.items)
-        return page
+            tail.first -= 1
+            await self._page(status, tail.first, tail.limit)
 
     async def _read_list(self, status: str) -> None:
         page_no = 1
         while True:
-            page = await self._page(status, page_no, self._size)
-            self._listed[status].update(i["call_id"] for i in page.items)
+            page, entries = await self._page(status, page_no, self._size)
+            self._listed[status].update(e.call_id for e in entries)
             if not page.has_more:
                 return
             page_no += 1
@@ -305,88 +276,41 @@ class ActiveScan:
         if page_no > math.ceil(page.total / max(1, page.limit)) + _EXTRA_PAGES_ALLOWED:
             raise Fallback("anomaly", "status_filter_total")
 
-    async def _page(self, status: str, page_no: int, limit: int) -> RawPage:
+    async def _page(self, status: str, page_no: int, limit: int) -> tuple[RawPage, list[PageEntry]]:
+        """One page of `status`'s list, checked against what the filter promises."""
         self.requests += 1
         page = await self._upstream.fetch_page(
             self._batch, page_no, limit, status=status, retry_within_s=self._retry_s
         )
         self._keeper.check()
-        problem = filtered_page_problem(page, status, page_no)
+        entries = page.entries
+        problem = filtered_page_problem(page, entries, status, page_no)
         if problem is not None:
             raise Fallback("anomaly", problem)
         self.books.totals[status] = page.total
-        for item in page.items:
-            self._observe(item)
-        return page
+        for e in entries:
+            self._observe(e)
+        return page, entries
 
     async def _lookup(self, call_id: str, external_id: str) -> None:
         self.requests += 1
-        item = await self._upstream.find_call(
+        found = await self._upstream.find_call(
             self._batch, call_id, external_id, retry_within_s=self._retry_s
         )
         self._keeper.check()
-        if item is None:
+        if found is None:
             # Not served any more: left as it is, as a full scan would leave it.
             self.gone.add(call_id)
             self.books.forget(call_id)
         else:
-            self._observe(item)
+            self._observe(found)
 
-    def _observe(self, item: dict[str, Any]) -> None:
-        call_id = item["call_id"]
-        status = normalise_status(item["status"])
-        self.items[call_id] = item
-        self.gone.discard(call_id)
-        self.books.observe(call_id, status)
-        prev = self._states.get(call_id)
-        if prev is not None and is_backward(prev.status, status):
-            self._backward_in.setdefault(call_id, set()).add(self.requests)
+    def _observe(self, e: PageEntry) -> None:
+        self.items[e.call_id] = e
+        self.gone.discard(e.call_id)
+        self.books.observe(e.call_id, normalise_status(e.status))
 
     def _afford(self, n: int) -> None:
         if self.resolving + n > self._budget:
             raise Fallback("costly")
         self.resolving += n
-
-    def _confirm(self, redialled: Mapping[str, str]) -> None:
-        for call_id, item in self.items.items():
-            prev = self._states.get(call_id)
-            status = normalise_status(item["status"])
-            if prev is None or not is_backward(prev.status, status):
-                continue
-            if not isinstance(item.get("external_id"), str):
-                # A full scan could not look it up either: it waits for the next
-                # cycle's second look, as there.
-                continue
-            old = prev.status
-            if len(self._backward_in.get(call_id, ())) >= 2:
-                absent = True  # two reads agree: the second look a look-up would be
-            elif old in self._listed:
-                absent = call_id not in self._listed[old]
-            else:
-                absent = old in self._tails and self._absent(old, self._tails[old], call_id)
-            if absent:
-                self.confirmed.add(call_id)
-
-    def _absent(self, status: str, tail: _Tail, call_id: str) -> bool:
-        """Whether the pages of `tail` (of `status`'s list) prove `call_id` is not in it:
-        its creation position lies within what they cover, and they came in creation
-        order, holding every other call we place there in that span."""
-        positions = self._state.positions
-        pos = positions.get(call_id)
-        if pos is None or call_id in tail.served:
-            return False
-        seen = [p for page in sorted(tail.positions) for p in tail.positions[page]]
-        if any(a >= b for a, b in itertools.pairwise(seen)):
-            return False  # not in creation order: positions tell nothing here
-        low = -1 if tail.first == 1 else (seen[0] if seen else math.inf)
-        high = math.inf if tail.at_end else (seen[-1] if seen else -1)
-        if not low < pos < high:
-            return False
-        if tail.members is None:
-            tail.members = {
-                c
-                for c, st in self._states.items()
-                if st.status == status and low <= positions.get(c, -2) <= high
-            }
-        # Every call we place in that span is served there, or seen elsewhere now.
-        return all(c in tail.served or c in self.items for c in tail.members)

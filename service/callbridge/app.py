@@ -49,8 +49,14 @@ _STUCK_AFTER_S = 30.0
 _JANITOR_EVERY_S = 600.0
 
 
-def default_replica_id() -> str:
-    """Stable per pod (hostname) plus a per-process part, so restarts are distinct."""
+def default_replica_id(settings: Settings) -> str:
+    """`server.replica_id`, else hostname:port: the same across a replica's restarts
+    (a pod's container restarting keeps both), unique on one host since two live
+    processes cannot share a port. Port 0 (a random port) gets a random suffix."""
+    if settings.server.replica_id:
+        return settings.server.replica_id
+    if settings.server.port:
+        return f"{socket.gethostname()}:{settings.server.port}"
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
@@ -93,6 +99,8 @@ class Bridge:
         replica_id: str | None = None,
     ) -> Bridge:
         metrics = metrics or Metrics()
+        metrics.init_fixed_series()
+        metrics.upstream_budget.set(settings.upstream.max_requests_per_second)
         embedded = None
         url = settings.redis.url
         if url is None:
@@ -114,7 +122,8 @@ class Bridge:
             redis, keys.upstream_budget(), settings.upstream.max_requests_per_second
         )
         upstream = UpstreamClient(settings.upstream, session, limiter, metrics)
-        deliverer = Deliverer(settings, queue, session, metrics)
+        replica_id = replica_id or default_replica_id(settings)
+        deliverer = Deliverer(settings, queue, session, metrics, replica_id=replica_id)
         relay = Relay(
             store,
             queue,
@@ -131,7 +140,7 @@ class Bridge:
             upstream,
             relay,
             metrics,
-            replica_id=replica_id or default_replica_id(),
+            replica_id=replica_id,
         )
         scheduler = Scheduler(settings, poller, store, leases, registry, relay, metrics)
         operations = Operations(
@@ -167,6 +176,19 @@ class Bridge:
         """Register config batches and start the loops."""
         await self.check_redis()
         await self.registry.register_config(self.settings.batches)
+        for sub in self.settings.subscriptions:
+            # This replica restarted (SIGKILL, OOM): its previous process's claims go
+            # back now rather than after their visibility deadline.
+            given_back = await self.queue.reclaim_own(
+                sub.name, self.poller.replica_id, self.deliverer.token
+            )
+            if given_back:
+                log.warning(
+                    "%d deliveries of %s claimed by this replica's previous process: requeued",
+                    given_back,
+                    sub.name,
+                    extra={"action": "deliveries_reclaimed", "subscription": sub.name},
+                )
         for name, coro in (
             ("poller", self.scheduler.run(self.stopping)),
             ("delivery", self.deliverer.run(self.stopping)),

@@ -11,10 +11,10 @@ replaced schema 1 (``seq|fingerprint|status``, names raw: a name holding ``|`` o
 
 from __future__ import annotations
 
-import base64
+import binascii
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -32,6 +32,7 @@ FINGERPRINT_FIELDS: tuple[str, ...] = (
     "metadata",
 )
 _NOT_FINGERPRINTED = frozenset({"call_id", "status"})
+_SLOTS = struct.Struct(f">{len(FINGERPRINT_FIELDS)}I")
 ABSENT = 0  # digest of a missing or null field
 
 
@@ -53,15 +54,12 @@ class Fingerprint:
 
     @classmethod
     def of(cls, item: Mapping[str, Any]) -> Fingerprint:
-        known = tuple(field_digest(item.get(name)) for name in FINGERPRINT_FIELDS)
-        extra = tuple(
-            sorted(
-                (k, field_digest(v))
-                for k, v in item.items()
-                if k not in _NOT_FINGERPRINTED and k not in _KNOWN_SET
-            )
-        )
-        return cls(known, extra)
+        get = item.get
+        known = tuple([field_digest(get(name)) for name in FINGERPRINT_FIELDS])
+        others = item.keys() - _NAMED
+        if not others:  # the documented fields only: the common case
+            return cls(known)
+        return cls(known, tuple(sorted((k, field_digest(item[k])) for k in others)))
 
     def as_dict(self) -> dict[str, int]:
         out = dict(zip(FINGERPRINT_FIELDS, self.known, strict=True))
@@ -74,7 +72,9 @@ class Fingerprint:
         Extra field names come from the platform and may hold any character: they
         are percent-encoded, so ``;``, ``=`` and ``|`` never appear unescaped.
         """
-        head = base64.b64encode(struct.pack(f">{len(self.known)}I", *self.known)).decode()
+        head = binascii.b2a_base64(_SLOTS.pack(*self.known), newline=False).decode()
+        if not self.extra:
+            return head.rstrip("=")
         tail = "".join(f";{quote(k, safe='')}={d:x}" for k, d in self.extra)
         return head.rstrip("=") + tail
 
@@ -82,10 +82,15 @@ class Fingerprint:
     def decode(cls, text: str, *, escaped: bool = True) -> Fingerprint:
         """Parse `encode`'s form; ``escaped=False`` reads schema 1 (names written raw)."""
         head, *extras = text.split(";")
-        raw = base64.b64decode(head + "=" * (-len(head) % 4))
-        if len(raw) != 4 * len(FINGERPRINT_FIELDS):
+        try:
+            raw = binascii.a2b_base64(head + "=" * (-len(head) % 4), strict_mode=True)
+        except binascii.Error as exc:
+            raise ValueError(f"fingerprint is not base64: {exc}") from None
+        if len(raw) != _SLOTS.size:
             raise ValueError("fingerprint has the wrong number of fields")
-        known = struct.unpack(f">{len(FINGERPRINT_FIELDS)}I", raw)
+        known = _SLOTS.unpack(raw)
+        if not extras:
+            return cls(known)
         extra = []
         for part in extras:
             name, _, digest = part.rpartition("=")
@@ -94,6 +99,8 @@ class Fingerprint:
 
 
 _KNOWN_SET = frozenset(FINGERPRINT_FIELDS)
+# Fields with a fixed slot or not fingerprinted at all; any other one is an extra.
+_NAMED = _KNOWN_SET | _NOT_FINGERPRINTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,3 +129,47 @@ class CallState:
             return cls(status=status, seq=int(seq), fingerprint=Fingerprint.decode(fp))
         seq, fp, status = text.split("|", 2)
         return cls(status=status, seq=int(seq), fingerprint=Fingerprint.decode(fp, escaped=False))
+
+
+class CallStates(Mapping[str, CallState]):
+    """The call states of a batch, kept in their stored (encoded) form.
+
+    A replica keeps every call of the batches it polls in memory; as strings they
+    cost less memory and, unlike objects, nothing to the garbage collector's full
+    passes (which once took a fifth of a cycle). A state is decoded when it is read,
+    which the poller does only for the calls that changed. An entry that cannot be
+    decoded (written by something else) reads as absent: the call is seen afresh.
+    """
+
+    __slots__ = ("_encoded", "unreadable")
+
+    def __init__(self, encoded: dict[str, str] | None = None) -> None:
+        self._encoded: dict[str, str] = encoded if encoded is not None else {}
+        self.unreadable = 0
+
+    def __getitem__(self, call_id: str) -> CallState:
+        text = self._encoded[call_id]
+        try:
+            return CallState.decode(text)
+        except ValueError:
+            self.unreadable += 1
+            raise KeyError(call_id) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._encoded)
+
+    def __len__(self) -> int:
+        return len(self._encoded)
+
+    def __contains__(self, call_id: object) -> bool:
+        return call_id in self._encoded
+
+    def status(self, call_id: str) -> str | None:
+        """The call's status without decoding the rest (None when unknown)."""
+        text = self._encoded.get(call_id)
+        if text is None:
+            return None
+        return text.split("|", 3 if text.startswith("v2|") else 2)[-1]
+
+    def update_encoded(self, encoded: Mapping[str, str]) -> None:
+        self._encoded.update(encoded)

@@ -167,6 +167,8 @@ class SubscriptionSettings(_Model):
         default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE_S), max_length=50
     )
     max_in_flight: int = Field(16, ge=1, le=1000)
+    # Undelivered deliveries this subscription may hold; None: delivery.max_backlog.
+    max_backlog: int | None = Field(None, ge=1)
     headers: dict[str, str] = Field(default_factory=dict)
     enabled: bool = True
 
@@ -272,6 +274,11 @@ class ServerSettings(_Model):
     port: int = Field(8080, ge=0, le=65535)
     # On SIGTERM: stop claiming, let in-flight work finish for this long, then cancel.
     shutdown_grace_seconds: PositiveSeconds = 20.0
+    # This replica's name, the same across its restarts (default: hostname:port, which
+    # a Kubernetes pod keeps when its container restarts). A restarted replica takes
+    # its predecessor's batch leases over at once instead of waiting them out; two
+    # live replicas must never share one.
+    replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
 class AdminSettings(_Model):

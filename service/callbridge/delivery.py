@@ -2,16 +2,20 @@
 
 Each subscription has its own loop, so one slow endpoint only ever occupies its
 own slots (``max_in_flight``, enforced fleet-wide by the claim script) and its
-share of this replica's ``global_max_in_flight``. The outcome of every attempt
-is written by one shielded script call: a worker cancelled mid-request hands
-its claim back, and one killed outright is reclaimed after the visibility
-deadline by whichever replica sweeps first.
+share of this replica's ``global_max_in_flight``. A turn of the loop is one script
+call: it records the outcomes of the attempts that finished since the last turn
+and claims due deliveries into the slots they free, so a busy subscription costs
+one round trip per turn, not a claim and a completion per delivery. Attempts run
+in the subscription's workers (`workers.py`), not a task each. An attempt keeps
+its slots until its outcome is written; outcome writes are shielded from
+cancellation: a worker cancelled mid-request hands its claim back, and one killed
+outright is reclaimed after the visibility deadline by whichever replica sweeps
+first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -21,12 +25,12 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from callbridge.aio import wait_any
 from callbridge.config import Settings, SubscriptionSettings
-from callbridge.metrics import Metrics, status_class
-from callbridge.retry import AttemptResult, Decision, classify, failure_reason
+from callbridge.metrics import Metrics
+from callbridge.outcomes import Finished, OutcomeBook
 from callbridge.sender import WebhookSender
-from callbridge.store.queue import Claimed, Completion, CompletionPolicy, DeliveryQueue
+from callbridge.store.queue import Claimed, CompletionPolicy, DeliveryQueue
+from callbridge.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,10 @@ _SWEEP_EVERY_S = 1.0
 # Outcomes written per script call at most.
 _COMPLETE_BATCH = 64
 _DEPTH_EVERY_S = 2.0
+# Steps a subscription's loop keeps in flight at once: while one round trip runs,
+# the attempts finishing meanwhile are written (and their slots claimed again) by
+# the next, instead of waiting for the first to return.
+_STEPS_IN_FLIGHT = 2
 
 
 @dataclass(slots=True)
@@ -41,12 +49,19 @@ class _Sub:
     settings: SubscriptionSettings
     keys: list[bytes]
     wake: asyncio.Event
+    # Slots held: claimed deliveries whose outcome is not written yet.
     inflight: int = 0
     next_sweep: float = 0.0
     next_depth: float = 0.0
-    # Outcomes waiting to be written together (see Deliverer._record).
-    outcomes: list[tuple[Completion, asyncio.Future[str]]] = field(default_factory=list)
-    flusher: asyncio.Task[None] | None = None
+    # Attempts finished since the last step, written by the next one.
+    finished: list[Finished] = field(default_factory=list)
+    # Whether a claim may find something: false once one came back short, true
+    # again when work is enqueued or the idle period passed.
+    maybe_due: bool = True
+    # Steps running (the loop keeps a few in flight) and no new one before this
+    # (monotonic) after a step failed.
+    steps: int = 0
+    retry_at: float = 0.0
 
 
 class Deliverer:
@@ -61,15 +76,18 @@ class Deliverer:
         *,
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
+        replica_id: str = "",
     ) -> None:
         self._settings = settings
         self._d = settings.delivery
         self._queue = queue
         self.sender = WebhookSender(session, wall=wall)
         self._metrics = metrics
-        self._rng = rng or random.Random()
+        self._book = OutcomeBook(metrics, rng or random.Random())
         self._wall = wall
-        self._token = uuid.uuid4().hex
+        # Claims are made under "<replica id>:<process>": a restarted replica knows
+        # its predecessor's claims and gives them back at once (`reclaim_own`).
+        self.token = f"{replica_id}:{uuid.uuid4().hex}"
         # Request slots of this replica not held by a claim. A slot is taken before
         # the claim, so a claimed delivery's request starts at once: its visibility
         # deadline never runs out while it waits for a slot.
@@ -87,13 +105,19 @@ class Deliverer:
             breaker_min_attempts=self._d.breaker_min_attempts,
             breaker_window_ms=int(self._d.breaker_window_seconds * 1000),
         )
-        self._tasks: set[asyncio.Task[None]] = set()
+        for name in self._subs:
+            metrics.init_subscription(name)  # alerts see the first failure (see metrics.py)
+        # Subscriptions with work and room of their own that found no free replica
+        # slot: a busy subscription then hands its freed slots back instead of
+        # claiming them again itself (see _step).
+        self._starving: set[str] = set()
         self.last_loop_at = time.monotonic()
 
     def wake(self, name: str) -> None:
         """New work for `name` was enqueued (by this process's relay)."""
         sub = self._subs.get(name)
         if sub is not None:
+            sub.maybe_due = True
             sub.wake.set()
 
     # -- one step, for tests and for the loops -------------------------------
@@ -116,9 +140,13 @@ class Deliverer:
 
     async def _claim_and_deliver(self, sub: _Sub) -> int:
         await self._maintain(sub)
-        claimed = await self._claim(sub)
+        claimed = await self._step(sub)
         if claimed:
-            await asyncio.gather(*(self._deliver(sub, c) for c in claimed))
+            try:
+                await asyncio.gather(*(self._attempt(sub, c) for c in claimed))
+            finally:
+                # Even when cancelled: the outcomes, or the claims handed back.
+                await asyncio.shield(self._write(sub))
         return len(claimed)
 
     async def _maintain(self, sub: _Sub) -> None:
@@ -146,217 +174,196 @@ class Deliverer:
                 1 if ep.open_until_ms > self._wall() * 1000 else 0
             )
 
-    async def _claim(self, sub: _Sub) -> list[Claimed]:
-        """Claim what may start now; each claimed delivery holds its slots already
-        (the subscription's and this replica's), released by `_deliver`."""
+    async def _step(self, sub: _Sub, *, claim: bool = True) -> list[Claimed]:
+        """Write finished attempts' outcomes and claim what may start now, in one call.
+
+        The slots of the outcomes written are claimed again by the same call (the
+        script records before it claims); more are taken from the free ones before
+        the round trip, so another loop claiming meanwhile cannot count them. Each
+        claimed delivery holds its slots (the subscription's and this replica's)
+        until its outcome is written.
+        """
         s = sub.settings
-        if not s.enabled:
+        batch = sub.finished[:_COMPLETE_BATCH]
+        del sub.finished[: len(batch)]
+        extra = 0
+        want = 0
+        self._starving.discard(s.name)
+        # While another subscription waits for a replica slot, this call claims
+        # nothing: the batch's slots go back to the pool for it.
+        if claim and s.enabled and not self._starving:
+            extra = max(0, min(s.max_in_flight - sub.inflight, self._free))
+            want = extra + len(batch)
+        if not batch and want == 0:
             return []
-        want = min(s.max_in_flight - sub.inflight, self._free)
-        if want <= 0:
-            return []
-        # Reserve before the round trip: another loop claiming meanwhile must not
-        # count these slots as free.
-        self._free -= want
-        sub.inflight += want
+        self._free -= extra
+        sub.inflight += extra
         claimed: list[Claimed] = []
+        applied: list[str] = []
         try:
             visibility_ms = int((s.timeout_seconds + self._d.visibility_margin_seconds) * 1000)
-            claimed = await self._queue.claim(
+            applied, claimed = await self._queue.step(
                 s.name,
+                [f.completion for f in batch],
+                self._policy,
                 max_in_flight=s.max_in_flight,
                 limit=want,
                 visibility_ms=visibility_ms,
-                token=self._token,
+                token=self.token,
             )
-            return claimed
-        finally:
-            unused = want - len(claimed)
-            self._free += unused
-            sub.inflight -= unused
-
-    # -- one attempt ---------------------------------------------------------------
-
-    async def _deliver(self, sub: _Sub, claimed: Claimed) -> None:
-        """One attempt of a claimed delivery; frees the slots `_claim` took for it."""
-        s = sub.settings
-        try:
-            try:
-                result = await self.sender.send(s, sub.keys, claimed.event_id, claimed.body)
-            except asyncio.CancelledError:
-                await asyncio.shield(self._release(sub, claimed))
-                raise
-            decision = classify(result, claimed.attempts + 1, s.retry_schedule_seconds, self._rng)
-            try:
-                # The outcome is written even if we are cancelled meanwhile (shutdown).
-                await asyncio.shield(self._complete(sub, claimed, result, decision))
-            except Exception:
+        except Exception:
+            for f in batch:
                 # Redis unreachable: the claim stays in flight and is sent again after
                 # its visibility deadline, under the same id (at-least-once).
-                log.exception(
+                log.error(
                     "outcome of delivery %s to %s not recorded; it will be retried",
-                    claimed.event_id,
+                    f.claimed.event_id,
                     s.name,
                     extra={"action": "delivery_outcome_lost", "subscription": s.name},
                 )
+            raise
         finally:
-            sub.inflight -= 1
-            self._free += 1
-            # A slot is free, and a call's next event may have been waiting for this one.
-            sub.wake.set()
-            if self._free == 1:
-                # The replica was full: any subscription may have been waiting.
-                for other in self._subs.values():
-                    other.wake.set()
+            # The batch's slots and the extra ones, less those the new claims hold.
+            self._give_back(sub, len(batch) + extra - len(claimed))
+        if want > 0:
+            sub.maybe_due = len(claimed) >= want
+        for f, result in zip(batch, applied, strict=True):
+            self._book.account(s, f, result)
+        return claimed
 
-    async def _record(self, sub: _Sub, outcome: Completion) -> str:
-        """Queue an outcome for the next batched write; returns what applied.
+    async def _write(self, sub: _Sub) -> None:
+        """Write every finished outcome (claiming nothing); errors are logged."""
+        while sub.finished:
+            try:
+                await self._step(sub, claim=False)
+            except Exception:
+                log.exception(
+                    "outcomes of %s not recorded",
+                    sub.settings.name,
+                    extra={"action": "delivery_outcome_lost", "subscription": sub.settings.name},
+                )
 
-        Attempts that finish together (a busy endpoint) share one script call
-        instead of one round trip each. An outcome not yet written when the process
-        dies is covered by the visibility deadline: the delivery is sent again
-        under the same id.
-        """
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        sub.outcomes.append((outcome, fut))
-        if sub.flusher is None:
-            sub.flusher = asyncio.create_task(self._flush(sub))
-        return await fut
+    def _give_back(self, sub: _Sub, n: int) -> None:
+        if n <= 0:
+            return
+        was_full = self._free <= 0
+        self._free += n
+        sub.inflight -= n
+        # A slot is free, and a call's next event may have been waiting for this one.
+        sub.wake.set()
+        if was_full:
+            # The replica was full: any subscription may have been waiting.
+            for other in self._subs.values():
+                other.wake.set()
 
-    async def _flush(self, sub: _Sub) -> None:
-        try:
-            # Let attempts finishing in this same loop turn join the batch.
-            await asyncio.sleep(0)
-            while sub.outcomes:
-                batch, sub.outcomes = sub.outcomes[:_COMPLETE_BATCH], sub.outcomes[_COMPLETE_BATCH:]
-                try:
-                    applied = await self._queue.complete(
-                        sub.settings.name, [o for o, _ in batch], self._policy
-                    )
-                except Exception as exc:  # handed to every waiter
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, fut), result in zip(batch, applied, strict=True):
-                    if not fut.done():
-                        fut.set_result(result)
-        finally:
-            sub.flusher = None
+    # -- one attempt ---------------------------------------------------------------
 
-    async def _complete(
-        self, sub: _Sub, claimed: Claimed, result: AttemptResult, d: Decision
-    ) -> None:
+    async def _attempt(self, sub: _Sub, claimed: Claimed) -> None:
+        """One attempt of a claimed delivery. Its outcome (or, when cancelled, the
+        claim handed back) joins `sub.finished`, written by the next step, which
+        also frees the slots `_step` took for it."""
         s = sub.settings
-        now_ms = int(self._wall() * 1000)
-        attempt = {
-            "at_ms": now_ms,
-            "status": result.status,
-            "error": None if result.ok else failure_reason(result),
-            "duration_ms": round(result.duration_s * 1000, 1),
-            "response": result.response_excerpt,
-            "outcome": d.outcome,
-        }
-        applied = await self._record(
-            sub,
-            Completion(
-                event_id=claimed.event_id,
-                token=claimed.token,
-                outcome=d.outcome,
-                delay_ms=int(d.delay_s * 1000),
-                attempt=attempt,
-                kind=d.kind,
-                pace_ms=int(d.pace_s * 1000),
-            ),
-        )
-        m = self._metrics
-        m.delivery_attempts.labels(s.name, d.outcome, status_class(result.status)).inc()
-        m.delivery_latency.labels(s.name).observe(result.duration_s)
-        extra = {"subscription": s.name, "event_id": claimed.event_id}
-        if applied == "stale":
-            log.warning(
-                "delivery %s to %s finished after its claim expired; outcome left to the new owner",
+        try:
+            result = await self.sender.send(s, sub.keys, claimed.event_id, claimed.body)
+        except asyncio.CancelledError:
+            sub.finished.append(OutcomeBook.release(claimed))
+            sub.wake.set()
+            raise
+        except Exception:
+            # A bug, not a failed request (those are results): the claim stays in
+            # flight and is sent again after its visibility deadline.
+            log.exception(
+                "attempt of delivery %s to %s crashed; it will be retried",
                 claimed.event_id,
                 s.name,
-                extra={"action": "delivery_stale", **extra},
+                extra={"action": "delivery_crashed", "subscription": s.name},
             )
-        elif d.outcome == "success":
-            if claimed.observed_ms:
-                m.delivery_lag.labels(s.name).observe(max(0.0, now_ms - claimed.observed_ms) / 1000)
-            log.debug("delivered %s to %s", claimed.event_id, s.name, extra=extra)
-        elif d.outcome == "retry":
-            log.warning(
-                "delivery %s to %s failed (%s); attempt %d, retry in %.1fs",
-                claimed.event_id,
-                s.name,
-                d.reason,
-                claimed.attempts + 1,
-                d.delay_s,
-                extra={"action": "delivery_retry", **extra},
-            )
-        elif d.outcome == "dead":
-            m.dead_letters.labels(s.name).inc()
-            log.error(
-                "delivery %s to %s dead-lettered: %s",
-                claimed.event_id,
-                s.name,
-                d.reason,
-                extra={"action": "delivery_dead", **extra},
-            )
-        else:
-            m.subscription_disabled.labels(s.name).set(1)
-            log.error(
-                "subscription %s disabled: %s; its events stay queued until it is re-enabled",
-                s.name,
-                d.reason,
-                extra={"action": "subscription_disabled", **extra},
-            )
-
-    async def _release(self, sub: _Sub, claimed: Claimed) -> None:
-        with contextlib.suppress(Exception):
-            await self._record(sub, Completion(claimed.event_id, claimed.token, "release"))
+            self._give_back(sub, 1)
+            return
+        sub.finished.append(self._book.attempt(s, claimed, result, int(self._wall() * 1000)))
+        if sub.steps < _STEPS_IN_FLIGHT:
+            # Else the loop could not start a step now: the running ones wake it
+            # when they end, and the next one writes this outcome.
+            sub.wake.set()
 
     # -- the loops -----------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Deliver until `stopping` is set; then let in-flight requests finish."""
         loops = [asyncio.create_task(self._loop(sub, stopping)) for sub in self._subs.values()]
+        watcher = asyncio.create_task(self._wake_all_on(stopping))
         try:
             await asyncio.gather(*loops)
         finally:
-            for t in loops:
+            for t in (*loops, watcher):
                 t.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await asyncio.gather(*loops, watcher, return_exceptions=True)
+
+    async def _wake_all_on(self, stopping: asyncio.Event) -> None:
+        # The loops wait on their own wake event only (cheaper than waiting on two).
+        await stopping.wait()
+        for sub in self._subs.values():
+            sub.wake.set()
 
     async def _loop(self, sub: _Sub, stopping: asyncio.Event) -> None:
-        name = sub.settings.name
-        inflight: set[asyncio.Task[None]] = set()
+        workers = Workers(lambda claimed: self._attempt(sub, claimed))
+        steps: set[asyncio.Task[None]] = set()
         try:
             while not stopping.is_set():
                 self.last_loop_at = time.monotonic()
                 sub.wake.clear()
-                claimed: list[Claimed] = []
+                if sub.steps < _STEPS_IN_FLIGHT and self._wants_step(sub):
+                    sub.steps += 1
+                    # A task of its own, never cancelled by the loop: outcomes in it
+                    # are written even when the loop is cancelled (hard shutdown).
+                    # It wakes the loop when it ends, as do attempts finishing while
+                    # another step could start.
+                    step = asyncio.create_task(self._step_and_start(sub, workers))
+                    steps.add(step)
+                    step.add_done_callback(steps.discard)
                 try:
-                    await self._maintain(sub)
-                    claimed = await self._claim(sub)
-                except Exception:
-                    log.exception(
-                        "delivery loop of %s cannot reach Redis; retrying",
-                        name,
-                        extra={"action": "delivery_loop_error", "subscription": name},
-                    )
-                for c in claimed:
-                    task = asyncio.create_task(self._deliver(sub, c))
-                    inflight.add(task)
-                    task.add_done_callback(inflight.discard)
-                if claimed and sub.inflight < sub.settings.max_in_flight:
-                    continue
-                await wait_any(stopping, sub.wake, within_s=self._d.idle_poll_seconds)
+                    async with asyncio.timeout(self._d.idle_poll_seconds):
+                        await sub.wake.wait()
+                except TimeoutError:
+                    sub.maybe_due = True
         finally:
-            if inflight:
-                _, pending = await asyncio.wait(
-                    inflight, timeout=self._settings.server.shutdown_grace_seconds
-                )
-                for t in pending:
-                    t.cancel()  # hands the claim back (see _deliver)
-                await asyncio.gather(*pending, return_exceptions=True)
+            if steps:
+                await asyncio.shield(asyncio.wait(set(steps)))
+            # Requests running finish within the grace period; the rest are cancelled
+            # and hand their claims back (see _attempt), as do any never started.
+            unstarted = await workers.close(self._settings.server.shutdown_grace_seconds)
+            sub.finished.extend(OutcomeBook.release(c) for c in unstarted)
+            # Whatever finished last (and the claims handed back) is still written.
+            await asyncio.shield(self._write(sub))
+
+    def _wants_step(self, sub: _Sub) -> bool:
+        if time.monotonic() < sub.retry_at:
+            return False
+        if sub.finished:
+            return True
+        s = sub.settings
+        if not (s.enabled and sub.maybe_due and s.max_in_flight > sub.inflight):
+            self._starving.discard(s.name)
+            return False
+        if self._free <= 0:
+            self._starving.add(s.name)
+            return False
+        return True
+
+    async def _step_and_start(self, sub: _Sub, workers: Workers) -> None:
+        name = sub.settings.name
+        try:
+            await self._maintain(sub)
+            claimed = await self._step(sub)
+        except Exception:
+            log.exception(
+                "delivery loop of %s cannot reach Redis; retrying",
+                name,
+                extra={"action": "delivery_loop_error", "subscription": name},
+            )
+            sub.retry_at = time.monotonic() + self._d.idle_poll_seconds
+            return
+        finally:
+            sub.steps -= 1
+            sub.wake.set()
+        workers.start(claimed)

@@ -10,9 +10,8 @@ What is stored per call is in `callstate`.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +47,9 @@ class TimelineEntry:
     seq: int
     event_type: str | None  # None when recorded silently (first sight as pending)
 
-    def encode(self) -> bytes:
-        return orjson.dumps([self.at_ms, self.status, self.seq, self.event_type])
+    def as_list(self) -> list[Any]:
+        """The stored form: ``[at_ms, status, sequence, event type or null]``."""
+        return [self.at_ms, self.status, self.seq, self.event_type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +103,23 @@ def _merge_fingerprint(
     than a real edit: it is counted, not reported, and its last value is kept so
     it does not come back as a change either.
     """
+    if prev == new:
+        return prev, []
+    if not prev.extra and not new.extra:
+        # The documented fields only (the common case): slot by slot.
+        known: list[int] = []
+        changed: list[str] = []
+        for name, old, cur in zip(FINGERPRINT_FIELDS, prev.known, new.known, strict=True):
+            if cur == ABSENT and old != ABSENT:
+                anomalies["field_regressed"] += 1
+                known.append(old)
+            else:
+                known.append(cur)
+                if cur != old:
+                    changed.append(name)
+        return Fingerprint(tuple(known)), sorted(changed)
     prev_d, new_d = prev.as_dict(), new.as_dict()
-    changed: list[str] = []
+    changed = []
     merged: dict[str, int] = {}
     for name in prev_d.keys() | new_d.keys():
         old, cur = prev_d.get(name, ABSENT), new_d.get(name, ABSENT)
@@ -115,9 +130,9 @@ def _merge_fingerprint(
             merged[name] = cur
             if cur != old:
                 changed.append(name)
-    known = tuple(merged.pop(n, ABSENT) for n in FINGERPRINT_FIELDS)
+    slots = tuple(merged.pop(n, ABSENT) for n in FINGERPRINT_FIELDS)
     extra = tuple(sorted((k, d) for k, d in merged.items() if d != ABSENT))
-    return Fingerprint(known, extra), sorted(changed)
+    return Fingerprint(slots, extra), sorted(changed)
 
 
 def diff(
@@ -131,6 +146,8 @@ def diff(
     backfill: bool = True,
     scan: ScanFacts = ScanFacts(),
     confirmed: Collection[str] = (),
+    raws: Mapping[str, bytes] | None = None,
+    replays: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> DiffResult:
     """Events for the scanned `items` given what was known before.
 
@@ -144,13 +161,22 @@ def diff(
     listed in `unconfirmed` and left as it was. A confirmed move out of a terminal
     status is a redial; one between two non-terminal statuses is a redial whose
     terminal status the platform never showed us (``missed_terminal: true``).
+
+    `replays` holds, for confirmed calls, what the previous scan showed when it saw
+    the call go backwards, if the call has moved on since (``no_answer`` unseen,
+    then ``queued``, then ``ringing``): it is reported first, as it was served.
+
+    `raws` holds items' exact bytes as served: event bodies embed them as they are
+    instead of serialising the decoded item again.
     """
     out = DiffResult()
     counts = Counter(batch.counts)
-    for item in items:
+    raw_of = (raws or {}).get
+    for item, raw in _observations(items, confirmed, replays or {}, raw_of):
         call_id: str = item["call_id"]
         status = normalise_status(item["status"])
-        prev = previous.get(call_id)
+        # A call observed twice in one diff (a replay) moves on from the first.
+        prev = out.states.get(call_id) or previous.get(call_id)
         new_fp = Fingerprint.of(item)
         if prev is None:
             counts[status] += 1
@@ -162,7 +188,7 @@ def diff(
             etype = f"call.{status}"
             out.states[call_id] = CallState(status, seq, new_fp)
             out.events.append(
-                _call_event(batch_id, item, etype, seq, None, True, [], None, timestamp)
+                _call_event(batch_id, item, etype, seq, None, True, [], None, timestamp, raw=raw)
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
             out.transitions.append((None, status))
@@ -197,6 +223,7 @@ def diff(
                     None,
                     timestamp,
                     missed_terminal=missed_terminal,
+                    raw=raw,
                 )
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
@@ -207,7 +234,16 @@ def diff(
             out.states[call_id] = CallState(status, seq, merged_fp)
             out.events.append(
                 _call_event(
-                    batch_id, item, etype, seq, status, False, [], changed_fields, timestamp
+                    batch_id,
+                    item,
+                    etype,
+                    seq,
+                    status,
+                    False,
+                    [],
+                    changed_fields,
+                    timestamp,
+                    raw=raw,
                 )
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
@@ -242,6 +278,20 @@ def diff(
     return out
 
 
+def _observations(
+    items: Iterable[Mapping[str, Any]],
+    confirmed: Collection[str],
+    replays: Mapping[str, Mapping[str, Any]],
+    raw_of: Callable[[str], bytes | None],
+) -> Iterator[tuple[Mapping[str, Any], bytes | None]]:
+    for item in items:
+        call_id = item["call_id"]
+        replay = replays.get(call_id)
+        if replay is not None and call_id in confirmed:
+            yield replay, None
+        yield item, raw_of(call_id)
+
+
 def _call_event(
     batch_id: str,
     item: Mapping[str, Any],
@@ -254,6 +304,7 @@ def _call_event(
     timestamp: str,
     *,
     missed_terminal: bool = False,
+    raw: bytes | None = None,
 ) -> Event:
     call_id: str = item["call_id"]
     data: dict[str, Any] = {
@@ -269,7 +320,7 @@ def _call_event(
     }
     if changed_fields is not None:
         data["changed_fields"] = changed_fields
-    data["call"] = item
+    data["call"] = item if raw is None else orjson.Fragment(raw)
     return Event.build(
         event_id=event_id(batch_id, call_id, seq, etype),
         type=etype,
@@ -278,33 +329,3 @@ def _call_event(
         call_id=call_id,
         data=data,
     )
-
-
-def select_candidates(
-    pages: Iterable[Iterable[dict[str, Any]]], signatures: Mapping[str, int]
-) -> tuple[list[dict[str, Any]], dict[str, int], int]:
-    """Items that differ from the last committed scan, their new 64-bit signatures, duplicates.
-
-    Items are merged by call_id; when a call appears twice (pages shifting while
-    we read), the copy from the later page wins, as it was served later.
-    """
-    merged: dict[str, dict[str, Any]] = {}
-    duplicates = 0
-    for items in pages:
-        for item in items:
-            call_id = item["call_id"]
-            if call_id in merged:
-                duplicates += 1
-            merged[call_id] = item
-    candidates: list[dict[str, Any]] = []
-    new_sigs: dict[str, int] = {}
-    dumps, crc, adler = orjson.dumps, zlib.crc32, zlib.adler32
-    for call_id, item in merged.items():
-        raw = dumps(item)
-        # 64 bits from two C checksums: a collision would hide a real change (with
-        # 32 bits, about one in 50 days at 1,000 changes/s), at a fraction of a hash.
-        sig = (crc(raw) << 32) | adler(raw)
-        if signatures.get(call_id) != sig:
-            candidates.append(item)
-            new_sigs[call_id] = sig
-    return candidates, new_sigs, duplicates

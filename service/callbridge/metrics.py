@@ -17,6 +17,30 @@ from callbridge.models import KNOWN_STATUSES, PollOutcome
 
 _POLL_OUTCOMES: tuple[str, ...] = get_args(PollOutcome)
 _SCAN_PLANS = ("full", "active")
+# The label sets created at 0 up front (see `Metrics.init_subscription`).
+_QUEUE_STATES = ("ready", "scheduled", "inflight", "dead")
+_FAILED_CLASSES = ("2xx", "3xx", "4xx", "5xx", "none")  # 2xx: the body timed out
+_ATTEMPT_LABELS: tuple[tuple[str, str], ...] = (
+    ("success", "2xx"),
+    *(("retry", c) for c in _FAILED_CLASSES),
+    *(("dead", c) for c in _FAILED_CLASSES),
+    ("disable", "4xx"),  # 410 Gone
+)
+_EVENT_LABELS: tuple[str, ...] = (
+    *(f"call.{s}" for s in KNOWN_STATUSES),
+    "call.updated",
+    "batch.completed",
+    "other",
+)
+# Outcomes the upstream client counts under one fixed code; 5xx codes vary, so not these.
+_UPSTREAM_REQUEST_LABELS = (
+    ("ok", "200"),
+    ("auth_error", "401"),
+    ("not_found", "404"),
+    ("rate_limited", "429"),
+    ("timeout", "none"),
+    ("transport_error", "none"),
+)
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LAG_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 300, 1800, 7200)
 _CYCLE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -73,6 +97,12 @@ class Metrics:
             registry=r,
         )
         self.upstream_auth_ok.set(1)
+        self.upstream_budget = Gauge(
+            p + "upstream_budget_requests_per_second",
+            "The fleet's upstream request budget (upstream.max_requests_per_second); "
+            "compare with rate(callbridge_upstream_requests_total).",
+            registry=r,
+        )
         self.poll_cycles = Counter(
             p + "poll_cycles",
             "Poll cycles by batch and outcome (committed, unchanged, failed, fenced, ...).",
@@ -221,3 +251,52 @@ class Metrics:
         for outcome in _POLL_OUTCOMES:
             with contextlib.suppress(KeyError):
                 self.poll_cycles.remove(batch_id, outcome)
+
+    # -- series that exist from the start ---------------------------------------------
+    #
+    # rate() and increase() need a sample before the first event: a counter series
+    # born at 1 reads as "no increase", so the first dead letter or failed attempt
+    # would never alert. Every label set an alert rule or the dashboard reads is
+    # therefore created at 0 when its subscription or batch appears, and removed
+    # with it, so label values stay bounded.
+
+    def init_fixed_series(self) -> None:
+        """Create, at 0, the series whose labels do not depend on config."""
+        for event_type in _EVENT_LABELS:
+            self.events.labels(event_type)
+        for outcome, code in _UPSTREAM_REQUEST_LABELS:
+            self.upstream_requests.labels(outcome, code)
+        for plan in _SCAN_PLANS:
+            self.scan_requests.labels(plan)
+
+    def init_subscription(self, name: str) -> None:
+        """Create every series of subscription `name` at 0 (attempts, lag, queue, ...)."""
+        for outcome, status in _ATTEMPT_LABELS:
+            self.delivery_attempts.labels(name, outcome, status)
+        for state in _QUEUE_STATES:
+            self.queue_depth.labels(name, state).set(0)
+        self.dead_letters.labels(name)
+        self.delivery_latency.labels(name)
+        self.delivery_lag.labels(name)
+        self.subscription_disabled.labels(name).set(0)
+        self.breaker_open.labels(name).set(0)
+
+    def forget_subscription(self, name: str) -> None:
+        """Drop every series of subscription `name`."""
+        removals: list[tuple[Counter | Gauge | Histogram, tuple[str, ...]]] = [
+            *((self.delivery_attempts, labels) for labels in _ATTEMPT_LABELS),
+            *((self.queue_depth, (state,)) for state in _QUEUE_STATES),
+            (self.dead_letters, ()),
+            (self.delivery_latency, ()),
+            (self.delivery_lag, ()),
+            (self.subscription_disabled, ()),
+            (self.breaker_open, ()),
+        ]
+        for metric, labels in removals:
+            with contextlib.suppress(KeyError):
+                metric.remove(name, *labels)
+
+    def init_batch(self, batch_id: str) -> None:
+        """Create a newly scheduled batch's poll-cycle series at 0 (`forget_batch` drops them)."""
+        for outcome in _POLL_OUTCOMES:
+            self.poll_cycles.labels(batch_id, outcome)

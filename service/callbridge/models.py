@@ -8,6 +8,7 @@ never a crash.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -154,6 +155,12 @@ class Envelope(BaseModel):
     message: str | None = None
     error: ApiError | None = None
     data: Any = None
+
+
+def iso_ms(now_ms: int) -> str:
+    """``2026-11-28T10:00:05.123Z``."""
+    dt = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now_ms % 1000:03d}Z"
 
 
 # --- events --------------------------------------------------------------------

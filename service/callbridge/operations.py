@@ -147,7 +147,7 @@ class Operations:
         _, states = await self._store.load(batch_id)
         if not states and await self._registry.get(batch_id) is None:
             return None
-        ids = sorted(c for c, st in states.items() if status is None or st.status == status)
+        ids = sorted(c for c in states if status is None or states.status(c) == status)
         return {
             "batch_id": batch_id,
             "status": status,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,7 +39,7 @@ from callbridge.models import (
     is_backward,
     normalise_status,
 )
-from callbridge.pages import RawPage
+from callbridge.pages import PageEntry, RawPage, entry
 
 PlanKind = Literal["full", "active"]
 # Why a cycle read what it read (a label of callbridge_scan_plans_total):
@@ -102,11 +102,15 @@ class PlanState:
     last: Plan | None = None
 
     def place(self, pages: Iterable[RawPage]) -> None:
-        """Note where the calls of a full scan's decoded pages sit in the list."""
+        """Note where the calls of a full scan's pages sit in the list (pages skipped
+        as unchanged hold the calls they held)."""
+        positions = self.positions
         for page in pages:
             first = (page.page - 1) * page.limit
-            for i, item in enumerate(page.items):
-                self.positions[item["call_id"]] = first + i
+            for i, raw in enumerate(page.raws):
+                e = entry(raw)
+                if e is not None:
+                    positions[e.call_id] = first + i
 
     def remember(self, items: Iterable[Mapping[str, Any]]) -> None:
         """Note the external ids of committed items (only active calls need one)."""
@@ -216,20 +220,6 @@ def learn(
     state.resolve_requests = (1 - _EWMA) * state.resolve_requests + _EWMA * spent
 
 
-def back_from_terminal(
-    states: Mapping[str, CallState], items: Mapping[str, Mapping[str, Any]]
-) -> dict[str, str]:
-    """Calls served in a non-terminal status that `states` has in a terminal one: their
-    call_id -> that terminal status (a redial, or a stale copy)."""
-    out = {}
-    for call_id, item in items.items():
-        prev = states.get(call_id)
-        back = normalise_status(item["status"]) not in TERMINAL_STATUSES
-        if prev is not None and prev.status in TERMINAL_STATUSES and back:
-            out[call_id] = prev.status
-    return out
-
-
 def window(start: int, stop: int, max_limit: int) -> tuple[int, int]:
     """``(page, limit)`` of one page covering positions ``[start, stop)`` of a list.
 
@@ -246,17 +236,20 @@ def window(start: int, stop: int, max_limit: int) -> tuple[int, int]:
     return start // max_limit + 1, max_limit
 
 
-def filtered_page_problem(page: RawPage, status: str, page_no: int) -> str | None:
-    """Why a page of the `status` list cannot be what the filter promises, or None.
+def filtered_page_problem(
+    page: RawPage, entries: Sequence[PageEntry], status: str, page_no: int
+) -> str | None:
+    """Why a page of the `status` list (its usable `entries`) cannot be what the
+    filter promises, or None.
 
     ``status_filter_ignored``: an item of another status came back.
     ``status_filter_total``: the page's items, ``has_more`` and ``total`` disagree
     (e.g. the unfiltered total reported with filtered items).
     """
-    if any(normalise_status(i["status"]) != status for i in page.items):
+    if any(normalise_status(e.status) != status for e in entries):
         return "status_filter_ignored"
     served = max(1, page.limit)
-    got = len(page.items) + page.invalid_items
+    got = len(page.raws)
     want = max(0, min(served, page.total - (page_no - 1) * served))
     if got != want or page.has_more != (page_no * served < page.total):
         return "status_filter_total"
@@ -301,28 +294,25 @@ class Books:
         """The call is served nowhere (a look-up by its external id missed it)."""
         self._move(call_id, None)
 
-    def observe_items(self, items: Iterable[Mapping[str, Any]]) -> None:
-        for item in items:
-            self._move(item["call_id"], normalise_status(item["status"]))
-
     def imbalance(self, status: str) -> int:
         return self.totals[status] - self.expected[status]
 
     def open_calls(
         self,
         states: Mapping[str, CallState] | None = None,
-        items: Mapping[str, Mapping[str, Any]] | None = None,
+        served: Mapping[str, str] | None = None,
         confirmed: Collection[str] = (),
     ) -> int:
         """Calls expected in a non-terminal status once this cycle is committed.
 
-        With the cycle's `items`: as the diff will hold them, where a backward move not
-        `confirmed` yet counts as not made (it waits for a second look).
+        With the statuses the cycle `served` (call_id -> status): as the diff will hold
+        them, where a backward move not `confirmed` yet counts as not made (it waits
+        for a second look; one that will be confirmed only makes this cycle fall back
+        to a full scan, never complete a batch early).
         """
         n = sum(n for s, n in self.expected.items() if s not in TERMINAL_STATUSES and n > 0)
-        for call_id, item in (items or {}).items():
+        for call_id, status in (served or {}).items():
             prev = (states or {}).get(call_id)
-            status = normalise_status(item["status"])
             if prev is not None and call_id not in confirmed and is_backward(prev.status, status):
                 n += (prev.status not in TERMINAL_STATUSES) - (status not in TERMINAL_STATUSES)
         return n

@@ -1,15 +1,11 @@
 """Polls batches, turns what changed into events, commits them atomically.
 
-One cycle of one batch (``poll_once``): hold the batch lease, read every page,
+One cycle of one batch (``poll_once``): hold the batch lease, read the pages,
 pick the items that differ from the last committed scan, diff them against the
 snapshot, commit states + events + timeline in one fenced Lua step, then fan the
-events out to the subscription queues. A cycle that fails anywhere before the
-commit writes nothing; the next cycle starts from the same snapshot.
-
-The owner keeps the snapshot, per-call item signatures and per-page body hashes
-in memory, so an unchanged page costs one hash and an unchanged call one CRC.
-Those caches are updated only after a successful commit and dropped whenever
-the lease is lost.
+events out. A cycle that fails before the commit writes nothing. The owner keeps
+the snapshot (encoded), item signatures and page digests in memory, updated only
+after a commit and dropped whenever the lease is lost.
 """
 
 from __future__ import annotations
@@ -20,13 +16,14 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
-from callbridge.callstate import CallState
+from callbridge.callstate import CallStates
+from callbridge.candidates import ItemSignatures, select_candidates
 from callbridge.config import Settings
-from callbridge.diff import BatchView, DiffResult, ScanFacts, diff, select_candidates
+from callbridge.diff import BatchView, DiffResult, ScanFacts, diff
 from callbridge.errors import (
     BatchNotFoundError,
     LeaseLostError,
@@ -34,24 +31,24 @@ from callbridge.errors import (
     UpstreamError,
 )
 from callbridge.metrics import Metrics, event_label, status_label
-from callbridge.models import PollOutcome
+from callbridge.models import PollOutcome, iso_ms
 from callbridge.pages import RawPage
+from callbridge.planned_scan import BatchReader, PlannedScan, settle
 from callbridge.planner import PlanState
 from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
-from callbridge.scan import PlannedScan, confirm_backward_moves, record, scan_batch, settle
+from callbridge.scan import (
+    Suspect,
+    confirm_backward_moves,
+    replays_for,
+    suspects_from,
+)
 from callbridge.schedule import BatchLifecycle, lifecycle
 from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import BatchMeta, SnapshotStore
 from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
-
-
-def iso_ms(now_ms: int) -> str:
-    """``2026-11-28T10:00:05.123Z``."""
-    dt = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now_ms % 1000:03d}Z"
 
 
 @dataclass(slots=True)
@@ -62,16 +59,16 @@ class BatchRuntime:
     backfill: bool
     token: str | None = None
     meta: BatchMeta = field(default_factory=BatchMeta)
-    states: dict[str, CallState] | None = None  # None: not loaded (cold)
-    signatures: dict[str, int] = field(default_factory=dict)
+    states: CallStates | None = None  # None: not loaded (cold)
+    signatures: ItemSignatures = field(default_factory=ItemSignatures)
     pages: dict[int, RawPage] = field(default_factory=dict)
     not_found: bool = False
     retired: bool = False
     # Set while committed events may still sit in the outbox un-fanned-out
     # (after a take-over, or a fan-out that failed): drained before anything else.
     outbox_dirty: bool = False
-    # Calls last seen moving backwards, unconfirmed: call_id -> status seen.
-    suspects: dict[str, str] = field(default_factory=dict)
+    # Calls last seen moving backwards, unconfirmed, with what that scan showed.
+    suspects: dict[str, Suspect] = field(default_factory=dict)
     plan: PlanState = field(default_factory=PlanState)
     next_due: float = 0.0
     last_started: float | None = None
@@ -79,7 +76,7 @@ class BatchRuntime:
 
     def drop_cache(self) -> None:
         self.states = None
-        self.signatures = {}
+        self.signatures = ItemSignatures()
         self.pages = {}
         self.suspects = {}
         self.plan = PlanState()
@@ -106,7 +103,6 @@ class Poller:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._p = settings.poller
-        self._page_size = settings.upstream.page_size
         self._store = store
         self._leases = leases
         self._upstream = upstream
@@ -118,6 +114,7 @@ class Poller:
         self.batches: dict[str, BatchRuntime] = {}
         self.ttl_ms = int(self._p.lease_ttl_seconds * 1000)
         self.reach = PlatformReach(self._p, monotonic=monotonic)
+        self._reader = BatchReader(upstream, settings, metrics, monotonic=monotonic)
 
     # -- state for health and admin ------------------------------------------
 
@@ -195,32 +192,50 @@ class Poller:
             scan = await self._scan(rt, keeper)
             if isinstance(scan, str):
                 return scan
-            candidates, new_sigs, duplicates = select_candidates(scan.groups, rt.signatures)
-            confirmed = await confirm_backward_moves(
+            cands = select_candidates(scan.groups, rt.signatures)
+            # Decoded once, for the calls that changed: the rest stay encoded.
+            previous = {
+                c["call_id"]: st
+                for c in cands.items
+                if (st := rt.states.get(c["call_id"])) is not None
+            }
+            confirmed, moved_on = await confirm_backward_moves(
                 self._upstream,
                 batch_id,
-                rt.states,
-                {**rt.suspects, **dict.fromkeys(scan.confirmed, "")},
-                candidates,
+                previous,
+                rt.suspects,
+                cands,
                 self._p.interval_seconds,
             )
         now_ms = self._wall_ms()
         result = diff(
             batch_id,
-            rt.states,
-            candidates,
+            previous,
+            cands.items,
             BatchView(rt.meta.counts, rt.meta.completed, rt.meta.completions),
             now_ms=now_ms,
             timestamp=iso_ms(now_ms),
             backfill=rt.backfill,
             scan=ScanFacts(complete=scan.complete, total=scan.total),
             confirmed=confirmed,
+            raws=cands.raws,
+            replays=replays_for(cands, confirmed, rt.suspects, moved_on),
         )
-        if duplicates:
-            result.anomalies["duplicate_item"] += duplicates
+        if cands.duplicates:
+            result.anomalies["duplicate_item"] += cands.duplicates
+        if cands.invalid:
+            result.anomalies["invalid_item"] += cands.invalid
+        if rt.states.unreadable:
+            log.warning(
+                "batch %s: %d unreadable snapshot entries; those calls are seen afresh",
+                batch_id,
+                rt.states.unreadable,
+                extra={"action": "snapshot_unreadable", "batch_id": batch_id},
+            )
+            rt.states.unreadable = 0
         for call_id in result.unconfirmed:
             # Seen again next cycle as a candidate, and confirmed if still backwards.
-            new_sigs.pop(call_id, None)
+            cands.signatures.pop(call_id, None)
         meta = dataclasses.replace(
             rt.meta,
             counts=result.counts,
@@ -235,12 +250,13 @@ class Poller:
             meta.last_change_ms = now_ms
         if result.completions > rt.meta.completions:
             meta.completed_at_ms = now_ms
+        encoded = {call_id: state.encode() for call_id, state in result.states.items()}
         meta.version, stream_ids = await self._store.commit(
             batch_id,
             token=rt.token,
             expected_version=rt.meta.version,
             lease_ttl_ms=self.ttl_ms,
-            states=result.states,
+            states=encoded,
             events=result.events,
             timeline=result.timeline,
             timeline_max=self._p.timeline_max_entries,
@@ -249,18 +265,10 @@ class Poller:
         # Committed: only now may the caches move forward.
         rt.meta = meta
         rt.not_found = False
-        rt.states.update(result.states)
-        rt.signatures.update(new_sigs)
-        rt.suspects = result.unconfirmed
-        rt.pages = settle(
-            rt.plan,
-            scan,
-            candidates,
-            rt.pages,
-            changed=result.changed,
-            unconfirmed=bool(result.unconfirmed),
-            moved=len(result.transitions),
-        )
+        rt.states.update_encoded(encoded)
+        rt.signatures.update(cands.signatures)
+        rt.suspects = suspects_from(cands, result.unconfirmed)
+        rt.pages = settle(rt.plan, scan, cands.items, rt.pages, result)
         self._record(batch_id, result)
         if result.events:
             log.info(
@@ -289,18 +297,8 @@ class Poller:
         """Read the batch under the planner's plan, or the outcome when nothing came."""
         assert rt.states is not None
         try:
-            scan = await scan_batch(
-                self._upstream,
-                rt.batch_id,
-                keeper,
-                settings=self._p,
-                state=rt.plan,
-                states=rt.states,
-                counts=rt.meta.counts,
-                completed=rt.meta.completed,
-                previous_pages=rt.pages,
-                page_size=self._page_size,
-                now=self._monotonic(),
+            scan = await self._reader.read(
+                rt.batch_id, keeper, rt.plan, rt.states, rt.meta, rt.pages
             )
         except UpstreamAuthError as exc:
             self.reach.key_rejected(exc)
@@ -318,16 +316,16 @@ class Poller:
             )
             return "failed"
         self.reach.answered()
-        record(self._metrics, rt.batch_id, scan)
         return scan
 
     def _record(self, batch_id: str, result: DiffResult) -> None:
         m = self._metrics
         m.set_calls(batch_id, result.counts)
-        for frm, to in result.transitions:
-            m.transitions.labels(status_label(frm), status_label(to)).inc()
-        for ev in result.events:
-            m.events.labels(event_label(ev.type)).inc()
+        # Counted per label first: a flood of 20,000 changes is a handful of series.
+        for (frm, to), n in Counter(result.transitions).items():
+            m.transitions.labels(status_label(frm), status_label(to)).inc(n)
+        for etype, n in Counter(ev.type for ev in result.events).items():
+            m.events.labels(event_label(etype)).inc(n)
         for kind, n in result.anomalies.items():
             m.upstream_anomalies.labels(kind).inc(n)
             log.warning(

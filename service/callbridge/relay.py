@@ -55,6 +55,7 @@ class Relay:
         self._on_enqueued = on_enqueued
         self._chunk = chunk
         self._max_backlog = max_backlog
+        self._backlogs = {s.name: s.max_backlog for s in self._subs}
         self._dead_retention_ms = dead_retention_ms
         self._metrics = metrics
 
@@ -62,10 +63,10 @@ class Relay:
         if self._metrics is not None:
             self._metrics.dead_letters.labels(name).inc(n)
         log.error(
-            "subscription %s holds %d undelivered deliveries (delivery.max_backlog): "
+            "subscription %s holds %d undelivered deliveries (its max_backlog): "
             "%d new ones went to its dead letters, replayable once it catches up",
             name,
-            self._max_backlog,
+            self._backlogs.get(name) or self._max_backlog,
             n,
             extra={"action": "backlog_full", "subscription": name},
         )
@@ -115,7 +116,7 @@ class Relay:
                 added, overflow = await self._queue.enqueue(
                     name,
                     deliveries,
-                    max_backlog=self._max_backlog,
+                    max_backlog=self._backlogs.get(name) or self._max_backlog,
                     dead_retention_ms=self._dead_retention_ms,
                 )
                 if overflow:

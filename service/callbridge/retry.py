@@ -53,7 +53,7 @@ class Decision:
     delay_s: float = 0.0
     reason: str = ""
     kind: FailureKind = "fail"
-    # With kind "paced": no attempt to the endpoint for this long.
+    # With kind "paced": half the endpoint's requests at once for this long.
     pace_s: float = 0.0
 
 

@@ -1,10 +1,5 @@
 """Reading a batch from the platform for one cycle: its pages, and second looks.
 
-`scan_batch` reads under the plan the `planner` picks: every page (`read_pages`),
-or the active plan (`active_scan`), falling back to every page in the same cycle
-when the active plan cannot stand for a full scan; `settle` moves the planner's
-memory and the page digests on once the cycle is committed.
-
 A scan keeps what arrived: when a page fails after its retries (bounded by one
 poll interval), the pages read so far are returned with ``complete=False`` and
 their calls are committed; the next scan starts on time, so no call is blind
@@ -14,29 +9,35 @@ error for the caller.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from callbridge.active_scan import ActiveScan, Fallback
-from callbridge.callstate import CallState
-from callbridge.config import PollerSettings
+from callbridge.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerprint
+from callbridge.candidates import Candidates
 from callbridge.errors import UpstreamAuthError, UpstreamError
-from callbridge.metrics import Metrics
-from callbridge.models import is_backward, normalise_status
+from callbridge.models import is_backward, is_terminal, normalise_status
 from callbridge.pages import RawPage
-from callbridge.planner import FILTER_DISTRUST_S, Plan, PlanState, choose, full_cost, learn
 from callbridge.store.leases import LeaseKeeper
 from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
 # Backward moves confirmed by a look-up per cycle at most; the rest wait a scan.
-MAX_LOOKUPS_PER_CYCLE = 20
+# Look-ups cost requests from the budget every scan shares, so they are few, and
+# only for the moves a scan alone confirms late (a terminal status never seen).
+MAX_LOOKUPS_PER_CYCLE = 4
+_STARTED_AT = FINGERPRINT_FIELDS.index("started_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    """A call seen moving backwards by one scan, waiting for a second look."""
+
+    status: str
+    item: dict[str, Any]
+    raw: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,20 +80,23 @@ async def confirm_backward_moves(
     upstream: UpstreamClient,
     batch_id: str,
     states: Mapping[str, CallState],
-    suspects: Mapping[str, str],
-    candidates: list[dict[str, Any]],
+    suspects: Mapping[str, Suspect],
+    candidates: Candidates,
     retry_within_s: float,
-) -> set[str]:
-    """Call ids whose backward move a second observation confirms.
+) -> tuple[set[str], dict[str, dict[str, Any]]]:
+    """Call ids whose backward move a second observation confirms, and what the scan
+    showed of those the look-up found moved on since (to report first, see `diff`).
 
     The second observation is the previous scan (`suspects`: the call was seen
-    backwards then too) or, at once, an ``external_id`` look-up of the call. A
-    look-up showing the call where we last saw it proves the scan's copy stale:
-    the look-up's item replaces it in `candidates` (so the diff sees the truth).
+    backwards then too) or, at once, an ``external_id`` look-up of the call (for a
+    call whose terminal status we never saw: a redial after a seen one waits a
+    scan). A look-up showing the call where we last saw it proves the scan's copy
+    stale: the look-up's item replaces it in `candidates` (so the diff sees the truth).
     """
     confirmed: set[str] = set()
+    moved_on: dict[str, dict[str, Any]] = {}
     lookups = 0
-    for i, item in enumerate(candidates):
+    for i, item in enumerate(candidates.items):
         call_id = item["call_id"]
         prev = states.get(call_id)
         if prev is None or not is_backward(prev.status, normalise_status(item["status"])):
@@ -101,7 +105,11 @@ async def confirm_backward_moves(
             confirmed.add(call_id)
             continue
         external_id = item.get("external_id")
-        if not isinstance(external_id, str) or lookups >= MAX_LOOKUPS_PER_CYCLE:
+        if (
+            not isinstance(external_id, str)
+            or is_terminal(prev.status)
+            or lookups >= MAX_LOOKUPS_PER_CYCLE
+        ):
             continue
         lookups += 1
         try:
@@ -112,190 +120,50 @@ async def confirm_backward_moves(
             continue  # the next scan confirms it, or not
         if fresh is None:
             continue
-        candidates[i] = fresh
-        if is_backward(prev.status, normalise_status(fresh["status"])):
+        candidates.items[i] = fresh.item
+        candidates.raws[call_id] = fresh.raw
+        status = normalise_status(fresh.status)
+        if is_backward(prev.status, status):
             confirmed.add(call_id)
-    return confirmed
+        elif status == prev.status and _new_attempt(prev, fresh.item):
+            # Back where we last saw it, but in a new attempt (it started ringing at
+            # another time): it was redialled and has come forward again since the
+            # scan. The scan's status was real.
+            confirmed.add(call_id)
+            moved_on[call_id] = item
+    return confirmed, moved_on
 
 
-@dataclass(slots=True)
-class PlannedScan:
-    """What one cycle read under its plan, ready for `select_candidates` and the diff."""
-
-    plan: Plan
-    # Item lists in the order they were served (a later copy of a call wins).
-    groups: list[list[dict[str, Any]]]
-    # Every call of the batch was read: batch-level facts (completion) may follow.
-    complete: bool
-    total: int | None
-    # A request failed after its retries; what arrived before is kept.
-    partial: bool
-    # The full scan's pages (for the page digests); None when the plan was active.
-    pages: list[RawPage] | None
-    # When the plan was chosen (monotonic) and what a full scan would cost.
-    started: float
-    full_pages: int
-    page_size: int
-    requests: Counter[str] = field(default_factory=Counter)
-    resolve_requests: int = 0
-    anomaly: str | None = None
-    # The planner's `gone` set once this cycle is committed.
-    gone: set[str] = field(default_factory=set)
-    # Backward moves the reads themselves confirmed (no look-up needed).
-    confirmed: set[str] = field(default_factory=set)
+def _new_attempt(prev: CallState, item: Mapping[str, Any]) -> bool:
+    started = Fingerprint.of(item).known[_STARTED_AT]
+    return started != ABSENT and started != prev.fingerprint.known[_STARTED_AT]
 
 
-async def scan_batch(
-    upstream: UpstreamClient,
-    batch_id: str,
-    keeper: LeaseKeeper,
-    *,
-    settings: PollerSettings,
-    state: PlanState,
-    states: Mapping[str, CallState],
-    counts: Mapping[str, int],
-    completed: bool,
-    previous_pages: Mapping[int, RawPage],
-    page_size: int,
-    now: float,
-) -> PlannedScan:
-    """Read `batch_id` for one cycle under the plan `planner.choose` picks; an active
-    plan that cannot stand for a full scan falls back to one in the same cycle.
-
-    Raises the upstream error when nothing at all could be read.
-    """
-    plan = choose(settings, state, counts, page_size, now, batch_id)
-    full_pages = full_cost(counts, page_size)
-    requests: Counter[str] = Counter()
-    anomaly = None
-    if plan.kind == "active":
-        active = ActiveScan(
-            upstream,
-            batch_id,
-            keeper,
-            states=states,
-            counts=counts,
-            state=state,
-            page_size=page_size,
-            completed=completed,
-            budget=full_pages if settings.scan == "auto" else math.inf,
-            retry_within_s=settings.interval_seconds,
-        )
-        try:
-            await active.run()
-        except Fallback as fallback:
-            requests["active"] += active.requests
-            plan = Plan("full", fallback.reason)
-            anomaly = fallback.anomaly
-            if anomaly is not None:
-                state.distrust_until = now + FILTER_DISTRUST_S
-        except UpstreamAuthError:
-            raise
-        except UpstreamError as exc:
-            if not active.items:
-                raise
-            log.warning(
-                "active scan of batch %s stopped after %d requests, keeping what arrived: %s",
-                batch_id,
-                active.requests,
-                exc,
-                extra={"action": "scan_partial", "batch_id": batch_id},
-            )
-            return _active(plan, active, now, full_pages, partial=True)
-        else:
-            return _active(plan, active, now, full_pages, partial=False)
-    scan = await read_pages(upstream, batch_id, previous_pages, keeper, settings.interval_seconds)
-    requests["full"] += len(scan.pages)
-    return PlannedScan(
-        plan=plan,
-        groups=[p.items for p in scan.pages],
-        complete=scan.complete,
-        total=scan.pages[-1].total if scan.complete else None,
-        partial=not scan.complete,
-        pages=scan.pages,
-        started=now,
-        full_pages=full_pages,
-        page_size=page_size,
-        requests=requests,
-        anomaly=anomaly,
-        # A complete scan served every call there is; one still missing is looked up
-        # again (once) by the next active cycle.
-        gone=set() if scan.complete else set(state.gone),
-    )
+def replays_for(
+    candidates: Candidates,
+    confirmed: set[str],
+    suspects: Mapping[str, Suspect],
+    moved_on: Mapping[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """For confirmed calls that have moved on since the scan that saw them go back,
+    what that scan showed (reported first: see `diff`)."""
+    out = dict(moved_on)
+    for item in candidates.items:
+        call_id = item["call_id"]
+        suspect = suspects.get(call_id)
+        if (
+            call_id in confirmed
+            and suspect is not None
+            and suspect.status != normalise_status(item["status"])
+        ):
+            out[call_id] = suspect.item
+    return out
 
 
-def _active(
-    plan: Plan, active: ActiveScan, started: float, full_pages: int, *, partial: bool
-) -> PlannedScan:
-    return PlannedScan(
-        plan=plan,
-        groups=[list(active.items.values())],
-        complete=False,
-        total=None,
-        partial=partial,
-        pages=None,
-        started=started,
-        full_pages=full_pages,
-        page_size=active.page_size,
-        requests=Counter(active=active.requests),
-        resolve_requests=active.resolving,
-        gone=active.gone,
-        confirmed=set() if partial else active.confirmed,
-    )
-
-
-def record(metrics: Metrics, batch_id: str, scan: PlannedScan) -> None:
-    """Count a cycle's requests and plan (whether or not its commit succeeds)."""
-    for kind, n in scan.requests.items():
-        metrics.scan_requests.labels(kind).inc(n)
-    metrics.scan_plans.labels(scan.plan.kind, scan.plan.reason).inc()
-    metrics.set_plan(batch_id, scan.plan.kind)
-    if scan.anomaly is not None:
-        metrics.upstream_anomalies.labels(scan.anomaly).inc()
-        log.warning(
-            "batch %s: the status filter misbehaved (%s); full scans for %.0fs",
-            batch_id,
-            scan.anomaly,
-            FILTER_DISTRUST_S,
-            extra={"action": "upstream_anomaly", "batch_id": batch_id},
-        )
-
-
-def settle(
-    state: PlanState,
-    scan: PlannedScan,
-    committed: Iterable[Mapping[str, Any]],
-    digests: dict[int, RawPage],
-    *,
-    changed: bool,
-    unconfirmed: bool,
-    moved: int = 0,
-) -> dict[int, RawPage]:
-    """Move the planner's memory on once the cycle that read `scan` is committed;
-    returns the page digests to keep for the next full scan."""
-    if scan.plan.kind == "full" and scan.complete:
-        state.last_full_at = scan.started
-    if scan.pages is not None:
-        state.place(scan.pages)
-    learn(
-        state,
-        scan.plan,
-        resolve_requests=scan.resolve_requests,
-        full_cost=scan.full_pages,
-        moved=moved,
-        page_size=scan.page_size,
-    )
-    state.gone = scan.gone
-    state.remember(committed)
-    state.last = scan.plan
-    if unconfirmed:
-        # A backward move waits to be seen again: its page must be read, not skipped
-        # as unchanged (which would leave the move unconfirmed for as long).
-        return {}
-    if scan.pages is not None and scan.complete:
-        return {p.page: dataclasses.replace(p, items=[], unchanged=False) for p in scan.pages}
-    if scan.pages is not None or changed:
-        # Pages that did not arrive keep no digest, nor pages whose calls an active
-        # cycle moved since (a digest stands for the snapshot of its calls).
-        return {}
-    return digests
+def suspects_from(candidates: Candidates, unconfirmed: Mapping[str, str]) -> dict[str, Suspect]:
+    """The calls this scan saw go back, unconfirmed, with what it showed of them."""
+    return {
+        call_id: Suspect(status, item, candidates.raws[call_id])
+        for item in candidates.items
+        if (status := unconfirmed.get(call_id := item["call_id"])) is not None
+    }

@@ -200,6 +200,7 @@ class Scheduler:
             if batch_id not in self._batches:
                 backfill = self._p.backfill if reg.backfill is None else reg.backfill
                 self._batches[batch_id] = BatchRuntime(batch_id, backfill, next_due=now)
+                self._metrics.init_batch(batch_id)
         for batch_id in list(self._batches):
             rt = self._batches[batch_id]
             if batch_id not in registered:

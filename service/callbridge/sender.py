@@ -9,15 +9,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from callbridge import __version__
 from callbridge.config import SubscriptionSettings
-from callbridge.constants import RESPONSE_EXCERPT_BYTES
+from callbridge.constants import (
+    HEADER_WEBHOOK_ID,
+    HEADER_WEBHOOK_SIGNATURE,
+    HEADER_WEBHOOK_TIMESTAMP,
+    RESPONSE_EXCERPT_BYTES,
+)
 from callbridge.errors import excerpt
 from callbridge.retry import AttemptResult, parse_retry_after
-from callbridge.signing import signature_headers
+from callbridge.signing import sign
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What every request to one subscription shares, built once: the parsed URL,
+    the timeout and every header but the three that are new per attempt."""
+
+    settings: SubscriptionSettings
+    url: URL
+    timeout: aiohttp.ClientTimeout
+    headers: dict[str, str]
 
 
 class WebhookSender:
@@ -28,6 +46,23 @@ class WebhookSender:
     ) -> None:
         self._session = session
         self._wall = wall
+        self._targets: dict[str, _Target] = {}
+
+    def _target(self, sub: SubscriptionSettings) -> _Target:
+        target = self._targets.get(sub.name)
+        if target is None or target.settings is not sub:
+            target = _Target(
+                settings=sub,
+                url=URL(str(sub.url)),
+                timeout=aiohttp.ClientTimeout(total=sub.timeout_seconds),
+                headers={
+                    **sub.headers,
+                    "Content-Type": "application/json",
+                    "User-Agent": f"callbridge/{__version__}",
+                },
+            )
+            self._targets[sub.name] = target
+        return target
 
     async def send(
         self,
@@ -37,12 +72,12 @@ class WebhookSender:
         body: bytes,
     ) -> AttemptResult:
         """One signed POST; every failure becomes a classified AttemptResult."""
-        headers = {
-            **sub.headers,
-            "Content-Type": "application/json",
-            "User-Agent": f"callbridge/{__version__}",
-            **signature_headers(keys, event_id, int(self._wall()), body),
-        }
+        target = self._target(sub)
+        timestamp = int(self._wall())
+        headers = target.headers.copy()
+        headers[HEADER_WEBHOOK_ID] = event_id
+        headers[HEADER_WEBHOOK_TIMESTAMP] = str(timestamp)
+        headers[HEADER_WEBHOOK_SIGNATURE] = sign(keys, event_id, timestamp, body)
         started = time.perf_counter()
         status: int | None = None
         error: str | None = None
@@ -51,10 +86,10 @@ class WebhookSender:
         no_connection = False
         try:
             async with self._session.post(
-                str(sub.url),
+                target.url,
                 data=body,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=sub.timeout_seconds),
+                timeout=target.timeout,
                 allow_redirects=False,
             ) as resp:
                 status = resp.status

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 import orjson
@@ -42,7 +42,7 @@ from callbridge.errors import (
 )
 from callbridge.metrics import Metrics
 from callbridge.models import CallsPage
-from callbridge.pages import RawPage, body_digest, decode_page
+from callbridge.pages import PageEntry, RawPage, body_digest, decode_page
 from callbridge.retry import parse_retry_after
 from callbridge.store.ratelimit import RateLimiter
 
@@ -127,7 +127,7 @@ class UpstreamClient:
         retry_within_s: float | None = None,
         status: str | None = None,
     ) -> RawPage:
-        """One raw page with retries; items without call_id/status are dropped and counted.
+        """One raw page with retries (its items are checked as they are used).
 
         With `previous` (this page as of the last committed cycle), an identical body
         is not decoded again: `previous` comes back marked `unchanged`. With `status`,
@@ -139,18 +139,8 @@ class UpstreamClient:
             url, body = await self._get(batch_id, params, pages_left)
             digest = body_digest(body)
             if previous is not None and previous.digest == digest:
-                return dataclasses.replace(previous, items=[], unchanged=True)
-            raw = decode_page(body, url=url, digest=digest)
-            if raw.invalid_items:
-                self._metrics.upstream_anomalies.labels("invalid_item").inc(raw.invalid_items)
-                log.warning(
-                    "page %d of batch %s had %d items without call_id/status; ignored",
-                    page,
-                    batch_id,
-                    raw.invalid_items,
-                    extra={"action": "upstream_anomaly", "batch_id": batch_id},
-                )
-            return raw
+                return dataclasses.replace(previous, raws=[], unchanged=True)
+            return decode_page(body, url=url, digest=digest)
 
         return await self._retrying(attempt, within_s=retry_within_s)
 
@@ -161,7 +151,7 @@ class UpstreamClient:
         external_id: str,
         *,
         retry_within_s: float | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> PageEntry | None:
         """The call's current item, looked up by its external id (None when not served).
 
         Several calls may share an external id (one contact dialled twice): the
@@ -177,8 +167,8 @@ class UpstreamClient:
                 return decode_page(body, url=url)
 
             page = await self._retrying(attempt, within_s=retry_within_s)
-            found = next((i for i in page.items if i["call_id"] == call_id), None)
-            if found is not None or not page.has_more or not page.items:
+            found = next((e for e in page.entries if e.call_id == call_id), None)
+            if found is not None or not page.has_more or not page.raws:
                 return found
             if page_no >= math.ceil(page.total / max(1, page.limit)) + _EXTRA_PAGES_ALLOWED:
                 return None
@@ -219,7 +209,7 @@ class UpstreamClient:
             yield page
             if not page.has_more:
                 return
-            if not page.items and not page.unchanged:
+            if not page.raws and not page.unchanged:
                 # has_more with nothing on this page would page forever.
                 self._anomaly(batch_id, "empty_page_has_more", f"page {page_no} is empty")
                 return
@@ -239,13 +229,13 @@ class UpstreamClient:
         odd = []
         if page.page != page_no:
             odd.append("page_mismatch")
-        if page.has_more and len(page.items) + page.invalid_items < served:
+        if page.has_more and len(page.raws) < served:
             odd.append("short_page_has_more")
         for kind in odd:
             self._anomaly(
                 batch_id,
                 kind,
-                f"page {page_no} (page={page.page}, items={len(page.items)}, "
+                f"page {page_no} (page={page.page}, items={len(page.raws)}, "
                 f"limit={page.limit}, total={page.total})",
             )
 

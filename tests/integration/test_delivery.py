@@ -151,17 +151,20 @@ async def test_connection_refused_opens_the_breaker_at_once(make_rig: MakeRig) -
 
 
 async def test_429_paces_the_endpoint_and_is_not_a_breaker_failure(make_rig: MakeRig) -> None:
-    rig = await make_rig({"crm": {"max_in_flight": 1}}, breaker_min_attempts=1)
+    rig = await make_rig({"crm": {"max_in_flight": 8}}, breaker_min_attempts=1)
     rec = rig.receivers["crm"]
     rec.answers.append(429)
-    await rig.enqueue("crm", event(1, "c1"), event(2, "c2"))
+    await rig.enqueue("crm", event(1, "c1"))
     assert await rig.deliverer.run_once() == 1
     ep = await rig.queue.endpoint("crm")
     assert ep.open_until_ms == 0  # min_attempts 1: any counted failure would open it
     assert ep.paced_until_ms > 0
-    # Paced: c2 is due but nothing is claimed before the Retry-After (1 s) passes.
-    assert await rig.deliverer.run_once() == 0
-    assert len(rec.received) == 1
+    # Paced (Retry-After: 1 s): half the requests at once, four not eight, and the
+    # delivery that got the 429 waits for its Retry-After.
+    await rig.enqueue("crm", *[event(1, f"c{i}") for i in range(2, 12)])
+    assert await rig.deliverer.run_once() == 4
+    assert "evt_c1_1" not in [r.id for r in rec.received][1:]
+    assert len(rec.received) == 5
 
 
 async def test_per_call_order_waits_for_first_attempt(make_rig: MakeRig) -> None:
@@ -277,3 +280,28 @@ async def test_long_run_of_one_call_does_not_starve_others(make_rig: MakeRig) ->
     assert await rig.deliverer.run_once() == 6  # the head of "busy" + all 5 others
     calls = {r.payload()["data"]["call_id"] for r in rig.receivers["crm"].received}
     assert calls == {"busy", *(f"other{i}" for i in range(5))}
+
+
+async def test_a_busy_subscription_hands_freed_slots_to_a_waiting_one(make_rig: MakeRig) -> None:
+    """A loop claims into the slots its finished attempts free, in the same round
+    trip; while another subscription waits for a replica slot it hands them back."""
+    rig = await make_rig(
+        {"busy": {"max_in_flight": 4}, "quiet": {"max_in_flight": 4}}, global_max_in_flight=4
+    )
+    n = 1000
+    await rig.enqueue("busy", *[event(1, f"c{i}") for i in range(n)])
+    stopping = asyncio.Event()
+    task = asyncio.create_task(rig.deliverer.run(stopping))
+    busy, quiet = rig.receivers["busy"], rig.receivers["quiet"]
+    try:
+        async with asyncio.timeout(20):
+            while len(busy.received) < 20:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            await rig.enqueue("quiet", event(1, "q"))
+            rig.deliverer.wake("quiet")
+            while not quiet.received:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        assert len(busy.received) < n
+    finally:
+        stopping.set()
+        await task

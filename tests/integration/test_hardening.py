@@ -16,14 +16,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from callbridge.app import Bridge
+from callbridge.candidates import ItemSignatures, select_candidates
 from callbridge.config import RedisSettings
-from callbridge.diff import select_candidates
 from callbridge.janitor import Janitor
 from callbridge.relay import Relay
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.connection import connect
 from callbridge.store.keys import Keys
-from callbridge.store.queue import DeliveryQueue
+from callbridge.store.queue import Completion, CompletionPolicy, DeliveryQueue
 from callbridge.store.scripts import source
 from tests.support.bridges import MakeService, sim_config
 from tests.support.deliveries import MakeRig, event
@@ -126,14 +126,14 @@ def test_a_checksum_collision_does_not_hide_a_change() -> None:
     """32-bit item signatures let a CRC collision skip a real change (possibly a final
     status); signatures are 64 bits now."""
     before = {"call_id": "c1", "status": "in_progress", "x": "@@@@@@@@@@"}
-    _, sigs, _ = select_candidates([[before]], {})
+    known = ItemSignatures()
+    known.update(select_candidates([[orjson.dumps(before)]], known).signatures)
     raw_before = orjson.dumps(before)
     head = b'{"call_id":"c1","status":"completed","x":"'
     forged = _forge_crc(head, b'"}', zlib.crc32(raw_before))
     after = {"call_id": "c1", "status": "completed", "x": forged.decode()}
     assert zlib.crc32(orjson.dumps(after)) == zlib.crc32(raw_before)
-    candidates, _, _ = select_candidates([[after]], sigs)
-    assert candidates == [after]
+    assert select_candidates([[orjson.dumps(after)]], known).items == [after]
 
 
 async def test_heartbeats_use_the_server_clock(
@@ -261,6 +261,45 @@ async def test_a_claim_resent_after_a_lost_reply_claims_nothing_more(lossy_redis
         await client.aclose()
 
 
+async def test_a_step_resent_after_a_lost_reply_records_and_claims_once(
+    lossy_redis: Any,
+) -> None:
+    """One call records outcomes and claims (issue 13): re-sent after a lost reply it
+    returns what applied the first time and the same claims, changing nothing more."""
+    proxy, url = lossy_redis
+    client = connect(url, RedisSettings(url=url))
+    policy = CompletionPolicy(
+        retention_ms=60_000, dead_retention_ms=60_000, breaker_threshold=5, cooloff_ms=1000,
+        cooloff_max_ms=1000,
+    )  # fmt: skip
+    try:
+        queue = DeliveryQueue(client, Keys())
+        await queue.enqueue("crm", [(event(1, f"c{i}"), 0) for i in range(6)])
+        first = await queue.claim("crm", max_in_flight=2, limit=2, visibility_ms=60_000, token="w")
+        assert len(first) == 2
+        outcomes = [Completion(c.event_id, c.token, "success", kind="ok") for c in first]
+        proxy.arm(_sha("claim"))
+        applied, claimed = await queue.step(
+            "crm", outcomes, policy, max_in_flight=2, limit=2, visibility_ms=60_000, token="w"
+        )
+        assert proxy.dropped == 1
+        assert applied == ["success", "success"]
+        assert len(claimed) == 2
+        assert not {c.event_id for c in claimed} & {c.event_id for c in first}
+        depth = await queue.depths("crm")
+        assert (depth["inflight"], depth["ready"]) == (2, 2)
+        for c in first:
+            record = await queue.record("crm", c.event_id)
+            assert record is not None
+            assert (record["state"], record["attempts"], len(record["history"])) == (
+                "delivered",
+                1,
+                1,
+            )
+    finally:
+        await client.aclose()
+
+
 async def test_a_commit_resent_after_a_lost_reply_is_not_a_conflict(
     lossy_redis: Any, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:
@@ -370,3 +409,66 @@ async def test_a_released_batch_stops_exporting_its_series(make_service: MakeSer
     # Another replica owns it now (rebalance): its series are that replica's to export.
     await svc.poller.release(rt)
     assert sample(svc.metrics, "calls", batch=batch, status="pending") is None
+
+
+async def test_a_restarted_replica_takes_its_own_leases_over_at_once(
+    make_service: MakeService,
+) -> None:
+    """A SIGKILLed replica's leases outlived it: its restart (a new process) polled
+    nothing for lease_ttl_seconds. Under the same replica id it takes them at once;
+    another replica still waits."""
+    first, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=3))
+    batch = sim.batch_ids[0]
+    assert await first.poller.poll_once(batch) == "committed"  # leases "test:<...>"
+    killed_token = await first.leases.owner(batch)
+    # Killed: nothing released. Another replica must wait for the TTL...
+    other = await Bridge.create(first.settings, replica_id="someone-else")
+    restarted = await Bridge.create(first.settings, replica_id="test")
+    try:
+        assert await other.poller.poll_once(batch) == "not_owner"
+        # ...the same replica, restarted, need not.
+        sim.advance()
+        assert await restarted.poller.poll_once(batch) in ("committed", "unchanged")
+        owner = await restarted.leases.owner(batch)
+        assert owner is not None
+        assert owner.startswith("test:")
+        assert owner != killed_token
+    finally:
+        await other.close()
+        await restarted.close()
+
+
+async def test_a_restarted_replica_gives_its_predecessors_claims_back_at_once(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig({"crm": {}})
+    await rig.enqueue("crm", event(1, "c1"), event(1, "c2"))
+    # The previous process of replica r1 claimed both and was killed.
+    dead = await rig.queue.claim(
+        "crm", max_in_flight=9, limit=9, visibility_ms=60_000, token="r1:old"
+    )
+    other = await rig.queue.claim(
+        "crm", max_in_flight=9, limit=9, visibility_ms=60_000, token="r2:x"
+    )
+    assert (len(dead), len(other)) == (2, 0)
+    # Restarted, r1 gives back what its predecessor held; nobody else's claims.
+    assert await rig.queue.reclaim_own("crm", "r1", "r1:new") == 2
+    assert await rig.queue.reclaim_own("crm", "r1", "r1:new") == 0
+    assert (await rig.queue.depths("crm"))["ready"] == 2
+
+
+async def test_a_parked_delivery_released_by_an_older_replica_is_freed_by_the_sweep(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    """During a rolling upgrade, a replica of the previous release completes a call's
+    first event without knowing its successor is parked: the sweep frees it."""
+    rig = await make_rig({"crm": {}})
+    await rig.enqueue("crm", event(1, "c1"), event(2, "c1"))
+    assert (await rig.queue.depths("crm"))["waiting"] == 1
+    # The previous release's outcome script: attempts counted, nothing released.
+    record = Keys().delivery("crm", "evt_c1_1")
+    await redis_client.hset(record, mapping={"state": "delivered", "attempts": 1})
+    await redis_client.zrem(Keys().due("crm"), "evt_c1_1")
+    assert await rig.queue.sweep("crm", dead_retention_ms=60_000) == 0
+    depth = await rig.queue.depths("crm")
+    assert (depth["waiting"], depth["ready"]) == (0, 1)

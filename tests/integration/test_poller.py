@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
 from callbridge.app import Bridge
+from callbridge.callstate import CallStates
 from callbridge.models import TERMINAL_STATUSES
 from callbridge.poller import BatchRuntime
 from callbridge.simulator import FaultConfig, Simulator
@@ -140,7 +141,7 @@ async def test_lost_lease_is_fenced(
     assert rt.token is None
     # Even with a stale token in hand, the commit itself refuses to write.
     rt.token = "test:stale"
-    rt.states = {}
+    rt.states = CallStates()
     from callbridge.errors import LeaseLostError
 
     with pytest.raises(LeaseLostError):

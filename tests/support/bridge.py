@@ -8,7 +8,7 @@ import os
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -74,13 +74,29 @@ def _own_port(config: Path) -> Path:
     return own
 
 
-async def start_bridge(config: Path) -> asyncio.subprocess.Process:
-    """`callbridge run` in a subprocess."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "callbridge", "run", "--config", str(_own_port(config)),
-        env={**os.environ, "KEY": API_KEY},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+def _output(log: Path | None) -> IO[bytes]:
+    return (log or Path(os.devnull)).open("wb")
+
+
+async def start_bridge(config: Path, log: Path | None = None) -> asyncio.subprocess.Process:
+    """`callbridge run` in a subprocess; its output goes to `log` when given."""
+    with _output(log) as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "callbridge", "run", "--config", str(_own_port(config)),
+            env={**os.environ, "KEY": API_KEY},
+            stdout=out, stderr=out,
+        )  # fmt: skip
+
+
+async def stop_bridge(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL after 10 s; always reaps the child."""
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 def final_statuses_delivered(sim: Simulator, receiver: Receiver) -> bool:

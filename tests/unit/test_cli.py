@@ -136,7 +136,7 @@ def test_subcommand_help_exits_zero(command: str, capsys: pytest.CaptureFixture[
 
 
 def test_all_subcommands_have_help_tests() -> None:
-    assert _subcommands() == ["check-config", "demo", "run", "simulate", "verify"]
+    assert _subcommands() == ["admin", "check-config", "demo", "run", "simulate", "verify"]
 
 
 def test_usage_error_exits_two(capsys: pytest.CaptureFixture[str]) -> None:

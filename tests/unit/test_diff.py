@@ -306,19 +306,33 @@ def test_status_case_and_spaces_are_normalised() -> None:
 
 
 def test_select_candidates_merges_pages_and_skips_unchanged() -> None:
-    from callbridge.diff import select_candidates
+    from callbridge.candidates import ItemSignatures, select_candidates
 
-    page1 = [item("c1", "ringing"), item("c2", "pending")]
-    page2 = [item("c2", "queued"), item("c3", "pending")]  # c2 shifted: served twice
-    cands, sigs, dups = select_candidates([page1, page2], {})
-    assert dups == 1
-    assert {c["call_id"]: c["status"] for c in cands} == {
+    def served(*items: dict[str, Any]) -> list[bytes]:
+        return [orjson.dumps(i) for i in items]
+
+    page1 = served(item("c1", "ringing"), item("c2", "pending"))
+    page2 = served(item("c2", "queued"), item("c3", "pending"))  # c2 shifted: served twice
+    known = ItemSignatures()
+    cands = select_candidates([page1, page2], known)
+    assert cands.duplicates == 1
+    assert {c["call_id"]: c["status"] for c in cands.items} == {
         "c1": "ringing",
         "c2": "queued",  # the later page wins
         "c3": "pending",
     }
-    again, _, _ = select_candidates([page1, page2], sigs)
-    assert again == []
+    assert set(cands.raws) == {"c1", "c2", "c3"}
+    known.update(cands.signatures)
+    again = select_candidates([page1, page2], known)
+    # c2's first copy is not its committed one: it is a candidate (a stale copy), but
+    # the later, committed copy wins the merge, so nothing is left to diff.
+    assert again.items == []
+    assert again.duplicates == 1
+    # Items without a usable call_id or status are counted, never decoded further.
+    odd = select_candidates(
+        [[b'{"call_id":"","status":"x"}', b"[1]", orjson.dumps(item("c4", " "))]], known
+    )
+    assert (odd.items, odd.invalid) == ([], 3)
 
 
 def test_unreadable_state_raises_value_error() -> None:
@@ -349,3 +363,43 @@ def test_schema_1_entries_are_read() -> None:
     assert (state.status, state.seq) == ("ringing", 3)
     assert state.fingerprint == fp
     assert CallState.decode(state.encode()) == state
+
+
+def test_call_states_decode_on_access_and_skip_unreadable_entries() -> None:
+    from callbridge.callstate import CallStates
+
+    state = CallState("ringing", 2, Fingerprint.of(item("c1", "ringing")))
+    states = CallStates({"c1": state.encode(), "c2": "garbage"})
+    assert states["c1"] == state
+    assert states.status("c1") == "ringing"
+    # Written by something else: the call reads as unknown (seen afresh), counted.
+    assert states.get("c2") is None
+    assert states.unreadable == 1
+    assert set(states) == {"c1", "c2"}
+
+
+def test_a_redial_seen_going_on_reports_what_the_first_look_saw() -> None:
+    # ringing; no_answer unseen; the platform redials: queued (one scan), then ringing.
+    # The second look confirms the move back; queued, seen by the first, comes first.
+    t = Tracker()
+    t.poll([item("c1", "pending")])
+    t.poll([item("c1", "ringing")])
+    assert types(t.poll([item("c1", "queued")])) == []
+    first_look = item("c1", "queued")
+    r = diff(
+        "b1",
+        t.states,
+        [item("c1", "ringing")],
+        t.view,
+        now_ms=NOW,
+        timestamp=TS,
+        confirmed={"c1"},
+        replays={"c1": first_look},
+    )
+    data = [orjson.loads(e.body)["data"] for e in r.events]
+    assert [(d["status"], d["previous_status"], d["missed_terminal"]) for d in data] == [
+        ("queued", "ringing", True),
+        ("ringing", "queued", False),
+    ]
+    assert [d["sequence"] for d in data] == [2, 3]
+    assert r.states["c1"].status == "ringing"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import msgspec
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +19,6 @@ from callbridge.planner import (
     PlanState,
     active_cost,
     active_statuses,
-    back_from_terminal,
     choose,
     expected_requests,
     filtered_page_problem,
@@ -115,7 +118,7 @@ def test_window_covers_the_range_when_one_page_can(start: int, length: int, max_
 
 def page(items: list[dict[str, object]], *, total: int, page_no: int, limit: int) -> RawPage:
     return RawPage(
-        items=items,
+        raws=[msgspec.Raw(orjson.dumps(i)) for i in items],
         total=total,
         page=page_no,
         limit=limit,
@@ -150,7 +153,9 @@ def items(status: str, n: int) -> list[dict[str, object]]:
             "status_filter_total",
         ),
         (
-            RawPage(items("queued", 2), total=2, page=1, limit=5, has_more=True),
+            dataclasses.replace(
+                page(items("queued", 2), total=2, page_no=1, limit=5), has_more=True
+            ),
             "queued",
             1,
             "status_filter_total",
@@ -160,7 +165,7 @@ def items(status: str, n: int) -> list[dict[str, object]]:
 def test_filtered_page_problems(
     raw: RawPage, status: str, page_no: int, problem: str | None
 ) -> None:
-    assert filtered_page_problem(raw, status, page_no) == problem
+    assert filtered_page_problem(raw, raw.entries, status, page_no) == problem
 
 
 def test_books_follow_observations() -> None:
@@ -228,14 +233,10 @@ def test_open_calls_as_the_diff_will_hold_them() -> None:
         "t": CallState("pending", 0, FP),
     }
     books = Books(states, {"completed": 1, "ringing": 1, "pending": 1})
-    items = {
-        "r": {"call_id": "r", "status": "queued"},
-        "s": {"call_id": "s", "status": "queued"},
-        "t": {"call_id": "t", "status": "cancelled"},
-    }
-    books.observe_items(items.values())
+    served = {"r": "queued", "s": "queued", "t": "cancelled"}
+    for call_id, status in served.items():
+        books.observe(call_id, status)
     assert books.open_calls() == 2
     # Unconfirmed, the redial leaves the batch finished as far as the diff goes.
-    assert books.open_calls(states, items) == 1
-    assert books.open_calls(states, items, confirmed={"r"}) == 2
-    assert back_from_terminal(states, items) == {"r": "completed"}
+    assert books.open_calls(states, served) == 1
+    assert books.open_calls(states, served, confirmed={"r"}) == 2

@@ -1,10 +1,11 @@
 """The simulator's call store: batches of call records and their cached JSON.
 
-A batch keeps its calls in creation order (the API's order) with each item's
-JSON bytes cached until the call changes, so a page is a join of cached bytes.
-Filtered views (by status or external_id) are index lists cached per batch
-version. The lifecycle rules live in `callbridge.simulator_lifecycle`; this module only holds
-the state they act on.
+A batch keeps its calls in creation order (the API's order until a reorder fault
+changes it: then ``order`` holds the served order) with each item's JSON bytes
+cached until the call changes, so a page is a join of cached bytes. Filtered
+views (by status or external_id) are index lists cached per batch version. The
+lifecycle rules live in `callbridge.simulator.lifecycle`; this module only holds the
+state they act on.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class CallRecord:
         "name",
         "phone_number",
         "redials",
+        "ring_s",
         "started_at",
         "started_s",
         "status",
@@ -95,6 +97,7 @@ class CallRecord:
         self.followup = False  # a redial or late update is scheduled
         self.history: list[tuple[int, str]] | None = None  # None: never changed
         self.started_s: int | None = None
+        self.ring_s: int | None = None  # when the current attempt began ringing
         self.late_end_s: int | None = None
 
     def own_metadata(self) -> Any:
@@ -131,6 +134,7 @@ class BatchRecord:
         "batch_id",
         "by_id",
         "calls",
+        "created_at",
         "created_step",
         "dialling",
         "encoded",
@@ -138,14 +142,23 @@ class BatchRecord:
         "followups",
         "next_new",
         "open",
+        "order",
+        "position",
         "repending",
         "version",
         "views",
     )
 
-    def __init__(self, batch_id: str, calls: list[CallRecord], created_step: int) -> None:
+    def __init__(
+        self, batch_id: str, calls: list[CallRecord], created_step: int, created_at: float = 0.0
+    ) -> None:
         self.batch_id = batch_id
         self.calls = calls
+        self.created_at = created_at  # the simulator clock's reading at creation
+        # The served order as call indexes, and each index's place in it; None while
+        # it is the creation order (no reorder fault yet).
+        self.order: list[int] | None = None
+        self.position: list[int] | None = None
         self.by_id = {call.call_id: call for call in calls}
         # Each call's item JSON; None until first served and again after each change.
         self.encoded: list[bytes | None] = [None] * len(calls)
@@ -163,7 +176,14 @@ class BatchRecord:
 
     @classmethod
     def generate(
-        cls, batch_id: str, count: int, *, seed: int, taken: set[str], created_step: int
+        cls,
+        batch_id: str,
+        count: int,
+        *,
+        seed: int,
+        taken: set[str],
+        created_step: int,
+        created_at: float = 0.0,
     ) -> BatchRecord:
         """A batch of `count` pending calls whose contacts derive from seed and batch id.
 
@@ -186,7 +206,7 @@ class BatchRecord:
             subscriber = ((bits >> 56) & 0xFF_FFFF_FFFF) % 1_000_000_000
             phone = f"91{6 + ((bits >> 96) & 0xFF) % 4}{subscriber:09d}"
             calls.append(CallRecord(index, call_id, phone, f"{first} {last}", company))
-        return cls(batch_id, calls, created_step)
+        return cls(batch_id, calls, created_step, created_at)
 
     def call(self, call_id: str) -> CallRecord:
         try:
@@ -198,6 +218,24 @@ class BatchRecord:
         """Record that `call` changed: its cached JSON and the filtered views are stale."""
         self.encoded[call.index] = None
         self.version += 1
+
+    def reorder(self, rng: random.Random, share: float) -> None:
+        """Let `share` of the items (two at least) trade places in the served order."""
+        n = len(self.calls)
+        k = min(n, max(2, round(share * n)))
+        if k < 2:
+            return
+        order = self.order if self.order is not None else list(range(n))
+        places = rng.sample(range(n), k)
+        moved = [order[p] for p in places]
+        rng.shuffle(moved)
+        for place, index in zip(places, moved, strict=True):
+            order[place] = index
+        position = self.position if self.position is not None else [0] * n
+        for place, index in enumerate(order):
+            position[index] = place
+        self.order, self.position = order, position
+        self.version += 1  # cached views follow the served order
 
     def external_ids_changed(self) -> None:
         self.ext_index = None
@@ -214,8 +252,24 @@ class BatchRecord:
         """JSON bytes of the matching items ``[start:stop]``, encoding only stale ones."""
         encoded = self.encoded
         if status is None and external_id is None:
+            if self.order is not None:
+                return [encoded[i] or self._encode(i) for i in self.order[start:stop]]
             return [item or self._encode(start + i) for i, item in enumerate(encoded[start:stop])]
         return [encoded[i] or self._encode(i) for i in self._view(status, external_id)[start:stop]]
+
+    def call_ids(
+        self, status: str | None, external_id: str | None, start: int, stop: int | None
+    ) -> list[str]:
+        """The call ids of `encoded_items`'s answer for the same arguments."""
+        if status is None and external_id is None:
+            indexes = self.order if self.order is not None else range(len(self.calls))
+        else:
+            indexes = self._view(status, external_id)
+        return [self.calls[i].call_id for i in indexes[start:stop]]
+
+    def encoded_in_creation_order(self) -> list[bytes]:
+        """Every item's JSON bytes in creation order, whatever the served order."""
+        return [item or self._encode(i) for i, item in enumerate(self.encoded)]
 
     def _encode(self, index: int) -> bytes:
         # orjson returns bytes that keep its ~4 KiB output buffer alive; a right-sized
@@ -228,15 +282,21 @@ class BatchRecord:
     def _view(self, status: str | None, external_id: str | None) -> list[int]:
         if external_id is not None:
             indexes = self._external_id_index().get(external_id, [])
+            if self.position is not None:
+                indexes = sorted(indexes, key=self.position.__getitem__)
             if status is None:
                 return indexes
             return [i for i in indexes if self.calls[i].status == status]
+        calls = self.calls
         if status is None:
-            return list(range(len(self.calls)))
+            return list(self.order) if self.order is not None else list(range(len(calls)))
         cached = self.views.get(status)
         if cached is not None and cached[0] == self.version:
             return cached[1]
-        indexes = [call.index for call in self.calls if call.status == status]
+        if self.order is not None:
+            indexes = [i for i in self.order if calls[i].status == status]
+        else:
+            indexes = [call.index for call in calls if call.status == status]
         if len(self.views) >= _MAX_CACHED_VIEWS:
             self.views.clear()
         self.views[status] = (self.version, indexes)

@@ -5,7 +5,10 @@ Imports nothing else of the simulator, so every other part may depend on it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 # Every way the malformed fault can break a 200 body.
 MALFORMED_KINDS: tuple[str, ...] = (
@@ -18,6 +21,21 @@ MALFORMED_KINDS: tuple[str, ...] = (
     "not_an_object",  # a bare JSON array of items
 )
 SERVER_ERROR_STATUSES: tuple[int, ...] = (500, 502, 503)
+# How the API answers during an outage: a 503 envelope, or the connection reset unanswered.
+OUTAGE_KINDS: tuple[str, ...] = ("503", "reset")
+# Wall-clock mode: how long each status lasts, seconds (uniform in [low, high]). For
+# no_answer and busy it is the pause before a redial. The short ends are there on
+# purpose: a call may ring and be answered within 0.2 s, quicker than any poll.
+DEFAULT_DWELL_SECONDS: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {
+        "queued": (0.3, 4.0),
+        "ringing": (0.1, 6.0),
+        "answered": (0.1, 1.5),
+        "in_progress": (2.0, 20.0),
+        "no_answer": (1.0, 6.0),
+        "busy": (1.0, 6.0),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,21 @@ class FaultConfig:
       items), with ``total`` and ``has_more`` consistent with that shifted list. The
       world is not changed, so the next unshifted scan sees everything.
     * ``auth_fail``: every request gets the documented 401, whatever its key.
+    * ``reorder_ratio``: after answering a page, the batch's order really changes:
+      ``reorder_share`` of its items trade places at random, for good. The following
+      requests of a paginated scan see some items twice and miss others, and ``total``
+      stays right (unlike ``shift_ratio``, nothing tells the client). Calls do not
+      change; the next scan that is not disturbed again sees every call once.
+    * Outages: while one lasts, every List Batch Calls request is answered with a 503
+      envelope (``outage_kind="503"``) or has its connection reset without an answer
+      (``"reset"``), before any other fault. Windows are seconds since the simulator
+      started (`Simulator.started_at`, on its own clock): ``outage_windows`` lists
+      ``(start, end)`` pairs, and ``outage_every_seconds`` > 0 adds one outage of
+      ``outage_seconds`` every that many seconds (the first after one period).
+      `outages` lists them; the world goes on during an outage, unseen.
+
+    The reorder draws come from a stream of their own, so the other faults draw as
+    they did before it existed.
     """
 
     rate_limit_ratio: float = 0.0
@@ -50,6 +83,12 @@ class FaultConfig:
     malformed_ratio: float = 0.0
     shift_ratio: float = 0.0
     auth_fail: bool = False
+    reorder_ratio: float = 0.0
+    reorder_share: float = 0.1
+    outage_every_seconds: float = 0.0
+    outage_seconds: float = 0.0
+    outage_windows: tuple[tuple[float, float], ...] = ()
+    outage_kind: str = "503"
     server_error_statuses: tuple[int, ...] = SERVER_ERROR_STATUSES
     malformed_kinds: tuple[str, ...] = MALFORMED_KINDS
 
@@ -60,6 +99,8 @@ class FaultConfig:
             "slow_ratio",
             "malformed_ratio",
             "shift_ratio",
+            "reorder_ratio",
+            "reorder_share",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -77,6 +118,70 @@ class FaultConfig:
             raise ValueError(
                 f"FaultConfig.malformed_kinds must be a non-empty subset of {MALFORMED_KINDS}"
             )
+        if self.outage_every_seconds < 0 or self.outage_seconds < 0:
+            raise ValueError("FaultConfig.outage_every_seconds and outage_seconds must be >= 0")
+        if 0 < self.outage_every_seconds <= self.outage_seconds:
+            raise ValueError("FaultConfig.outage_seconds must be shorter than outage_every_seconds")
+        if any(not 0 <= start < end for start, end in self.outage_windows):
+            raise ValueError("FaultConfig.outage_windows: pairs (start, end), 0 <= start < end")
+        if self.outage_kind not in OUTAGE_KINDS:
+            raise ValueError(f"FaultConfig.outage_kind must be one of {OUTAGE_KINDS}")
+
+    def in_outage(self, elapsed: float) -> bool:
+        """Whether the API is down `elapsed` seconds after the simulator started."""
+        if any(start <= elapsed < end for start, end in self.outage_windows):
+            return True
+        every = self.outage_every_seconds
+        if every <= 0 or self.outage_seconds <= 0 or elapsed < every:
+            return False
+        return elapsed % every < self.outage_seconds
+
+    def outages(self, until: float) -> list[tuple[float, float]]:
+        """Every outage window starting before `until` (seconds since start), in order."""
+        windows = [w for w in self.outage_windows if w[0] < until]
+        every = self.outage_every_seconds
+        if every > 0 and self.outage_seconds > 0:
+            for k in range(1, math.ceil(until / every)):
+                windows.append((k * every, k * every + self.outage_seconds))
+        return sorted(windows)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The wall-clock mode: a step stands for `step_seconds` and statuses last seconds.
+
+    Each status of ``dwell_seconds`` lasts a uniform draw from its ``(low, high)`` range
+    (rounded up to whole steps, one at least); for no_answer and busy it is the pause
+    before a redial. Item timestamps advance `step_seconds` per step. A driver calls
+    `Simulator.advance` every `step_seconds` of real time (`serve`, `run_clock`), so a
+    status of 0.2 s is visible to clients for about 0.2 s.
+    """
+
+    step_seconds: float = 0.1
+    dwell_seconds: Mapping[str, tuple[float, float]] = field(
+        default_factory=lambda: DEFAULT_DWELL_SECONDS
+    )
+
+    def __post_init__(self) -> None:
+        if not self.step_seconds > 0:
+            raise ValueError("Timing.step_seconds must be > 0")
+        unknown = set(self.dwell_seconds) - set(DEFAULT_DWELL_SECONDS)
+        if unknown:
+            raise ValueError(
+                f"Timing.dwell_seconds: no dwell for {sorted(unknown)}; "
+                f"known: {sorted(DEFAULT_DWELL_SECONDS)}"
+            )
+        for status, (low, high) in self.dwell_seconds.items():
+            if not 0 <= low <= high:
+                raise ValueError(f"Timing.dwell_seconds[{status!r}] must be 0 <= low <= high")
+        # Statuses left out keep their default range.
+        merged = {**DEFAULT_DWELL_SECONDS, **self.dwell_seconds}
+        object.__setattr__(self, "dwell_seconds", MappingProxyType(merged))
+
+    def dwell_steps(self, status: str, draw: float) -> int:
+        """Steps `status` lasts for a uniform `draw` in [0, 1)."""
+        low, high = self.dwell_seconds[status]
+        return max(1, math.ceil((low + (high - low) * draw) / self.step_seconds - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -89,6 +194,8 @@ class SimulatorConfig:
     one step after completing (``ended_at``/``duration_seconds`` filled in late, or
     its metadata edited) with its status unchanged.
     ``request_log_max`` bounds `Simulator.request_log` for long standalone runs.
+    ``timing`` switches to the wall-clock mode (see `Timing`); without it a status
+    lasts 1-4 steps and a step stands for 15 s of item timestamps.
     """
 
     batches: int = 1
@@ -102,6 +209,9 @@ class SimulatorConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     concurrency: int = 10
     request_log_max: int = 1_000_000
+    # Keep `Simulator.served` (when each call was in an answer): for test checkers.
+    record_served: bool = False
+    timing: Timing | None = None
 
     def __post_init__(self) -> None:
         if self.batches < 0 or self.calls_per_batch < 0 or self.max_redials < 0:

@@ -4,13 +4,17 @@ How one List Batch Calls request is answered, in order:
 
 1. the request's fault dice are drawn (always the same number of draws, so the
    fault stream depends only on how many requests came, never on their outcome);
-2. slow: sleep ``slow_seconds`` first, like a congested gateway, then go on;
-3. auth: ``auth_fail`` or a missing/wrong Bearer key -> the documented 401;
-4. rate limit -> 429 with ``Retry-After`` and a RATE_LIMITED error envelope;
-5. server error -> 500 / 503 with an error envelope, or 502 with a proxy's HTML page;
-6. unknown batch -> the documented 404; bad ``limit`` / ``page`` -> 400 VALIDATION_ERROR;
-7. the page, possibly shifted (as if items were inserted/removed before it), then
-   possibly swapped for a malformed 200 body derived from it.
+   the reorder die comes from a stream of its own;
+2. outage: during an outage window, a 503 envelope or a connection reset;
+3. slow: sleep ``slow_seconds`` first, like a congested gateway, then go on;
+4. auth: ``auth_fail`` or a missing/wrong Bearer key -> the documented 401;
+5. rate limit -> 429 with ``Retry-After`` and a RATE_LIMITED error envelope;
+6. server error -> 500 / 503 with an error envelope, or 502 with a proxy's HTML page;
+7. unknown batch -> the documented 404; bad ``limit`` / ``page`` -> 400 VALIDATION_ERROR;
+8. the page, possibly shifted (as if items were inserted/removed before it), then
+   possibly swapped for a malformed 200 body derived from it;
+9. reorder: once the page is built, the batch's order may change for the requests
+   that follow (the rest of the client's scan).
 
 Page bodies are assembled from each call's cached JSON bytes; nothing is
 re-encoded per request.
@@ -22,6 +26,8 @@ import asyncio
 import hmac
 import random
 import re
+import socket
+import struct
 
 import orjson
 from aiohttp import web
@@ -138,6 +144,7 @@ class _CallsApi:
     def __init__(self, simulator: Simulator) -> None:
         self._sim = simulator
         self._rng = random.Random(f"faults:{simulator.config.seed}")
+        self._reorder_rng = random.Random(f"reorder:{simulator.config.seed}")
         self._token = simulator.config.api_key.encode()
 
     def _authorized(self, request: web.Request) -> bool:
@@ -150,6 +157,11 @@ class _CallsApi:
         faults = self._sim.faults
         rng = self._rng
         slow, rate, error, shift, malformed = (rng.random() for _ in range(5))
+        reorder = self._reorder_rng.random()
+        if self._sim.in_outage():
+            if faults.outage_kind == "reset":
+                return _reset(request)
+            return _json(503, _UNAVAILABLE_BODY)
         if slow < faults.slow_ratio:
             await asyncio.sleep(faults.slow_seconds)
         if faults.auth_fail or not self._authorized(request):
@@ -194,6 +206,11 @@ class _CallsApi:
             batch_id, status=status, external_id=external_id, start=start, stop=start + limit
         )
         body = _page_body(items, total, page, limit, offset + limit < total)
+        served = self._sim.served_ids(
+            batch_id, status=status, external_id=external_id, start=start, stop=start + limit
+        )
+        if reorder < faults.reorder_ratio:
+            self._sim.reorder(batch_id, self._reorder_rng, faults.reorder_share)
         if malformed < faults.malformed_ratio:
             kind = rng.choice(faults.malformed_kinds)
             content_type = "text/html" if kind == "html" else JSON_CONTENT_TYPE
@@ -202,6 +219,7 @@ class _CallsApi:
                 body=_malformed_body(kind, body, items, page),
                 content_type=content_type,
             )
+        self._sim.record_served(batch_id, served)
         return _json(200, body)
 
     def _shift(self, offset: int, total: int) -> tuple[int, int]:
@@ -225,6 +243,20 @@ class _CallsApi:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
+
+
+def _reset(request: web.Request) -> web.Response:
+    """Drop the connection with a TCP reset, no answer (a crashed gateway)."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: close() sends RST instead of FIN.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    # Never written (the transport is gone); the request log shows nginx's 444, the
+    # code for a connection closed without an answer.
+    return web.Response(status=444)
 
 
 def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:

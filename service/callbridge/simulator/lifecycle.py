@@ -13,18 +13,26 @@ Each step, every call whose dwell time (1-4 steps) is up moves on, the weights o
 A call gets ``started_at`` when answered, ``ended_at`` and ``duration_seconds`` when
 it completes or fails after the answer; ``late_update_probability`` of completed
 calls get ``ended_at``/``duration_seconds`` (or a metadata edit) one step later.
+An unanswered attempt (no_answer, busy) gets ``started_at`` (when it began ringing),
+``ended_at`` and ``duration_seconds: 0``; a redial re-queues the call with the three
+back to null, as a platform does when it starts a new attempt.
 
 Calls leave ``pending`` in creation order while fewer than ``concurrency`` calls of
 their batch hold a dialling slot (queued to in_progress), so a batch lasts many
 steps; redials re-enter ``queued`` without waiting for a slot. Timestamps come from
-a fixed epoch plus the step, so runs are reproducible.
+a fixed epoch plus the step, so runs are reproducible. With ``config.timing`` (the
+wall-clock mode) dwell times are drawn in seconds per status instead of 1-4 steps.
+
+Every `Transition` carries ``at``, the simulator clock's reading when it happened:
+the ground truth of how long each status was visible.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 
@@ -44,7 +52,7 @@ from callbridge.models import (
 from callbridge.simulator.calls import COMPANIES, BatchRecord, CallRecord
 from callbridge.simulator.config import SimulatorConfig
 
-__all__ = ["LEGAL_TRANSITIONS", "Lifecycle", "Transition"]
+__all__ = ["LEGAL_TRANSITIONS", "Lifecycle", "StatusSpan", "Transition"]
 
 # Simulated clock: a fixed epoch so timestamps are reproducible run to run.
 SIM_EPOCH = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
@@ -80,13 +88,36 @@ _NEXT, _REDIAL, _LATE = 0, 1, 2
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """One status change of one call, at simulator step `step` (ground truth for tests)."""
+    """One status change of one call, at simulator step `step` (ground truth for tests).
+
+    ``at`` is the simulator clock's reading when it happened; it is left out of
+    comparisons, so two runs of one config still compare equal.
+    """
 
     batch_id: str
     call_id: str
     previous_status: str
     status: str
     step: int
+    at: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSpan:
+    """How long one call held one status, on the simulator clock (ground truth).
+
+    ``end`` is None while the call still holds it. The API served the status to any
+    request received in ``[start, end)`` (outages aside).
+    """
+
+    batch_id: str
+    call_id: str
+    status: str
+    start: float
+    end: float | None
+
+    def duration(self, now: float) -> float:
+        return (self.end if self.end is not None else now) - self.start
 
 
 # (batch, call, call.gen when planned, kind)
@@ -97,8 +128,11 @@ class Lifecycle:
     """Moves the calls of batches along the lifecycle; owns the step counter and the record
     of transitions. Draws from its own seeded RNG only, so it is deterministic."""
 
-    def __init__(self, config: SimulatorConfig) -> None:
+    def __init__(
+        self, config: SimulatorConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
+        self._clock = clock
         self.step = 0
         self.transitions: list[Transition] = []
         self._rng = random.Random(f"lifecycle:{config.seed}")
@@ -116,6 +150,9 @@ class Lifecycle:
             call.followup = False
             batch.followups -= 1
             if kind == _REDIAL:
+                # A new attempt: the platform forgets the last one's times.
+                call.started_at = call.ended_at = call.duration_seconds = None
+                call.started_s = call.ring_s = None
                 self._set_status(batch, call, QUEUED, changed)
                 self._plan(batch, call, _NEXT)
             else:
@@ -146,14 +183,19 @@ class Lifecycle:
         if call.history is None:
             call.history = [(batch.created_step, PENDING)]
         call.history.append((self.step, status))
-        change = Transition(batch.batch_id, call.call_id, previous, status, self.step)
+        change = Transition(
+            batch.batch_id, call.call_id, previous, status, self.step, self._clock()
+        )
         self.transitions.append(change)
         out.append(change)
         batch.touch(call)
 
     def _plan(self, batch: BatchRecord, call: CallRecord, kind: int) -> None:
+        timing = self.config.timing
         if kind == _LATE:
             due = self.step + 1
+        elif timing is not None:
+            due = self.step + timing.dwell_steps(call.status, self._rng.random())
         else:
             due = self.step + self._rng.randint(MIN_DWELL_STEPS, MAX_DWELL_STEPS)
         if kind != _NEXT:
@@ -200,7 +242,13 @@ class Lifecycle:
 
     def _progress(self, batch: BatchRecord, call: CallRecord, out: list[Transition]) -> None:
         status = self._draw(call.status)
-        if status == ANSWERED:
+        if status == RINGING:
+            call.ring_s = self._now_s()
+        elif status in _REDIALLABLE and call.ring_s is not None:
+            call.started_at = _iso(call.ring_s)
+            call.ended_at = _iso(max(call.ring_s, self._now_s()))
+            call.duration_seconds = 0
+        elif status == ANSWERED:
             call.started_s = self._moment()
             call.started_at = _iso(call.started_s)
         elif status in (COMPLETED, FAILED) and call.started_s is not None:
@@ -241,7 +289,16 @@ class Lifecycle:
 
     def _moment(self) -> int:
         """Seconds since the epoch for an event in the current step, spread within it."""
-        return self.step * SIM_SECONDS_PER_STEP + self._rng.randrange(SIM_SECONDS_PER_STEP)
+        spread = self._rng.randrange(SIM_SECONDS_PER_STEP)
+        if self.config.timing is not None:
+            return self._now_s()
+        return self.step * SIM_SECONDS_PER_STEP + spread
+
+    def _now_s(self) -> int:
+        """Seconds since the epoch at the start of the current step (draws nothing)."""
+        if self.config.timing is not None:
+            return int(self.step * self.config.timing.step_seconds)
+        return self.step * SIM_SECONDS_PER_STEP
 
 
 def _iso(seconds: int) -> str:

@@ -18,7 +18,7 @@ import orjson
 from callbridge.models import PENDING
 from callbridge.simulator.calls import ITEM_FIELDS, BatchRecord
 from callbridge.simulator.config import FaultConfig, SimulatorConfig
-from callbridge.simulator.lifecycle import Lifecycle, Transition
+from callbridge.simulator.lifecycle import Lifecycle, StatusSpan, Transition
 
 
 class Simulator:
@@ -27,7 +27,11 @@ class Simulator:
     `faults` may be replaced at any time and applies from the next request.
     `request_log` holds ``(clock() when received, path+query, status)`` for every
     request any app from `make_app` served, ``/healthz`` included; `clock` defaults
-    to `time.monotonic`. Unknown batch or call ids raise `KeyError`.
+    to `time.monotonic`, and `started_at` is its reading at creation (outage windows
+    count from it). Unknown batch or call ids raise `KeyError`.
+
+    Ground truth for checkers: `transitions` (each with the clock reading ``at``),
+    `spans` (how long each call held each status) and `outages`.
     """
 
     def __init__(
@@ -36,8 +40,10 @@ class Simulator:
         self.config = config
         self.faults: FaultConfig = config.faults
         self.clock = clock
+        self.started_at = clock()
         self.request_log: list[tuple[float, str, int]] = []
-        self._lifecycle = Lifecycle(config)
+        self.served: dict[tuple[str, str], list[float]] = {}
+        self._lifecycle = Lifecycle(config, clock)
         self._id_rng = random.Random(f"batch-ids:{config.seed}")
         self._batches: dict[str, BatchRecord] = {}
         self._call_ids: set[str] = set()
@@ -70,6 +76,7 @@ class Simulator:
             seed=self.config.seed,
             taken=self._call_ids,
             created_step=self._lifecycle.step,
+            created_at=self.clock(),
         )
 
     def advance(self, steps: int = 1) -> list[Transition]:
@@ -117,6 +124,45 @@ class Simulator:
         """Every status change so far, in order."""
         return list(self._lifecycle.transitions)
 
+    def spans(self) -> list[StatusSpan]:
+        """Every status every call has held, with its start and end on the clock.
+
+        Per call in order; the first span is the pending the call was created in,
+        the last one has ``end=None``. Built from `transitions`, so forced changes
+        (`set_call`) are included.
+        """
+        current: dict[tuple[str, str], tuple[str, float]] = {}
+        for batch in self._batches.values():
+            for call in batch.calls:
+                current[(batch.batch_id, call.call_id)] = (PENDING, batch.created_at)
+        out: list[StatusSpan] = []
+        for t in self._lifecycle.transitions:
+            key = (t.batch_id, t.call_id)
+            status, start = current[key]
+            out.append(StatusSpan(t.batch_id, t.call_id, status, start, t.at))
+            current[key] = (t.status, t.at)
+        for (batch_id, call_id), (status, start) in current.items():
+            out.append(StatusSpan(batch_id, call_id, status, start, None))
+        out.sort(key=lambda span: (span.batch_id, span.call_id, span.start))
+        return out
+
+    def outages(self, until: float | None = None) -> list[tuple[float, float]]:
+        """The outage windows of the current `faults` up to `until` (default: now), as
+        ``(start, end)`` clock readings."""
+        elapsed = (self.clock() if until is None else until) - self.started_at
+        return [
+            (self.started_at + start, self.started_at + end)
+            for start, end in self.faults.outages(elapsed)
+        ]
+
+    def in_outage(self) -> bool:
+        """Whether the API is down right now (see `FaultConfig`)."""
+        return self.faults.in_outage(self.clock() - self.started_at)
+
+    def reorder(self, batch_id: str, rng: random.Random, share: float) -> None:
+        """Change the batch's served order for good: `share` of its items trade places."""
+        self._batch(batch_id).reorder(rng, share)
+
     def is_finished(self, batch_id: str | None = None) -> bool:
         """True when every call (of one batch, or of all) is terminal and nothing is
         scheduled: no redial and no late field update pending. Nothing changes after."""
@@ -125,7 +171,7 @@ class Simulator:
 
     def calls(self, batch_id: str) -> list[dict[str, Any]]:
         """The batch's current items, exactly as the API returns them, in creation order."""
-        return [orjson.loads(item) for item in self.encoded_items(batch_id)]
+        return [orjson.loads(item) for item in self._batch(batch_id).encoded_in_creation_order()]
 
     # -- used by the HTTP layer -------------------------------------------------
     def has_batch(self, batch_id: str) -> bool:
@@ -149,6 +195,29 @@ class Simulator:
     ) -> list[bytes]:
         """The JSON bytes of the matching items ``[start:stop]``, encoded once per change."""
         return self._batch(batch_id).encoded_items(status, external_id, start, stop)
+
+    def served_ids(
+        self,
+        batch_id: str,
+        *,
+        status: str | None = None,
+        external_id: str | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> list[str]:
+        """The call ids `encoded_items` answers for the same arguments (with
+        ``config.record_served``; empty otherwise: a product simulator keeps nothing)."""
+        if not self.config.record_served:
+            return []
+        return self._batch(batch_id).call_ids(status, external_id, start, stop)
+
+    def record_served(self, batch_id: str, call_ids: list[str]) -> None:
+        """Note that these calls reached a client now: `served` holds, per (batch,
+        call), the clock readings of every answer that carried it (what a poller could
+        possibly have seen), for test checkers."""
+        now = self.clock()
+        for call_id in call_ids:
+            self.served.setdefault((batch_id, call_id), []).append(now)
 
     def record_request(self, received: float, path: str, status: int) -> None:
         """Append to `request_log`, keeping at most ``config.request_log_max`` entries."""

@@ -26,6 +26,7 @@ class LeaseStore:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
+        self._acquire = register(redis, "acquire_lease")
         self._renew = register(redis, "renew_lease")
         self._release = register(redis, "release_lease")
         self._heartbeat = register(redis, "heartbeat")
@@ -34,7 +35,16 @@ class LeaseStore:
     # -- leases ----------------------------------------------------------------
 
     async def acquire(self, batch_id: str, token: str, ttl_ms: int) -> bool:
-        return bool(await self._redis.set(self._keys.lease(batch_id), token, nx=True, px=ttl_ms))
+        """Take the lease if it is free or held by this replica's previous process.
+
+        Tokens are ``<replica id>:<per-process part>``: a lease whose token has our
+        replica id but another process part was left by our own predecessor, killed
+        before it could release it; waiting for its TTL would blind the batch.
+        """
+        replica = token.rpartition(":")[0] + ":"
+        return bool(
+            await self._acquire(keys=[self._keys.lease(batch_id)], args=[token, ttl_ms, replica])
+        )
 
     async def renew(self, batch_id: str, token: str, ttl_ms: int) -> bool:
         return bool(await self._renew(keys=[self._keys.lease(batch_id)], args=[token, ttl_ms]))

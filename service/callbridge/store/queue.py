@@ -81,6 +81,34 @@ class EndpointState:
     paced_until_ms: int = 0
 
 
+# Sent with claims that record no outcome (the script then reads none of it).
+_NO_POLICY = CompletionPolicy(
+    retention_ms=0, dead_retention_ms=0, breaker_threshold=0, cooloff_ms=0, cooloff_max_ms=0
+)
+
+
+def _outcomes_arg(outcomes: Sequence[Completion]) -> bytes:
+    """The one JSON argument carrying every outcome (see complete.lua's ARGV[7])."""
+    return orjson.dumps(
+        [
+            [
+                o.event_id,
+                o.token,
+                o.outcome,
+                o.delay_ms,
+                orjson.dumps(o.attempt).decode(),
+                o.kind,
+                o.pace_ms,
+            ]
+            for o in outcomes
+        ]
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def call_key(event: Event) -> str:
     """The ordering key of an event: one per call ("" for batch events, unordered)."""
     return f"{event.batch_id}/{event.call_id}" if event.call_id else ""
@@ -97,6 +125,7 @@ class DeliveryQueue:
         self._complete = register(redis, "complete")
         self._sweep = register(redis, "sweep")
         self._requeue = register(redis, "requeue")
+        self._reclaim = register(redis, "reclaim")
 
     async def enqueue(
         self,
@@ -131,13 +160,42 @@ class DeliveryQueue:
         so a call re-sent after a lost reply returns the same deliveries instead of
         holding more slots until their visibility deadline.
         """
+        _, claimed = await self.step(
+            sub, (), None, max_in_flight=max_in_flight, limit=limit,
+            visibility_ms=visibility_ms, token=token,
+        )  # fmt: skip
+        return claimed
+
+    async def step(
+        self,
+        sub: str,
+        outcomes: Sequence[Completion],
+        policy: CompletionPolicy | None,
+        *,
+        max_in_flight: int,
+        limit: int,
+        visibility_ms: int,
+        token: str,
+    ) -> tuple[list[str], list[Claimed]]:
+        """Record `outcomes` (as `complete`), then claim up to `limit` (as `claim`),
+        in one round trip: a worker's finished attempts free the slots its next
+        claims take. Returns (what applied per outcome, the claimed deliveries).
+        """
         k = self._keys
         claim_token = f"{token}:{uuid.uuid4().hex[:12]}"
-        raw = await self._claim(
-            keys=[k.due(sub), k.inflight(sub), k.endpoint(sub)],
-            args=[k.sub_prefix(sub), max_in_flight, limit, visibility_ms, claim_token],
-        )
-        return [
+        p = policy or _NO_POLICY
+        applied, raw = await self._claim(
+            keys=[k.due(sub), k.inflight(sub), k.endpoint(sub), k.dead(sub), k.chain(sub),
+                  k.parked(sub)],
+            args=[
+                k.sub_prefix(sub), max_in_flight, limit, visibility_ms, claim_token,
+                _outcomes_arg(outcomes) if outcomes else b"",
+                p.retention_ms, p.dead_retention_ms, p.breaker_threshold, p.cooloff_ms,
+                p.cooloff_max_ms, p.history_max, p.breaker_failure_ratio,
+                p.breaker_min_attempts, p.breaker_window_ms,
+            ],
+        )  # fmt: skip
+        claimed = [
             Claimed(
                 event_id=raw[i].decode(),
                 attempts=int(raw[i + 1]),
@@ -147,6 +205,7 @@ class DeliveryQueue:
             )
             for i in range(0, len(raw), 4)
         ]
+        return [_text(r) for r in applied], claimed
 
     async def complete(
         self, sub: str, outcomes: Sequence[Completion], policy: CompletionPolicy
@@ -168,35 +227,32 @@ class DeliveryQueue:
             policy.cooloff_ms,
             policy.cooloff_max_ms,
             policy.history_max,
-            orjson.dumps(
-                [
-                    [
-                        o.event_id,
-                        o.token,
-                        o.outcome,
-                        o.delay_ms,
-                        orjson.dumps(o.attempt).decode(),
-                        o.kind,
-                        o.pace_ms,
-                    ]
-                    for o in outcomes
-                ]
-            ),
+            _outcomes_arg(outcomes),
             policy.breaker_failure_ratio,
             policy.breaker_min_attempts,
             policy.breaker_window_ms,
             k.sub_prefix(sub),
         ]
         result = await self._complete(keys=keys, args=args)
-        return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
+        return [_text(r) for r in result]
 
     async def sweep(self, sub: str, *, dead_retention_ms: int, max_items: int = 1000) -> int:
         """Give back claims whose visibility deadline passed (their worker died)."""
         k = self._keys
         return int(
             await self._sweep(
-                keys=[k.due(sub), k.inflight(sub), k.dead(sub)],
+                keys=[k.due(sub), k.inflight(sub), k.dead(sub), k.parked(sub)],
                 args=[k.sub_prefix(sub), max_items, dead_retention_ms],
+            )
+        )
+
+    async def reclaim_own(self, sub: str, replica: str, current: str) -> int:
+        """Give back claims of `replica`'s earlier processes (all but `current`)."""
+        k = self._keys
+        return int(
+            await self._reclaim(
+                keys=[k.due(sub), k.inflight(sub)],
+                args=[k.sub_prefix(sub), f"{replica}:", f"{current}:"],
             )
         )
 

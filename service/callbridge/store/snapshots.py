@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
-from callbridge.callstate import CallState
+from callbridge.callstate import CallState, CallStates
 from callbridge.diff import TimelineEntry
 from callbridge.errors import LeaseLostError, StoreError
 from callbridge.models import Event
@@ -109,22 +109,23 @@ class SnapshotStore:
                 pipe.hgetall(self._keys.batch_meta(batch_id))
             return [BatchMeta.from_redis(raw) for raw in await pipe.execute()]
 
-    async def load(self, batch_id: str) -> tuple[BatchMeta, dict[str, CallState]]:
+    async def load(self, batch_id: str) -> tuple[BatchMeta, CallStates]:
         """The whole snapshot of a batch, consistent with the meta version returned.
 
-        Only the lease holder writes, and the caller holds the lease, so the
-        version read before the scan is still the version after it; we check anyway.
+        States stay encoded (`CallStates` decodes on access). Only the lease holder
+        writes, and the caller holds the lease, so the version read before the scan is
+        still the version after it; we check anyway.
         """
         for _ in range(5):
             meta = await self.load_meta(batch_id)
-            states: dict[str, CallState] = {}
+            encoded: dict[str, str] = {}
             unreadable = 0
             async for call_id, value in self._redis.hscan_iter(
                 self._keys.snapshot(batch_id), count=5000
             ):
                 try:
-                    states[call_id.decode()] = CallState.decode(value)
-                except (ValueError, UnicodeDecodeError):
+                    encoded[call_id.decode()] = value.decode()
+                except UnicodeDecodeError:
                     # Written by something else: the call is seen afresh next cycle.
                     unreadable += 1
             if unreadable:
@@ -135,7 +136,7 @@ class SnapshotStore:
                     extra={"action": "snapshot_unreadable", "batch_id": batch_id},
                 )
             if (await self.load_meta(batch_id)).version == meta.version:
-                return meta, states
+                return meta, CallStates(encoded)
         raise StoreError(f"snapshot of batch {batch_id} kept changing while it was read")
 
     async def commit(
@@ -145,7 +146,7 @@ class SnapshotStore:
         token: str,
         expected_version: int,
         lease_ttl_ms: int,
-        states: Mapping[str, CallState],
+        states: Mapping[str, str],
         events: Iterable[Event],
         timeline: Iterable[TimelineEntry],
         timeline_max: int,
@@ -160,27 +161,28 @@ class SnapshotStore:
         k = self._keys
         events = list(events)
         timeline = list(timeline)
+        states_arg: list[str] = []
+        for call_id, state in states.items():
+            states_arg += (call_id, state)
+        events_arg: list[str] = []
+        for ev in events:
+            events_arg += (ev.id, ev.type, ev.call_id or "", ev.body.decode())
+        timeline_arg: list[Any] = []
+        for entry in timeline:
+            timeline_arg += (entry.call_id, entry.as_list())
         args: list[Any] = [
             token,
             expected_version,
             lease_ttl_ms,
             timeline_max,
-            len(states),
-            len(events),
-            len(timeline),
-            len(meta.to_fields()),
             # Unique per commit: redis-py re-sends a script after a lost reply, and
             # the second run must not fail on the version the first one moved.
             uuid.uuid4().hex,
+            orjson.dumps(states_arg),
+            orjson.dumps(events_arg),
+            orjson.dumps(timeline_arg),
+            orjson.dumps(meta.to_fields()),
         ]
-        for call_id, state in states.items():
-            args += (call_id, state.encode())
-        for ev in events:
-            args += (ev.id, ev.type, ev.call_id or "", ev.body)
-        for entry in timeline:
-            args += (entry.call_id, entry.encode())
-        for name, value in meta.to_fields().items():
-            args += (name, value)
         try:
             reply: list[Any] = await self._commit(
                 keys=[

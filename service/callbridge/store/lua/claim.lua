@@ -1,26 +1,51 @@
--- claim.lua: hand due deliveries of one subscription to a worker.
+-- claim.lua: record the outcomes of finished attempts of one subscription, then hand
+-- due deliveries to a worker, in one round trip: the slots the outcomes free are
+-- claimed again at once.
 --
 -- KEYS[1] due       zset: delivery id -> due time (ms)
 -- KEYS[2] inflight  zset: delivery id -> visibility deadline (ms)
--- KEYS[3] endpoint  hash: disabled, open_until (breaker)
+-- KEYS[3] endpoint  hash: disabled, open_until (breaker), paced_until
+-- KEYS[4] dead  KEYS[5] chain  KEYS[6] parked   (as in complete.lua; for the outcomes)
 --
 -- ARGV[1] prefix         the subscription's key prefix (record keys are prefix:d:<id>)
 -- ARGV[2] max_in_flight  fleet-wide cap of claimed deliveries
--- ARGV[3] limit          at most this many claimed now
+-- ARGV[3] limit          at most this many claimed now (0: only record the outcomes)
 -- ARGV[4] visibility_ms  a claim not completed by now + this is given back by the sweep
 -- ARGV[5] token          this claim's token, unique per call: it marks the claimed
 --                        records, and a repeated call with the same token (the client
 --                        re-sent it after a lost reply) returns the same deliveries
 --                        instead of claiming more
+-- ARGV[6] outcomes       JSON list of outcomes to record first, '' for none; the same
+--                        list and meaning as complete.lua's ARGV[7]
+-- ARGV[7..15]            the completion policy, as complete.lua's ARGV[1..6] and [8..10]:
+--                        retention_ms, dead_retention_ms, conn_threshold, cooloff_ms,
+--                        cooloff_max_ms, history_max, failure_ratio, min_attempts,
+--                        window_ms (unused when there are no outcomes)
 --
--- Reply: flat list, four per claimed delivery: id, attempts so far, body, observed_ms.
--- Nothing while the endpoint is disabled, its breaker is open or it asked us to
--- wait (429 + Retry-After); one probe at a time while the breaker is half-open.
+-- Reply: {applied, claimed}: per outcome what applied (as complete.lua replies), and a
+-- flat list, four per claimed delivery: id, attempts so far, body, observed_ms.
+-- Nothing is claimed while the endpoint is disabled or its breaker is open; one probe
+-- at a time while the breaker is half-open; half of max_in_flight while a 429's
+-- Retry-After runs.
+-- Idempotent: outcomes by their done markers, claims by the token's receipt.
 --#include now
 local due, inflight, endpoint = KEYS[1], KEYS[2], KEYS[3]
+local dead, chain, parked = KEYS[4], KEYS[5], KEYS[6]
 local prefix = ARGV[1]
 local max_in_flight, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local visibility, token = tonumber(ARGV[4]), ARGV[5]
+local retention, dead_retention = tonumber(ARGV[7]), tonumber(ARGV[8])
+local threshold, cooloff, cooloff_max = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local history_max = tonumber(ARGV[12])
+local ratio, min_attempts = tonumber(ARGV[13]), tonumber(ARGV[14])
+local bucket_ms = math.max(1, math.floor(tonumber(ARGV[15]) / 3))
+
+--#include outcomes
+
+local applied = {}
+if ARGV[6] ~= '' then
+  applied = complete_all(cjson.decode(ARGV[6]), function(_, id) return prefix .. ':d:' .. id end)
+end
 local receipt = prefix .. ':claim:' .. token
 local function reply_for(ids)
   local out = {}
@@ -33,22 +58,26 @@ local function reply_for(ids)
   end
   return out
 end
+if limit <= 0 then return {applied, {}} end
 local earlier = redis.call('GET', receipt)
-if earlier then return reply_for(cjson.decode(earlier)) end
+if earlier then return {applied, reply_for(cjson.decode(earlier))} end
 local ep = redis.call('HMGET', endpoint, 'disabled', 'open_until', 'paced_until')
-if ep[1] == '1' then return {} end
+if ep[1] == '1' then return {applied, {}} end
 local open_until = tonumber(ep[2] or '0')
-if open_until > now then return {} end
--- The endpoint answered 429 with Retry-After: nothing starts before that time.
-if tonumber(ep[3] or '0') > now then return {} end
+if open_until > now then return {applied, {}} end
 local busy = redis.call('ZCARD', inflight)
 if open_until > 0 then
   -- Half-open: one probe at a time until a success closes the breaker.
-  if busy > 0 then return {} end
+  if busy > 0 then return {applied, {}} end
   max_in_flight = 1
+elseif tonumber(ep[3] or '0') > now then
+  -- Paced: the endpoint answered 429 with Retry-After; until then it gets half the
+  -- requests at once. (Stopping it, or one at a time, let a CRM that answers 429
+  -- now and then throttle every delivery to a trickle.)
+  max_in_flight = math.max(1, math.floor(max_in_flight / 2))
 end
 local free = math.min(max_in_flight - busy, limit)
-if free <= 0 then return {} end
+if free <= 0 then return {applied, {}} end
 local out, claimed = {}, {}
 -- Scan due deliveries in pages: a long run of events of one call, each waiting for
 -- its predecessor, must not hide the due deliveries of other calls behind it.
@@ -74,9 +103,8 @@ while scanned < 2000 do
       end
     end
     if not blocked then
-      redis.call('ZREM', due, id)
-      offset = offset - 1
-      redis.call('ZADD', inflight, now + visibility, id)
+      -- Moved from due to inflight together below (still in due while scanning:
+      -- the offset counts it).
       redis.call('HSET', rec, 'state', 'inflight', 'claim', token)
       out[#out + 1] = id
       out[#out + 1] = f[2]
@@ -90,6 +118,14 @@ while scanned < 2000 do
   offset = offset + #ids
 end
 if #claimed > 0 then
+  -- free <= max_in_flight <= 1000: within what unpack() takes.
+  redis.call('ZREM', due, unpack(claimed))
+  local scored = {}
+  for i, id in ipairs(claimed) do
+    scored[2 * i - 1] = now + visibility
+    scored[2 * i] = id
+  end
+  redis.call('ZADD', inflight, unpack(scored))
   redis.call('SET', receipt, cjson.encode(claimed), 'PX', math.max(1, visibility))
 end
-return out
+return {applied, out}

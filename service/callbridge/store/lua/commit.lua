@@ -10,14 +10,14 @@
 -- ARGV[2] expected_version  the meta version the caller diffed against
 -- ARGV[3] lease_ttl_ms      the lease is renewed to this TTL on success
 -- ARGV[4] timeline_max      entries kept per call in the timeline
--- ARGV[5] n_states  ARGV[6] n_events  ARGV[7] n_timeline  ARGV[8] n_meta
--- ARGV[9] commit_id         unique per cycle: a call re-sent by the client after a
+-- ARGV[5] commit_id         unique per cycle: a call re-sent by the client after a
 --                           lost reply finds it recorded and changes nothing
--- then, in this order:
---   n_states   pairs   call_id, packed state
---   n_events   quads   event id, event type, call_id ('' for batch events), body
---   n_timeline pairs   call_id, JSON timeline entry
---   n_meta     pairs   meta field, value
+-- ARGV[6] JSON [call_id, packed state, call_id, packed state, ...]
+-- ARGV[7] JSON [event id, type, call_id ('' for batch events), body, ...]
+-- ARGV[8] JSON [call_id, [at_ms, status, sequence, event type or null], ...]
+-- ARGV[9] JSON {meta field: value}
+-- (One packed argument per section: packing tens of thousands of separate
+-- arguments cost the client more CPU than the whole script costs the server.)
 --
 -- Reply: {new_version, outbox stream id of each event in order}, or
 -- {version, 'replayed'} when this commit_id was already written (the caller then
@@ -26,7 +26,7 @@
 -- snapshot version moved (another writer); nothing is written in either case.
 local lease, meta, calls, outbox, timeline = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local last = redis.call('HMGET', meta, 'commit_id', 'version')
-if last[1] == ARGV[9] then
+if last[1] == ARGV[5] then
   return {tonumber(last[2] or '0'), 'replayed'}
 end
 if redis.call('GET', lease) ~= ARGV[1] then
@@ -37,43 +37,36 @@ if version ~= tonumber(ARGV[2]) then
   return redis.error_reply('CONFLICT snapshot version is ' .. version)
 end
 local ttl_ms, tl_max = tonumber(ARGV[3]), tonumber(ARGV[4])
-local n_states, n_events = tonumber(ARGV[5]), tonumber(ARGV[6])
-local n_tl, n_meta = tonumber(ARGV[7]), tonumber(ARGV[8])
-local i = 10
+local states, events = cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
+local tl, meta_fields = cjson.decode(ARGV[8]), cjson.decode(ARGV[9])
 -- HSET in chunks: Lua's unpack has a stack limit.
-local chunk = {}
-for _ = 1, n_states do
-  chunk[#chunk + 1] = ARGV[i]; chunk[#chunk + 1] = ARGV[i + 1]; i = i + 2
-  if #chunk >= 1000 then redis.call('HSET', calls, unpack(chunk)); chunk = {} end
+for s = 1, #states, 1000 do
+  redis.call('HSET', calls, unpack(states, s, math.min(s + 999, #states)))
 end
-if #chunk > 0 then redis.call('HSET', calls, unpack(chunk)) end
 local stream_ids = {}
-for _ = 1, n_events do
-  stream_ids[#stream_ids + 1] = redis.call('XADD', outbox, '*', 'id', ARGV[i], 'type',
-                                           ARGV[i + 1], 'call', ARGV[i + 2], 'body', ARGV[i + 3])
-  i = i + 4
+for e = 1, #events, 4 do
+  stream_ids[#stream_ids + 1] = redis.call('XADD', outbox, '*', 'id', events[e], 'type',
+                                           events[e + 1], 'call', events[e + 2],
+                                           'body', events[e + 3])
 end
-for _ = 1, n_tl do
-  local call_id, entry = ARGV[i], ARGV[i + 1]
-  i = i + 2
+for e = 1, #tl, 2 do
+  local call_id = tl[e]
   local old = redis.call('HGET', timeline, call_id)
   local list = old and cjson.decode(old) or {}
-  list[#list + 1] = cjson.decode(entry)
+  list[#list + 1] = tl[e + 1]
   while #list > tl_max do table.remove(list, 1) end
   redis.call('HSET', timeline, call_id, cjson.encode(list))
 end
-if n_meta > 0 then
-  chunk = {}
-  for _ = 1, n_meta do
-    chunk[#chunk + 1] = ARGV[i]; chunk[#chunk + 1] = ARGV[i + 1]; i = i + 2
-  end
-  redis.call('HSET', meta, unpack(chunk))
+local flat = {}
+for name, value in pairs(meta_fields) do
+  flat[#flat + 1] = name; flat[#flat + 1] = value
 end
-if n_states > 0 or n_events > 0 then
+if #flat > 0 then redis.call('HSET', meta, unpack(flat)) end
+if #states > 0 or #events > 0 then
   version = version + 1
   redis.call('HSET', meta, 'version', version)
 end
-redis.call('HSET', meta, 'commit_id', ARGV[9])
+redis.call('HSET', meta, 'commit_id', ARGV[5])
 redis.call('PEXPIRE', lease, ttl_ms)
 -- A batch watched again after it was retired still has the expiry set then:
 -- a polled batch's state must never expire under it.

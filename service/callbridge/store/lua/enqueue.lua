@@ -39,7 +39,8 @@ for j = 0, n - 1 do
   local a = 3 + j * 5
   local callkey, id, etype, body, observed = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4],
                                              ARGV[a+5]
-  if redis.call('EXISTS', rec) == 0 and backlog >= max_backlog then
+  local exists = redis.call('EXISTS', rec) == 1
+  if not exists and backlog >= max_backlog then
     local entry = cjson.encode({at_ms = now, error = 'backlog full', outcome = 'dead'})
     redis.call('HSET', rec, 'body', body, 'type', etype, 'state', 'dead', 'attempts', 0,
                'created_ms', now, 'observed_ms', observed, 'prev', '', 'callkey', callkey,
@@ -47,7 +48,7 @@ for j = 0, n - 1 do
     redis.call('ZADD', dead, now, id)
     redis.call('PEXPIRE', rec, dead_retention)
     added, overflow = added + 1, overflow + 1
-  elseif redis.call('EXISTS', rec) == 0 then
+  elseif not exists then
     local prev = ''
     if callkey ~= '' then
       prev = redis.call('HGET', chain, callkey) or ''

@@ -1,7 +1,10 @@
 -- sweep.lua: give back claims whose visibility deadline passed (their worker died),
--- and forget dead letters whose record has expired.
+-- forget dead letters whose record has expired, and release parked deliveries whose
+-- predecessor has had its first attempt (a safety net: the release normally happens
+-- in the outcome script, but a replica of the previous release, during a rolling
+-- upgrade, does not know about parking).
 --
--- KEYS[1] due  KEYS[2] inflight  KEYS[3] dead
+-- KEYS[1] due  KEYS[2] inflight  KEYS[3] dead  KEYS[4] parked (optional)
 --
 -- ARGV[1] prefix             the subscription's key prefix (records are prefix:d:<id>)
 -- ARGV[2] max                at most this many claims given back per call
@@ -17,6 +20,26 @@ for _, id in ipairs(ids) do
   if redis.call('EXISTS', rec) == 1 then
     redis.call('HSET', rec, 'state', 'pending', 'claim', '')
     redis.call('ZADD', KEYS[1], now, id)
+  end
+end
+if KEYS[4] then
+  -- The oldest parked deliveries, a few per call: O(1) work per sweep.
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, 19)) do
+    local rec = ARGV[1] .. ':d:' .. id
+    local f = redis.call('HMGET', rec, 'state', 'prev')
+    local free = f[1] ~= 'waiting'
+    if not free then
+      local p = redis.call('HMGET', ARGV[1] .. ':d:' .. (f[2] or ''), 'state', 'attempts')
+      free = not p[1] or p[2] ~= '0' or (p[1] ~= 'pending' and p[1] ~= 'inflight'
+                                          and p[1] ~= 'waiting')
+    end
+    if free then
+      redis.call('ZREM', KEYS[4], id)
+      if f[1] == 'waiting' then
+        redis.call('HSET', rec, 'state', 'pending')
+        redis.call('ZADD', KEYS[1], now, id)
+      end
+    end
   end
 end
 return #ids

@@ -1,0 +1,245 @@
+"""Reading a batch for one cycle under the plan the `planner` picks.
+
+`BatchReader.read` reads every page (`scan.read_pages`) or runs the active plan
+(`active_scan`), falling back to every page in the same cycle when the active plan
+cannot stand for a full scan. Either way the cycle gets raw item bytes, in the
+order they were served, for the same `select_candidates` -> diff -> commit path:
+the planner decides which requests to make, never what they mean. `settle` moves
+the planner's memory and the page digests on once the cycle is committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from callbridge.active_scan import ActiveScan, Fallback
+from callbridge.callstate import CallStates
+from callbridge.config import Settings
+from callbridge.diff import DiffResult
+from callbridge.errors import UpstreamAuthError, UpstreamError
+from callbridge.metrics import Metrics
+from callbridge.pages import RawPage
+from callbridge.planner import FILTER_DISTRUST_S, Plan, PlanState, choose, full_cost, learn
+from callbridge.scan import read_pages
+from callbridge.store.leases import LeaseKeeper
+from callbridge.store.snapshots import BatchMeta
+from callbridge.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PlannedScan:
+    """What one cycle read under its plan, ready for `select_candidates` and the diff."""
+
+    plan: Plan
+    # Raw items in the order they were served (a later copy of a call wins).
+    groups: list[Sequence[bytes | msgspec.Raw]]
+    # Every call of the batch was read: batch-level facts (completion) may follow.
+    complete: bool
+    total: int | None
+    # A request failed after its retries; what arrived before is kept.
+    partial: bool
+    # The full scan's pages (for the page digests); None when the plan was active.
+    pages: list[RawPage] | None
+    # When the plan was chosen (monotonic) and what a full scan would cost.
+    started: float
+    full_pages: int
+    page_size: int
+    requests: Counter[str] = field(default_factory=Counter)
+    resolve_requests: int = 0
+    anomaly: str | None = None
+    # The planner's `gone` set once this cycle is committed.
+    gone: set[str] = field(default_factory=set)
+
+
+class BatchReader:
+    """Reads a batch for one cycle under the plan `planner.choose` picks."""
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._upstream = upstream
+        self._p = settings.poller
+        self._page_size = settings.upstream.page_size
+        self._metrics = metrics
+        self._monotonic = monotonic
+
+    async def read(
+        self,
+        batch_id: str,
+        keeper: LeaseKeeper,
+        state: PlanState,
+        states: CallStates,
+        meta: BatchMeta,
+        previous_pages: Mapping[int, RawPage],
+    ) -> PlannedScan:
+        """Read `batch_id` for one cycle (`state`: the planner's memory of it, `states`
+        and `meta`: its snapshot); an active plan that cannot stand for a full scan
+        falls back to one in the same cycle. The cycle's requests and plan are counted.
+
+        Raises the upstream error when nothing at all could be read.
+        """
+        scan = await self._read(batch_id, keeper, state, states, meta, previous_pages)
+        record(self._metrics, batch_id, scan)
+        return scan
+
+    async def _read(
+        self,
+        batch_id: str,
+        keeper: LeaseKeeper,
+        state: PlanState,
+        states: CallStates,
+        meta: BatchMeta,
+        previous_pages: Mapping[int, RawPage],
+    ) -> PlannedScan:
+        settings, page_size, now = self._p, self._page_size, self._monotonic()
+        plan = choose(settings, state, meta.counts, page_size, now, batch_id)
+        full_pages = full_cost(meta.counts, page_size)
+        requests: Counter[str] = Counter()
+        anomaly = None
+        if plan.kind == "active":
+            active = ActiveScan(
+                self._upstream,
+                batch_id,
+                keeper,
+                states=states,
+                counts=meta.counts,
+                state=state,
+                page_size=page_size,
+                completed=meta.completed,
+                budget=full_pages if settings.scan == "auto" else math.inf,
+                retry_within_s=settings.interval_seconds,
+            )
+            try:
+                await active.run()
+            except Fallback as fallback:
+                requests["active"] += active.requests
+                plan = Plan("full", fallback.reason)
+                anomaly = fallback.anomaly
+                if anomaly is not None:
+                    state.distrust_until = now + FILTER_DISTRUST_S
+            except UpstreamAuthError:
+                raise
+            except UpstreamError as exc:
+                if not active.items:
+                    raise
+                log.warning(
+                    "active scan of batch %s stopped after %d requests, keeping what arrived: %s",
+                    batch_id,
+                    active.requests,
+                    exc,
+                    extra={"action": "scan_partial", "batch_id": batch_id},
+                )
+                return _active(plan, active, now, full_pages, partial=True)
+            else:
+                return _active(plan, active, now, full_pages, partial=False)
+        scan = await read_pages(
+            self._upstream, batch_id, previous_pages, keeper, settings.interval_seconds
+        )
+        requests["full"] += len(scan.pages)
+        return PlannedScan(
+            plan=plan,
+            groups=[p.raws for p in scan.pages],
+            complete=scan.complete,
+            total=scan.pages[-1].total if scan.complete else None,
+            partial=not scan.complete,
+            pages=scan.pages,
+            started=now,
+            full_pages=full_pages,
+            page_size=page_size,
+            requests=requests,
+            anomaly=anomaly,
+            # A complete scan served every call there is; one still missing is looked up
+            # again (once) by the next active cycle.
+            gone=set() if scan.complete else set(state.gone),
+        )
+
+
+def _active(
+    plan: Plan, active: ActiveScan, started: float, full_pages: int, *, partial: bool
+) -> PlannedScan:
+    return PlannedScan(
+        plan=plan,
+        groups=[[e.raw for e in active.items.values()]],
+        complete=False,
+        total=None,
+        partial=partial,
+        pages=None,
+        started=started,
+        full_pages=full_pages,
+        page_size=active.page_size,
+        requests=Counter(active=active.requests),
+        resolve_requests=active.resolving,
+        gone=active.gone,
+    )
+
+
+def record(metrics: Metrics, batch_id: str, scan: PlannedScan) -> None:
+    """Count a cycle's requests and plan (whether or not its commit succeeds)."""
+    for kind, n in scan.requests.items():
+        metrics.scan_requests.labels(kind).inc(n)
+    metrics.scan_plans.labels(scan.plan.kind, scan.plan.reason).inc()
+    metrics.set_plan(batch_id, scan.plan.kind)
+    if scan.anomaly is not None:
+        metrics.upstream_anomalies.labels(scan.anomaly).inc()
+        log.warning(
+            "batch %s: the status filter misbehaved (%s); full scans for %.0fs",
+            batch_id,
+            scan.anomaly,
+            FILTER_DISTRUST_S,
+            extra={"action": "upstream_anomaly", "batch_id": batch_id},
+        )
+
+
+def settle(
+    state: PlanState,
+    scan: PlannedScan,
+    committed: Iterable[Mapping[str, Any]],
+    digests: dict[int, RawPage],
+    result: DiffResult,
+) -> dict[int, RawPage]:
+    """Move the planner's memory on once the cycle that read `scan` is committed
+    (`committed`: the items that changed, `result`: their diff); returns the page
+    digests to keep for the next full scan."""
+    if scan.plan.kind == "full" and scan.complete:
+        state.last_full_at = scan.started
+    if scan.pages is not None and scan.plan.reason != "configured":
+        # Only the active plan uses positions: `scan: full` spends nothing on them.
+        state.place(scan.pages)
+    learn(
+        state,
+        scan.plan,
+        resolve_requests=scan.resolve_requests,
+        full_cost=scan.full_pages,
+        moved=len(result.transitions),
+        page_size=scan.page_size,
+    )
+    state.gone = scan.gone
+    state.remember(committed)
+    state.last = scan.plan
+    if result.unconfirmed:
+        # A backward move waits to be seen again: its page must be read, not skipped
+        # as unchanged (which would leave the move unconfirmed for as long).
+        return {}
+    if scan.pages is not None and scan.complete:
+        return {p.page: dataclasses.replace(p, raws=[], unchanged=False) for p in scan.pages}
+    if scan.pages is not None or result.changed:
+        # Pages that did not arrive keep no digest, nor pages whose calls an active
+        # cycle moved since (a digest stands for the snapshot of its calls).
+        return {}
+    return digests

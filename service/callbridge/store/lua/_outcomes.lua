@@ -1,0 +1,174 @@
+-- _outcomes.lua: shared snippet, included with `--#include outcomes` (after `now`).
+-- Records the outcome of one attempt: `complete(rec, id, token, outcome, delay_ms,
+-- history entry JSON, kind, pace_ms)`. Expects these locals: due, inflight, dead,
+-- endpoint, chain, parked (keys), prefix, retention, dead_retention, threshold,
+-- cooloff, cooloff_max, history_max, ratio, min_attempts, bucket_ms (see complete.lua).
+--
+-- Idempotent: an outcome sent again for the same claim (a lost reply re-sent by the
+-- client) returns what applied the first time (the record's done marker), changing
+-- nothing.
+
+-- Writes that successes share are gathered and made once, before anything reads
+-- what they change (a failure's breaker check, the claim that follows) and at the
+-- end: the inflight ZREMs, the window's success count and the endpoint reset.
+local gone_ids, ok_count, reset_pending = {}, 0, false
+
+-- Count attempts in the sliding window; for a failure, returns failures and total
+-- over the window (a success needs neither).
+local function window_add(ok, n)
+  local bid = math.floor(now / bucket_ms)
+  local slot = bid % 3
+  if tonumber(redis.call('HGET', endpoint, 'wb' .. slot) or '-1') ~= bid then
+    redis.call('HSET', endpoint, 'wb' .. slot, bid, 'wo' .. slot, 0, 'wf' .. slot, 0)
+  end
+  redis.call('HINCRBY', endpoint, ok and ('wo' .. slot) or ('wf' .. slot), n)
+  if ok then return 0, 0 end
+  local fails, total = 0, 0
+  local f = redis.call('HMGET', endpoint, 'wb0', 'wo0', 'wf0', 'wb1', 'wo1', 'wf1',
+                       'wb2', 'wo2', 'wf2')
+  for i = 0, 2 do
+    local b = f[3 * i + 1]
+    if b and bid - tonumber(b) <= 2 then
+      fails = fails + tonumber(f[3 * i + 3] or '0')
+      total = total + tonumber(f[3 * i + 2] or '0') + tonumber(f[3 * i + 3] or '0')
+    end
+  end
+  return fails, total
+end
+
+local function flush()
+  -- In slices: unpack() takes a few thousand values at most.
+  for i = 1, #gone_ids, 1000 do
+    redis.call('ZREM', inflight, unpack(gone_ids, i, math.min(i + 999, #gone_ids)))
+  end
+  gone_ids = {}
+  if ok_count > 0 then
+    window_add(true, ok_count)
+    ok_count = 0
+  end
+  if reset_pending then
+    -- A success closes the breaker and ends a run of failures.
+    redis.call('HSET', endpoint, 'failures', 0, 'conn_failures', 0, 'open_until', 0, 'opens', 0)
+    reset_pending = false
+  end
+end
+
+local function complete(rec, id, token, outcome, delay, entry, kind, pace)
+  local f = redis.call('HMGET', rec, 'state', 'claim', 'done', 'done_outcome', 'history',
+                       'attempts', 'next', 'callkey')
+  local state = f[1]
+  if not state then return 'gone' end
+  if state ~= 'inflight' or f[2] ~= token then
+    if f[3] == token then return f[4] end
+    -- Our claim timed out and the delivery was handed to another worker (or it was
+    -- replayed): record nothing, that worker owns the outcome now.
+    return 'stale'
+  end
+  gone_ids[#gone_ids + 1] = id
+  if outcome == 'release' then
+    -- Shutdown handed the claim back before an answer came: not an attempt.
+    redis.call('HSET', rec, 'claim', '', 'done', token, 'done_outcome', outcome,
+               'state', 'pending')
+    redis.call('ZADD', due, now, id)
+    return outcome
+  end
+  local history = f[5]
+  if (history == nil or history == '[]') and history_max >= 1 then
+    -- The first attempt (most of them): no need to decode anything.
+    history = '[' .. entry .. ']'
+  else
+    local h = cjson.decode(history or '[]')
+    h[#h + 1] = cjson.decode(entry)
+    while #h > history_max do table.remove(h, 1) end
+    history = cjson.encode(h)
+  end
+  -- Written once, with the state below.
+  local w = {'claim', '', 'done', token, 'done_outcome', outcome, 'history', history}
+  if outcome == 'disable' then
+    -- 410 Gone: the endpoint is switched off, this delivery waits with the others.
+    redis.call('HSET', endpoint, 'disabled', '1', 'disabled_reason', '410 Gone',
+               'disabled_ms', now)
+    redis.call('HSET', rec, 'state', 'pending', unpack(w))
+    redis.call('ZADD', due, now, id)
+    return outcome
+  end
+  local attempts = tonumber(f[6] or '0') + 1
+  w[#w + 1] = 'attempts'; w[#w + 1] = attempts
+  local nxt = f[7]
+  if attempts == 1 and nxt and nxt ~= '' then
+    -- The first attempt happened: the call's next event may start now.
+    local nrec = prefix .. ':d:' .. nxt
+    if redis.call('HGET', nrec, 'state') == 'waiting' then
+      redis.call('HSET', nrec, 'state', 'pending')
+      redis.call('ZADD', due, now, nxt)
+    end
+    redis.call('ZREM', parked, nxt)
+    w[#w + 1] = 'next'; w[#w + 1] = ''
+  end
+  local function release_chain()
+    local callkey = f[8]
+    if callkey and callkey ~= '' and redis.call('HGET', chain, callkey) == id then
+      redis.call('HDEL', chain, callkey)
+    end
+  end
+  if outcome == 'success' then
+    redis.call('HSET', rec, 'state', 'delivered', 'delivered_ms', now, unpack(w))
+    redis.call('PEXPIRE', rec, retention)
+    release_chain()
+    ok_count, reset_pending = ok_count + 1, true
+    return outcome
+  end
+  -- A failure reads the endpoint's state: earlier successes count first.
+  flush()
+  if kind == 'paced' then
+    -- 429 with Retry-After: the endpoint asks us to slow down, it is not down. Until
+    -- the time given it gets half its requests at once (this delivery itself waits
+    -- for it); the breaker is not involved.
+    local until_ms = now + pace
+    if until_ms > tonumber(redis.call('HGET', endpoint, 'paced_until') or '0') then
+      redis.call('HSET', endpoint, 'paced_until', until_ms)
+    end
+  else
+    -- A failed attempt counts towards the breaker: a failure ratio over a recent
+    -- window (a flaky endpoint that mostly works is not down), or consecutive
+    -- connection failures (nothing listens there).
+    redis.call('HINCRBY', endpoint, 'failures', 1)
+    local conn = 0
+    if kind == 'conn' then
+      conn = redis.call('HINCRBY', endpoint, 'conn_failures', 1)
+    else
+      redis.call('HSET', endpoint, 'conn_failures', 0)
+    end
+    local fails, total = window_add(false, 1)
+    local open_until = tonumber(redis.call('HGET', endpoint, 'open_until') or '0')
+    local down = conn >= threshold or (total >= min_attempts and fails >= ratio * total)
+    -- Open (or, after a failed half-open probe, reopen) unless already open:
+    -- failures of requests in flight when it opened must not stretch the pause.
+    if open_until <= now and (down or open_until > 0) then
+      local opens = redis.call('HINCRBY', endpoint, 'opens', 1)
+      local pause = math.min(cooloff * 2 ^ (opens - 1), cooloff_max)
+      redis.call('HSET', endpoint, 'open_until', now + pause)
+    end
+  end
+  if outcome == 'dead' then
+    redis.call('HSET', rec, 'state', 'dead', 'dead_ms', now, unpack(w))
+    redis.call('ZADD', dead, now, id)
+    redis.call('PEXPIRE', rec, dead_retention)
+    release_chain()
+  else
+    redis.call('HSET', rec, 'state', 'pending', unpack(w))
+    redis.call('ZADD', due, now + delay, id)
+  end
+  return outcome
+end
+
+-- Every outcome of a JSON list (see the callers' headers), in order; what applied.
+local function complete_all(items, rec_of)
+  local out = {}
+  for j, o in ipairs(items) do
+    out[#out + 1] = complete(rec_of(j, o[1]), o[1], o[2], o[3], tonumber(o[4]), o[5],
+                             o[6] or 'fail', tonumber(o[7] or '0'))
+  end
+  flush()
+  return out
+end
