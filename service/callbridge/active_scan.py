@@ -6,7 +6,8 @@
 2. every page of each active status's list (``status=queued`` ...): new arrivals
    and moves show there, and every item must carry the status asked for;
 3. when the counts do not add up (`planner.Books`): calls that vanished from the
-   active lists are looked up by ``external_id`` (matched by ``call_id``) when few;
+   active lists (those the snapshot has there, and those the last cycle saw moving
+   back there, unconfirmed) are looked up by ``external_id`` (matched by ``call_id``) when few;
    otherwise, and always when more calls left ``pending`` before the probe than the
    reads found (calls that ended without passing an active status), the tail of each
    terminal status's list, largest first, until everything is explained (lists come
@@ -141,6 +142,12 @@ class ActiveScan:
                 vanished.append(call_id)
             elif stored == PENDING:
                 frontier = min(frontier, positions.get(call_id, math.inf))
+        for call_id, seen in self._state.backward.items():
+            # Seen back in an active list last cycle, not confirmed yet: gone from it
+            # now, it moved on (a redial that ended) and must be found like the others.
+            unseen = call_id not in self.items and call_id not in self.gone
+            if unseen and seen in self._listed and status_of(call_id) not in self._listed:
+                vanished.append(call_id)
         # The budget covers the whole cycle: what the lists took is spent already.
         self._budget -= self.requests
         if vanished or self._pending_gap() > 0:

@@ -231,6 +231,7 @@ def settle(
     )
     state.gone = scan.gone
     state.remember(committed)
+    state.backward = dict(result.unconfirmed)
     state.last = scan.plan
     if result.unconfirmed:
         # A backward move waits to be seen again: its page must be read, not skipped

@@ -99,6 +99,11 @@ class PlanState:
     positions: dict[str, int] = field(default_factory=dict)
     # How much of what moved the page at the dialler's frontier explained lately.
     frontier_hits: float = 1.0
+    # Calls the last cycle saw moving backwards, unconfirmed (call_id -> status seen):
+    # the snapshot still has them where they were, but an active plan must look for
+    # them where they were seen (a redial that ends before the second look is found
+    # in its new terminal status, as a full scan would find it).
+    backward: dict[str, str] = field(default_factory=dict)
     last: Plan | None = None
 
     def place(self, pages: Iterable[RawPage]) -> None:

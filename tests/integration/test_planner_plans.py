@@ -194,6 +194,38 @@ async def test_a_redial_waits_for_the_next_active_cycle_as_for_the_next_full_sca
         await svc.close()
 
 
+async def test_a_redial_that_ends_before_its_second_look_is_found_by_the_active_plan(
+    redis_url: str, redis_client: Any, aiohttp_server: Any
+) -> None:
+    sim = simulator(40)
+    svc, poller, receiver = await bridge(aiohttp_server, redis_url, sim, scan="active")
+    try:
+        call = sim.calls(BATCH)[7]["call_id"]
+        assert await plan_of(poller) == "full:cold"
+        sim.set_call(BATCH, call, status="no_answer")
+        assert await plan_of(poller) == "active:configured"
+        sim.set_call(BATCH, call, status="queued")
+        assert await plan_of(poller) == "active:configured"
+        assert statuses(poller)[call] == "no_answer"  # the redial waits for a second look
+        # It ends before that look: in no active list now, and the snapshot still has
+        # it finished, so nothing but the first look says where to find it.
+        sim.set_call(BATCH, call, status="completed")
+        seen = len(sim.request_log)
+        assert await plan_of(poller) == "active:configured"
+        assert statuses(poller)[call] == "completed"
+        paths = [path for _, path, _ in sim.request_log[seen:]]
+        assert sum("external_id=" in p for p in paths) == 1, paths
+        await svc.deliverer.drain()
+        bodies = [r.payload()["data"] for r in receiver.delivered]
+        # What a full scan reports of it: the new ending (the one-off queued is not).
+        assert [(d["status"], d["previous_status"]) for d in bodies] == [
+            ("no_answer", "pending"),
+            ("completed", "no_answer"),
+        ]
+    finally:
+        await svc.close()
+
+
 def ignore_status_filter() -> Callable[..., Any]:
     """A platform that ignores ``status``: the whole batch comes back."""
 
