@@ -225,6 +225,19 @@ def build_app(sim: Simulator, campaign: Campaign, params: dict[str, Any]) -> web
     async def truth(request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(campaign.truth), content_type="application/json")
 
+    spans_by_batch: dict[str, list[tuple[str, str, float, float | None]]] = {}
+
+    async def spans(request: web.Request) -> web.Response:
+        if not campaign.finished_at:
+            raise web.HTTPConflict(text="the campaign is still running")
+        if not spans_by_batch:
+            for span in sim.spans():
+                spans_by_batch.setdefault(span.batch_id, []).append(
+                    (span.call_id, span.status, span.start, span.end)
+                )
+        out = spans_by_batch.get(request.query["batch"], [])
+        return web.Response(body=orjson.dumps(out), content_type="application/json")
+
     async def requests(request: web.Request) -> web.Response:
         since = float(request.query.get("since", "0"))
         out = [
@@ -245,6 +258,7 @@ def build_app(sim: Simulator, campaign: Campaign, params: dict[str, Any]) -> web
     app.router.add_get("/_campaign/state", state)
     app.router.add_get("/_campaign/truth", truth)
     app.router.add_get("/_campaign/requests", requests)
+    app.router.add_get("/_campaign/spans", spans)
     app.on_shutdown.append(stop)
     return app
 

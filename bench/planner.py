@@ -19,18 +19,26 @@ end between two polls; a run takes ~5 min). Requests are counted by the simulato
 ``external_id`` look-ups) from the campaign start until DRAIN_S after its end. Lag:
 each delivered ``call.*`` event is matched to the moment its call last entered the
 event's status (ground truth from the campaign). Missing: calls whose final status
-(ground truth) never arrived after the call entered it.
+(ground truth) never arrived after the call entered it; and the ground-truth checker of
+the fidelity issue (`tests.support.turbulence.check`, run per batch over the campaign's
+`Simulator.spans` and every event the receiver got): its required statuses are every
+final status and every status visible for two poll intervals (the campaign's statuses
+last under one, so in effect the final ones), and it also counts invented and
+out-of-order statuses, broken ``previous_status`` chains and inexact
+``batch.completed``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import time
 from collections import defaultdict
 from typing import Any
 
 import aiohttp
+import orjson
 
 from bench.common import (
     IMG,
@@ -43,6 +51,9 @@ from bench.common import (
     quantile,
     valkey_server,
 )
+from callbridge.simulator import StatusSpan
+from tests.support.flaky import HookRequest
+from tests.support.turbulence import Report, check
 
 BATCHES = 10
 CALLS = 20_000
@@ -129,6 +140,50 @@ def _lags(truth: list[list[Any]], events: list[list[Any]]) -> list[tuple[float, 
     return out
 
 
+def _merge(total: Report, part: Report) -> None:
+    """Add one batch's report to the campaign's."""
+    for f in dataclasses.fields(Report):
+        mine, theirs = getattr(total, f.name), getattr(part, f.name)
+        if isinstance(mine, list):
+            mine.extend(theirs)
+        elif f.name == "required_by_status":
+            for status, n in theirs.items():
+                mine[status] = mine.get(status, 0) + n
+        elif isinstance(mine, dict):
+            mine.update(theirs)
+        elif isinstance(mine, int) and f.name != "poll_interval_s":
+            setattr(total, f.name, mine + theirs)
+
+
+async def _ground_truth(
+    session: aiohttp.ClientSession, sim_url: str, receiver_url: str, batch_ids: list[str]
+) -> Report:
+    """`tests.support.turbulence.check` over the whole campaign, one batch at a time."""
+    hooks = await _get_json(session, receiver_url + "/_hooks")
+    by_batch: dict[str, list[HookRequest]] = defaultdict(list)
+    for event_id, received, doc in hooks:
+        request = HookRequest(event_id, orjson.dumps(doc), float(received), 1, "200", True, {})
+        by_batch[doc["data"].get("batch_id")].append(request)
+    del hooks
+    total = Report(INTERVAL_S)
+    for batch_id in batch_ids:
+        raw = await _get_json(session, sim_url + "/_campaign/spans", batch=batch_id)
+        spans = [StatusSpan(batch_id, c, status, a, b) for c, status, a, b in raw]
+        part = check(spans, by_batch.pop(batch_id, []), poll_interval_s=INTERVAL_S, now=time.time())
+        _merge(total, part)
+    # Events of batches the campaign never had: the checker counts them invented.
+    _merge(
+        total,
+        check(
+            [],
+            [r for rs in by_batch.values() for r in rs],
+            poll_interval_s=INTERVAL_S,
+            now=time.time(),
+        ),
+    )
+    return total
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {
         "n": len(values),
@@ -190,6 +245,8 @@ async def run_one(scan: str, budget_name: str, calls: int, batches: int) -> dict
                 async with session.get(bridge.url + "/metrics") as resp:
                     metrics = parse_metrics(await resp.text())
             requests = await _get_json(session, sim.url + "/_campaign/requests", since=str(t0))
+            report = await _ground_truth(session, sim.url, receiver.url, batch_ids)
+            stats = await _get_json(session, receiver.url + "/_stats")
 
     window_end = t_end + DRAIN_S
     in_window = [(float(t), kind) for t, kind in requests if float(t) <= window_end]
@@ -231,6 +288,15 @@ async def run_one(scan: str, budget_name: str, calls: int, batches: int) -> dict
         "calls": len(finals),
         "missing_finals": len(missing),
         "missing_examples": missing[:10],
+        "checker": {
+            **report.figures(),
+            "batch_completed": report.batch_completed,
+            "two_bodies": stats["two_bodies"],
+            "bad_signatures": stats["bad_signatures"],
+            "missing_examples": [dataclasses.astuple(m) for m in report.missing[:10]],
+            "invented_examples": [dataclasses.astuple(p) for p in report.invented[:5]],
+            "broken_chain_examples": [dataclasses.astuple(p) for p in report.broken_chains[:5]],
+        },
         "plans": plans,
         "anomalies": {
             labels["kind"]: v
@@ -263,6 +329,7 @@ async def run(quick: bool = False, profile: bool = True) -> dict[str, Any]:
         "lag_p99_ratio_tight": tight,
         "targets": {"request_ratio": TARGET_REQUEST_RATIO, "lag_ratio": TARGET_LAG_RATIO},
         "missing_finals": {k: r["missing_finals"] for k, r in runs.items()},
+        "checker_missing": {k: r["checker"]["missing"] for k, r in runs.items()},
     }
     plot(result)
     return result

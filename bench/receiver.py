@@ -9,8 +9,12 @@ receiver CPU). ``GET /_stats`` returns the counters (with ``first_at``/``last_at
 ``last_any_at`` of any request, signed or not); ``POST /_reset`` clears them.
 With ``--record`` it also keeps, per distinct ``webhook-id``, the ``time.time()`` the
 request was received, the event type, ``data.batch_id``/``call_id``/``status`` and the
-event ``timestamp`` (``GET /_events`` returns them), for the end-to-end lag benchmark.
-It prints ``READY <base url>`` on stdout once it listens.
+event ``timestamp`` (``GET /_events`` returns them), for the end-to-end lag benchmark;
+and, for the ground-truth checker (`tests.support.turbulence`, in the planner benchmark),
+per distinct id what the checker reads of the body (``GET /_hooks``: ``[id, received,
+doc]``, doc cut down to ``type`` and the ``data`` fields it uses), counting ids that
+arrived with two different bodies (``two_bodies`` in ``/_stats``). It prints
+``READY <base url>`` on stdout once it listens.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import asyncio
 import signal
 import time
+import zlib
 from typing import Any
 
 import orjson
@@ -46,6 +51,10 @@ class Counters:
         self.last_any_at = 0.0
         # [received, type, batch_id, call_id, status, event timestamp]
         self.events: list[list[Any]] = []
+        # [webhook-id, received, the body cut down to what the checker reads]
+        self.hooks: list[list[Any]] = []
+        self.body_crcs: dict[str, int] = {}
+        self.two_bodies = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -58,7 +67,25 @@ class Counters:
             "distinct_ids": len(self.ids),
             "verified": self.verified,
             "bad_signatures": self.bad_signatures,
+            "two_bodies": self.two_bodies,
         }
+
+
+_CHECKED_FIELDS = (
+    "batch_id",
+    "call_id",
+    "status",
+    "previous_status",
+    "sequence",
+    "missed_terminal",
+    "total",
+)
+
+
+def _checked(doc: dict[str, Any]) -> dict[str, Any]:
+    """What `tests.support.turbulence.check` reads of an event body."""
+    data = doc.get("data") or {}
+    return {"type": doc.get("type"), "data": {k: data[k] for k in _CHECKED_FIELDS if k in data}}
 
 
 def build_app(counters: Counters) -> web.Application:
@@ -88,6 +115,11 @@ def build_app(counters: Counters) -> web.Application:
                         doc.get("timestamp"),
                     ]
                 )
+                counters.hooks.append([event_id, received, _checked(doc)])
+            if counters.record:
+                crc = zlib.crc32(body)
+                if counters.body_crcs.setdefault(event_id, crc) != crc:
+                    counters.two_bodies += 1
             counters.ids.add(event_id)
             if counters.signed % counters.verify_every == 1 or counters.verify_every == 1:
                 try:
@@ -103,6 +135,9 @@ def build_app(counters: Counters) -> web.Application:
     async def events(request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(counters.events), content_type="application/json")
 
+    async def hooks(request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(counters.hooks), content_type="application/json")
+
     async def reset(request: web.Request) -> web.Response:
         counters.reset()
         return web.json_response({"ok": True})
@@ -111,6 +146,7 @@ def build_app(counters: Counters) -> web.Application:
     app.router.add_post("/hook", hook)
     app.router.add_get("/_stats", stats)
     app.router.add_get("/_events", events)
+    app.router.add_get("/_hooks", hooks)
     app.router.add_post("/_reset", reset)
     return app
 
