@@ -102,10 +102,14 @@ async def confirm_backward_moves(
         prev = states.get(call_id)
         if prev is None:
             continue
-        if not is_backward(prev.status, normalise_status(item["status"])):
-            if call_id in suspects and _new_attempt(prev, item):
+        status = normalise_status(item["status"])
+        if not is_backward(prev.status, status):
+            if call_id in suspects and (
+                _new_attempt(prev, item) or (is_terminal(prev.status) and status != prev.status)
+            ):
                 # Seen going back, now forward again in another attempt than the one
-                # we know: the backward status was a redial, not a stale copy.
+                # we know, or ended otherwise than we saw it end (a finished call
+                # changes only when redialled): the backward status was a redial.
                 confirmed.add(call_id)
             continue
         if call_id in suspects:

@@ -135,6 +135,20 @@ async def test_a_new_attempt_confirms_the_redial(make_service: MakeService) -> N
     ]
 
 
+async def test_ending_otherwise_confirms_the_redial(make_service: MakeService) -> None:
+    """Seen queued once, then failed: a finished call changes only when redialled, so
+    the first look was real (its second look may have died with another replica)."""
+    svc, sim = await rig(make_service)
+    batch, call = await busy_then_queued(svc, sim)
+    sim.set_call(batch, call, status="failed")
+    await svc.poller.poll_once(batch)
+    assert await events(svc, batch, call) == [
+        ("call.busy", 1),
+        ("call.queued", 2),
+        ("call.failed", 3),
+    ]
+
+
 async def test_back_where_we_knew_it_forgets_the_first_look(make_service: MakeService) -> None:
     """A stale copy, then the call as we knew it: a later backward copy is a first
     look again, not a second one."""
