@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
+from aiohttp.typedefs import Middleware
 
 from callbridge.app import Bridge
 from callbridge.config import Settings
@@ -109,10 +110,17 @@ async def make_service(
     services: list[Bridge] = []
 
     async def build(
-        sim_config: SimulatorConfig, *, events: list[str] | None = None, **sections: Any
+        sim_config: SimulatorConfig,
+        *,
+        events: list[str] | None = None,
+        upstream_middlewares: Sequence[Middleware] = (),
+        **sections: Any,
     ) -> tuple[Bridge, Simulator, Receiver]:
         sim = Simulator(sim_config)
-        upstream = await aiohttp_server(make_app(sim))
+        app = make_app(sim)
+        # In front of the simulator's own (e.g. a page that fails on demand).
+        app.middlewares[:0] = list(upstream_middlewares)
+        upstream = await aiohttp_server(app)
         receiver = Receiver()
         hook = await aiohttp_server(receiver.app())
         settings: Settings = make_settings(

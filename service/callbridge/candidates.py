@@ -25,6 +25,8 @@ class Candidates:
     # The items' exact bytes as served, by call_id (event bodies embed them as is).
     raws: dict[str, bytes] = field(default_factory=dict)
     signatures: dict[str, int] = field(default_factory=dict)
+    # Calls served exactly as the last committed scan saw them.
+    unchanged: set[str] = field(default_factory=set)
     duplicates: int = 0
     invalid: int = 0
 
@@ -42,8 +44,8 @@ def select_candidates(
     """
     owners = known.owners
     fresh: dict[str, tuple[int, PageEntry]] = {}
-    unchanged: set[str] = set()
     out = Candidates()
+    unchanged = out.unchanged
     crc, adler = zlib.crc32, zlib.adler32
     for raws in pages:
         for raw in raws:

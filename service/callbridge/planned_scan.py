@@ -5,12 +5,11 @@
 cannot stand for a full scan. Either way the cycle gets raw item bytes, in the
 order they were served, for the same `select_candidates` -> diff -> commit path:
 the planner decides which requests to make, never what they mean. `settle` moves
-the planner's memory and the page digests on once the cycle is committed.
+the planner's memory on once the cycle is committed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -29,7 +28,7 @@ from callbridge.errors import UpstreamAuthError, UpstreamError
 from callbridge.metrics import Metrics
 from callbridge.pages import RawPage
 from callbridge.planner import FILTER_DISTRUST_S, Plan, PlanState, choose, full_cost, learn
-from callbridge.scan import read_pages
+from callbridge.scan import Suspect, read_pages
 from callbridge.store.leases import LeaseKeeper
 from callbridge.store.snapshots import BatchMeta
 from callbridge.upstream import UpstreamClient
@@ -60,6 +59,12 @@ class PlannedScan:
     anomaly: str | None = None
     # The planner's `gone` set once this cycle is committed.
     gone: set[str] = field(default_factory=set)
+
+    @property
+    def whole_pages(self) -> list[RawPage] | None:
+        """Every page of the batch, when a full scan read them all (their digests let
+        the next full scan skip pages that did not change); else None."""
+        return self.pages if self.complete else None
 
 
 class BatchReader:
@@ -210,12 +215,12 @@ def settle(
     state: PlanState,
     scan: PlannedScan,
     committed: Iterable[Mapping[str, Any]],
-    digests: dict[int, RawPage],
     result: DiffResult,
-) -> dict[int, RawPage]:
+    suspects: Mapping[str, Suspect],
+) -> None:
     """Move the planner's memory on once the cycle that read `scan` is committed
-    (`committed`: the items that changed, `result`: their diff); returns the page
-    digests to keep for the next full scan."""
+    (`committed`: the items that changed, `result`: their diff, `suspects`: the calls
+    seen going backwards and not confirmed yet)."""
     if scan.plan.kind == "full" and scan.complete:
         state.last_full_at = scan.started
     if scan.pages is not None and scan.plan.reason != "configured":
@@ -231,16 +236,5 @@ def settle(
     )
     state.gone = scan.gone
     state.remember(committed)
-    state.backward = dict(result.unconfirmed)
+    state.backward = {call_id: s.status for call_id, s in suspects.items()}
     state.last = scan.plan
-    if result.unconfirmed:
-        # A backward move waits to be seen again: its page must be read, not skipped
-        # as unchanged (which would leave the move unconfirmed for as long).
-        return {}
-    if scan.pages is not None and scan.complete:
-        return {p.page: dataclasses.replace(p, raws=[], unchanged=False) for p in scan.pages}
-    if scan.pages is not None or result.changed:
-        # Pages that did not arrive keep no digest, nor pages whose calls an active
-        # cycle moved since (a digest stands for the snapshot of its calls).
-        return {}
-    return digests

@@ -10,7 +10,6 @@ after a commit and dropped whenever the lease is lost.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -18,10 +17,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from callbridge.callstate import CallStates
-from callbridge.candidates import ItemSignatures, select_candidates
+from callbridge.candidates import select_candidates
 from callbridge.config import Settings
 from callbridge.diff import BatchView, DiffResult, ScanFacts, diff
 from callbridge.errors import (
@@ -32,54 +29,23 @@ from callbridge.errors import (
 )
 from callbridge.metrics import Metrics, event_label, status_label
 from callbridge.models import PollOutcome, iso_ms
-from callbridge.pages import RawPage
 from callbridge.planned_scan import BatchReader, PlannedScan, settle
-from callbridge.planner import PlanState
 from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
+from callbridge.runtime import BatchRuntime
 from callbridge.scan import (
-    Suspect,
     confirm_backward_moves,
     replays_for,
+    restored_suspects,
+    stored_suspects,
     suspects_from,
 )
 from callbridge.schedule import BatchLifecycle, lifecycle
 from callbridge.store.leases import LeaseKeeper, LeaseStore
-from callbridge.store.snapshots import BatchMeta, SnapshotStore
+from callbridge.store.snapshots import SnapshotStore
 from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class BatchRuntime:
-    """What this replica knows about a batch it polls."""
-
-    batch_id: str
-    backfill: bool
-    token: str | None = None
-    meta: BatchMeta = field(default_factory=BatchMeta)
-    states: CallStates | None = None  # None: not loaded (cold)
-    signatures: ItemSignatures = field(default_factory=ItemSignatures)
-    pages: dict[int, RawPage] = field(default_factory=dict)
-    not_found: bool = False
-    retired: bool = False
-    # Set while committed events may still sit in the outbox un-fanned-out
-    # (after a take-over, or a fan-out that failed): drained before anything else.
-    outbox_dirty: bool = False
-    # Calls last seen moving backwards, unconfirmed, with what that scan showed.
-    suspects: dict[str, Suspect] = field(default_factory=dict)
-    plan: PlanState = field(default_factory=PlanState)
-    next_due: float = 0.0
-    last_started: float | None = None
-    task: asyncio.Task[None] | None = None
-
-    def drop_cache(self) -> None:
-        self.states = None
-        self.signatures = ItemSignatures()
-        self.pages = {}
-        self.suspects = {}
-        self.plan = PlanState()
 
 
 class Poller:
@@ -180,6 +146,7 @@ class Poller:
         if rt.states is None:
             rt.meta, rt.states = await self._store.load(batch_id)
             rt.not_found = rt.meta.not_found_since_ms > 0
+            rt.suspects = restored_suspects(rt.meta.suspects)
             # A previous owner may have committed events it never fanned out.
             rt.outbox_dirty = True
         if rt.outbox_dirty:
@@ -236,6 +203,7 @@ class Poller:
         for call_id in result.unconfirmed:
             # Seen again next cycle as a candidate, and confirmed if still backwards.
             cands.signatures.pop(call_id, None)
+        suspects = suspects_from(cands, result.unconfirmed, rt.suspects)
         meta = dataclasses.replace(
             rt.meta,
             counts=result.counts,
@@ -243,6 +211,7 @@ class Poller:
             completions=result.completions,
             last_poll_ms=now_ms,
             not_found_since_ms=0,
+            suspects=stored_suspects(suspects),
             scan_plan=scan.plan.kind,
             scan_reason=scan.plan.reason,
         )
@@ -263,12 +232,10 @@ class Poller:
             meta=meta,
         )
         # Committed: only now may the caches move forward.
-        rt.meta = meta
-        rt.not_found = False
-        rt.states.update_encoded(encoded)
-        rt.signatures.update(cands.signatures)
-        rt.suspects = suspects_from(cands, result.unconfirmed)
-        rt.pages = settle(rt.plan, scan, cands.items, rt.pages, result)
+        rt.committed(
+            meta, encoded, cands.signatures, suspects, scan.pages if scan.complete else None
+        )
+        settle(rt.plan, scan, cands.items, result, suspects)
         self._record(batch_id, result)
         if result.events:
             log.info(

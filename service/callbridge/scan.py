@@ -9,8 +9,9 @@ error for the caller.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from callbridge.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerpr
 from callbridge.candidates import Candidates
 from callbridge.errors import UpstreamAuthError, UpstreamError
 from callbridge.models import is_backward, is_terminal, normalise_status
-from callbridge.pages import RawPage
+from callbridge.pages import RawPage, entry
 from callbridge.store.leases import LeaseKeeper
 from callbridge.upstream import UpstreamClient
 
@@ -99,7 +100,17 @@ async def confirm_backward_moves(
     for i, item in enumerate(candidates.items):
         call_id = item["call_id"]
         prev = states.get(call_id)
-        if prev is None or not is_backward(prev.status, normalise_status(item["status"])):
+        if prev is None:
+            continue
+        status = normalise_status(item["status"])
+        if not is_backward(prev.status, status):
+            if call_id in suspects and (
+                _new_attempt(prev, item) or (is_terminal(prev.status) and status != prev.status)
+            ):
+                # Seen going back, now forward again in another attempt than the one
+                # we know, or ended otherwise than we saw it end (a finished call
+                # changes only when redialled): the backward status was a redial.
+                confirmed.add(call_id)
             continue
         if call_id in suspects:
             confirmed.add(call_id)
@@ -135,8 +146,11 @@ async def confirm_backward_moves(
 
 
 def _new_attempt(prev: CallState, item: Mapping[str, Any]) -> bool:
+    """The item shows another attempt than `prev`: both carry a ``started_at``, and
+    they differ (a field filled in late on the same attempt is not a new one)."""
     started = Fingerprint.of(item).known[_STARTED_AT]
-    return started != ABSENT and started != prev.fingerprint.known[_STARTED_AT]
+    known = prev.fingerprint.known[_STARTED_AT]
+    return started != ABSENT and known != ABSENT and started != known
 
 
 def replays_for(
@@ -160,10 +174,44 @@ def replays_for(
     return out
 
 
-def suspects_from(candidates: Candidates, unconfirmed: Mapping[str, str]) -> dict[str, Suspect]:
-    """The calls this scan saw go back, unconfirmed, with what it showed of them."""
-    return {
-        call_id: Suspect(status, item, candidates.raws[call_id])
-        for item in candidates.items
-        if (status := unconfirmed.get(call_id := item["call_id"])) is not None
+def suspects_from(
+    candidates: Candidates, unconfirmed: Mapping[str, str], before: Mapping[str, Suspect]
+) -> dict[str, Suspect]:
+    """The calls seen going back and not confirmed yet, for the next scan to judge.
+
+    Those this scan saw go back, with what it showed of them; and the earlier ones
+    this scan did not serve at all (a page that failed, items shifting between
+    pages): forgetting them would make a redial need two sightings in a row.
+    A call served as the last commit saw it is back where we knew it: forgotten.
+    """
+    seen = {item["call_id"] for item in candidates.items}
+    out = {
+        call_id: suspect
+        for call_id, suspect in before.items()
+        if call_id not in seen and call_id not in candidates.unchanged
     }
+    for item in candidates.items:
+        status = unconfirmed.get(call_id := item["call_id"])
+        if status is not None:
+            out[call_id] = Suspect(status, item, candidates.raws[call_id])
+    return out
+
+
+# Suspects kept with the snapshot at most: a platform serving every call backwards
+# must not make each commit carry megabytes (the rest are still kept in memory).
+MAX_STORED_SUSPECTS = 1000
+
+
+def stored_suspects(suspects: Mapping[str, Suspect]) -> list[bytes]:
+    """What the commit keeps of `suspects` (their items as served), so that a
+    replica taking over, or this one restarted, judges them on its first scan."""
+    return [s.raw for s in itertools.islice(suspects.values(), MAX_STORED_SUSPECTS)]
+
+
+def restored_suspects(raws: Iterable[bytes]) -> dict[str, Suspect]:
+    out: dict[str, Suspect] = {}
+    for raw in raws:
+        e = entry(raw)
+        if e is not None:
+            out[e.call_id] = Suspect(normalise_status(e.status), e.item, e.raw)
+    return out

@@ -21,8 +21,9 @@ from callbridge.config import Settings
 from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome
 from callbridge.planner import expected_requests
-from callbridge.poller import BatchRuntime, Poller
+from callbridge.poller import Poller
 from callbridge.relay import Relay
+from callbridge.runtime import BatchRuntime
 from callbridge.schedule import interval_s, jittered
 from callbridge.store.leases import LeaseStore
 from callbridge.store.registry import BatchRegistry

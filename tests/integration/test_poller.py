@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from callbridge.app import Bridge
 from callbridge.callstate import CallStates
 from callbridge.models import TERMINAL_STATUSES
-from callbridge.poller import BatchRuntime
+from callbridge.runtime import BatchRuntime
 from callbridge.simulator import FaultConfig, Simulator
 from callbridge.store.keys import Keys
 from tests.support.bridges import MakeService, sim_config

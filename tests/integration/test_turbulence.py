@@ -104,11 +104,6 @@ async def test_a_platform_faults_and_flaky_crm(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: 1 of ~3,900 statuses missing (p50 2.3 s): a scan served to a process "
-    "SIGKILLed before its commit is lost with it; the next process sees the status once",
-)
 async def test_b_sigkills_of_the_single_replica(
     tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:
@@ -120,11 +115,6 @@ async def test_b_sigkills_of_the_single_replica(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: 2 of ~3,900 statuses missing (p50 2.3 s, no id with two bodies): "
-    "scans served to replicas SIGKILLed before their commit are lost with them",
-)
 async def test_c_three_replicas_four_sigkills(
     tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import random
 import time
 from collections import Counter
@@ -185,6 +186,7 @@ async def run_scenario(
         for replica in replicas:
             await replica.wait_healthy(session)
         started = clock()
+        wall_started = time.time()  # the bridge's timelines are in wall-clock ms
         tasks = [
             asyncio.create_task(run_clock(sim, sc.timing.step_seconds, stop_clock)),
             asyncio.create_task(watch.run(replicas, session, started)),
@@ -216,7 +218,15 @@ async def run_scenario(
                 served=sim.served if not sc.only_final else None,
             )
             examples: list[str] = []
-            causes = await attribute_missing(report, receiver, replicas, session, examples=examples)
+            causes = await attribute_missing(
+                report,
+                receiver,
+                replicas,
+                session,
+                examples=examples,
+                truth=_truth(sim, started),
+                wall_zero=wall_started,
+            )
         finally:
             stop_clock.set()
             receiver.release.set()
@@ -243,6 +253,25 @@ async def run_scenario(
     )
     print(outcome)
     return outcome
+
+
+def _truth(sim: Simulator, started: float) -> Callable[[str, str], str]:
+    """A call's real statuses (start, seconds after the world started) and, for each,
+    when the platform served the call: the evidence for a status lost by polling."""
+    spans = sim.spans()
+
+    def describe(batch_id: str, call_id: str) -> str:
+        served = sim.served.get((batch_id, call_id), [])
+        parts = []
+        for span in spans:
+            if (span.batch_id, span.call_id) != (batch_id, call_id):
+                continue
+            end = span.end if span.end is not None else math.inf
+            at = [f"{t - started:.2f}" for t in served if span.start <= t < end]
+            parts.append(f"{span.status}@{span.start - started:.2f} served {at}")
+        return ", ".join(parts)
+
+    return describe
 
 
 def _dump(tmp_path: Path, receiver: FlakyReceiver, report: Report, started: float) -> None:
@@ -276,12 +305,15 @@ async def attribute_missing(
     session: aiohttp.ClientSession,
     limit: int = 1000,
     examples: list[str] | None = None,
+    truth: Callable[[str, str], str] | None = None,
+    wall_zero: float = 0.0,
 ) -> Counter[str]:
     """Why each missing status is missing, from the bridge's call timelines (admin API):
     "delivery" when the bridge committed more ``call.<status>`` events for the call than
     arrived, else "polling" (it never saw, or never emitted, that status). Calls past
-    `limit` are "unclassified". `examples` receives a few polling losses of statuses
-    visible for 5 s or more, with the bridge's timeline of the call."""
+    `limit` are "unclassified". `examples` receives the first few polling losses, with
+    the bridge's timeline of the call and, when `truth` is given, what the platform
+    really did and when it served the call."""
     causes: Counter[str] = Counter()
     live = next((r for r in replicas if r.alive), None)
     shortfall: Counter[tuple[str, str, str]] = Counter(
@@ -319,12 +351,19 @@ async def attribute_missing(
                 for m in report.missing
                 if (m.batch_id, m.call_id, m.status) == (batch_id, call_id, status)
             )
-            if m.visible_s >= 5 and not m.final:
-                seen = [(e.get("status"), e.get("event_type")) for e in entries]
-                examples.append(
-                    f"{batch_id}/{call_id} {status} visible {m.visible_s:.1f}s; "
-                    f"the bridge's timeline: {seen}"
+            seen = [
+                (
+                    e.get("status"),
+                    e.get("event_type"),
+                    round(e.get("at_ms", 0) / 1000 - wall_zero, 2),
                 )
+                for e in entries
+            ]
+            examples.append(
+                f"{batch_id}/{call_id} {status} visible {m.visible_s:.1f}s; "
+                f"the bridge's timeline: {seen}"
+                + (f"; the platform: {truth(batch_id, call_id)}" if truth else "")
+            )
     return causes
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
 from redis.exceptions import ResponseError
 
@@ -27,6 +28,7 @@ from callbridge.store.keys import Keys
 from callbridge.store.scripts import register
 
 log = logging.getLogger(__name__)
+_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 @dataclass(slots=True)
@@ -41,6 +43,11 @@ class BatchMeta:
     last_change_ms: int = 0
     completed_at_ms: int = 0
     not_found_since_ms: int = 0
+    # Items of calls seen going backwards, not confirmed yet (`scan.Suspect`), as
+    # served. Stored as ``<commit_id>\n<JSON array>``: read back only when the commit
+    # that wrote them is the last one (a replica of an older release commits without
+    # them, and what they said may no longer hold).
+    suspects: list[bytes] = field(default_factory=list)
     # The plan the last cycle read with (full, active) and why; "" before any.
     scan_plan: str = ""
     scan_reason: str = ""
@@ -52,6 +59,13 @@ class BatchMeta:
             return int(value) if value else 0
 
         counts_raw = raw.get(b"counts")
+        tag, _, stored = (raw.get(b"suspects") or b"").partition(b"\n")
+        suspects: list[bytes] = []
+        if stored and tag == raw.get(b"commit_id"):
+            try:
+                suspects = [bytes(r) for r in _RAW_LIST.decode(stored)]
+            except msgspec.DecodeError:
+                log.warning("unreadable suspects in a batch's meta; ignored")
         return cls(
             version=num("version"),
             counts=orjson.loads(counts_raw) if counts_raw else {},
@@ -61,12 +75,14 @@ class BatchMeta:
             last_change_ms=num("last_change_ms"),
             completed_at_ms=num("completed_at_ms"),
             not_found_since_ms=num("not_found_since_ms"),
+            suspects=suspects,
             scan_plan=raw.get(b"scan_plan", b"").decode(),
             scan_reason=raw.get(b"scan_reason", b"").decode(),
         )
 
-    def to_fields(self) -> dict[str, str]:
-        """Everything but `version`, which only the commit script changes."""
+    def to_fields(self, commit_id: str) -> dict[str, str]:
+        """Everything but `version` and `commit_id`, which only the commit script
+        changes; `commit_id` tags the suspects."""
         return {
             "counts": orjson.dumps(self.counts).decode(),
             "completed": "1" if self.completed else "0",
@@ -75,6 +91,9 @@ class BatchMeta:
             "last_change_ms": str(self.last_change_ms),
             "completed_at_ms": str(self.completed_at_ms),
             "not_found_since_ms": str(self.not_found_since_ms),
+            "suspects": f"{commit_id}\n[{','.join(r.decode() for r in self.suspects)}]"
+            if self.suspects
+            else "",
             "scan_plan": self.scan_plan,
             "scan_reason": self.scan_reason,
         }
@@ -170,18 +189,19 @@ class SnapshotStore:
         timeline_arg: list[Any] = []
         for entry in timeline:
             timeline_arg += (entry.call_id, entry.as_list())
+        # Unique per commit: redis-py re-sends a script after a lost reply, and the
+        # second run must not fail on the version the first one moved.
+        commit_id = uuid.uuid4().hex
         args: list[Any] = [
             token,
             expected_version,
             lease_ttl_ms,
             timeline_max,
-            # Unique per commit: redis-py re-sends a script after a lost reply, and
-            # the second run must not fail on the version the first one moved.
-            uuid.uuid4().hex,
+            commit_id,
             orjson.dumps(states_arg),
             orjson.dumps(events_arg),
             orjson.dumps(timeline_arg),
-            orjson.dumps(meta.to_fields()),
+            orjson.dumps(meta.to_fields(commit_id)),
         ]
         try:
             reply: list[Any] = await self._commit(

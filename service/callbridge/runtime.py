@@ -1,0 +1,77 @@
+"""What a replica knows of a batch it polls, between cycles (`BatchRuntime`).
+
+Everything here is a cache of what Redis holds, or of what the last committed scan
+saw: it moves forward only after a commit (`committed`) and is dropped whenever
+the lease is lost (`drop_cache`), to be loaded again from Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+
+from callbridge.callstate import CallStates
+from callbridge.candidates import ItemSignatures
+from callbridge.pages import RawPage
+from callbridge.planner import PlanState
+from callbridge.scan import Suspect
+from callbridge.store.snapshots import BatchMeta
+
+
+@dataclass(slots=True)
+class BatchRuntime:
+    """What this replica knows about a batch it polls."""
+
+    batch_id: str
+    backfill: bool
+    token: str | None = None
+    meta: BatchMeta = field(default_factory=BatchMeta)
+    states: CallStates | None = None  # None: not loaded (cold)
+    signatures: ItemSignatures = field(default_factory=ItemSignatures)
+    pages: dict[int, RawPage] = field(default_factory=dict)
+    not_found: bool = False
+    retired: bool = False
+    # Set while committed events may still sit in the outbox un-fanned-out
+    # (after a take-over, or a fan-out that failed): drained before anything else.
+    outbox_dirty: bool = False
+    # Calls seen moving backwards, not confirmed yet, with what the last scan that
+    # served them showed; kept with each commit (`BatchMeta.suspects`).
+    suspects: dict[str, Suspect] = field(default_factory=dict)
+    # What the scan planner remembers of the batch (`planner.PlanState`).
+    plan: PlanState = field(default_factory=PlanState)
+    next_due: float = 0.0
+    last_started: float | None = None
+    task: asyncio.Task[None] | None = None
+
+    def committed(
+        self,
+        meta: BatchMeta,
+        states: dict[str, str],
+        signatures: dict[str, int],
+        suspects: dict[str, Suspect],
+        pages: list[RawPage] | None,
+    ) -> None:
+        """Move the caches forward to a cycle just committed (`pages`: None unless
+        the scan was complete)."""
+        assert self.states is not None
+        self.meta = meta
+        self.not_found = False
+        self.states.update_encoded(states)
+        self.signatures.update(signatures)
+        self.suspects = suspects
+        # Pages of a partial scan keep no digest: they are read in full next time; so
+        # are all while a suspect waits (its page may not change, its call must be
+        # looked at again).
+        self.pages = (
+            {p.page: dataclasses.replace(p, raws=[], unchanged=False) for p in pages}
+            if pages is not None and not suspects
+            else {}
+        )
+
+    def drop_cache(self) -> None:
+        self.states = None
+        self.signatures = ItemSignatures()
+        self.pages = {}
+        self.suspects = {}
+        self.plan = PlanState()
