@@ -21,11 +21,10 @@ each delivered ``call.*`` event is matched to the moment its call last entered t
 event's status (ground truth from the campaign). Missing: calls whose final status
 (ground truth) never arrived after the call entered it; and the ground-truth checker of
 the fidelity issue (`tests.support.turbulence.check`, run per batch over the campaign's
-`Simulator.spans` and every event the receiver got): its required statuses are every
-final status and every status visible for two poll intervals (the campaign's statuses
-last under one, so in effect the final ones), and it also counts invented and
-out-of-order statuses, broken ``previous_status`` chains and inexact
-``batch.completed``.
+`Simulator.spans`, when the simulator's answers carried each call, and every event the
+receiver got) with issue 11's rule: every final status and every status the platform
+served to the bridge twice must arrive; it also counts invented and out-of-order
+statuses, broken ``previous_status`` chains and inexact ``batch.completed``.
 """
 
 from __future__ import annotations
@@ -169,7 +168,11 @@ async def _ground_truth(
     for batch_id in batch_ids:
         raw = await _get_json(session, sim_url + "/_campaign/spans", batch=batch_id)
         spans = [StatusSpan(batch_id, c, status, a, b) for c, status, a, b in raw]
-        part = check(spans, by_batch.pop(batch_id, []), poll_interval_s=INTERVAL_S, now=time.time())
+        answers = await _get_json(session, sim_url + "/_campaign/served", batch=batch_id)
+        served = {(batch_id, c): times for c, times in answers}
+        requests = by_batch.pop(batch_id, [])
+        now = time.time()
+        part = check(spans, requests, poll_interval_s=INTERVAL_S, now=now, served=served)
         _merge(total, part)
     # Events of batches the campaign never had: the checker counts them invented.
     _merge(
