@@ -15,25 +15,28 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 
 from callbridge.candidates import select_candidates
 from callbridge.config import Settings
-from callbridge.diff import BatchView, DiffResult, ScanFacts, diff
+from callbridge.cycle_metrics import count_odd_items, record_diff
+from callbridge.diff import BatchView, ScanFacts, diff
 from callbridge.errors import (
     BatchNotFoundError,
     LeaseLostError,
     UpstreamAuthError,
     UpstreamError,
 )
-from callbridge.metrics import Metrics, event_label, status_label
+from callbridge.group_commit import GroupCommit
+from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome, iso_ms
 from callbridge.pages import RawPage
 from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
 from callbridge.runtime import BatchRuntime
 from callbridge.scan import (
+    MAX_LOOKUPS_PER_CYCLE,
+    LookupBudget,
     confirm_backward_moves,
     read_pages,
     replays_for,
@@ -155,26 +158,59 @@ class Poller:
             rt.outbox_dirty = False
         assert rt.states is not None
         assert rt.token is not None
+        lookups = LookupBudget(MAX_LOOKUPS_PER_CYCLE)
+        flusher = rt.group = GroupCommit(lambda pages: self._commit(rt, pages, lookups))
         async with LeaseKeeper(self._leases, batch_id, rt.token, self.ttl_ms) as keeper:
-            scan = await self._scan(rt, keeper)
+            try:
+                scan = await self._scan(rt, keeper, flusher.add)
+                rest = await flusher.finish()
+            finally:
+                await flusher.abandon()
+                rt.group = None
             if isinstance(scan, str):
                 return scan
             pages, complete = scan
-            cands = select_candidates((p.raws for p in pages), rt.signatures)
-            # Decoded once, for the calls that changed: the rest stay encoded.
-            previous = {
-                c["call_id"]: st
-                for c in cands.items
-                if (st := rt.states.get(c["call_id"])) is not None
-            }
-            confirmed, moved_on = await confirm_backward_moves(
-                self._upstream,
-                batch_id,
-                previous,
-                rt.suspects,
-                cands,
-                self._p.interval_seconds,
+            changed = await self._commit(
+                rt, rest, lookups, final=ScanFacts(complete, pages[-1].total), scanned=pages
             )
+        if not complete:
+            return "partial"
+        return "committed" if changed or flusher.changed else "unchanged"
+
+    async def _commit(
+        self,
+        rt: BatchRuntime,
+        pages: list[RawPage],
+        lookups: LookupBudget,
+        *,
+        final: ScanFacts | None = None,
+        scanned: list[RawPage] | None = None,
+    ) -> bool:
+        """Diff `pages` against what is committed and commit what changed; whether
+        anything did. `final` (the scan's facts) for the last group of a scan, which
+        commits even when nothing changed (the poll time, batch-level facts); the
+        others commit only changes. `scanned`: every page of the scan, for digests."""
+        batch_id = rt.batch_id
+        assert rt.states is not None
+        assert rt.token is not None
+        cands = select_candidates((p.raws for p in pages), rt.signatures)
+        if final is None and not cands.items:
+            count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
+            return False
+        # Decoded once, for the calls that changed: the rest stay encoded.
+        previous = {
+            c["call_id"]: st for c in cands.items if (st := rt.states.get(c["call_id"])) is not None
+        }
+        confirmed, moved_on = await confirm_backward_moves(
+            self._upstream,
+            batch_id,
+            previous,
+            rt.suspects,
+            cands,
+            self._p.interval_seconds,
+            lookups,
+        )
+        complete = final is not None and final.complete
         now_ms = self._wall_ms()
         result = diff(
             batch_id,
@@ -184,15 +220,11 @@ class Poller:
             now_ms=now_ms,
             timestamp=iso_ms(now_ms),
             backfill=rt.backfill,
-            scan=ScanFacts(complete=complete, total=pages[-1].total if complete else None),
+            scan=ScanFacts(complete=complete, total=final.total if complete and final else None),
             confirmed=confirmed,
             raws=cands.raws,
             replays=replays_for(cands, confirmed, rt.suspects, moved_on),
         )
-        if cands.duplicates:
-            result.anomalies["duplicate_item"] += cands.duplicates
-        if cands.invalid:
-            result.anomalies["invalid_item"] += cands.invalid
         if rt.states.unreadable:
             log.warning(
                 "batch %s: %d unreadable snapshot entries; those calls are seen afresh",
@@ -231,15 +263,16 @@ class Poller:
             meta=meta,
         )
         # Committed: only now may the caches move forward.
-        rt.committed(meta, encoded, cands.signatures, suspects, pages if complete else None)
-        self._record(batch_id, result)
+        rt.committed(meta, encoded, cands.signatures, suspects, scanned if complete else None)
+        record_diff(self._metrics, batch_id, result)
+        count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
         if result.events:
             log.info(
                 "batch %s: %d events from %d changed calls%s",
                 batch_id,
                 len(result.events),
                 len(result.states),
-                "" if complete else " (partial scan)",
+                "" if complete else " (part of a scan)",
                 extra={"action": "cycle_committed", "batch_id": batch_id},
             )
             # Committed, so never lost: if this fails the outbox still holds them
@@ -252,17 +285,16 @@ class Poller:
                     batch_id, list(zip(result.events, stream_ids, strict=True))
                 )
             rt.outbox_dirty = False
-        if not complete:
-            return "partial"
-        return "committed" if result.changed else "unchanged"
+        return result.changed
 
     async def _scan(
-        self, rt: BatchRuntime, keeper: LeaseKeeper
+        self, rt: BatchRuntime, keeper: LeaseKeeper, on_page: Callable[[RawPage], None]
     ) -> tuple[list[RawPage], bool] | PollOutcome:
-        """Read the batch's pages: (pages, complete), or the outcome when nothing came."""
+        """Read the batch's pages: (pages, complete), or the outcome when nothing came.
+        `on_page` gets each page that has more after it, as it arrives."""
         try:
             scan = await read_pages(
-                self._upstream, rt.batch_id, rt.pages, keeper, self._p.interval_seconds
+                self._upstream, rt.batch_id, rt.pages, keeper, self._p.interval_seconds, on_page
             )
         except UpstreamAuthError as exc:
             self.reach.key_rejected(exc)
@@ -281,24 +313,6 @@ class Poller:
             return "failed"
         self.reach.answered()
         return scan.pages, scan.complete
-
-    def _record(self, batch_id: str, result: DiffResult) -> None:
-        m = self._metrics
-        m.set_calls(batch_id, result.counts)
-        # Counted per label first: a flood of 20,000 changes is a handful of series.
-        for (frm, to), n in Counter(result.transitions).items():
-            m.transitions.labels(status_label(frm), status_label(to)).inc(n)
-        for etype, n in Counter(ev.type for ev in result.events).items():
-            m.events.labels(event_label(etype)).inc(n)
-        for kind, n in result.anomalies.items():
-            m.upstream_anomalies.labels(kind).inc(n)
-            log.warning(
-                "batch %s: %d odd item(s) in the scan: %s",
-                batch_id,
-                n,
-                kind,
-                extra={"action": "upstream_anomaly", "batch_id": batch_id},
-            )
 
     async def _mark_not_found(self, rt: BatchRuntime) -> PollOutcome:
         if not rt.not_found:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from callbridge.callstate import CallStates
 from callbridge.candidates import ItemSignatures
+from callbridge.group_commit import GroupCommit
 from callbridge.pages import RawPage
 from callbridge.scan import Suspect
 from callbridge.store.snapshots import BatchMeta
@@ -37,6 +38,8 @@ class BatchRuntime:
     # Calls seen moving backwards, not confirmed yet, with what the last scan that
     # served them showed; kept with each commit (`BatchMeta.suspects`).
     suspects: dict[str, Suspect] = field(default_factory=dict)
+    # The group commit of the cycle running now, if any (`group_commit`).
+    group: GroupCommit | None = None
     next_due: float = 0.0
     last_started: float | None = None
     task: asyncio.Task[None] | None = None
