@@ -48,6 +48,7 @@ IDLE_S = 15.0
 _HEAD_MAX = 64 * 1024
 # Reading pauses beyond this: a 50 MB answer costs us this much at most.
 _READ_AHEAD_MAX = 256 * 1024
+_HEADS_KEPT = 256
 
 
 @dataclass(slots=True)
@@ -134,6 +135,9 @@ class Http1Pool:
         self._open: set[_Conn] = set()
         self._prune_at: asyncio.TimerHandle | None = None
         self._closing = False
+        # A receiver answers with the same head but for its Date, which changes once
+        # a second: parsed heads are kept, so most answers cost a dict look-up.
+        self._heads: dict[bytes, Head] = {}
         self.connects = 0  # connections opened so far (for tests and benchmarks)
         self.resends = 0  # requests sent again after a reused connection ended (see above)
 
@@ -229,7 +233,13 @@ class Http1Pool:
                     )
                 await conn.wait()
                 end = buf.find(END_OF_HEAD)
-            head = parse_head(bytes(buf[:end]))
+            raw = bytes(buf[:end])
+            head = self._heads.get(raw)
+            if head is None:
+                head = parse_head(raw)
+                if len(self._heads) >= _HEADS_KEPT:
+                    self._heads.clear()
+                self._heads[raw] = head
             if not 100 <= head.status < 200 or head.status == 101:
                 break
             del buf[: end + 4]  # an interim answer (100 Continue, 103): the real one follows
