@@ -207,7 +207,7 @@ class Http1Pool:
             raise
         finally:
             timer.cancel()
-        if reusable and not self._closing:
+        if reusable and not (conn.closed or self._closing):
             conn.buf.clear()
             conn.answered += 1
             conn.idle_since = conn.loop.time()
