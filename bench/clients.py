@@ -1,6 +1,6 @@
 """The delivery's two HTTP clients (``delivery.http_client``), interleaved in one run.
 
-``python -m bench.clients [--reps 3] [--only delivery,flood]``
+``python -m bench.clients [--reps 3] [--only sender,delivery,flood]``
 
 The machine is shared and noisy, so the clients are compared in one process,
 alternately, against the same Valkey, receiver and simulator, with the order
@@ -12,6 +12,8 @@ swapped every repetition:
   the receiver (the last two from /proc).
 * ``flood`` (`bench.flood`): one flood per client and repetition, each with its own
   ceiling (64 aiohttp coroutines POSTing the same bodies right after it).
+* ``sender``: `WebhookSender.send` alone (signing, the POST, the classified result;
+  no Redis, no loop), 64 coroutines, next to the plain POSTs: CPU per request.
 
 Writes ``bench/results/clients.json`` and prints the medians.
 """
@@ -28,11 +30,25 @@ from typing import Any
 import aiohttp
 
 from bench import flood
-from bench.common import RESULTS, child_server, machine_info, median, valkey_server
+from bench.common import (
+    RESULTS,
+    SECRET,
+    child_server,
+    machine_info,
+    make_settings,
+    median,
+    valkey_server,
+)
 from bench.delivery import Bench, make_events
 from bench.run import code_version
+from callbridge.config import SubscriptionSettings
+from callbridge.http1 import Http1Pool
+from callbridge.models import Event
+from callbridge.sender import WebhookSender
 
 CLIENTS = ("aiohttp", "lean")
+_PLAIN_HEADERS = {"Content-Type": "application/json"}
+_SENDER_FIELDS = ("per_s", "cpu_ms", "receiver_cpu_ms", "loadavg_1m")
 CONCURRENCIES = (16, 64)
 
 
@@ -89,6 +105,70 @@ async def deliveries(reps: int) -> list[dict[str, Any]]:
         finally:
             for b in benches.values():
                 await b.redis.aclose()
+    return samples
+
+
+async def _send_all(
+    mode: str, sub: SubscriptionSettings, events: list[Event]
+) -> tuple[int, float, float]:
+    """Every event sent once by 64 coroutines: (2xx answers, CPU s, wall s)."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar()
+    )
+    sender = WebhookSender(session, pool=Http1Pool() if mode == "lean" else None)
+    keys, url = sub.signing_keys, sub.url.unicode_string()
+    it = iter(events)
+    ok = 0
+
+    async def worker() -> None:
+        nonlocal ok
+        for ev in it:
+            if mode == "plain":
+                async with session.post(url, data=ev.body, headers=_PLAIN_HEADERS) as resp:
+                    await resp.read()
+                    ok += resp.status == 200
+            else:
+                ok += (await sender.send(sub, keys, ev.id, ev.body)).ok
+
+    try:
+        c0, w0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(64)))
+        return ok, time.process_time() - c0, time.perf_counter() - w0
+    finally:
+        await sender.close()
+        await session.close()
+
+
+async def senders(reps: int) -> list[dict[str, Any]]:
+    events = make_events(5_000)
+    samples: list[dict[str, Any]] = []
+    with child_server("bench.receiver", ["--verify-every", "50"], "receiver_senders") as rec:
+        sub = make_settings(
+            "http://127.0.0.1:9",
+            "redis://127.0.0.1:1",
+            subscriptions=[{"name": "crm", "url": rec.url + "/hook", "secret": SECRET}],
+        ).subscriptions[0]
+        for rep in range(reps):
+            for mode in ("plain", *_order(rep)):
+                load = os.getloadavg()[0]
+                r0 = rec.cpu_s()
+                ok, cpu, wall = await _send_all(mode, sub, events)
+                receiver = rec.cpu_s() - r0
+                samples.append(
+                    {
+                        "rep": rep,
+                        "client": mode,
+                        "loadavg_1m": load,
+                        "per_s": ok / wall,
+                        "cpu_ms": 1000 * cpu / max(1, ok),
+                        "receiver_cpu_ms": 1000 * receiver / max(1, ok),
+                    }
+                )
+                print(
+                    f"sender {mode:7s} {ok / wall:6.0f}/s cpu {1000 * cpu / max(1, ok):.4f} ms "
+                    f"receiver {1000 * receiver / max(1, ok):.3f} ms load {load:.1f}",
+                    flush=True,
+                )
     return samples
 
 
@@ -170,6 +250,13 @@ async def main(reps: int, parts: list[str]) -> None:
     if "delivery" in parts:
         results["delivery_samples"] = await deliveries(reps)
         results["delivery"] = summary(results["delivery_samples"], "c")
+    if "sender" in parts:
+        results["sender_samples"] = s = await senders(reps)
+        results["sender"] = {
+            mode: {f: median([x[f] for x in s if x["client"] == mode]) for f in _SENDER_FIELDS}
+            for mode in ("plain", *CLIENTS)
+        }
+        print(json.dumps(results["sender"], indent=1))
     if "flood" in parts:
         results["flood_samples"] = await floods(reps)
         results["flood"] = summary(results["flood_samples"], None)
@@ -193,6 +280,6 @@ async def main(reps: int, parts: list[str]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--only", default="delivery,flood")
+    parser.add_argument("--only", default="sender,delivery,flood")
     ns = parser.parse_args()
     asyncio.run(main(ns.reps, ns.only.split(",")))
