@@ -128,7 +128,9 @@ async def _send_all(
                     await resp.read()
                     ok += resp.status == 200
             else:
-                ok += (await sender.send(sub, keys, ev.id, ev.body)).ok
+                # Awaited first: `ok += await ...` would read `ok` before the await.
+                result = await sender.send(sub, keys, ev.id, ev.body)
+                ok += result.ok
 
     try:
         c0, w0 = time.process_time(), time.perf_counter()
