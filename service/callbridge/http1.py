@@ -76,6 +76,7 @@ class _Conn(asyncio.Protocol):
         self.timed_out = False
         self.answered = 0  # answers read whole on it: more than 0 means reused
         self.idle_since = 0.0
+        self.paused = False  # reading paused: READ_AHEAD_MAX bytes wait in `buf`
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -83,7 +84,8 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if len(self.buf) > _READ_AHEAD_MAX and self.transport is not None:
+        if len(self.buf) > _READ_AHEAD_MAX and self.transport is not None and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
         self._wake()
 
@@ -192,6 +194,9 @@ class Http1Pool:
             raise ConnectFailedError(f"dns: {exc}") from exc
         except OSError as exc:
             raise ConnectFailedError(f"connect: {exc}") from exc
+        if self._closing:  # closed while this one connected: it would outlive the pool
+            conn.abort()
+            raise ConnectFailedError("connect: the client is closed")
         self.connects += 1
         self._open.add(conn)
         return conn
@@ -209,6 +214,9 @@ class Http1Pool:
             timer.cancel()
         if reusable and not (conn.closed or self._closing):
             conn.buf.clear()
+            if conn.paused:  # a big answer read whole: the next one must be read too
+                conn.paused = False
+                conn.transport.resume_reading()
             conn.answered += 1
             conn.idle_since = conn.loop.time()
             self._idle.setdefault(conn.key, []).append(conn)
