@@ -94,8 +94,17 @@ def make_events(n: int) -> list[Event]:
 
 
 class Bench:
-    def __init__(self, valkey: Server, receiver: Server, events: list[Event]) -> None:
+    def __init__(
+        self,
+        valkey: Server,
+        receiver: Server,
+        events: list[Event],
+        *,
+        delivery: dict[str, Any] | None = None,
+    ) -> None:
         self.valkey, self.receiver = valkey, receiver
+        # Delivery settings other than the defaults (``http_client``, for experiments).
+        self.delivery = delivery or {}
         self.redis_url = valkey.url
         self.hook_url = receiver.url + "/hook"
         self.events = events
@@ -117,7 +126,7 @@ class Bench:
                     "timeout_seconds": 10,
                 }
             ],
-            delivery={"global_max_in_flight": concurrency},
+            delivery={**self.delivery, "global_max_in_flight": concurrency},
         )
 
     async def receiver_stats(self, session: aiohttp.ClientSession) -> dict[str, int]:

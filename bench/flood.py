@@ -273,6 +273,7 @@ async def one_flood(
     *,
     profile: bool,
     sub_extra: dict[str, Any] | None = None,
+    delivery: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     sub_extra = sub_extra or {}
     flush: Any = aioredis.Redis.from_url(valkey.url)
@@ -293,6 +294,7 @@ async def one_flood(
         batches=[batch_id],
         subscriptions=[{"name": SUB, "url": receiver.url + "/hook", "secret": SECRET, **sub_extra}],
         poller={"interval_seconds": INTERVAL_S},
+        delivery=delivery or {},
     )
     label = f"flood_{rep}" + ("_profiled" if profile else "")
     with bridge_process(config, f"bridge_{label}") as bridge:

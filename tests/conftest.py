@@ -153,6 +153,7 @@ async def make_rig(
     redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> AsyncIterator[MakeRig]:
     sessions: list[aiohttp.ClientSession] = []
+    deliverers: list[Deliverer] = []
     clients: list[Any] = []
 
     async def build(subs: dict[str, dict[str, Any]], **delivery: Any) -> Rig:
@@ -181,11 +182,13 @@ async def make_rig(
         sessions.append(session)
         queue = DeliveryQueue(client, Keys())
         metrics = Metrics()
-        return Rig(
-            settings, queue, Deliverer(settings, queue, session, metrics), metrics, receivers
-        )
+        deliverer = Deliverer(settings, queue, session, metrics)
+        deliverers.append(deliverer)
+        return Rig(settings, queue, deliverer, metrics, receivers)
 
     yield build
+    for d in deliverers:
+        await d.close()
     for s in sessions:
         await s.close()
     for c in clients:

@@ -13,10 +13,11 @@ The pipeline, one module per stage, data flowing one way::
     queue       due / in flight / dead, per subscription        store/queue.py
        |
     delivery    claim -> signed POST -> record the outcome      delivery.py, sender.py
+       |        (keep-alive HTTP/1.1 client)                   http1.py, framing.py
        |
     api         probes, metrics, admin API                      api/
 
-Pure pieces (no I/O): models, diff, signing, retry, schedule. Wiring and
+Pure pieces (no I/O): models, diff, signing, retry, schedule, framing. Wiring and
 lifecycle: app.py; settings: config.py; the platform simulator: simulator/.
 """
 

@@ -237,6 +237,7 @@ class Bridge:
         await self.close()
 
     async def close(self) -> None:
+        await self.deliverer.close()
         await self.session.close()
         await self.redis.aclose()
         if self.embedded is not None:

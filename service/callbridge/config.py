@@ -267,6 +267,10 @@ class DeliverySettings(_Model):
     visibility_margin_seconds: PositiveSeconds = 15.0
     # Idle workers look for due work at least this often (new work wakes them at once).
     idle_poll_seconds: PositiveSeconds = 0.5
+    # The HTTP client webhooks are POSTed with: the lean HTTP/1.1 one (http1.py:
+    # keep-alive connections on asyncio protocols; the same outcomes for less than half
+    # the CPU, docs/performance.md §8), or aiohttp's.
+    http_client: Literal["lean", "aiohttp"] = "lean"
 
 
 class ServerSettings(_Model):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from callbridge.config import Settings, SubscriptionSettings
+from callbridge.http1 import Http1Pool
 from callbridge.metrics import Metrics
 from callbridge.outcomes import Finished, OutcomeBook
 from callbridge.sender import WebhookSender
@@ -81,7 +82,10 @@ class Deliverer:
         self._settings = settings
         self._d = settings.delivery
         self._queue = queue
-        self.sender = WebhookSender(session, wall=wall)
+        # The lean client's connections are the deliverer's own (`close()`); aiohttp's
+        # session is the caller's.
+        pool = Http1Pool() if self._d.http_client == "lean" else None
+        self.sender = WebhookSender(session, pool=pool, wall=wall)
         self._metrics = metrics
         self._book = OutcomeBook(metrics, rng or random.Random())
         self._wall = wall
@@ -112,6 +116,10 @@ class Deliverer:
         # claiming them again itself (see _step).
         self._starving: set[str] = set()
         self.last_loop_at = time.monotonic()
+
+    async def close(self) -> None:
+        """Close the connections of the lean HTTP client (once the loops have stopped)."""
+        await self.sender.close()
 
     def wake(self, name: str) -> None:
         """New work for `name` was enqueued (by this process's relay)."""

@@ -13,6 +13,12 @@
     │       └── MalformedPageError   a 200 whose body is not the documented envelope
     ├── StoreError
     │   └── LeaseLostError           this replica no longer owns the batch; its commit was refused
+    ├── WebhookHttpError             the lean HTTP client got no whole answer (`http1.py`); the
+    │   │                            sender turns each into a classified attempt result
+    │   ├── ConnectFailedError       no connection: refused, unreachable, DNS, TLS
+    │   ├── ConnectionDroppedError   the connection closed before the answer was read
+    │   ├── InvalidResponseError     what came back is not an HTTP/1.x answer
+    │   └── TimedOutError            the attempt's deadline passed
     └── EmbeddedRedisError           the embedded server could not be started
 
 Each exception reads well on one line, carries the context needed to act on it,
@@ -112,6 +118,34 @@ class StoreError(CallbridgeError):
 
 class LeaseLostError(StoreError):
     """This replica's lease on a batch expired or was taken over; nothing was written."""
+
+
+class WebhookHttpError(CallbridgeError):
+    """A webhook POST got no whole answer. The message is the attempt's classified
+    reason (``connect: ...``, ``connection dropped: ...``); `status` is set when the
+    status line had arrived, and `resent` when the request went out twice (see
+    `http1.py`)."""
+
+    def __init__(self, reason: str, *, status: int | None = None) -> None:
+        self.status = status
+        self.resent = False
+        super().__init__(reason)
+
+
+class ConnectFailedError(WebhookHttpError):
+    """No connection was made (refused, unreachable, DNS, TLS): the endpoint looks down."""
+
+
+class ConnectionDroppedError(WebhookHttpError):
+    """The connection closed (or was reset) before the answer was read."""
+
+
+class InvalidResponseError(WebhookHttpError):
+    """The bytes that came back are not an HTTP/1.x answer."""
+
+
+class TimedOutError(WebhookHttpError):
+    """The attempt's deadline (the subscription's ``timeout_seconds``) passed."""
 
 
 class EmbeddedRedisError(CallbridgeError):

@@ -169,6 +169,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.delivery_resent = Counter(
+            p + "delivery_resent",
+            "Webhook requests sent a second time within one attempt: a reused keep-alive "
+            "connection ended before any answer (lean HTTP client). The receiver may get "
+            "that webhook-id twice.",
+            ["subscription"],
+            registry=r,
+        )
         self.delivery_lag = Histogram(
             p + "delivery_lag_seconds",
             "From observing a change upstream to its successful delivery.",
@@ -276,6 +284,7 @@ class Metrics:
         for state in _QUEUE_STATES:
             self.queue_depth.labels(name, state).set(0)
         self.dead_letters.labels(name)
+        self.delivery_resent.labels(name)
         self.delivery_latency.labels(name)
         self.delivery_lag.labels(name)
         self.subscription_disabled.labels(name).set(0)
@@ -287,6 +296,7 @@ class Metrics:
             *((self.delivery_attempts, labels) for labels in _ATTEMPT_LABELS),
             *((self.queue_depth, (state,)) for state in _QUEUE_STATES),
             (self.dead_letters, ()),
+            (self.delivery_resent, ()),
             (self.delivery_latency, ()),
             (self.delivery_lag, ()),
             (self.subscription_disabled, ()),

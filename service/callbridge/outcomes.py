@@ -41,6 +41,7 @@ class _Series:
 
     latency: Histogram
     lag: Histogram
+    resent: Counter
     attempts: dict[tuple[str, str], Counter] = field(default_factory=dict)
 
 
@@ -64,6 +65,9 @@ class OutcomeBook:
             "response": result.response_excerpt,
             "outcome": d.outcome,
         }
+        if result.resent:
+            # Two requests in one attempt (http1.py): the history says so.
+            entry["resent"] = True
         completion = Completion(
             event_id=claimed.event_id,
             token=claimed.token,
@@ -85,7 +89,9 @@ class OutcomeBook:
         if series is None:
             m = self._metrics
             series = _Series(
-                latency=m.delivery_latency.labels(name), lag=m.delivery_lag.labels(name)
+                latency=m.delivery_latency.labels(name),
+                lag=m.delivery_lag.labels(name),
+                resent=m.delivery_resent.labels(name),
             )
             self._series[name] = series
         return series
@@ -103,6 +109,8 @@ class OutcomeBook:
             counter = series.attempts[key] = self._metrics.delivery_attempts.labels(name, *key)
         counter.inc()
         series.latency.observe(result.duration_s)
+        if result.resent:
+            series.resent.inc()
         claimed = f.claimed
         if applied == "stale":
             log.warning(

@@ -23,7 +23,6 @@ import msgspec
 from callbridge.active_scan import ActiveScan, Fallback
 from callbridge.callstate import CallStates
 from callbridge.config import Settings
-from callbridge.diff import DiffResult
 from callbridge.errors import UpstreamAuthError, UpstreamError
 from callbridge.metrics import Metrics
 from callbridge.pages import RawPage
@@ -92,14 +91,16 @@ class BatchReader:
         states: CallStates,
         meta: BatchMeta,
         previous_pages: Mapping[int, RawPage],
+        on_page: Callable[[RawPage], None] | None = None,
     ) -> PlannedScan:
         """Read `batch_id` for one cycle (`state`: the planner's memory of it, `states`
         and `meta`: its snapshot); an active plan that cannot stand for a full scan
         falls back to one in the same cycle. The cycle's requests and plan are counted.
+        A full scan hands each page to `on_page` as it arrives (the group commit).
 
         Raises the upstream error when nothing at all could be read.
         """
-        scan = await self._read(batch_id, keeper, state, states, meta, previous_pages)
+        scan = await self._read(batch_id, keeper, state, states, meta, previous_pages, on_page)
         record(self._metrics, batch_id, scan)
         return scan
 
@@ -111,6 +112,7 @@ class BatchReader:
         states: CallStates,
         meta: BatchMeta,
         previous_pages: Mapping[int, RawPage],
+        on_page: Callable[[RawPage], None] | None,
     ) -> PlannedScan:
         settings, page_size, now = self._p, self._page_size, self._monotonic()
         plan = choose(settings, state, meta.counts, page_size, now, batch_id)
@@ -154,7 +156,7 @@ class BatchReader:
             else:
                 return _active(plan, active, now, full_pages, partial=False)
         scan = await read_pages(
-            self._upstream, batch_id, previous_pages, keeper, settings.interval_seconds
+            self._upstream, batch_id, previous_pages, keeper, settings.interval_seconds, on_page
         )
         requests["full"] += len(scan.pages)
         return PlannedScan(
@@ -215,12 +217,12 @@ def settle(
     state: PlanState,
     scan: PlannedScan,
     committed: Iterable[Mapping[str, Any]],
-    result: DiffResult,
+    moved: int,
     suspects: Mapping[str, Suspect],
 ) -> None:
     """Move the planner's memory on once the cycle that read `scan` is committed
-    (`committed`: the items that changed, `result`: their diff, `suspects`: the calls
-    seen going backwards and not confirmed yet)."""
+    (`committed`: the items that changed, in all its groups; `moved`: how many calls
+    changed status; `suspects`: the calls seen going backwards, not confirmed yet)."""
     if scan.plan.kind == "full" and scan.complete:
         state.last_full_at = scan.started
     if scan.pages is not None and scan.plan.reason != "configured":
@@ -231,7 +233,7 @@ def settle(
         scan.plan,
         resolve_requests=scan.resolve_requests,
         full_cost=scan.full_pages,
-        moved=len(result.transitions),
+        moved=moved,
         page_size=scan.page_size,
     )
     state.gone = scan.gone

@@ -15,25 +15,33 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
 
 from callbridge.candidates import select_candidates
 from callbridge.config import Settings
-from callbridge.diff import BatchView, DiffResult, ScanFacts, diff
+from callbridge.cycle_metrics import count_odd_items, record_diff
+from callbridge.diff import BatchView, ScanFacts, diff
 from callbridge.errors import (
     BatchNotFoundError,
     LeaseLostError,
     UpstreamAuthError,
     UpstreamError,
 )
-from callbridge.metrics import Metrics, event_label, status_label
+from callbridge.group_commit import GroupCommit
+from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome, iso_ms
+from callbridge.pages import RawPage
 from callbridge.planned_scan import BatchReader, PlannedScan, settle
 from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
 from callbridge.runtime import BatchRuntime
 from callbridge.scan import (
+    MAX_LOOKUPS_PER_CYCLE,
+    LookupBudget,
     confirm_backward_moves,
     replays_for,
     restored_suspects,
@@ -46,6 +54,14 @@ from callbridge.store.snapshots import SnapshotStore
 from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Tally:
+    """What the groups of one cycle committed, for the planner (`settle`)."""
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+    moved: int = 0
 
 
 class Poller:
@@ -155,25 +171,64 @@ class Poller:
             rt.outbox_dirty = False
         assert rt.states is not None
         assert rt.token is not None
+        lookups = LookupBudget(MAX_LOOKUPS_PER_CYCLE)
+        tally = Tally()
+        flusher = rt.group = GroupCommit(
+            lambda pages: self._commit(rt, [p.raws for p in pages], lookups, tally)
+        )
         async with LeaseKeeper(self._leases, batch_id, rt.token, self.ttl_ms) as keeper:
-            scan = await self._scan(rt, keeper)
+            try:
+                scan = await self._scan(rt, keeper, flusher.add)
+                rest = await flusher.finish()
+            finally:
+                await flusher.abandon()
+                rt.group = None
             if isinstance(scan, str):
                 return scan
-            cands = select_candidates(scan.groups, rt.signatures)
-            # Decoded once, for the calls that changed: the rest stay encoded.
-            previous = {
-                c["call_id"]: st
-                for c in cands.items
-                if (st := rt.states.get(c["call_id"])) is not None
-            }
-            confirmed, moved_on = await confirm_backward_moves(
-                self._upstream,
-                batch_id,
-                previous,
-                rt.suspects,
-                cands,
-                self._p.interval_seconds,
-            )
+            # A full scan's pages went to the groups as they came; an active plan's
+            # items come all at once, at the end.
+            groups = [p.raws for p in rest] if scan.pages is not None else scan.groups
+            changed = await self._commit(rt, groups, lookups, tally, final=scan)
+        settle(rt.plan, scan, tally.items, tally.moved, rt.suspects)
+        if scan.partial:
+            return "partial"
+        return "committed" if changed or flusher.changed else "unchanged"
+
+    async def _commit(
+        self,
+        rt: BatchRuntime,
+        groups: Sequence[Sequence[bytes | msgspec.Raw]],
+        lookups: LookupBudget,
+        tally: Tally,
+        *,
+        final: PlannedScan | None = None,
+    ) -> bool:
+        """Diff the raw items of `groups` against what is committed and commit what
+        changed; whether anything did. `final` (the scan) for its last group, which
+        commits even when nothing changed (the poll time, batch-level facts, the plan);
+        the others commit only changes. `tally` adds up what the planner learns from."""
+        batch_id = rt.batch_id
+        assert rt.states is not None
+        assert rt.token is not None
+        cands = select_candidates(groups, rt.signatures)
+        if final is None and not cands.items:
+            count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
+            return False
+        # Decoded once, for the calls that changed: the rest stay encoded.
+        previous = {
+            c["call_id"]: st for c in cands.items if (st := rt.states.get(c["call_id"])) is not None
+        }
+        confirmed, moved_on = await confirm_backward_moves(
+            self._upstream,
+            batch_id,
+            previous,
+            rt.suspects,
+            cands,
+            self._p.interval_seconds,
+            lookups,
+        )
+        complete = final is not None and final.complete
+        tally.items += cands.items
         now_ms = self._wall_ms()
         result = diff(
             batch_id,
@@ -183,15 +238,11 @@ class Poller:
             now_ms=now_ms,
             timestamp=iso_ms(now_ms),
             backfill=rt.backfill,
-            scan=ScanFacts(complete=scan.complete, total=scan.total),
+            scan=ScanFacts(complete=complete, total=final.total if final is not None else None),
             confirmed=confirmed,
             raws=cands.raws,
             replays=replays_for(cands, confirmed, rt.suspects, moved_on),
         )
-        if cands.duplicates:
-            result.anomalies["duplicate_item"] += cands.duplicates
-        if cands.invalid:
-            result.anomalies["invalid_item"] += cands.invalid
         if rt.states.unreadable:
             log.warning(
                 "batch %s: %d unreadable snapshot entries; those calls are seen afresh",
@@ -212,9 +263,10 @@ class Poller:
             last_poll_ms=now_ms,
             not_found_since_ms=0,
             suspects=stored_suspects(suspects),
-            scan_plan=scan.plan.kind,
-            scan_reason=scan.plan.reason,
         )
+        if final is not None:
+            meta.scan_plan, meta.scan_reason = final.plan.kind, final.plan.reason
+        tally.moved += len(result.transitions)
         if result.changed:
             meta.last_change_ms = now_ms
         if result.completions > rt.meta.completions:
@@ -232,18 +284,17 @@ class Poller:
             meta=meta,
         )
         # Committed: only now may the caches move forward.
-        rt.committed(
-            meta, encoded, cands.signatures, suspects, scan.pages if scan.complete else None
-        )
-        settle(rt.plan, scan, cands.items, result, suspects)
-        self._record(batch_id, result)
+        digests = final.whole_pages if final is not None else None
+        rt.committed(meta, encoded, cands.signatures, suspects, digests)
+        record_diff(self._metrics, batch_id, result)
+        count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
         if result.events:
             log.info(
                 "batch %s: %d events from %d changed calls%s",
                 batch_id,
                 len(result.events),
                 len(result.states),
-                " (partial scan)" if scan.partial else "",
+                "" if final is not None else " (part of a scan)",
                 extra={"action": "cycle_committed", "batch_id": batch_id},
             )
             # Committed, so never lost: if this fails the outbox still holds them
@@ -256,16 +307,17 @@ class Poller:
                     batch_id, list(zip(result.events, stream_ids, strict=True))
                 )
             rt.outbox_dirty = False
-        if scan.partial:
-            return "partial"
-        return "committed" if result.changed else "unchanged"
+        return result.changed
 
-    async def _scan(self, rt: BatchRuntime, keeper: LeaseKeeper) -> PlannedScan | PollOutcome:
-        """Read the batch under the planner's plan, or the outcome when nothing came."""
+    async def _scan(
+        self, rt: BatchRuntime, keeper: LeaseKeeper, on_page: Callable[[RawPage], None]
+    ) -> PlannedScan | PollOutcome:
+        """Read the batch under the planner's plan, or the outcome when nothing came.
+        A full scan hands `on_page` each page as it arrives."""
         assert rt.states is not None
         try:
             scan = await self._reader.read(
-                rt.batch_id, keeper, rt.plan, rt.states, rt.meta, rt.pages
+                rt.batch_id, keeper, rt.plan, rt.states, rt.meta, rt.pages, on_page
             )
         except UpstreamAuthError as exc:
             self.reach.key_rejected(exc)
@@ -284,24 +336,6 @@ class Poller:
             return "failed"
         self.reach.answered()
         return scan
-
-    def _record(self, batch_id: str, result: DiffResult) -> None:
-        m = self._metrics
-        m.set_calls(batch_id, result.counts)
-        # Counted per label first: a flood of 20,000 changes is a handful of series.
-        for (frm, to), n in Counter(result.transitions).items():
-            m.transitions.labels(status_label(frm), status_label(to)).inc(n)
-        for etype, n in Counter(ev.type for ev in result.events).items():
-            m.events.labels(event_label(etype)).inc(n)
-        for kind, n in result.anomalies.items():
-            m.upstream_anomalies.labels(kind).inc(n)
-            log.warning(
-                "batch %s: %d odd item(s) in the scan: %s",
-                batch_id,
-                n,
-                kind,
-                extra={"action": "upstream_anomaly", "batch_id": batch_id},
-            )
 
     async def _mark_not_found(self, rt: BatchRuntime) -> PollOutcome:
         if not rt.not_found:

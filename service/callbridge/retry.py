@@ -41,6 +41,9 @@ class AttemptResult:
     response_excerpt: str = ""
     # No connection was made (refused, DNS, TLS): the endpoint looks down.
     no_connection: bool = False
+    # The request went out twice: a reused keep-alive connection ended before any
+    # answer, and it was sent again on a new one (lean HTTP client, `http1.py`).
+    resent: bool = False
 
     @property
     def ok(self) -> bool:

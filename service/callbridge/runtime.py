@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from callbridge.callstate import CallStates
 from callbridge.candidates import ItemSignatures
+from callbridge.group_commit import GroupCommit
 from callbridge.pages import RawPage
 from callbridge.planner import PlanState
 from callbridge.scan import Suspect
@@ -40,6 +41,8 @@ class BatchRuntime:
     suspects: dict[str, Suspect] = field(default_factory=dict)
     # What the scan planner remembers of the batch (`planner.PlanState`).
     plan: PlanState = field(default_factory=PlanState)
+    # The group commit of the cycle running now, if any (`group_commit`).
+    group: GroupCommit | None = None
     next_due: float = 0.0
     last_started: float | None = None
     task: asyncio.Task[None] | None = None

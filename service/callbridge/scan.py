@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,13 @@ class Suspect:
     raw: bytes
 
 
+@dataclass(slots=True)
+class LookupBudget:
+    """Look-ups a cycle may still make (its groups of pages share them)."""
+
+    left: int
+
+
 @dataclass(frozen=True, slots=True)
 class Scan:
     pages: list[RawPage]
@@ -54,13 +61,17 @@ async def read_pages(
     previous: Mapping[int, RawPage],
     keeper: LeaseKeeper,
     retry_within_s: float,
+    on_page: Callable[[RawPage], None] | None = None,
 ) -> Scan:
-    """The batch's pages as far as they can be read now; raises when none arrived."""
+    """The batch's pages as far as they can be read now; raises when none arrived.
+    `on_page` sees each page as it arrives."""
     pages: list[RawPage] = []
     try:
         async for page in upstream.iter_pages(batch_id, previous, retry_within_s=retry_within_s):
             keeper.check()
             pages.append(page)
+            if on_page is not None:
+                on_page(page)
     except UpstreamAuthError:
         raise
     except UpstreamError as exc:
@@ -84,6 +95,7 @@ async def confirm_backward_moves(
     suspects: Mapping[str, Suspect],
     candidates: Candidates,
     retry_within_s: float,
+    lookups: LookupBudget,
 ) -> tuple[set[str], dict[str, dict[str, Any]]]:
     """Call ids whose backward move a second observation confirms, and what the scan
     showed of those the look-up found moved on since (to report first, see `diff`).
@@ -96,7 +108,6 @@ async def confirm_backward_moves(
     """
     confirmed: set[str] = set()
     moved_on: dict[str, dict[str, Any]] = {}
-    lookups = 0
     for i, item in enumerate(candidates.items):
         call_id = item["call_id"]
         prev = states.get(call_id)
@@ -116,13 +127,9 @@ async def confirm_backward_moves(
             confirmed.add(call_id)
             continue
         external_id = item.get("external_id")
-        if (
-            not isinstance(external_id, str)
-            or is_terminal(prev.status)
-            or lookups >= MAX_LOOKUPS_PER_CYCLE
-        ):
+        if not isinstance(external_id, str) or is_terminal(prev.status) or lookups.left <= 0:
             continue
-        lookups += 1
+        lookups.left -= 1
         try:
             fresh = await upstream.find_call(
                 batch_id, call_id, external_id, retry_within_s=retry_within_s

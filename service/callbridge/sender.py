@@ -3,6 +3,9 @@
 Redirects are never followed: following one would send signed payloads to an
 address the operator never registered. Only a bounded excerpt of the answer is
 read, so a receiver answering 50 MB costs us 1 KiB.
+
+The POST goes out through aiohttp's client session or, with a `Http1Pool`, through
+the lean HTTP/1.1 client (``delivery.http_client``); both classify alike.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from callbridge.constants import (
     HEADER_WEBHOOK_TIMESTAMP,
     RESPONSE_EXCERPT_BYTES,
 )
-from callbridge.errors import excerpt
+from callbridge.errors import ConnectFailedError, TimedOutError, WebhookHttpError, excerpt
+from callbridge.framing import Endpoint
+from callbridge.http1 import Http1Pool
 from callbridge.retry import AttemptResult, parse_retry_after
 from callbridge.signing import sign
 
@@ -36,30 +41,44 @@ class _Target:
     url: URL
     timeout: aiohttp.ClientTimeout
     headers: dict[str, str]
+    endpoint: Endpoint  # the lean client's connection key and fixed head
 
 
 class WebhookSender:
-    """Sends one attempt of a delivery over the shared client session."""
+    """Sends one attempt of a delivery over the shared client session, or over
+    `pool` (the lean client) when one is given; `close()` closes the pool."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, *, wall: Callable[[], float] = time.time
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        pool: Http1Pool | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._session = session
+        self._pool = pool
         self._wall = wall
         self._targets: dict[str, _Target] = {}
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
 
     def _target(self, sub: SubscriptionSettings) -> _Target:
         target = self._targets.get(sub.name)
         if target is None or target.settings is not sub:
+            url = URL(str(sub.url))
+            headers = {
+                **sub.headers,
+                "Content-Type": "application/json",
+                "User-Agent": f"callbridge/{__version__}",
+            }
             target = _Target(
                 settings=sub,
-                url=URL(str(sub.url)),
+                url=url,
                 timeout=aiohttp.ClientTimeout(total=sub.timeout_seconds),
-                headers={
-                    **sub.headers,
-                    "Content-Type": "application/json",
-                    "User-Agent": f"callbridge/{__version__}",
-                },
+                headers=headers,
+                endpoint=Endpoint.of(url, {"Accept": "*/*", **headers}),
             )
             self._targets[sub.name] = target
         return target
@@ -74,10 +93,13 @@ class WebhookSender:
         """One signed POST; every failure becomes a classified AttemptResult."""
         target = self._target(sub)
         timestamp = int(self._wall())
+        signature = sign(keys, event_id, timestamp, body)
+        if self._pool is not None:
+            return await self._send_lean(self._pool, target, event_id, timestamp, signature, body)
         headers = target.headers.copy()
         headers[HEADER_WEBHOOK_ID] = event_id
         headers[HEADER_WEBHOOK_TIMESTAMP] = str(timestamp)
-        headers[HEADER_WEBHOOK_SIGNATURE] = sign(keys, event_id, timestamp, body)
+        headers[HEADER_WEBHOOK_SIGNATURE] = signature
         started = time.perf_counter()
         status: int | None = None
         error: str | None = None
@@ -127,4 +149,43 @@ class WebhookSender:
             duration_s=time.perf_counter() - started,
             response_excerpt=text,
             no_connection=no_connection,
+        )
+
+    @staticmethod
+    async def _send_lean(
+        pool: Http1Pool, target: _Target, event_id: str, timestamp: int, signature: str, body: bytes
+    ) -> AttemptResult:
+        """The same POST through the lean client: the endpoint's head, the three
+        headers new per attempt, the length, the body, in one write."""
+        request = b"".join(
+            (
+                target.endpoint.head,
+                (
+                    f"{HEADER_WEBHOOK_ID}: {event_id}\r\n"
+                    f"{HEADER_WEBHOOK_TIMESTAMP}: {timestamp}\r\n"
+                    f"{HEADER_WEBHOOK_SIGNATURE}: {signature}\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode(),
+                body,
+            )
+        )
+        timeout_s = target.settings.timeout_seconds
+        started = time.perf_counter()
+        try:
+            answer = await pool.post(target.endpoint, request, timeout_s)
+        except WebhookHttpError as exc:
+            timed_out = isinstance(exc, TimedOutError)
+            return AttemptResult(
+                status=exc.status,
+                error=f"timeout after {timeout_s:g}s" if timed_out else str(exc),
+                duration_s=time.perf_counter() - started,
+                no_connection=isinstance(exc, ConnectFailedError),
+                resent=exc.resent,
+            )
+        return AttemptResult(
+            status=answer.status,
+            retry_after_s=parse_retry_after(answer.retry_after),
+            duration_s=time.perf_counter() - started,
+            response_excerpt=excerpt(answer.excerpt),
+            resent=answer.resent,
         )

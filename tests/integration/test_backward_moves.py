@@ -12,30 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.typedefs import Handler
 from redis.asyncio import Redis
 
 from callbridge.app import Bridge
 from callbridge.simulator import Simulator
 from callbridge.store.keys import Keys
 from tests.support.bridges import MakeService, sim_config
+from tests.support.gates import PageGate
 
 T1 = "2026-01-01T10:00:00Z"
 T2 = "2026-01-01T10:05:00Z"
-
-
-class PageGate:
-    """Answers 503 to the pages named in `failing` (the simulator sees no request)."""
-
-    def __init__(self) -> None:
-        self.failing: set[str] = set()
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.query.get("page", "1") in self.failing:
-            return web.json_response({"error": {"code": "UNAVAILABLE"}}, status=503)
-        return await handler(request)
 
 
 async def rig(make_service: MakeService, gate: PageGate | None = None) -> tuple[Bridge, Simulator]:

@@ -1,18 +1,30 @@
 """Delivery against real local receivers and a real Redis; signatures checked by
-the reference standardwebhooks implementation."""
+the reference standardwebhooks implementation. Every test runs with both HTTP
+clients (``delivery.http_client``): they must classify and deliver alike."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 import pytest
 
 from callbridge.store.queue import Completion, CompletionPolicy
-from tests.support.deliveries import MakeRig, event
+from tests.support.deliveries import MakeRig, Rig, event
 from tests.support.metrics import sample
 from tests.support.servers import free_port
 from tests.support.settings import OLD_SECRET, SECRET
+
+
+@pytest.fixture(params=["lean", "aiohttp"])
+def make_rig(make_rig: MakeRig, request: pytest.FixtureRequest) -> MakeRig:
+    """The conftest rig, with the HTTP client of this run (unless a test names one)."""
+
+    async def build(subs: dict[str, dict[str, Any]], **delivery: Any) -> Rig:
+        return await make_rig(subs, **{"http_client": request.param, **delivery})
+
+    return build
 
 
 async def test_signed_delivery_verifies_with_reference_library(make_rig: MakeRig) -> None:

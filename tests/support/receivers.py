@@ -3,7 +3,8 @@
 `answers` is consumed one per request: an int is the status to answer, "hang"
 waits until the request times out on the sender's side, "redirect" answers 302 to
 an internal address, "huge" streams a 50 MB body, "garbage" writes bytes that
-are not HTTP. When empty, `default` is answered.
+are not HTTP, "drop" reads the request and closes the connection without an answer
+(it counts as received, not delivered). When empty, `default` is answered.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class Receiver:
             except (ConnectionResetError, RuntimeError):
                 pass
             return resp
+        if answer == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=200)
         if answer == "garbage":
             assert request.transport is not None
             request.transport.write(b"\x00\x01 not http at all\r\n\r\n")
