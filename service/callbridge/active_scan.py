@@ -113,8 +113,10 @@ class ActiveScan:
         self._budget = budget
         self._retry_s = retry_within_s
         self.books = Books(states, counts, state.gone)
-        # Every call served this cycle, its latest copy (raw bytes for the diff).
+        # Every call served this cycle, the copy for the diff (see `_observe`).
         self.items: dict[str, PageEntry] = {}
+        # call_id -> status of that copy, and how many reads served it so this cycle.
+        self._kept: dict[str, tuple[str, int]] = {}
         self.gone = set(state.gone)
         self.requests = 0
         self.resolving = 0
@@ -313,9 +315,21 @@ class ActiveScan:
             self._observe(found)
 
     def _observe(self, e: PageEntry) -> None:
-        self.items[e.call_id] = e
-        self.gone.discard(e.call_id)
-        self.books.observe(e.call_id, normalise_status(e.status))
+        """Note a served copy of a call. The books follow the latest; the cycle keeps
+        the latest copy too, unless an earlier one showed a new status twice (the
+        platform served it twice: it must be reported, and would be lost under a later
+        copy, as a full scan never sees it): that one is kept for the diff, and the
+        next cycle finds the call where it has gone since (it left that list)."""
+        call_id, status = e.call_id, normalise_status(e.status)
+        kept = self._kept.get(call_id)
+        if kept is None or kept[0] == status:
+            self.items[call_id] = e
+            self._kept[call_id] = (status, 1 if kept is None else kept[1] + 1)
+        elif kept[1] < 2 or kept[0] == self._states.status(call_id):
+            self.items[call_id] = e
+            self._kept[call_id] = (status, 1)
+        self.gone.discard(call_id)
+        self.books.observe(call_id, status)
 
     def _afford(self, n: int) -> None:
         if self.resolving + n > self._budget:

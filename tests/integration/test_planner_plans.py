@@ -242,6 +242,57 @@ async def test_a_redial_that_ends_before_its_second_look_is_found_by_the_active_
         await full[0].close()
 
 
+async def test_a_status_served_twice_in_one_cycle_is_reported_though_it_moved_on(
+    redis_url: str, redis_client: Any, aiohttp_server: Any
+) -> None:
+    """The active plan may serve a call twice in one cycle (its list, then the page at
+    the dialler's frontier) and see it again elsewhere later in that cycle: the status
+    served twice is reported, and the next cycle finds where the call went."""
+    sim = simulator(40)
+    x, y = (sim.calls(BATCH)[i]["call_id"] for i in (0, 30))
+    sim.set_call(BATCH, y, external_id=None)  # found only by reading terminal lists
+    armed = {"on": False}
+
+    @web.middleware
+    async def platform_moves(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        filtered = "status" in request.query or "external_id" in request.query
+        if armed["on"] and not filtered:
+            # The frontier page has just served x in_progress (its list did before).
+            armed["on"] = False
+            sim.set_call(BATCH, x, status="completed")
+        return response
+
+    svc, poller, receiver = await bridge(
+        aiohttp_server, redis_url, sim, scan="active", middleware=platform_moves
+    )
+    try:
+        assert await plan_of(poller) == "full:cold"
+        sim.set_call(BATCH, y, status="ringing")
+        assert await plan_of(poller) == "active:configured"
+        sim.set_call(BATCH, y, status="no_answer")  # vanishes: the frontier page is read
+        sim.set_call(BATCH, x, status="in_progress")
+        armed["on"] = True
+        seen = len(sim.request_log)
+        assert await plan_of(poller) == "active:configured"
+        assert not armed["on"], "the frontier page was read"
+        paths = [path for _, path, _ in sim.request_log[seen:]]
+        assert any("status=completed" in p for p in paths), paths  # served x completed
+        assert statuses(poller)[x] == "in_progress"
+        assert statuses(poller)[y] == "no_answer"
+        assert await plan_of(poller) == "active:configured"
+        assert statuses(poller)[x] == "completed"
+        await svc.deliverer.drain()
+        got = [
+            (d["status"], d["previous_status"])
+            for r in receiver.delivered
+            if (d := r.payload()["data"])["call_id"] == x
+        ]
+        assert got == [("in_progress", "pending"), ("completed", "in_progress")]
+    finally:
+        await svc.close()
+
+
 def ignore_status_filter() -> Callable[..., Any]:
     """A platform that ignores ``status``: the whole batch comes back."""
 
