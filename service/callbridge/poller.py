@@ -174,6 +174,7 @@ class Poller:
                 cands,
                 self._p.interval_seconds,
             )
+            confirmed |= scan.confirmed  # by the active plan's own reads
         now_ms = self._wall_ms()
         result = diff(
             batch_id,
@@ -265,7 +266,7 @@ class Poller:
         assert rt.states is not None
         try:
             scan = await self._reader.read(
-                rt.batch_id, keeper, rt.plan, rt.states, rt.meta, rt.pages
+                rt.batch_id, keeper, rt.plan, rt.states, rt.meta, rt.pages, rt.signatures.by_call
             )
         except UpstreamAuthError as exc:
             self.reach.key_rejected(exc)
