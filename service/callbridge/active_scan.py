@@ -16,8 +16,9 @@
    active status to the next while the lists were read); a terminal list with calls
    still unseen is read up to two pages further back.
 
-Backward moves are not this module's business: the cycle's items go through the
-same second look as a full scan's (`scan.confirm_backward_moves`).
+Backward moves go through the same second look as a full scan's
+(`scan.confirm_backward_moves`), but for one case only reads within a cycle can see
+(`ActiveScan.confirmed`): a call served twice going back, then elsewhere.
 
 The platform moves while we read. Calls that leave ``pending`` during the reads may
 be found or not; when more are found than the first probe allows, a second probe
@@ -39,8 +40,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from callbridge.callstate import CallStates
-from callbridge.models import PENDING, normalise_status
-from callbridge.pages import PageEntry, RawPage
+from callbridge.models import PENDING, is_backward, normalise_status
+from callbridge.pages import PageEntry, RawPage, signature
 from callbridge.planner import (
     TERMINAL_ORDER,
     Books,
@@ -117,6 +118,8 @@ class ActiveScan:
         self.items: dict[str, PageEntry] = {}
         # call_id -> status of that copy, and how many reads served it so this cycle.
         self._kept: dict[str, tuple[str, int]] = {}
+        # Calls served elsewhere after the copy kept: their latest copy.
+        self._moved_on: dict[str, PageEntry] = {}
         self.gone = set(state.gone)
         self.requests = 0
         self.resolving = 0
@@ -328,8 +331,26 @@ class ActiveScan:
         elif kept[1] < 2 or kept[0] == self._states.status(call_id):
             self.items[call_id] = e
             self._kept[call_id] = (status, 1)
+        else:
+            self._moved_on[call_id] = e
         self.gone.discard(call_id)
         self.books.observe(call_id, status)
+
+    def confirmed(self, known: Mapping[str, int]) -> set[str]:
+        """Backward moves this cycle's reads confirm (`known`: each call's item
+        signature as last committed): served twice going back, then served again
+        elsewhere, as a new item. The platform moved the call on while we read, so
+        the backward status was a redial, which a second look next cycle would come
+        too late to see (``no_answer``, redialled, ``ringing`` twice, ``no_answer``
+        again). Served back as it was committed, the backward copies were stale."""
+        out = set()
+        for call_id, later in self._moved_on.items():
+            stored = self._states.status(call_id)
+            if stored is None or not is_backward(stored, self._kept[call_id][0]):
+                continue
+            if signature(later.raw) != known.get(call_id):
+                out.add(call_id)
+        return out
 
     def _afford(self, n: int) -> None:
         if self.resolving + n > self._budget:

@@ -58,6 +58,8 @@ class PlannedScan:
     anomaly: str | None = None
     # The planner's `gone` set once this cycle is committed.
     gone: set[str] = field(default_factory=set)
+    # Backward moves the reads themselves confirmed (`ActiveScan.confirmed`).
+    confirmed: set[str] = field(default_factory=set)
 
     @property
     def whole_pages(self) -> list[RawPage] | None:
@@ -91,16 +93,20 @@ class BatchReader:
         states: CallStates,
         meta: BatchMeta,
         previous_pages: Mapping[int, RawPage],
+        known: Mapping[str, int],
         on_page: Callable[[RawPage], None] | None = None,
     ) -> PlannedScan:
         """Read `batch_id` for one cycle (`state`: the planner's memory of it, `states`
-        and `meta`: its snapshot); an active plan that cannot stand for a full scan
-        falls back to one in the same cycle. The cycle's requests and plan are counted.
-        A full scan hands each page to `on_page` as it arrives (the group commit).
+        and `meta`: its snapshot, `known`: item signatures as last committed); an
+        active plan that cannot stand for a full scan falls back to one in the same
+        cycle. The cycle's requests and plan are counted. A full scan hands each page
+        to `on_page` as it arrives (the group commit).
 
         Raises the upstream error when nothing at all could be read.
         """
-        scan = await self._read(batch_id, keeper, state, states, meta, previous_pages, on_page)
+        scan = await self._read(
+            batch_id, keeper, state, states, meta, previous_pages, known, on_page
+        )
         record(self._metrics, batch_id, scan)
         return scan
 
@@ -112,6 +118,7 @@ class BatchReader:
         states: CallStates,
         meta: BatchMeta,
         previous_pages: Mapping[int, RawPage],
+        known: Mapping[str, int],
         on_page: Callable[[RawPage], None] | None,
     ) -> PlannedScan:
         settings, page_size, now = self._p, self._page_size, self._monotonic()
@@ -154,7 +161,9 @@ class BatchReader:
                 )
                 return _active(plan, active, now, full_pages, partial=True)
             else:
-                return _active(plan, active, now, full_pages, partial=False)
+                out = _active(plan, active, now, full_pages, partial=False)
+                out.confirmed = active.confirmed(known)
+                return out
         scan = await read_pages(
             self._upstream, batch_id, previous_pages, keeper, settings.interval_seconds, on_page
         )

@@ -16,8 +16,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 
@@ -38,7 +36,7 @@ from callbridge.pages import RawPage
 from callbridge.planned_scan import BatchReader, PlannedScan, settle
 from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
-from callbridge.runtime import BatchRuntime
+from callbridge.runtime import BatchRuntime, Tally
 from callbridge.scan import (
     MAX_LOOKUPS_PER_CYCLE,
     LookupBudget,
@@ -54,14 +52,6 @@ from callbridge.store.snapshots import SnapshotStore
 from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Tally:
-    """What the groups of one cycle committed, for the planner (`settle`)."""
-
-    items: list[dict[str, Any]] = field(default_factory=list)
-    moved: int = 0
 
 
 class Poller:
@@ -227,6 +217,8 @@ class Poller:
             self._p.interval_seconds,
             lookups,
         )
+        if final is not None:
+            confirmed |= final.confirmed  # by the active plan's own reads
         complete = final is not None and final.complete
         tally.items += cands.items
         now_ms = self._wall_ms()
@@ -317,7 +309,14 @@ class Poller:
         assert rt.states is not None
         try:
             scan = await self._reader.read(
-                rt.batch_id, keeper, rt.plan, rt.states, rt.meta, rt.pages, on_page
+                rt.batch_id,
+                keeper,
+                rt.plan,
+                rt.states,
+                rt.meta,
+                rt.pages,
+                rt.signatures.by_call,
+                on_page,
             )
         except UpstreamAuthError as exc:
             self.reach.key_rejected(exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from callbridge.callstate import CallStates
 from callbridge.candidates import ItemSignatures
@@ -78,3 +79,11 @@ class BatchRuntime:
         self.pages = {}
         self.suspects = {}
         self.plan = PlanState()
+
+
+@dataclass(slots=True)
+class Tally:
+    """What the groups of one cycle committed, for the planner (`settle`)."""
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+    moved: int = 0

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -289,6 +290,60 @@ async def test_a_status_served_twice_in_one_cycle_is_reported_though_it_moved_on
             if (d := r.payload()["data"])["call_id"] == x
         ]
         assert got == [("in_progress", "pending"), ("completed", "in_progress")]
+    finally:
+        await svc.close()
+
+
+@pytest.mark.parametrize("redial", [True, False], ids=["redial", "stale"])
+async def test_a_call_served_back_twice_then_ended_again_in_one_cycle(
+    redis_url: str, redis_client: Any, aiohttp_server: Any, redial: bool
+) -> None:
+    """A finished call served twice in an active list, then finished again later in the
+    same cycle: redialled, and ended while we read (as the same item: the backward
+    copies were stale, nothing is reported)."""
+    sim = simulator(40)
+    x, y = (sim.calls(BATCH)[i]["call_id"] for i in (0, 30))
+    sim.set_call(BATCH, y, external_id=None)  # found only by reading terminal lists
+    after_frontier: dict[str, Any] = {}
+
+    @web.middleware
+    async def platform_moves(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        filtered = "status" in request.query or "external_id" in request.query
+        if after_frontier and not filtered:
+            # The frontier page has just served x ringing (its list did before).
+            sim.set_call(BATCH, x, **after_frontier)
+            after_frontier.clear()
+        return response
+
+    svc, poller, receiver = await bridge(
+        aiohttp_server, redis_url, sim, scan="active", middleware=platform_moves
+    )
+    try:
+        assert await plan_of(poller) == "full:cold"
+        sim.set_call(BATCH, x, status="no_answer", ended_at="2026-11-30T10:00:00.000Z")
+        sim.set_call(BATCH, y, status="ringing")
+        assert await plan_of(poller) == "active:configured"
+        ended = next(c for c in sim.calls(BATCH) if c["call_id"] == x)
+        sim.set_call(BATCH, y, status="no_answer")  # vanishes: the frontier page is read
+        sim.set_call(BATCH, x, status="ringing")
+        again = "2026-11-30T10:00:09.000Z" if redial else ended["ended_at"]
+        after_frontier.update(status="no_answer", ended_at=again)
+        assert await plan_of(poller) == "active:configured"
+        assert not after_frontier, "the frontier page was read"
+        now = next(c for c in sim.calls(BATCH) if c["call_id"] == x)
+        assert (now == ended) is not redial
+        assert statuses(poller)[x] == ("ringing" if redial else "no_answer")
+        assert await plan_of(poller) == "active:configured"
+        assert statuses(poller)[x] == "no_answer"
+        await svc.deliverer.drain()
+        got = [
+            (d["status"], d["previous_status"])
+            for r in receiver.delivered
+            if (d := r.payload()["data"])["call_id"] == x
+        ]
+        reported = [("ringing", "no_answer"), ("no_answer", "ringing")] if redial else []
+        assert got == [("no_answer", "pending"), *reported]
     finally:
         await svc.close()
 
