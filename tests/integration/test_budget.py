@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -67,6 +68,8 @@ async def test_two_replicas_share_one_budget_including_retries(
     assert retried > 5  # retries happened and were counted in the budget
     assert len(times) >= RATE  # the budget was really used
     # Never more than the budget in any one-second window, counted at arrival. The
-    # simulator shares this test's event loop with both replicas, so its arrival
-    # stamps can lag a request by a few ms: allow one request of measurement slack.
-    assert max_in_window(times, 1.0) <= RATE + 1
+    # simulator shares this test's event loop with both replicas (and their commits),
+    # so its arrival stamps lag the sends by a varying few ms, up to tens of ms on a
+    # busy machine: a window of stamps may hold the sends of 1 s + 50 ms. The limiter
+    # spaces slots strictly (no burst), so more than that is a real overrun.
+    assert max_in_window(times, 1.0) <= math.floor(RATE * 1.05) + 1
