@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # only for the moves a scan alone confirms late (a terminal status never seen).
 MAX_LOOKUPS_PER_CYCLE = 4
 _STARTED_AT = FINGERPRINT_FIELDS.index("started_at")
+_ENDED_AT = FINGERPRINT_FIELDS.index("ended_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +154,16 @@ async def confirm_backward_moves(
 
 
 def _new_attempt(prev: CallState, item: Mapping[str, Any]) -> bool:
-    """The item shows another attempt than `prev`: both carry a ``started_at``, and
-    they differ (a field filled in late on the same attempt is not a new one)."""
-    started = Fingerprint.of(item).known[_STARTED_AT]
-    known = prev.fingerprint.known[_STARTED_AT]
-    return started != ABSENT and known != ABSENT and started != known
+    """The item shows another attempt than `prev`: both carry a ``started_at``, or
+    both an ``ended_at``, and they differ (a field filled in late on the same attempt
+    is not a new one; a call that was never answered may have no start time, but a
+    finished one that ends again ends at another time)."""
+    fields = Fingerprint.of(item).known
+    known = prev.fingerprint.known
+    return any(
+        fields[i] != ABSENT and known[i] != ABSENT and fields[i] != known[i]
+        for i in (_STARTED_AT, _ENDED_AT)
+    )
 
 
 def replays_for(

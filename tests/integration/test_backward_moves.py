@@ -121,6 +121,21 @@ async def test_a_new_attempt_confirms_the_redial(make_service: MakeService) -> N
     ]
 
 
+async def test_ending_again_at_another_time_confirms_the_redial(make_service: MakeService) -> None:
+    """Seen queued once, then busy again with the same start time (a call never answered
+    may carry none, or keep its first one) but another end time: it ended again, so it
+    was redialled, and both statuses of the redial are reported."""
+    svc, sim = await rig(make_service)
+    batch, call = await busy_then_queued(svc, sim)
+    sim.set_call(batch, call, status="busy", started_at=T1, ended_at=T2, duration_seconds=0)
+    await svc.poller.poll_once(batch)
+    assert await events(svc, batch, call) == [
+        ("call.busy", 1),
+        ("call.queued", 2),
+        ("call.busy", 3),
+    ]
+
+
 async def test_ending_otherwise_confirms_the_redial(make_service: MakeService) -> None:
     """Seen queued once, then failed: a finished call changes only when redialled, so
     the first look was real (its second look may have died with another replica)."""
