@@ -298,6 +298,9 @@ class Deliverer:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Deliver until `stopping` is set; then let in-flight requests finish."""
+        if not self._subs:  # nothing to deliver to: idle until stopped (not a crash)
+            await stopping.wait()
+            return
         loops = [asyncio.create_task(self._loop(sub, stopping)) for sub in self._subs.values()]
         watcher = asyncio.create_task(self._wake_all_on(stopping))
         try:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 import yaml
@@ -23,7 +24,9 @@ from callbridge.cli import main
 from callbridge.config import parse_settings
 from callbridge.simulator.serve import usage_text
 from tests.support.bridge import start_bridge, stop_bridge
+from tests.support.prometheus import wait_for
 from tests.support.receivers import Receiver
+from tests.support.replicas import Replica
 from tests.support.servers import free_port
 from tests.support.settings import SECRET
 
@@ -100,3 +103,33 @@ async def test_a_new_user_can_run_a_bridge_from_what_simulate_prints(
             await stop_bridge(bridge)
     (verified, *_) = receiver.verify_all(SECRET)
     assert verified["data"]["batch_id"] == batch
+
+
+async def test_the_snippet_alone_runs_a_healthy_bridge_that_polls(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """Pasted as printed, before any subscription is added: the bridge polls the batch
+    and stays alive (its delivery stage, with nothing to deliver to, is not a crash)."""
+    async with simulate("--batches", "1", "--calls", "5") as printed:
+        snippet = yaml.safe_load(printed.partition("\n\n")[2])
+        (batch,) = (b["id"] for b in snippet["batches"])
+        config = {**snippet, "redis": {"url": redis_url}, "server": {"port": 0}}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        replica = Replica(path, tmp_path / "bridge.log")
+        await replica.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                committed = (
+                    "callbridge_poll_cycles_total",
+                    (("batch", batch), ("outcome", "committed")),
+                )
+
+                async def polled() -> bool:
+                    return (await replica.metrics(session)).get(committed, 0) >= 1
+
+                await wait_for(polled, timeout_s=30, what=f"a committed poll of {batch}")
+                async with session.get(f"{replica.url}/healthz") as resp:
+                    assert resp.status == 200, await resp.text()
+        finally:
+            assert await replica.stop() == 0
