@@ -18,7 +18,7 @@ from callbridge.models import KNOWN_STATUSES, PollOutcome
 _POLL_OUTCOMES: tuple[str, ...] = get_args(PollOutcome)
 _SCAN_PLANS = ("full", "active")
 # The label sets created at 0 up front (see `Metrics.init_subscription`).
-_QUEUE_STATES = ("ready", "scheduled", "inflight", "dead")
+_QUEUE_STATES = ("ready", "scheduled", "inflight", "dead", "waiting")
 _FAILED_CLASSES = ("2xx", "3xx", "4xx", "5xx", "none")  # 2xx: the body timed out
 _ATTEMPT_LABELS: tuple[tuple[str, str], ...] = (
     ("success", "2xx"),
@@ -186,7 +186,8 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             p + "queue_depth",
-            "Deliveries per subscription and state (ready, scheduled, inflight, dead).",
+            "Deliveries per subscription and state (ready, scheduled, inflight, dead, "
+            "waiting: for the first attempt of their call's previous event).",
             ["subscription", "state"],
             registry=r,
         )

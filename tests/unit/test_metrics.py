@@ -31,7 +31,7 @@ def test_subscription_series_exist_at_zero_from_the_start_and_go_with_it() -> No
     for outcome, status in (("success", "2xx"), ("retry", "none"), ("dead", "5xx")):
         labels = {"subscription": "crm", "outcome": outcome, "status_class": status}
         assert value("callbridge_delivery_attempts_total", labels) == 0
-    for state in ("ready", "scheduled", "inflight", "dead"):
+    for state in ("ready", "scheduled", "inflight", "dead", "waiting"):
         assert value("callbridge_queue_depth", {"subscription": "crm", "state": state}) == 0
     assert value("callbridge_subscription_disabled", {"subscription": "crm"}) == 0
     assert value("callbridge_subscription_breaker_open", {"subscription": "crm"}) == 0
