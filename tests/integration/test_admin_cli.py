@@ -106,7 +106,8 @@ async def test_batches_list_add_remove(running: Running) -> None:
     as_json = await running.admin("batches", "list", "--json")
     assert {b["id"] for b in as_json.json()} == {batch, "sched_new"}
 
-    assert (await running.admin("batches", "remove", "sched_new")).code == 0
+    removed = await running.admin("batches", "remove", "sched_new")
+    assert (removed.code, removed.out) == (0, "batch sched_new removed\n")
     gone = await running.admin("batches", "remove", "sched_new")
     assert gone.code == admin_cli.EXIT_NOT_FOUND
     assert "No batch watched with id sched_new" in gone.err
@@ -167,6 +168,7 @@ async def test_dead_letters_list_and_replay(running: Running) -> None:
     rest = await running.admin("--json", "dead-letters", "replay", "legacy")
     assert rest.json() == {"replayed": len(items) - 1}
     assert (await running.admin("dead-letters", "list", "nope")).code == 1
+    assert (await running.admin("dead-letters", "replay", "nope")).code == 1
 
 
 async def test_redeliver(running: Running) -> None:
@@ -192,6 +194,61 @@ async def test_a_wrong_or_missing_token_exits_3(running: Running) -> None:
         assert "wrong-token" not in wrong.err  # the token is never echoed
     missing = await running.admin("batches", "list", token=None)
     assert missing.code == admin_cli.EXIT_AUTH
+
+
+def every_subcommand(batch: str, call: str, event: str) -> list[tuple[str, ...]]:
+    """One command line per subcommand of ``callbridge admin``."""
+    return [
+        ("batches", "list"),
+        ("batches", "add", "sched_json", "--no-backfill"),
+        ("batches", "remove", "sched_json"),
+        ("timeline", batch, call),
+        ("subscriptions", "list"),
+        ("subscriptions", "enable", "crm"),
+        ("dead-letters", "list", "legacy"),
+        ("dead-letters", "replay", "legacy"),
+        ("redeliver", event),
+    ]
+
+
+async def test_every_subcommand_answers_json_and_exits_3_on_a_wrong_token(
+    running: Running,
+) -> None:
+    (batch,) = running.sim.batch_ids
+    call = next(c for c in running.sim.calls(batch) if c["status"] != "pending")["call_id"]
+    timeline = (await running.admin("--json", "timeline", batch, call)).json()
+    commands = every_subcommand(batch, call, timeline["timeline"][-1]["event_id"])
+    # Leaf commands: the group and, for groups of several, the action.
+    leaves = {
+        c[:2] if c[0] in ("batches", "subscriptions", "dead-letters") else c[:1] for c in commands
+    }
+    assert len(leaves) == len(commands) == 9
+
+    async def legacy_dead() -> int:
+        subs = (await running.admin("--json", "subscriptions", "list")).json()
+        return int(next(s["queue"]["dead"] for s in subs if s["name"] == "legacy"))
+
+    dead_before = await legacy_dead()
+    assert dead_before > 0
+
+    for argv in commands:
+        wrong = await running.admin(*argv, "--json", token="wrong-token-xxxxxxxx")
+        assert (wrong.code, wrong.out) == (admin_cli.EXIT_AUTH, ""), argv
+        assert "admin token rejected" in wrong.err, argv
+    # Nothing was done with the wrong token.
+    assert "sched_json" not in (await running.admin("batches", "list")).out
+    assert await legacy_dead() == dead_before
+
+    answers = {}
+    for argv in commands:
+        done = await running.admin(*argv, "--json")
+        assert done.code == admin_cli.EXIT_OK, (argv, done.err)
+        answers[argv[:2]] = done.json()  # JSON, whatever the command
+    assert answers[("batches", "add")]["id"] == "sched_json"
+    assert answers[("batches", "remove")]["id"] == "sched_json"
+    assert answers[("subscriptions", "enable")]["name"] == "crm"
+    assert answers[("dead-letters", "replay")] == {"replayed": dead_before}
+    assert "crm" in answers[("redeliver", commands[-1][1])]["subscriptions"]
 
 
 async def test_an_unreachable_bridge_exits_4(running: Running) -> None:

@@ -30,7 +30,8 @@ from tests.integration.test_chart import (
 )
 from tests.support.bridge import start_bridge, stop_bridge, write_config
 from tests.support.dashboard import DASHBOARD_JSON, Query, load, queries
-from tests.support.prometheus import Prometheus, PrometheusError, running_prometheus, wait_for
+from tests.support.prometheus import JOB, Prometheus, PrometheusError, running_prometheus, wait_for
+from tests.support.prometheus import NAMESPACE as SCRAPED_NAMESPACE
 from tests.support.receivers import Receiver
 from tests.support.servers import free_port
 from tests.support.settings import API_KEY, SECRET
@@ -162,6 +163,28 @@ async def problems(prom: Prometheus, qs: list[Query]) -> list[str]:
     return found
 
 
+LABEL_VALUES = re.compile(r"^label_values\((.+), ([a-z_]+)\)$")
+
+
+async def variable_problems(prom: Prometheus) -> list[str]:
+    """The namespace and job dropdowns (``label_values(...)``) offer our release's values."""
+    found = []
+    expected = {"namespace": SCRAPED_NAMESPACE, "job": JOB}
+    for var in load()["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        match = LABEL_VALUES.match(var["query"]["query"])
+        assert match, var["query"]
+        expr, label = match.groups()
+        result = await prom.query(
+            f"count by ({label}) ({expr.replace('$namespace', SCRAPED_NAMESPACE)})"
+        )
+        offered = {r["metric"].get(label) for r in result}
+        if expected[var["name"]] not in offered:
+            found.append(f"variable {var['name']} offers {offered}, not {expected[var['name']]}")
+    return found
+
+
 async def test_every_panel_query_returns_series_from_a_running_bridge(
     tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:
@@ -186,7 +209,7 @@ async def test_every_panel_query_returns_series_from_a_running_bridge(
             async def every_panel_has_data() -> bool:
                 nonlocal last
                 sim.advance()  # calls keep changing: events, deliveries, lag
-                last = await problems(prom, qs)
+                last = await problems(prom, qs) + await variable_problems(prom)
                 return not last
 
             try:
