@@ -65,7 +65,7 @@ async def browser() -> AsyncIterator[Browser]:
         yield b
 
 
-async def start_world(aiohttp_server: Any, redis_url: str) -> World:
+async def start_world(aiohttp_server: Any, redis_url: str, **delivery: Any) -> World:
     sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=11, batches=2, calls_per_batch=12))
     upstream = await aiohttp_server(make_app(sim))
     crm, refusing, gone = Receiver(), Receiver(default=500), Receiver(default=410)
@@ -84,7 +84,7 @@ async def start_world(aiohttp_server: Any, redis_url: str) -> World:
             sub("gone", hooks[2], events=["batch.completed"]),
         ],
         admin={"token": TOKEN},
-        delivery={"breaker_failure_threshold": 1000, "breaker_min_attempts": 1000},
+        delivery={"breaker_failure_threshold": 1000, "breaker_min_attempts": 1000, **delivery},
     )
     server = await aiohttp_server(build_app(settings, replica_id="console-test"))
     return World(
@@ -96,6 +96,18 @@ async def start_world(aiohttp_server: Any, redis_url: str) -> World:
 async def world(redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any) -> World:
     """The bridge serves, the test drives its work (`settle`): nothing moves on its own."""
     w = await start_world(aiohttp_server, redis_url)
+    await pause_loops(w.bridge)
+    return w
+
+
+@pytest.fixture
+async def breaking_world(
+    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> World:
+    """As `world`, but a breaker opens once 3 attempts failed, for a minute."""
+    w = await start_world(
+        aiohttp_server, redis_url, breaker_min_attempts=3, breaker_cooloff_seconds=60
+    )
     await pause_loops(w.bridge)
     return w
 
@@ -208,7 +220,6 @@ async def test_dead_letters_are_replayed_from_the_page_and_arrive_signed(
     row = page.locator('[data-testid=subscription-row][data-subscription="refusing"]')
     await expect(row.locator(".queue")).to_contain_text(f"dead{len(dead)}")
     await expect(row).to_contain_text(f"0 of {len(dead)} attempts")
-    await screenshot(page, tmp_path, "subscriptions")
 
     await row.get_by_role("link", name=str(len(dead))).click()
     rows = page.get_by_test_id("dead-letter-row")
@@ -253,6 +264,38 @@ async def test_dead_letters_are_replayed_from_the_page_and_arrive_signed(
     await expect(page.locator("#flash")).to_contain_text(f"Event {one} scheduled again for")
     await world.arrives(world.crm, one)
     assert sum(1 for r in world.crm.delivered if r.id == one) == before + 1
+    w.assert_clean()
+
+
+async def test_subscriptions_show_queue_depth_by_state_and_the_next_probe(
+    breaking_world: World, browser: Browser, tmp_path: Path
+) -> None:
+    world, sim = breaking_world, breaking_world.sim
+    sim.advance(3)
+    await world.settle()  # "refusing" fails 3 of 3 attempts and more: its breaker opens
+    for _ in range(2):
+        sim.advance(2)
+        for batch_id in sim.batch_ids:
+            await world.bridge.poller.poll_once(batch_id)
+    # Nothing delivered since: a call seen moving twice has its second event waiting.
+    depths = {s: await world.bridge.queue.depths(s) for s in ("crm", "refusing", "gone")}
+    assert depths["crm"]["waiting"] > 0, depths
+    assert depths["refusing"]["dead"] >= 3, depths
+    subs = {s["name"]: s for s in await world.bridge.operations.list_subscriptions()}
+    assert subs["refusing"]["breaker"] == "open", "setup: the breaker did not open"
+    w = await watched_page(browser)
+    page = w.page
+    await sign_in(page, world.base_url, TOKEN, "#/subscriptions")
+    for name, by_state in depths.items():
+        row = page.locator(f'[data-testid=subscription-row][data-subscription="{name}"]')
+        for state, n in by_state.items():
+            await expect(row.locator(f'.queue [data-state="{state}"] dd')).to_have_text(str(n))
+    breaker = page.locator('[data-subscription="refusing"] [data-testid=breaker]')
+    await expect(breaker.locator(".badge")).to_have_text("open")
+    await expect(breaker).to_contain_text(re.compile(r"next probe in \d+ s"))
+    crm = page.locator('[data-subscription="crm"] [data-testid=breaker]')
+    await expect(crm.locator(".badge")).to_have_text("closed")
+    await screenshot(page, tmp_path, "subscriptions")
     w.assert_clean()
 
 

@@ -55,17 +55,22 @@ function done(batch) {
 }
 
 export function batchesView(root, route, ctx) {
+  const offset = Math.max(0, Number(route.query.get("offset")) || 0);
   const columns = ["Batch", "Progress", "Ended", "Lifecycle", "Owner", "Last poll", "Poll period"];
   const [grid, rows] = table(columns, "batches");
   const summary = h("p", { class: "summary" });
-  root.append(h("h1", {}, "Batches"), summary, grid);
+  const pages = h("div");
+  root.append(h("h1", {}, "Batches"), summary, grid, pages);
   return async () => {
+    // The list comes whole (ordered by id); the page draws PAGE rows of it.
     const batches = await api("GET", "/batches");
     if (!ctx.alive()) return;
     const calls = batches.reduce((n, b) => n + b.total, 0);
     summary.textContent = `${batches.length} batches watched, ${calls} calls observed.`;
+    // Past the end (batches removed meanwhile): the last page.
+    const from = Math.min(offset, Math.max(0, Math.floor((batches.length - 1) / PAGE) * PAGE));
     rows.replaceChildren(
-      ...batches.map((b) =>
+      ...batches.slice(from, from + PAGE).map((b) =>
         h(
           "tr",
           { dataset: { batch: b.id }, "data-testid": "batch-row" },
@@ -80,6 +85,7 @@ export function batchesView(root, route, ctx) {
       ),
     );
     if (!batches.length) rows.append(empty(columns.length, "No batch is watched yet."));
+    pages.replaceChildren(pager(from, PAGE, batches.length, (o) => href(["batches"], { offset: o })));
   };
 }
 

@@ -38,8 +38,13 @@ function queue(sub) {
   const q = sub.queue;
   return h(
     "dl", { class: "queue" },
-    ["ready", "scheduled", "inflight"].map((k) => h("div", {}, h("dt", {}, k), h("dd", {}, String(q[k])))),
-    h("div", {}, h("dt", {}, "dead"), h("dd", {}, q.dead ? link(["dead-letters", sub.name], null, String(q.dead)) : "0")),
+    // waiting: a call's later events, held until its previous event's first attempt.
+    ["ready", "scheduled", "waiting", "inflight"].map((k) =>
+      h("div", { dataset: { state: k } }, h("dt", {}, k), h("dd", {}, String(q[k] ?? 0)))),
+    h(
+      "div", { dataset: { state: "dead" } },
+      h("dt", {}, "dead"), h("dd", {}, q.dead ? link(["dead-letters", sub.name], null, String(q.dead)) : "0"),
+    ),
   );
 }
 
@@ -88,7 +93,7 @@ export function subscriptionsView(root, route, ctx) {
           { "data-testid": "subscription-row", dataset: { subscription: s.name } },
           h("td", {}, h("strong", {}, s.name), h("div", { class: "muted url" }, s.url)),
           h("td", {}, state(s, ctx)),
-          h("td", {}, breaker(s)),
+          h("td", { "data-testid": "breaker" }, breaker(s)),
           h("td", {}, queue(s)),
           ...recent(s),
         ),
