@@ -34,18 +34,21 @@ FINGERPRINT_FIELDS: tuple[str, ...] = (
 _NOT_FINGERPRINTED = frozenset({"call_id", "status"})
 _SLOTS = struct.Struct(f">{len(FINGERPRINT_FIELDS)}I")
 ABSENT = 0  # digest of a missing or null field
+_SORTED = orjson.OPT_SORT_KEYS
 
 
 def field_digest(value: Any) -> int:
     """CRC-32 of the canonical JSON of a field value; 0 means absent/null."""
     if value is None:
         return ABSENT
-    digest = zlib.crc32(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+    digest = zlib.crc32(orjson.dumps(value, option=_SORTED))
     # Keep 0 reserved for "absent".
     return digest or 1
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a first scan builds one per call, and a frozen dataclass costs three
+# times as much to build (treated as a value all the same: never changed once built).
+@dataclass(slots=True)
 class Fingerprint:
     """Digests of every field but call_id and status."""
 
@@ -54,8 +57,14 @@ class Fingerprint:
 
     @classmethod
     def of(cls, item: Mapping[str, Any]) -> Fingerprint:
-        get = item.get
-        known = tuple([field_digest(get(name)) for name in FINGERPRINT_FIELDS])
+        get, dumps, crc = item.get, orjson.dumps, zlib.crc32
+        # `field_digest` inlined (a call per field is a fifth of a first scan's diff).
+        known = tuple(
+            [
+                ABSENT if (v := get(name)) is None else (crc(dumps(v, option=_SORTED)) or 1)
+                for name in FINGERPRINT_FIELDS
+            ]
+        )
         others = item.keys() - _NAMED
         if not others:  # the documented fields only: the common case
             return cls(known)
@@ -103,7 +112,9 @@ _KNOWN_SET = frozenset(FINGERPRINT_FIELDS)
 _NAMED = _KNOWN_SET | _NOT_FINGERPRINTED
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a first scan builds one per call, and a frozen dataclass costs three
+# times as much to build (treated as a value all the same: never changed once built).
+@dataclass(slots=True)
 class CallState:
     """What the bridge last observed of one call."""
 
@@ -141,10 +152,13 @@ class CallStates(Mapping[str, CallState]):
     decoded (written by something else) reads as absent: the call is seen afresh.
     """
 
-    __slots__ = ("_encoded", "unreadable")
+    __slots__ = ("_encoded", "_status", "unreadable")
 
     def __init__(self, encoded: dict[str, str] | None = None) -> None:
         self._encoded: dict[str, str] = encoded if encoded is not None else {}
+        # Each call's status too, parsed once: the active plan asks for the status of
+        # every call of the batch each cycle (a shared string per status: cheap).
+        self._status: dict[str, str] = {c: _status_of(t) for c, t in self._encoded.items()}
         self.unreadable = 0
 
     def __getitem__(self, call_id: str) -> CallState:
@@ -164,12 +178,33 @@ class CallStates(Mapping[str, CallState]):
     def __contains__(self, call_id: object) -> bool:
         return call_id in self._encoded
 
+    def get(self, call_id: str, default: CallState | None = None) -> CallState | None:  # type: ignore[override]
+        # Mapping.get goes through a KeyError per unknown call: a first scan of a
+        # batch asks for every call, and the exceptions cost more than the rest.
+        if call_id not in self._encoded:
+            return default
+        try:
+            return self[call_id]
+        except KeyError:
+            return default
+
     def status(self, call_id: str) -> str | None:
         """The call's status without decoding the rest (None when unknown)."""
-        text = self._encoded.get(call_id)
-        if text is None:
-            return None
-        return text.split("|", 3 if text.startswith("v2|") else 2)[-1]
+        return self._status.get(call_id)
 
-    def update_encoded(self, encoded: Mapping[str, str]) -> None:
+    def update(self, states: Mapping[str, CallState], encoded: Mapping[str, str]) -> None:
+        """Take `states` (a commit's), whose encoded forms are `encoded`."""
         self._encoded.update(encoded)
+        status = self._status
+        for call_id, state in states.items():
+            status[call_id] = state.status
+
+
+# One string object per status however many calls hold it.
+_STATUSES: dict[str, str] = {}
+
+
+def _status_of(text: str) -> str:
+    """The status of an encoded state (both schemas), without decoding the rest."""
+    status = text.split("|", 3 if text.startswith("v2|") else 2)[-1]
+    return _STATUSES.setdefault(status, status) if len(_STATUSES) < 256 else status

@@ -64,7 +64,17 @@ _PROGRESS = {s: i for i, s in enumerate((PENDING, QUEUED, RINGING, ANSWERED, IN_
 
 def normalise_status(status: str) -> str:
     """Statuses are documented lowercase; " Completed" is still completed."""
-    return status.strip().lower()
+    # Every item of a scan passes here: a look-up of the few spellings served beats
+    # two string copies. Bounded: statuses come from outside.
+    normal = _NORMALISED.get(status)
+    if normal is None:
+        normal = status.strip().lower()
+        if len(_NORMALISED) < 256:
+            _NORMALISED[status] = normal
+    return normal
+
+
+_NORMALISED: dict[str, str] = {}
 
 
 def is_backward(previous: str, new: str) -> bool:

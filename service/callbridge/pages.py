@@ -42,6 +42,9 @@ class _Key(msgspec.Struct):
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
 _KEY = msgspec.json.Decoder(_Key)
+# Untyped: the fastest way from a raw item to a dict (faster than orjson here, and
+# it takes the raw slice of the page without a copy).
+_ANY = msgspec.json.Decoder()
 
 
 def signature(raw: bytes | msgspec.Raw) -> int:
@@ -59,6 +62,22 @@ def entry(raw: bytes | msgspec.Raw) -> PageEntry | None:
     if not key.status.strip():
         return None
     return PageEntry(key.call_id, key.status, bytes(raw))
+
+
+def usable_item(raw: bytes | msgspec.Raw) -> dict[str, Any] | None:
+    """The item decoded, when it has a usable call_id and status (as `entry` checks)."""
+    try:
+        item = _ANY.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(item, dict):
+        return None
+    call_id, status = item.get("call_id"), item.get("status")
+    if not isinstance(call_id, str) or not call_id or not isinstance(status, str):
+        return None
+    if not status.strip():
+        return None
+    return item
 
 
 @dataclass(frozen=True, slots=True)

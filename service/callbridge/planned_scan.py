@@ -228,15 +228,17 @@ def settle(
     committed: Iterable[Mapping[str, Any]],
     moved: int,
     suspects: Mapping[str, Suspect],
+    owners: Mapping[int, str],
 ) -> None:
     """Move the planner's memory on once the cycle that read `scan` is committed
     (`committed`: the items that changed, in all its groups; `moved`: how many calls
-    changed status; `suspects`: the calls seen going backwards, not confirmed yet)."""
+    changed status; `suspects`: the calls seen going backwards, not confirmed yet;
+    `owners`: the committed items' signatures)."""
     if scan.plan.kind == "full" and scan.complete:
         state.last_full_at = scan.started
     if scan.pages is not None and scan.plan.reason != "configured":
         # Only the active plan uses positions: `scan: full` spends nothing on them.
-        state.place(scan.pages)
+        state.place(scan.pages, owners)
     learn(
         state,
         scan.plan,

@@ -22,11 +22,11 @@ from __future__ import annotations
 import math
 import zlib
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from callbridge.callstate import CallState
+from callbridge.callstate import CallState, CallStates
 from callbridge.config import PollerSettings
 from callbridge.models import (
     ANSWERED,
@@ -106,16 +106,23 @@ class PlanState:
     backward: dict[str, str] = field(default_factory=dict)
     last: Plan | None = None
 
-    def place(self, pages: Iterable[RawPage]) -> None:
+    def place(self, pages: Iterable[RawPage], owners: Mapping[int, str]) -> None:
         """Note where the calls of a full scan's pages sit in the list (pages skipped
-        as unchanged hold the calls they held)."""
+        as unchanged hold the calls they held). `owners`: the committed items'
+        signatures (`ItemSignatures.owners`), which name almost every item's call
+        without decoding it."""
         positions = self.positions
+        crc, adler = zlib.crc32, zlib.adler32
         for page in pages:
             first = (page.page - 1) * page.limit
             for i, raw in enumerate(page.raws):
-                e = entry(raw)
-                if e is not None:
-                    positions[e.call_id] = first + i
+                call_id = owners.get((crc(raw) << 32) | adler(raw))
+                if call_id is None:
+                    e = entry(raw)
+                    if e is None:
+                        continue
+                    call_id = e.call_id
+                positions[call_id] = first + i
 
     def remember(self, items: Iterable[Mapping[str, Any]]) -> None:
         """Note the external ids of committed items (only active calls need one)."""
@@ -261,6 +268,19 @@ def filtered_page_problem(
     return None
 
 
+def stored_status(states: Mapping[str, CallState]) -> Callable[[str], str | None]:
+    """A call's stored status by id; for a snapshot (`CallStates`) without decoding
+    the rest of the state: the active plan asks it for every call it sees."""
+    if isinstance(states, CallStates):
+        return states.status
+
+    def status(call_id: str) -> str | None:
+        prev = states.get(call_id)
+        return prev.status if prev is not None else None
+
+    return status
+
+
 class Books:
     """Calls per status: what the snapshot and this cycle's observations say, against
     the totals the platform's lists report.
@@ -279,6 +299,7 @@ class Books:
         gone: Collection[str] = (),
     ) -> None:
         self._states = states
+        self._stored_status = stored_status(states)
         self.expected: Counter[str] = Counter(counts)
         self.totals: dict[str, int] = {}
         # call_id -> where this cycle places it (None: nowhere, a look-up missed it).
@@ -289,8 +310,7 @@ class Books:
     def status_of(self, call_id: str) -> str | None:
         if call_id in self._where:
             return self._where[call_id]
-        prev = self._states.get(call_id)
-        return prev.status if prev is not None else None
+        return self._stored_status(call_id)
 
     def observe(self, call_id: str, status: str) -> None:
         self._move(call_id, status)
@@ -316,10 +336,11 @@ class Books:
         to a full scan, never complete a batch early).
         """
         n = sum(n for s, n in self.expected.items() if s not in TERMINAL_STATUSES and n > 0)
+        before = stored_status(states or {})
         for call_id, status in (served or {}).items():
-            prev = (states or {}).get(call_id)
-            if prev is not None and call_id not in confirmed and is_backward(prev.status, status):
-                n += (prev.status not in TERMINAL_STATUSES) - (status not in TERMINAL_STATUSES)
+            prev = before(call_id)
+            if prev is not None and call_id not in confirmed and is_backward(prev, status):
+                n += (prev not in TERMINAL_STATUSES) - (status not in TERMINAL_STATUSES)
         return n
 
     def _move(self, call_id: str, status: str | None) -> None:

@@ -179,7 +179,7 @@ class Poller:
             # items come all at once, at the end.
             groups = [p.raws for p in rest] if scan.pages is not None else scan.groups
             changed = await self._commit(rt, groups, lookups, tally, final=scan)
-        settle(rt.plan, scan, tally.items, tally.moved, rt.suspects)
+        settle(rt.plan, scan, tally.items, tally.moved, rt.suspects, rt.signatures.owners)
         if scan.partial:
             return "partial"
         return "committed" if changed or flusher.changed else "unchanged"
@@ -277,7 +277,7 @@ class Poller:
         )
         # Committed: only now may the caches move forward.
         digests = final.whole_pages if final is not None else None
-        rt.committed(meta, encoded, cands.signatures, suspects, digests)
+        rt.committed(meta, result.states, encoded, cands.signatures, suspects, digests)
         record_diff(self._metrics, batch_id, result)
         count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
         if result.events:

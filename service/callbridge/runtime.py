@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from callbridge.callstate import CallStates
+from callbridge.callstate import CallState, CallStates
 from callbridge.candidates import ItemSignatures
 from callbridge.group_commit import GroupCommit
 from callbridge.pages import RawPage
@@ -51,7 +52,8 @@ class BatchRuntime:
     def committed(
         self,
         meta: BatchMeta,
-        states: dict[str, str],
+        states: Mapping[str, CallState],
+        encoded: Mapping[str, str],
         signatures: dict[str, int],
         suspects: dict[str, Suspect],
         pages: list[RawPage] | None,
@@ -61,7 +63,7 @@ class BatchRuntime:
         assert self.states is not None
         self.meta = meta
         self.not_found = False
-        self.states.update_encoded(states)
+        self.states.update(states, encoded)
         self.signatures.update(signatures)
         self.suspects = suspects
         # Pages of a partial scan keep no digest: they are read in full next time; so

@@ -175,6 +175,8 @@ def replays_for(
     """For confirmed calls that have moved on since the scan that saw them go back,
     what that scan showed (reported first: see `diff`)."""
     out = dict(moved_on)
+    if not confirmed or not suspects:
+        return out
     for item in candidates.items:
         call_id = item["call_id"]
         suspect = suspects.get(call_id)
@@ -197,12 +199,16 @@ def suspects_from(
     pages): forgetting them would make a redial need two sightings in a row.
     A call served as the last commit saw it is back where we knew it: forgotten.
     """
-    seen = {item["call_id"] for item in candidates.items}
-    out = {
-        call_id: suspect
-        for call_id, suspect in before.items()
-        if call_id not in seen and call_id not in candidates.unchanged
-    }
+    out: dict[str, Suspect] = {}
+    if before:
+        seen = {item["call_id"] for item in candidates.items}
+        out = {
+            call_id: suspect
+            for call_id, suspect in before.items()
+            if call_id not in seen and call_id not in candidates.unchanged
+        }
+    if not unconfirmed:
+        return out
     for item in candidates.items:
         status = unconfirmed.get(call_id := item["call_id"])
         if status is not None:

@@ -207,7 +207,7 @@ def test_plan_state_remembers_external_ids_of_active_calls_and_positions() -> No
     assert state.external_ids == {"a": "101"}
     state.remember([{"call_id": "a", "status": "completed", "external_id": "101"}])
     assert state.external_ids == {}
-    state.place([page(items("pending", 3), total=9, page_no=2, limit=3)])
+    state.place([page(items("pending", 3), total=9, page_no=2, limit=3)], {})
     assert state.positions == {"c0": 3, "c1": 4, "c2": 5}
 
 
