@@ -1,13 +1,12 @@
 """What a scan shows that differs from the last committed one (pure, no I/O).
 
-An item whose bytes checksum to the signature the last committed scan saw for a
-call is unchanged, and costs two C checksums and a dict look-up: not even its
-call_id is decoded. Only the others are checked and decoded, and go to the diff.
+An item whose bytes hash to the signature the last committed scan saw for a
+call is unchanged, and costs a hash and a dict look-up: not even its call_id is
+decoded. Only the others are checked and decoded, and go to the diff.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,21 +35,21 @@ def select_candidates(
 ) -> Candidates:
     """Items that differ from the last committed scan.
 
-    An item whose bytes checksum to a signature the last committed scan saw is
+    An item whose bytes hash to a signature the last committed scan saw is
     unchanged and costs nothing more: not even its call_id is decoded. The others
     are checked (call_id, status) and decoded. Items are merged by call_id; when a
     call appears twice (pages shifting while we read), the copy from the later page
     wins, as it was served later.
     """
     owners = known.owners
-    fresh: dict[str, tuple[int, dict[str, Any], bytes | msgspec.Raw]] = {}
+    fresh: dict[str, tuple[int, dict[str, Any], bytes]] = {}
     out = Candidates()
     unchanged = out.unchanged
-    crc, adler = zlib.crc32, zlib.adler32
     for raws in pages:
         for raw in raws:
             # As `pages.signature`, inlined: this loop runs for every call of a scan.
-            sig = (crc(raw) << 32) | adler(raw)
+            data = bytes(raw)  # kept for the event bodies if the item changed
+            sig = hash(data)
             call_id = owners.get(sig)
             if call_id is not None:
                 if call_id in unchanged:
@@ -62,18 +61,18 @@ def select_candidates(
                 continue
             # Decoded once, into the dict the diff reads (a first scan decodes every
             # item: checking the key first and decoding again cost a third more).
-            item = usable_item(raw)
+            item = usable_item(data)
             if item is None:
                 out.invalid += 1
                 continue
             call_id = item["call_id"]
             if call_id in fresh or call_id in unchanged:
                 out.duplicates += 1
-            fresh[call_id] = (sig, item, raw)
+            fresh[call_id] = (sig, item, data)
     items, raws_out, sigs = out.items, out.raws, out.signatures
-    for call_id, (sig, item, raw) in fresh.items():
+    for call_id, (sig, item, data) in fresh.items():
         items.append(item)
-        raws_out[call_id] = raw if isinstance(raw, bytes) else bytes(raw)
+        raws_out[call_id] = data
         sigs[call_id] = sig
     return out
 

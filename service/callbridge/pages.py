@@ -48,9 +48,12 @@ _ANY = msgspec.json.Decoder()
 
 
 def signature(raw: bytes | msgspec.Raw) -> int:
-    """64 bits over an item's bytes: two C checksums. A collision would hide a real
-    change (with 32 bits, about one in 50 days at 1,000 changes/s)."""
-    return (zlib.crc32(raw) << 32) | zlib.adler32(raw)
+    """64 bits over an item's bytes: Python's own hash of them (SipHash, keyed per
+    process: signatures never leave the process). A collision would hide a real
+    change (with 32 bits, about one in 50 days at 1,000 changes/s; with 64, never in
+    practice). A third of the cost of the CRC-32 and Adler-32 pair used before, and,
+    being keyed, not something a platform could collide on purpose."""
+    return hash(bytes(raw))
 
 
 def entry(raw: bytes | msgspec.Raw) -> PageEntry | None:

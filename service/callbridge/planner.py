@@ -112,11 +112,10 @@ class PlanState:
         signatures (`ItemSignatures.owners`), which name almost every item's call
         without decoding it."""
         positions = self.positions
-        crc, adler = zlib.crc32, zlib.adler32
         for page in pages:
             first = (page.page - 1) * page.limit
             for i, raw in enumerate(page.raws):
-                call_id = owners.get((crc(raw) << 32) | adler(raw))
+                call_id = owners.get(hash(bytes(raw)))  # `pages.signature`, inlined
                 if call_id is None:
                     e = entry(raw)
                     if e is None:
