@@ -72,22 +72,63 @@ async def test_failed_takeover_drain_is_retried_and_nothing_is_stranded(
         assert call_seqs == list(range(1, len(call_seqs) + 1))
 
 
+async def test_a_removed_batch_fans_out_what_it_committed_then_expires(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    """DELETE /v1/batches/{id} after a fan-out failed: the events it had committed
+    stayed in the outbox, nothing drained it, and its keys never expired."""
+    svc, sim, receiver = await make_service(sim_config(batches=1, calls_per_batch=5))
+    batch = sim.batch_ids[0]
+    await svc.poller.poll_once(batch)
+    sim.advance(3)
+    k = Keys()
+    await redis_client.set(k.due("crm"), "not a sorted set")
+    with pytest.raises(ResponseError):
+        await svc.poller.poll_once(batch)
+    await redis_client.delete(k.due("crm"))
+    committed = await redis_client.xlen(k.outbox(batch))
+    assert committed > 0
+    assert await svc.operations.remove_batch(batch)
+    keys = (k.snapshot(batch), k.batch_meta(batch), k.timeline(batch), k.outbox(batch))
+    retention_ms = int(svc.settings.poller.retired_retention_seconds * 1000)
+    for key in keys:
+        assert 0 < await redis_client.pttl(key) <= retention_ms, key
+    # The replica that had it forgets it at its next sync, fanning out first.
+    stop = asyncio.Event()
+    run = asyncio.create_task(svc.scheduler.run(stop))
+    try:
+        async with asyncio.timeout(10):
+            while svc.poller.runtime(batch) is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await run
+    assert await redis_client.xlen(k.outbox(batch)) == 0
+    assert await svc.deliverer.drain() == committed
+    assert len({r.id for r in receiver.delivered}) == committed
+
+
 async def test_watching_a_retired_batch_again_clears_its_expiry(
     make_service: MakeService, redis_client: aioredis.Redis
 ) -> None:
     svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=3))
     batch = sim.batch_ids[0]
     await svc.poller.poll_once(batch)
+    sim.advance()
+    await svc.poller.poll_once(batch)  # events: the outbox stream exists, drained
+    k = Keys()
+    keys = (k.snapshot(batch), k.batch_meta(batch), k.timeline(batch), k.outbox(batch))
     # Retired: its state expires after the retention...
     await svc.store.expire_batch(batch, 60_000)
-    k = Keys()
-    assert 0 < await redis_client.pttl(k.snapshot(batch)) <= 60_000
+    for key in keys:
+        assert 0 < await redis_client.pttl(key) <= 60_000, key
     # ...watched again: the next commit makes it permanent, or it would vanish
-    # under an active batch and every call would be re-emitted.
+    # under an active batch and every call would be re-emitted (and events the
+    # outbox held when it expired would be lost).
     await svc.operations.add_batch(batch)
     sim.advance()
     await svc.poller.poll_once(batch)
-    for key in (k.snapshot(batch), k.batch_meta(batch), k.timeline(batch)):
+    for key in keys:
         assert await redis_client.pttl(key) == -1, key
 
 
