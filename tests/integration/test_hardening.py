@@ -20,6 +20,7 @@ from callbridge.candidates import ItemSignatures, select_candidates
 from callbridge.config import RedisSettings
 from callbridge.janitor import Janitor
 from callbridge.relay import Relay
+from callbridge.scheduler import Scheduler
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.connection import connect
 from callbridge.store.keys import Keys
@@ -189,6 +190,29 @@ async def test_heartbeats_use_the_server_clock(
     assert await svc.leases.live_replicas(5000) == 0
 
 
+async def test_a_dead_replica_with_a_fast_clock_stops_counting_as_alive(
+    make_service: MakeService,
+) -> None:
+    """A replica whose clock ran an hour fast heartbeated an hour into the future:
+    once dead it still counted as alive, the others sized their shares for one
+    replica too many and some batches went unpolled."""
+    svc, _, _ = await make_service(
+        sim_config(batches=1, calls_per_batch=1), poller={"lease_ttl_seconds": 2}
+    )
+    fast = Scheduler(
+        svc.settings, svc.poller, svc.store, svc.leases, svc.registry, svc.relay, svc.metrics,
+        wall_ms=lambda: int(time.time() * 1000) + 3_600_000,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    run = asyncio.create_task(fast.run(stop))
+    await asyncio.sleep(0.3)
+    stop.set()
+    await run  # the replica dies: no more heartbeats
+    assert await svc.leases.live_replicas(2000) == 1
+    await asyncio.sleep(2.2)
+    assert await svc.leases.live_replicas(2000) == 0
+
+
 async def test_replica_with_a_rejected_key_hands_its_batches_over(
     redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:
@@ -242,6 +266,42 @@ async def test_a_claim_holds_its_request_slot(
     assert await task == 1
     for t in arrived:
         t.cancel()
+
+
+async def test_loops_claiming_at_once_hold_no_more_claims_than_slots(
+    make_rig: MakeRig, redis_client: aioredis.Redis, lossy_redis: Any
+) -> None:
+    """Four subscriptions' loops claim at once, their claims' replies slow (a busy
+    Redis). Each loop once counted as free the slots of claims whose requests had
+    not started: the replica held 8 claims for 2 slots, and the extra ones waited
+    for a slot while their visibility deadline ran (swept, then sent twice)."""
+    proxy, url = lossy_redis
+    names = ("a", "b", "c", "d")
+    rig = await make_rig({n: {} for n in names}, via=url, global_max_in_flight=2)
+    for name in names:
+        rig.receivers[name].answers.extend(["hang"] * 3)
+        await rig.enqueue(name, *(event(1, f"c{i}") for i in range(3)))
+    proxy.slow(_sha("claim"), 0.1)
+    stop = asyncio.Event()
+    loops = asyncio.create_task(rig.deliverer.run(stop))
+    k = Keys()
+    held: list[int] = []
+    for _ in range(15):
+        await asyncio.sleep(0.05)
+        held.append(sum([await redis_client.zcard(k.inflight(n)) for n in names]))
+    for r in rig.receivers.values():
+        r.release.set()
+    try:
+        async with asyncio.timeout(10):
+            while any(len(r.received) < 3 for r in rig.receivers.values()):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await loops
+    assert max(held) == 2, held  # two slots: two claims at most, both sent at once
+    for r in rig.receivers.values():
+        ids = [d.id for d in r.received]
+        assert len(ids) == len(set(ids)) == 3  # each sent once
 
 
 async def test_blocked_successors_never_hide_a_chain_head(
@@ -438,6 +498,23 @@ async def test_removed_subscriptions_are_deleted_after_their_retention(
     assert [key async for key in redis_client.scan_iter(match=k.subscription_pattern("old"))] == []
     assert await redis_client.hkeys(k.subscriptions()) == [b"crm"]
     assert sample(rig.metrics, "orphaned_subscriptions") == 0
+
+
+async def test_tombstones_of_batches_added_through_the_api_are_pruned(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    """Retired batches stayed registered for ever: `registry.all()` and the batch list
+    slowed down with history. Those added through the API go after the retention;
+    config batches keep theirs (a restart must not watch them afresh)."""
+    svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=1))
+    from_config = sim.batch_ids[0]
+    assert await svc.registry.add("sched_from_api")
+    for batch_id in (from_config, "sched_from_api"):
+        await svc.registry.retire(batch_id)
+    assert await svc.registry.prune(60_000) == 0  # within the retention
+    await asyncio.sleep(0.01)
+    assert await svc.registry.prune(1) == 1
+    assert set(await svc.registry.all()) == {from_config}
 
 
 async def test_a_released_batch_stops_exporting_its_series(make_service: MakeService) -> None:
