@@ -511,10 +511,42 @@ async def test_tombstones_of_batches_added_through_the_api_are_pruned(
     assert await svc.registry.add("sched_from_api")
     for batch_id in (from_config, "sched_from_api"):
         await svc.registry.retire(batch_id)
+    # A config batch watched again through the API is still a config batch.
+    assert await svc.operations.add_batch(from_config)
+    await svc.registry.retire(from_config)
     assert await svc.registry.prune(60_000) == 0  # within the retention
     await asyncio.sleep(0.01)
     assert await svc.registry.prune(1) == 1
     assert set(await svc.registry.all()) == {from_config}
+
+
+async def test_a_batch_retired_while_the_scheduler_syncs_does_not_stop_polling(
+    lossy_redis: Any, aiohttp_server: Any
+) -> None:
+    """Found by the growth run: a cycle retired a batch (its task popped the runtime)
+    while the scheduler's sync awaited a lease renewal; the sync then looked the
+    batch up and raised KeyError, and the poller loop stopped for good."""
+    proxy, url = lossy_redis
+    sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=6, batches=2, calls_per_batch=2))
+    upstream = await aiohttp_server(make_app(sim))
+    settings = make_settings(str(upstream.make_url("")), url, batches=sim.batch_ids)
+    bridge = await Bridge.create(settings, replica_id="sync")
+    try:
+        await bridge.registry.register_config(settings.batches)
+        for batch_id in sim.batch_ids:
+            await bridge.poller.poll_once(batch_id)  # both leases held
+        later = bridge.poller.runtime(sim.batch_ids[1])
+        assert later is not None
+        proxy.slow(_sha("renew_lease"), 0.3)  # the first batch's renewal
+        sync = asyncio.create_task(bridge.scheduler._sync(time.monotonic()))
+        await asyncio.sleep(0.15)
+        later.retired = True
+        await bridge.scheduler._retire(later)
+        await sync
+        assert bridge.poller.runtime(sim.batch_ids[1]) is None
+        assert bridge.poller.runtime(sim.batch_ids[0]) is not None
+    finally:
+        await bridge.close()
 
 
 async def test_a_released_batch_stops_exporting_its_series(make_service: MakeService) -> None:
