@@ -31,6 +31,7 @@ from tests.support.deliveries import MakeRig, event
 from tests.support.metrics import sample
 from tests.support.proxy import ReplyDropper
 from tests.support.receivers import Receiver
+from tests.support.servers import free_port
 from tests.support.settings import API_KEY, SECRET, make_settings
 
 
@@ -213,23 +214,32 @@ async def test_a_dead_replica_with_a_fast_clock_stops_counting_as_alive(
     assert await svc.leases.live_replicas(2000) == 0
 
 
-async def test_replica_with_a_rejected_key_hands_its_batches_over(
-    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+@pytest.mark.parametrize("cut_off", ["key rejected", "platform unreachable"])
+async def test_replica_that_cannot_poll_hands_its_batches_over(
+    cut_off: str, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
 ) -> None:
+    """A replica whose API key is rejected, or that cannot reach the platform, kept
+    renewing leases it could not use: its batches went unpolled."""
     sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=2, batches=4, calls_per_batch=3))
     upstream = await aiohttp_server(make_app(sim))
 
-    def settings(api_key: str) -> Any:
+    def settings(base_url: str, api_key: str) -> Any:
         return make_settings(
-            str(upstream.make_url("")),
+            base_url,
             redis_url,
             batches=sim.batch_ids,
             upstream={"api_key": api_key},
             poller={"interval_seconds": 0.2, "lease_ttl_seconds": 2, "jitter_ratio": 0},
         )
 
-    bad = await Bridge.create(settings("sk_rejected"), replica_id="bad")
-    good = await Bridge.create(settings(API_KEY), replica_id="good")
+    good_url = str(upstream.make_url(""))
+    bad_settings = (
+        settings(good_url, "sk_rejected")
+        if cut_off == "key rejected"
+        else settings(f"http://127.0.0.1:{free_port()}", API_KEY)  # nothing listens
+    )
+    bad = await Bridge.create(bad_settings, replica_id="bad")
+    good = await Bridge.create(settings(good_url, API_KEY), replica_id="good")
     stop = asyncio.Event()
     await bad.registry.register_config(bad.settings.batches)
     tasks = [asyncio.create_task(b.scheduler.run(stop)) for b in (bad, good)]
