@@ -156,7 +156,10 @@ async def make_rig(
     deliverers: list[Deliverer] = []
     clients: list[Any] = []
 
-    async def build(subs: dict[str, dict[str, Any]], **delivery: Any) -> Rig:
+    async def build(
+        subs: dict[str, dict[str, Any]], *, via: str | None = None, **delivery: Any
+    ) -> Rig:
+        """`via`: the Redis URL the deliverer's queue uses (a proxy), else the test's."""
         receivers: dict[str, Receiver] = {}
         sub_cfg = []
         for name, cfg in subs.items():
@@ -176,7 +179,7 @@ async def make_rig(
         settings = make_settings(
             "http://127.0.0.1:1", redis_url, subscriptions=sub_cfg, delivery=delivery
         )
-        client = aioredis.Redis.from_url(redis_url)
+        client = aioredis.Redis.from_url(via or redis_url)
         clients.append(client)
         session = aiohttp.ClientSession()
         sessions.append(session)

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # Both loops wake at least every second; this long without a turn means stuck.
 _STUCK_AFTER_S = 30.0
-# How often removed subscriptions are looked for (and configured ones re-announced).
+# How often removed subscriptions are looked for (and configured ones re-announced):
+# at most this long, and a tenth of their retention when that is shorter.
 _JANITOR_EVERY_S = 600.0
 
 
@@ -204,7 +205,8 @@ class Bridge:
                 await self.janitor.run_once()
             except Exception:
                 log.exception("janitor run failed", extra={"action": "janitor_failed"})
-            await wait_any(self.stopping, within_s=_JANITOR_EVERY_S)
+            every_s = min(_JANITOR_EVERY_S, self.settings.delivery.orphan_retention_seconds / 10)
+            await wait_any(self.stopping, within_s=every_s)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self.stopping.is_set():

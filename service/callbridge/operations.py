@@ -132,7 +132,13 @@ class Operations:
         return added
 
     async def remove_batch(self, batch_id: str) -> bool:
+        """Stop watching a batch. Its state expires after `retired_retention_seconds`
+        from now, even if no replica has it in memory to forget (each one that has
+        fans out what it committed first); watching it again within that time keeps it."""
         removed = await self._registry.remove(batch_id)
+        if removed:
+            retention_ms = int(self._settings.poller.retired_retention_seconds * 1000)
+            await self._store.expire_batch(batch_id, retention_ms)
         self._on_batches_changed()
         return removed
 

@@ -203,7 +203,9 @@ class Scheduler:
                 self._batches[batch_id] = BatchRuntime(batch_id, backfill, next_due=now)
                 self._metrics.init_batch(batch_id)
         for batch_id in list(self._batches):
-            rt = self._batches[batch_id]
+            rt = self._batches.get(batch_id)
+            if rt is None:
+                continue  # retired meanwhile: its cycle's task dropped it during an await
             if batch_id not in registered:
                 if rt.task is None:
                     await self._forget(rt)

@@ -60,7 +60,7 @@ def promtool(*args: str, cwd: Path) -> str:
 def test_rendered_rules_pass_promtool_check(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules()))
     out = promtool("check", "rules", "rules.yaml", cwd=tmp_path)
-    assert "SUCCESS: 7 rules found" in out
+    assert "SUCCESS: 8 rules found" in out
 
 
 def test_every_alert_has_a_firing_and_a_silent_case() -> None:
@@ -160,6 +160,7 @@ async def test_alerts_fire_against_a_real_prometheus(
             states = await prom.alerts()
             assert "CallbridgeRedisPersistenceFailing" not in states
             assert "CallbridgeSubscriptionDisabled" not in states
+            assert "CallbridgeSubscriptionOrphaned" not in states
         finally:
             await stop_bridge(bridge)
     print(

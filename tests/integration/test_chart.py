@@ -498,6 +498,7 @@ EXPECTED_ALERTS = {
     "CallbridgeUpstreamAuthFailing": "callbridge_upstream_auth_ok",
     "CallbridgeDeliveryLagHigh": "callbridge_delivery_lag_seconds_bucket",
     "CallbridgeSubscriptionDisabled": "callbridge_subscription_disabled",
+    "CallbridgeSubscriptionOrphaned": "callbridge_orphaned_subscriptions",
     "CallbridgePollCyclesFailing": "callbridge_poll_cycles_total",
     "CallbridgeRedisPersistenceFailing": "callbridge_redis_persistence_ok",
 }

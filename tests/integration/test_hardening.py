@@ -20,6 +20,7 @@ from callbridge.candidates import ItemSignatures, select_candidates
 from callbridge.config import RedisSettings
 from callbridge.janitor import Janitor
 from callbridge.relay import Relay
+from callbridge.scheduler import Scheduler
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.connection import connect
 from callbridge.store.keys import Keys
@@ -30,6 +31,7 @@ from tests.support.deliveries import MakeRig, event
 from tests.support.metrics import sample
 from tests.support.proxy import ReplyDropper
 from tests.support.receivers import Receiver
+from tests.support.servers import free_port
 from tests.support.settings import API_KEY, SECRET, make_settings
 
 
@@ -72,22 +74,63 @@ async def test_failed_takeover_drain_is_retried_and_nothing_is_stranded(
         assert call_seqs == list(range(1, len(call_seqs) + 1))
 
 
+async def test_a_removed_batch_fans_out_what_it_committed_then_expires(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    """DELETE /v1/batches/{id} after a fan-out failed: the events it had committed
+    stayed in the outbox, nothing drained it, and its keys never expired."""
+    svc, sim, receiver = await make_service(sim_config(batches=1, calls_per_batch=5))
+    batch = sim.batch_ids[0]
+    await svc.poller.poll_once(batch)
+    sim.advance(3)
+    k = Keys()
+    await redis_client.set(k.due("crm"), "not a sorted set")
+    with pytest.raises(ResponseError):
+        await svc.poller.poll_once(batch)
+    await redis_client.delete(k.due("crm"))
+    committed = await redis_client.xlen(k.outbox(batch))
+    assert committed > 0
+    assert await svc.operations.remove_batch(batch)
+    keys = (k.snapshot(batch), k.batch_meta(batch), k.timeline(batch), k.outbox(batch))
+    retention_ms = int(svc.settings.poller.retired_retention_seconds * 1000)
+    for key in keys:
+        assert 0 < await redis_client.pttl(key) <= retention_ms, key
+    # The replica that had it forgets it at its next sync, fanning out first.
+    stop = asyncio.Event()
+    run = asyncio.create_task(svc.scheduler.run(stop))
+    try:
+        async with asyncio.timeout(10):
+            while svc.poller.runtime(batch) is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await run
+    assert await redis_client.xlen(k.outbox(batch)) == 0
+    assert await svc.deliverer.drain() == committed
+    assert len({r.id for r in receiver.delivered}) == committed
+
+
 async def test_watching_a_retired_batch_again_clears_its_expiry(
     make_service: MakeService, redis_client: aioredis.Redis
 ) -> None:
     svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=3))
     batch = sim.batch_ids[0]
     await svc.poller.poll_once(batch)
+    sim.advance()
+    await svc.poller.poll_once(batch)  # events: the outbox stream exists, drained
+    k = Keys()
+    keys = (k.snapshot(batch), k.batch_meta(batch), k.timeline(batch), k.outbox(batch))
     # Retired: its state expires after the retention...
     await svc.store.expire_batch(batch, 60_000)
-    k = Keys()
-    assert 0 < await redis_client.pttl(k.snapshot(batch)) <= 60_000
+    for key in keys:
+        assert 0 < await redis_client.pttl(key) <= 60_000, key
     # ...watched again: the next commit makes it permanent, or it would vanish
-    # under an active batch and every call would be re-emitted.
+    # under an active batch and every call would be re-emitted (and events the
+    # outbox held when it expired would be lost).
     await svc.operations.add_batch(batch)
     sim.advance()
     await svc.poller.poll_once(batch)
-    for key in (k.snapshot(batch), k.batch_meta(batch), k.timeline(batch)):
+    for key in keys:
         assert await redis_client.pttl(key) == -1, key
 
 
@@ -148,23 +191,55 @@ async def test_heartbeats_use_the_server_clock(
     assert await svc.leases.live_replicas(5000) == 0
 
 
-async def test_replica_with_a_rejected_key_hands_its_batches_over(
-    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+async def test_a_dead_replica_with_a_fast_clock_stops_counting_as_alive(
+    make_service: MakeService,
 ) -> None:
+    """A replica whose clock ran an hour fast heartbeated an hour into the future:
+    once dead it still counted as alive, the others sized their shares for one
+    replica too many and some batches went unpolled."""
+    svc, _, _ = await make_service(
+        sim_config(batches=1, calls_per_batch=1), poller={"lease_ttl_seconds": 2}
+    )
+    fast = Scheduler(
+        svc.settings, svc.poller, svc.store, svc.leases, svc.registry, svc.relay, svc.metrics,
+        wall_ms=lambda: int(time.time() * 1000) + 3_600_000,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    run = asyncio.create_task(fast.run(stop))
+    await asyncio.sleep(0.3)
+    stop.set()
+    await run  # the replica dies: no more heartbeats
+    assert await svc.leases.live_replicas(2000) == 1
+    await asyncio.sleep(2.2)
+    assert await svc.leases.live_replicas(2000) == 0
+
+
+@pytest.mark.parametrize("cut_off", ["key rejected", "platform unreachable"])
+async def test_replica_that_cannot_poll_hands_its_batches_over(
+    cut_off: str, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> None:
+    """A replica whose API key is rejected, or that cannot reach the platform, kept
+    renewing leases it could not use: its batches went unpolled."""
     sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=2, batches=4, calls_per_batch=3))
     upstream = await aiohttp_server(make_app(sim))
 
-    def settings(api_key: str) -> Any:
+    def settings(base_url: str, api_key: str) -> Any:
         return make_settings(
-            str(upstream.make_url("")),
+            base_url,
             redis_url,
             batches=sim.batch_ids,
             upstream={"api_key": api_key},
             poller={"interval_seconds": 0.2, "lease_ttl_seconds": 2, "jitter_ratio": 0},
         )
 
-    bad = await Bridge.create(settings("sk_rejected"), replica_id="bad")
-    good = await Bridge.create(settings(API_KEY), replica_id="good")
+    good_url = str(upstream.make_url(""))
+    bad_settings = (
+        settings(good_url, "sk_rejected")
+        if cut_off == "key rejected"
+        else settings(f"http://127.0.0.1:{free_port()}", API_KEY)  # nothing listens
+    )
+    bad = await Bridge.create(bad_settings, replica_id="bad")
+    good = await Bridge.create(settings(good_url, API_KEY), replica_id="good")
     stop = asyncio.Event()
     await bad.registry.register_config(bad.settings.batches)
     tasks = [asyncio.create_task(b.scheduler.run(stop)) for b in (bad, good)]
@@ -200,6 +275,42 @@ async def test_a_claim_holds_its_request_slot(
     assert inflight == [1, 0]
     rig.receivers["a"].release.set()
     assert await task == 1
+
+
+async def test_loops_claiming_at_once_hold_no_more_claims_than_slots(
+    make_rig: MakeRig, redis_client: aioredis.Redis, lossy_redis: Any
+) -> None:
+    """Four subscriptions' loops claim at once, their claims' replies slow (a busy
+    Redis). Each loop once counted as free the slots of claims whose requests had
+    not started: the replica held 8 claims for 2 slots, and the extra ones waited
+    for a slot while their visibility deadline ran (swept, then sent twice)."""
+    proxy, url = lossy_redis
+    names = ("a", "b", "c", "d")
+    rig = await make_rig({n: {} for n in names}, via=url, global_max_in_flight=2)
+    for name in names:
+        rig.receivers[name].answers.extend(["hang"] * 3)
+        await rig.enqueue(name, *(event(1, f"c{i}") for i in range(3)))
+    proxy.slow(_sha("claim"), 0.1)
+    stop = asyncio.Event()
+    loops = asyncio.create_task(rig.deliverer.run(stop))
+    k = Keys()
+    held: list[int] = []
+    for _ in range(15):
+        await asyncio.sleep(0.05)
+        held.append(sum([await redis_client.zcard(k.inflight(n)) for n in names]))
+    for r in rig.receivers.values():
+        r.release.set()
+    try:
+        async with asyncio.timeout(10):
+            while any(len(r.received) < 3 for r in rig.receivers.values()):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await loops
+    assert max(held) == 2, held  # two slots: two claims at most, both sent at once
+    for r in rig.receivers.values():
+        ids = [d.id for d in r.received]
+        assert len(ids) == len(set(ids)) == 3  # each sent once
 
 
 async def test_blocked_successors_never_hide_a_chain_head(
@@ -396,6 +507,55 @@ async def test_removed_subscriptions_are_deleted_after_their_retention(
     assert [key async for key in redis_client.scan_iter(match=k.subscription_pattern("old"))] == []
     assert await redis_client.hkeys(k.subscriptions()) == [b"crm"]
     assert sample(rig.metrics, "orphaned_subscriptions") == 0
+
+
+async def test_tombstones_of_batches_added_through_the_api_are_pruned(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    """Retired batches stayed registered for ever: `registry.all()` and the batch list
+    slowed down with history. Those added through the API go after the retention;
+    config batches keep theirs (a restart must not watch them afresh)."""
+    svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=1))
+    from_config = sim.batch_ids[0]
+    assert await svc.registry.add("sched_from_api")
+    for batch_id in (from_config, "sched_from_api"):
+        await svc.registry.retire(batch_id)
+    # A config batch watched again through the API is still a config batch.
+    assert await svc.operations.add_batch(from_config)
+    await svc.registry.retire(from_config)
+    assert await svc.registry.prune(60_000) == 0  # within the retention
+    await asyncio.sleep(0.01)
+    assert await svc.registry.prune(1) == 1
+    assert set(await svc.registry.all()) == {from_config}
+
+
+async def test_a_batch_retired_while_the_scheduler_syncs_does_not_stop_polling(
+    lossy_redis: Any, aiohttp_server: Any
+) -> None:
+    """Found by the growth run: a cycle retired a batch (its task popped the runtime)
+    while the scheduler's sync awaited a lease renewal; the sync then looked the
+    batch up and raised KeyError, and the poller loop stopped for good."""
+    proxy, url = lossy_redis
+    sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=6, batches=2, calls_per_batch=2))
+    upstream = await aiohttp_server(make_app(sim))
+    settings = make_settings(str(upstream.make_url("")), url, batches=sim.batch_ids)
+    bridge = await Bridge.create(settings, replica_id="sync")
+    try:
+        await bridge.registry.register_config(settings.batches)
+        for batch_id in sim.batch_ids:
+            await bridge.poller.poll_once(batch_id)  # both leases held
+        later = bridge.poller.runtime(sim.batch_ids[1])
+        assert later is not None
+        proxy.slow(_sha("renew_lease"), 0.3)  # the first batch's renewal
+        sync = asyncio.create_task(bridge.scheduler._sync(time.monotonic()))
+        await asyncio.sleep(0.15)
+        later.retired = True
+        await bridge.scheduler._retire(later)
+        await sync
+        assert bridge.poller.runtime(sim.batch_ids[1]) is None
+        assert bridge.poller.runtime(sim.batch_ids[0]) is not None
+    finally:
+        await bridge.close()
 
 
 async def test_a_released_batch_stops_exporting_its_series(make_service: MakeService) -> None:

@@ -267,6 +267,8 @@ async def test_retired_batch_is_a_tombstone_that_expires(
     assert reg is not None
     assert reg.retired
     assert 0 < await redis_client.pttl(Keys().snapshot(batch)) <= 60_000
+    # The drained outbox too: an empty stream per retired batch stayed for ever.
+    assert 0 < await redis_client.pttl(Keys().outbox(batch)) <= 60_000
     listed = {b["id"]: b["lifecycle"] for b in await svc.operations.list_batches()}
     assert listed[batch] == "retired"
     # ...an operator can.

@@ -2,7 +2,8 @@
 
 The client's request reaches Redis and runs; the reply never comes back and the
 connection drops, so the client (redis-py with callbridge's retry policy) sends
-the same command again on a new connection.
+the same command again on a new connection. It can also hold back the replies to
+some requests a while (a slow link): what a caller does meanwhile is then seen.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ class ReplyDropper:
         self._upstream_port = upstream_port
         self._server: asyncio.Server | None = None
         self._armed: bytes | None = None
+        self._slow: tuple[bytes, float] | None = None
         self._pumps: set[asyncio.Task[None]] = set()
         self.dropped = 0
 
@@ -36,15 +38,22 @@ class ReplyDropper:
         """Lose the reply to the next request containing `marker`."""
         self._armed = marker
 
+    def slow(self, marker: bytes, seconds: float) -> None:
+        """Hold back the reply to every request containing `marker` for `seconds`."""
+        self._slow = (marker, seconds)
+
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         ureader, uwriter = await asyncio.open_connection("127.0.0.1", self._upstream_port)
         swallow = asyncio.Event()
+        hold = [0.0]  # seconds the next reply waits (redis-py awaits each reply)
 
         async def client_to_redis() -> None:
             while data := await creader.read(65536):
                 if self._armed is not None and self._armed in data:
                     self._armed = None
                     swallow.set()
+                if self._slow is not None and self._slow[0] in data:
+                    hold[0] = self._slow[1]
                 uwriter.write(data)
                 await uwriter.drain()
 
@@ -53,6 +62,9 @@ class ReplyDropper:
                 if swallow.is_set():
                     self.dropped += 1
                     return  # the reply is lost with the connection
+                if hold[0]:
+                    await asyncio.sleep(hold[0])
+                    hold[0] = 0.0
                 cwriter.write(data)
                 await cwriter.drain()
 

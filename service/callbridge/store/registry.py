@@ -46,6 +46,9 @@ class BatchRegistry:
             return True
         current = await self.get(batch_id)
         if current is not None and current.retired:
+            # A config batch watched again stays one: its tombstone is never pruned, or
+            # a restart would watch it afresh once its state expired (all re-emitted).
+            entry = self._encode(batch_id, backfill, current.source)
             await self._redis.hset(self._key, batch_id, entry)
             return True
         return False

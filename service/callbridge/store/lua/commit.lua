@@ -68,11 +68,13 @@ if #states > 0 or #events > 0 then
 end
 redis.call('HSET', meta, 'commit_id', ARGV[5])
 redis.call('PEXPIRE', lease, ttl_ms)
--- A batch watched again after it was retired still has the expiry set then:
--- a polled batch's state must never expire under it.
+-- A batch watched again after it was retired (or removed) still has the expiry set
+-- then: a polled batch's state must never expire under it, nor its outbox (XADD
+-- keeps the stream's expiry: events committed into it would vanish with it).
 redis.call('PERSIST', calls)
 redis.call('PERSIST', meta)
 redis.call('PERSIST', timeline)
+redis.call('PERSIST', outbox)
 -- The outbox ids let the caller fan out from memory and trim exactly these entries.
 table.insert(stream_ids, 1, version)
 return stream_ids
