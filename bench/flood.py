@@ -300,6 +300,8 @@ async def one_flood(
     with bridge_process(config, f"bridge_{label}") as bridge:
         warmup_s = await _wait_steady(session, bridge, receiver)
         await _json(session, "POST", receiver.url + "/_reset")
+        stats_client: Any = aioredis.Redis.from_url(valkey.url)
+        await stats_client.config_resetstat()
         with _py_spy(bridge.pid, "flood") if profile else contextlib.nullcontext({}) as spy:
             cpu0 = (bridge.cpu_s(), valkey.cpu_s(), receiver.cpu_s(), sim.cpu_s())
             load = os.getloadavg()[0]
@@ -312,6 +314,13 @@ async def one_flood(
             at = float(switched["at"])
             stats = await _wait_received(session, receiver, CALLS, 120)
             cpu1 = (bridge.cpu_s(), valkey.cpu_s(), receiver.cpu_s(), sim.cpu_s())
+        # Where Valkey's time goes: its own per-command accounting (commands run by
+        # scripts are counted under their names too; `evalsha` includes them).
+        commandstats = {
+            name.removeprefix("cmdstat_"): {"calls": v["calls"], "usec": v["usec"]}
+            for name, v in (await stats_client.info("commandstats")).items()
+        }
+        await stats_client.aclose()
         requests = await _json(
             session, "GET", sim.url + "/_bench/requests", params={"since": str(at)}
         )
@@ -342,6 +351,7 @@ async def one_flood(
         "commit_to_first_webhook_s": stats["first_at"] - committed,
         "last_after_switch_s": wall,
         "committed_cycles": cycles,
+        "valkey_commandstats": commandstats,
         "cpu_s": {
             "bridge": cpu1[0] - cpu0[0],
             "valkey": cpu1[1] - cpu0[1],
