@@ -309,6 +309,8 @@ class Deliverer:
             for t in (*loops, watcher):
                 t.cancel()
             await asyncio.gather(*loops, watcher, return_exceptions=True)
+            # Nobody waits for a slot any more: a later run_once/drain must claim.
+            self._starving.clear()
 
     async def _wake_all_on(self, stopping: asyncio.Event) -> None:
         # The loops wait on their own wake event only (cheaper than waiting on two).
