@@ -17,8 +17,11 @@
    still unseen is read up to two pages further back.
 
 Backward moves go through the same second look as a full scan's
-(`scan.confirm_backward_moves`), but for one case only reads within a cycle can see
-(`ActiveScan.confirmed`): a call served twice going back, then elsewhere.
+(`scan.confirm_backward_moves`), but for what only reads within a cycle can see: a
+call served twice going back, then elsewhere as a new item (`ActiveScan.confirmed`),
+or found elsewhere as a new item by the look-up that follows (`served_twice`). What
+the reads served twice moving forward is reported even when the cycle falls back to a
+full scan (`held`: `planned_scan.BatchReader.read` commits it first).
 
 The platform moves while we read. Calls that leave ``pending`` during the reads may
 be found or not; when more are found than the first probe allows, a second probe
@@ -335,6 +338,27 @@ class ActiveScan:
             self._moved_on[call_id] = e
         self.gone.discard(call_id)
         self.books.observe(call_id, status)
+
+    def served_twice(self) -> set[str]:
+        """Calls whose copy for the diff this cycle's reads served at least twice, in
+        another status than the snapshot's: the platform served that status twice,
+        so it must be reported whatever the call did next (`scan.confirm_backward_moves`
+        takes the two answers going back for a redial unless a look-up shows the call
+        as committed; see `held` for a cycle falling back to a full scan)."""
+        status_of = self._states.status
+        return {c for c, (s, n) in self._kept.items() if n >= 2 and s != status_of(c)}
+
+    def held(self) -> list[bytes]:
+        """What a cycle falling back to a full scan commits first: the copies the reads
+        served twice moving forward (the full scan may find those calls moved on, and
+        never reports what it does not see). Backward ones are left to the full scan
+        and its second looks, which take a cycle's look-ups in the pages' order."""
+        status_of = self._states.status
+        return [
+            self.items[c].raw
+            for c in self.served_twice()
+            if not is_backward(status_of(c) or PENDING, self._kept[c][0])
+        ]
 
     def confirmed(self, known: Mapping[str, int]) -> set[str]:
         """Backward moves this cycle's reads confirm (`known`: each call's item
