@@ -23,7 +23,8 @@ Routes besides the API: ``GET /_campaign/info`` (batch ids, parameters); ``POST
 times, dials); ``GET /_campaign/truth`` -> ``[[batch, call, status, t], ...]`` every
 status change with its ``time.time()``; ``GET /_campaign/requests?since=T`` -> ``[[t,
 kind], ...]`` every List Batch Calls request received (kind ``page``, ``status`` or
-``lookup``); ``GET /_campaign/served?batch=B`` -> ``[[call, [t, ...]], ...]`` the first
+``lookup``), or with ``batch=B&until=U`` that batch's requests in [T, U] as ``[[t,
+label], ...]``; ``GET /_campaign/served?batch=B`` -> ``[[call, [t, ...]], ...]`` the first
 two answers that carried each call in each status it held (the checker's rule);
 ``GET /_campaign/trace?call=B/C&call=...`` -> per call, each status span as served:
 its status, how many answers carried it, the first two and the last (time, request
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import heapq
 import random
@@ -50,7 +52,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from bench.common import API_KEY, announce_ready
-from bench.served import CURRENT_REQUEST, ServedRecord, request_kind
+from bench.served import CURRENT_REQUEST, ServedRecord, request_kind, request_label
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 
 TICK_S = 0.01
@@ -281,11 +283,22 @@ def build_app(
 
     async def requests(request: web.Request) -> web.Response:
         since = float(request.query.get("since", "0"))
-        out = [
-            (t, kind)
-            for t, path_qs, _status in sim.request_log
-            if t >= since and (kind := request_kind(path_qs)) is not None
-        ]
+        batch = request.query.get("batch")
+        if batch is None:
+            out: list[tuple[float, str]] = [
+                (t, kind)
+                for t, path_qs, _status in sim.request_log
+                if t >= since and (kind := request_kind(path_qs)) is not None
+            ]
+        else:  # one batch's requests in [since, until], by label (`bench.served`)
+            until = float(request.query.get("until", "inf"))
+            i = bisect.bisect_left(sim.request_log, (since,))
+            out = []
+            for t, path_qs, _status in sim.request_log[i:]:
+                if t > until:
+                    break
+                if f"/{batch}/" in path_qs:
+                    out.append((t, request_label(path_qs)))
         return web.Response(body=orjson.dumps(out), content_type="application/json")
 
     async def stop(app: web.Application) -> None:

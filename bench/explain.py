@@ -12,7 +12,9 @@ planner benchmark puts into its JSON (and prints, as a timeline, to stderr):
   ``status=queued p1/500``, ``probe pending p1``, ``lookup <external id>``; see
   `bench.served`);
 * ``events``: every event the receiver got for it: received time, type, sequence,
-  ``previous_status``, ``skipped_statuses``, ``missed_terminal``.
+  ``previous_status``, ``skipped_statuses``, ``missed_terminal``;
+* ``requests``: every request of its batch in the `REQUESTS_S` after the status in
+  question began (what the bridge read while it did not see the call).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tests.support.turbulence import Report
 
 LATE_S = 30.0
 MAX_CALLS = 40
+# The batch's requests listed in a trace: from the status in question on, this long.
+REQUESTS_S = 6.5
 
 
 def matched_events(
@@ -64,17 +68,22 @@ def reasons(
     lost_finals: list[tuple[str, str]],
     late: list[tuple[str, str, str, float, float]],
     t0: float,
-) -> dict[tuple[str, str], list[str]]:
-    """The calls to explain (`bench.explain`), losses first, then the latest events."""
-    why: dict[tuple[str, str], list[str]] = defaultdict(list)
+) -> dict[tuple[str, str], tuple[list[str], float]]:
+    """The calls to explain, losses first, then the latest events: per call, the
+    reasons in words and when the first status it concerns began."""
+    why: dict[tuple[str, str], tuple[list[str], float]] = {}
+
+    def add(key: tuple[str, str], text: str, began: float) -> None:
+        texts, first = why.get(key, ([], began))
+        why[key] = ([*texts, text], min(first, began))
+
     for m in report.missing:
-        why[(m.batch_id, m.call_id)].append(
-            f"missing {m.status} (began {m.start - t0:+.3f} s, visible {m.visible_s:.3f} s)"
-        )
+        text = f"missing {m.status} (began {m.start - t0:+.3f} s, visible {m.visible_s:.3f} s)"
+        add((m.batch_id, m.call_id), text, m.start)
     for key in lost_finals:
-        why[key].append(f"final {finals[key][0]} never arrived")
+        add(key, f"final {finals[key][0]} never arrived", finals[key][1])
     for batch, call, status, entered, received in sorted(late, key=lambda x: x[3] - x[4]):
-        why[(batch, call)].append(f"{status} {received - entered:.1f} s late")
+        add((batch, call), f"{status} {received - entered:.1f} s late", entered)
     return why
 
 
@@ -89,10 +98,11 @@ async def explain(
     sim_url: str,
     receiver_url: str,
     t0: float,
-    why: dict[tuple[str, str], list[str]],
+    why: dict[tuple[str, str], tuple[list[str], float]],
 ) -> list[dict[str, Any]]:
-    """The traces of the calls in `why` (call -> reasons, in words), at most
-    `MAX_CALLS`; times in seconds since `t0`."""
+    """The traces of the calls in `why` (`reasons`), at most `MAX_CALLS`; times in
+    seconds since `t0`. Each has the requests its batch got in the `REQUESTS_S` after
+    the status in question began (what the bridge read while it was not seen)."""
     keys = list(why)[:MAX_CALLS]
     if not keys:
         return []
@@ -128,9 +138,16 @@ async def explain(
             )
     out = []
     for key in keys:
+        texts, began = why[key]
+        asked = await _get(
+            session,
+            sim_url + "/_campaign/requests",
+            {"batch": key[0], "since": str(began), "until": str(began + REQUESTS_S)},
+        )
         trace: dict[str, Any] = {
             "call": "/".join(key),
-            "why": why[key],
+            "why": texts,
+            "requests": [[rel(t), label] for t, label in asked],
             "spans": spans.get(key, []),
             "served": [
                 {
@@ -165,6 +182,7 @@ def render(traces: Iterable[dict[str, Any]]) -> str:
             extra = f" skipped={skipped}" if skipped else ""
             extra += " missed_terminal" if missed else ""
             rows.append((received, 2, f"EVENT   {etype} seq {seq} prev={previous}{extra}"))
+        rows += [(t, 1, f"REQUEST {label}") for t, label in trace["requests"]]
         lines += [f"  {t:9.3f}  {text}" for t, _, text in sorted(rows)]
     return "\n".join(lines)
 
