@@ -52,6 +52,7 @@ from callbridge.planner import (
     PlanState,
     active_statuses,
     filtered_page_problem,
+    reaching_back,
     window,
 )
 from callbridge.store.leases import LeaseKeeper
@@ -128,13 +129,18 @@ class ActiveScan:
         self.resolving = 0
         self._listed: dict[str, set[str]] = {}
         self._pending_before = 0
+        # Where the first call still pending sat in the list at the first probe.
+        self._first_pending = math.inf
         self._tails: dict[str, _Tail] = {}
 
     async def run(self) -> None:
         """Read; raises `Fallback` when the cycle needs a full scan instead."""
         # The pending total first: every call that left pending before it must be
         # found by the reads that follow (those that leave while they run may be).
-        self._pending_before = (await self._page(PENDING, 1, 1))[0].total
+        probe, first = await self._page(PENDING, 1, 1)
+        self._pending_before = probe.total
+        if first:
+            self._first_pending = self._state.positions.get(first[0].call_id, math.inf)
         for status in active_statuses(self._counts):
             self._listed[status] = set()
             await self._read_list(status)
@@ -202,15 +208,20 @@ class ActiveScan:
     async def _read_frontier(self, vanished: list[str], frontier: float) -> None:
         """One page of the whole list where the dialler works: calls leave pending in
         creation order, so those that left and those just ended sit around the first
-        call still pending. Skipped for a while when it explained little lately."""
+        call still pending. The page ends past the calls that left pending (past the
+        call the pending probe served first) and reaches back as far as a page can:
+        calls dialled lately are there, those that vanished from the active lists and
+        any redialled since and ended again (a finished call to another, which no list
+        and no count shows). Skipped for a while when it explained little lately."""
         state = self._state
         if frontier == math.inf or state.frontier_hits < _FRONTIER_MIN_HITS:
             state.frontier_hits += _FRONTIER_RETRY
             return
-        positions = state.positions
-        high = int(frontier) + max(0, self._pending_gap()) + max(1, self._size // 20)
-        low = min([int(frontier)] + [positions[c] for c in vanished if c in positions])
-        page_no, limit = window(max(low, high - self._size), high, self._size)
+        end = int(frontier) + max(0, self._pending_gap())
+        if self._first_pending < math.inf:
+            end = max(end, int(self._first_pending))
+        high = end + max(1, self._size // 20)
+        page_no, limit = reaching_back(high, self._size)
         unexplained = len(vanished) + max(0, self._pending_gap())
         self._afford(1)
         self.requests += 1

@@ -42,6 +42,7 @@ async def bridge(
     middleware: Callable[..., Any] | None = None,
     clock: Clock | None = None,
     key_prefix: str = "cbtest",
+    page_size: int = 5,
     **poller: Any,
 ) -> tuple[Bridge, Poller, Receiver]:
     app = make_app(sim)
@@ -54,7 +55,7 @@ async def bridge(
         str(upstream.make_url("")),
         redis_url,
         batches=[BATCH],
-        upstream={"page_size": 5},
+        upstream={"page_size": page_size},
         redis={"key_prefix": key_prefix},
         poller={"full_scan_every_seconds": 30, **poller},
         subscriptions=[{"name": "crm", "url": str(hook.make_url("/hook")), "secret": SECRET}],
