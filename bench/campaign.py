@@ -23,13 +23,20 @@ Routes besides the API: ``GET /_campaign/info`` (batch ids, parameters); ``POST
 times, dials); ``GET /_campaign/truth`` -> ``[[batch, call, status, t], ...]`` every
 status change with its ``time.time()``; ``GET /_campaign/requests?since=T`` -> ``[[t,
 kind], ...]`` every List Batch Calls request received (kind ``page``, ``status`` or
-``lookup``). It prints ``READY <base url>`` on stdout once it listens.
+``lookup``), or with ``batch=B&until=U`` that batch's requests in [T, U] as ``[[t,
+label], ...]``; ``GET /_campaign/served?batch=B`` -> ``[[call, [t, ...]], ...]`` the first
+two answers that carried each call in each status it held (the checker's rule);
+``GET /_campaign/trace?call=B/C&call=...`` -> per call, each status span as served:
+its status, how many answers carried it, the first two and the last (time, request
+label, path and query: see `bench.served`). It prints ``READY <base url>`` on stdout
+once it listens.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import heapq
 import random
@@ -39,12 +46,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from bench.common import API_KEY, announce_ready
+from bench.served import CURRENT_REQUEST, ServedRecord, request_kind, request_label
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 
 TICK_S = 0.01
@@ -77,29 +85,28 @@ class Line:
 
 
 class CampaignSimulator(Simulator):
-    """The simulator with a bounded record of its answers (`Simulator.served`): per
-    call, the first two answers within each status it held. The checker's rule asks
-    only whether a status was served twice, and full scans of 200,000 calls every 2 s
-    would otherwise keep tens of millions of readings."""
+    """The simulator with a bounded record of its answers (`bench.served.ServedRecord`):
+    per call and status span, how many answers carried it, the first two and the last
+    (time and request). The checker's rule asks only whether a status was served twice;
+    the benchmark's explanations of losses and late events read the rest. Full scans of
+    200,000 calls every 2 s would otherwise keep tens of millions of readings."""
 
     def __init__(self, config: SimulatorConfig, *, clock: Callable[[], float]) -> None:
         super().__init__(config, clock=clock)
-        self._in_span: dict[tuple[str, str], int] = {}
+        self.record = ServedRecord()
 
     def record_served(self, batch_id: str, call_ids: list[str]) -> None:
-        now = self.clock()
-        in_span, served = self._in_span, self.served
+        # Called right after the answer's items were encoded, with no await between:
+        # each call's status now is the one the answer carries.
+        now, request, record = self.clock(), CURRENT_REQUEST.get(), self.record
+        batch = self._batch(batch_id)
         for call_id in call_ids:
-            key = (batch_id, call_id)
-            n = in_span.get(key, 0)
-            if n < 2:
-                in_span[key] = n + 1
-                served.setdefault(key, []).append(now)
+            record.add((batch_id, call_id), batch.call(call_id).status, now, request)
 
     def set_call(self, batch_id: str, call_id: str, **fields: Any) -> None:
         super().set_call(batch_id, call_id, **fields)
         if "status" in fields:  # the campaign only sets a status to change it
-            self._in_span.pop((batch_id, call_id), None)
+            self.record.status_changed((batch_id, call_id))
 
 
 class Campaign:
@@ -216,18 +223,18 @@ class Campaign:
         self.finished_at = time.time()
 
 
-def request_kind(path_qs: str) -> str | None:
-    parts = urlsplit(path_qs)
-    if "/call-batches/" not in parts.path:
-        return None
-    query = parse_qs(parts.query)
-    if "external_id" in query:
-        return "lookup"
-    return "status" if "status" in query else "page"
-
-
-def build_app(sim: Simulator, campaign: Campaign, params: dict[str, Any]) -> web.Application:
+def build_app(
+    sim: CampaignSimulator, campaign: Campaign, params: dict[str, Any]
+) -> web.Application:
+    record = sim.record
     app = make_app(sim)
+
+    @web.middleware
+    async def note_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+        CURRENT_REQUEST.set(request.path_qs)
+        return await handler(request)
+
+    app.middlewares.append(note_request)
 
     async def info(request: web.Request) -> web.Response:
         return web.json_response({"batch_ids": sim.batch_ids, **params})
@@ -266,17 +273,32 @@ def build_app(sim: Simulator, campaign: Campaign, params: dict[str, Any]) -> web
         return web.Response(body=orjson.dumps(out), content_type="application/json")
 
     async def served(request: web.Request) -> web.Response:
-        batch_id = request.query["batch"]
-        out = [(c, times) for (b, c), times in sim.served.items() if b == batch_id]
+        out = record.times(request.query["batch"])
+        return web.Response(body=orjson.dumps(out), content_type="application/json")
+
+    async def trace(request: web.Request) -> web.Response:
+        keys = [tuple(k.split("/", 1)) for k in request.query.getall("call", [])]
+        out = record.trace((b, c) for b, c in keys)
         return web.Response(body=orjson.dumps(out), content_type="application/json")
 
     async def requests(request: web.Request) -> web.Response:
         since = float(request.query.get("since", "0"))
-        out = [
-            (t, kind)
-            for t, path_qs, _status in sim.request_log
-            if t >= since and (kind := request_kind(path_qs)) is not None
-        ]
+        batch = request.query.get("batch")
+        if batch is None:
+            out: list[tuple[float, str]] = [
+                (t, kind)
+                for t, path_qs, _status in sim.request_log
+                if t >= since and (kind := request_kind(path_qs)) is not None
+            ]
+        else:  # one batch's requests in [since, until], by label (`bench.served`)
+            until = float(request.query.get("until", "inf"))
+            i = bisect.bisect_left(sim.request_log, (since,))
+            out = []
+            for t, path_qs, _status in sim.request_log[i:]:
+                if t > until:
+                    break
+                if f"/{batch}/" in path_qs:
+                    out.append((t, request_label(path_qs)))
         return web.Response(body=orjson.dumps(out), content_type="application/json")
 
     async def stop(app: web.Application) -> None:
@@ -292,6 +314,7 @@ def build_app(sim: Simulator, campaign: Campaign, params: dict[str, Any]) -> web
     app.router.add_get("/_campaign/requests", requests)
     app.router.add_get("/_campaign/spans", spans)
     app.router.add_get("/_campaign/served", served)
+    app.router.add_get("/_campaign/trace", trace)
     app.on_shutdown.append(stop)
     return app
 

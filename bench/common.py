@@ -37,6 +37,14 @@ _READY_PREFIX = "READY "
 _START_TIMEOUT_S = 120.0
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a child process: this checkout's ``service`` and root first
+    on ``PYTHONPATH`` (an editable install elsewhere would otherwise provide
+    ``callbridge``, and a worktree's benchmark would measure another checkout's code)."""
+    path = [str(REPO / "service"), str(REPO), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +110,7 @@ def child_server(module: str, args: Sequence[str], log_name: str) -> Iterator[Se
     ``bench/results/<log_name>.log``.
     """
     RESULTS.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     with (RESULTS / f"{log_name}.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, "--port", "0", *args],
@@ -261,7 +269,7 @@ def bridge_process(config: dict[str, Any], log_name: str) -> Iterator[Bridge]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     config = {**config, "server": {**config.get("server", {}), "port": free_port()}}
     url = f"http://127.0.0.1:{config['server']['port']}"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     with (
         tempfile.TemporaryDirectory(prefix="cb-bench-bridge-") as tmp,
         (RESULTS / f"{log_name}.log").open("wb") as log,

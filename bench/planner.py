@@ -30,7 +30,6 @@ statuses, broken ``previous_status`` chains and inexact ``batch.completed``.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import dataclasses
 import time
 from collections import defaultdict
@@ -50,6 +49,7 @@ from bench.common import (
     quantile,
     valkey_server,
 )
+from bench.explain import explain, late_events, matched_events, print_traces, reasons
 from callbridge.simulator import StatusSpan
 from tests.support.flaky import HookRequest
 from tests.support.turbulence import Report, check
@@ -123,20 +123,7 @@ def _missing(
 def _lags(truth: list[list[Any]], events: list[list[Any]]) -> list[tuple[float, float]]:
     """(change time, lag) of each delivered call event, matched to the last time its call
     entered the event's status before the event was received."""
-    entered: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    for batch, call, status, t in truth:
-        entered[(batch, call, status)].append(float(t))
-    out = []
-    for received, etype, batch, call, status, _stamp in events:
-        if not str(etype).startswith("call."):
-            continue
-        times = entered.get((batch, call, status))
-        if not times:
-            continue
-        i = bisect.bisect_right(times, float(received)) - 1
-        if i >= 0:
-            out.append((times[i], float(received) - times[i]))
-    return out
+    return [(t, received - t) for *_, t, received in matched_events(truth, events)]
 
 
 def _merge(total: Report, part: Report) -> None:
@@ -250,6 +237,10 @@ async def run_one(scan: str, budget_name: str, calls: int, batches: int) -> dict
             requests = await _get_json(session, sim.url + "/_campaign/requests", since=str(t0))
             report = await _ground_truth(session, sim.url, receiver.url, batch_ids)
             stats = await _get_json(session, receiver.url + "/_stats")
+            late = late_events(truth, events)
+            why = reasons(report, finals, _missing(finals, events), late, t0)
+            traces = await explain(session, sim.url, receiver.url, t0, why)
+    print_traces(traces)
 
     window_end = t_end + DRAIN_S
     in_window = [(float(t), kind) for t, kind in requests if float(t) <= window_end]
@@ -300,6 +291,8 @@ async def run_one(scan: str, budget_name: str, calls: int, batches: int) -> dict
             "invented_examples": [dataclasses.astuple(p) for p in report.invented[:5]],
             "broken_chain_examples": [dataclasses.astuple(p) for p in report.broken_chains[:5]],
         },
+        "late_calls": len({(b, c) for b, c, *_ in late}),
+        "explained": traces,
         "plans": plans,
         "anomalies": {
             labels["kind"]: v
@@ -392,7 +385,8 @@ if __name__ == "__main__":
     ns = parser.parse_args()
     if ns.only:
         budget_name, scan = ns.only.split("_")
-        out = asyncio.run(run_one(scan, budget_name, CALLS, BATCHES))
+        calls, batches = (4_000, 4) if ns.quick else (CALLS, BATCHES)
+        out = asyncio.run(run_one(scan, budget_name, calls, batches))
         out = {k: v for k, v in out.items() if k not in ("requests_per_min", "lag_p99_per_bin")}
     else:
         out = asyncio.run(run(quick=ns.quick))

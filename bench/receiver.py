@@ -78,6 +78,7 @@ _CHECKED_FIELDS = (
     "previous_status",
     "sequence",
     "missed_terminal",
+    "skipped_statuses",
     "total",
 )
 

@@ -17,8 +17,11 @@
    still unseen is read up to two pages further back.
 
 Backward moves go through the same second look as a full scan's
-(`scan.confirm_backward_moves`), but for one case only reads within a cycle can see
-(`ActiveScan.confirmed`): a call served twice going back, then elsewhere.
+(`scan.confirm_backward_moves`), but for what only reads within a cycle can see: a
+call served twice going back, then elsewhere as a new item (`ActiveScan.confirmed`),
+or found elsewhere as a new item by the look-up that follows (`served_twice`). What
+the reads served twice moving forward is reported even when the cycle falls back to a
+full scan (`held`: `planned_scan.BatchReader.read` commits it first).
 
 The platform moves while we read. Calls that leave ``pending`` during the reads may
 be found or not; when more are found than the first probe allows, a second probe
@@ -49,6 +52,7 @@ from callbridge.planner import (
     PlanState,
     active_statuses,
     filtered_page_problem,
+    reaching_back,
     window,
 )
 from callbridge.store.leases import LeaseKeeper
@@ -125,13 +129,18 @@ class ActiveScan:
         self.resolving = 0
         self._listed: dict[str, set[str]] = {}
         self._pending_before = 0
+        # Where the first call still pending sat in the list at the first probe.
+        self._first_pending = math.inf
         self._tails: dict[str, _Tail] = {}
 
     async def run(self) -> None:
         """Read; raises `Fallback` when the cycle needs a full scan instead."""
         # The pending total first: every call that left pending before it must be
         # found by the reads that follow (those that leave while they run may be).
-        self._pending_before = (await self._page(PENDING, 1, 1))[0].total
+        probe, first = await self._page(PENDING, 1, 1)
+        self._pending_before = probe.total
+        if first:
+            self._first_pending = self._state.positions.get(first[0].call_id, math.inf)
         for status in active_statuses(self._counts):
             self._listed[status] = set()
             await self._read_list(status)
@@ -199,15 +208,20 @@ class ActiveScan:
     async def _read_frontier(self, vanished: list[str], frontier: float) -> None:
         """One page of the whole list where the dialler works: calls leave pending in
         creation order, so those that left and those just ended sit around the first
-        call still pending. Skipped for a while when it explained little lately."""
+        call still pending. The page ends past the calls that left pending (past the
+        call the pending probe served first) and reaches back as far as a page can:
+        calls dialled lately are there, those that vanished from the active lists and
+        any redialled since and ended again (a finished call to another, which no list
+        and no count shows). Skipped for a while when it explained little lately."""
         state = self._state
         if frontier == math.inf or state.frontier_hits < _FRONTIER_MIN_HITS:
             state.frontier_hits += _FRONTIER_RETRY
             return
-        positions = state.positions
-        high = int(frontier) + max(0, self._pending_gap()) + max(1, self._size // 20)
-        low = min([int(frontier)] + [positions[c] for c in vanished if c in positions])
-        page_no, limit = window(max(low, high - self._size), high, self._size)
+        end = int(frontier) + max(0, self._pending_gap())
+        if self._first_pending < math.inf:
+            end = max(end, int(self._first_pending))
+        high = end + max(1, self._size // 20)
+        page_no, limit = reaching_back(high, self._size)
         unexplained = len(vanished) + max(0, self._pending_gap())
         self._afford(1)
         self.requests += 1
@@ -335,6 +349,27 @@ class ActiveScan:
             self._moved_on[call_id] = e
         self.gone.discard(call_id)
         self.books.observe(call_id, status)
+
+    def served_twice(self) -> set[str]:
+        """Calls whose copy for the diff this cycle's reads served at least twice, in
+        another status than the snapshot's: the platform served that status twice,
+        so it must be reported whatever the call did next (`scan.confirm_backward_moves`
+        takes the two answers going back for a redial unless a look-up shows the call
+        as committed; see `held` for a cycle falling back to a full scan)."""
+        status_of = self._states.status
+        return {c for c, (s, n) in self._kept.items() if n >= 2 and s != status_of(c)}
+
+    def held(self) -> list[bytes]:
+        """What a cycle falling back to a full scan commits first: the copies the reads
+        served twice moving forward (the full scan may find those calls moved on, and
+        never reports what it does not see). Backward ones are left to the full scan
+        and its second looks, which take a cycle's look-ups in the pages' order."""
+        status_of = self._states.status
+        return [
+            self.items[c].raw
+            for c in self.served_twice()
+            if not is_backward(status_of(c) or PENDING, self._kept[c][0])
+        ]
 
     def confirmed(self, known: Mapping[str, int]) -> set[str]:
         """Backward moves this cycle's reads confirm (`known`: each call's item

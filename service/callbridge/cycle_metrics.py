@@ -1,4 +1,5 @@
-"""What a committed group of a poll cycle adds to the metrics (and the odd items it logs)."""
+"""What a committed group of a poll cycle adds to the metrics (and the odd items and
+unreadable snapshot entries it logs)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 
+from callbridge.callstate import CallStates
 from callbridge.diff import DiffResult
 from callbridge.metrics import Metrics, event_label, status_label
 
@@ -24,6 +26,18 @@ def record_diff(m: Metrics, batch_id: str, result: DiffResult) -> None:
 
 def count_odd_items(m: Metrics, batch_id: str, duplicates: int, invalid: int) -> None:
     _count(m, batch_id, (("duplicate_item", duplicates), ("invalid_item", invalid)))
+
+
+def note_unreadable(batch_id: str, states: CallStates) -> None:
+    """Log the snapshot entries a diff could not decode (then seen afresh), once."""
+    if states.unreadable:
+        log.warning(
+            "batch %s: %d unreadable snapshot entries; those calls are seen afresh",
+            batch_id,
+            states.unreadable,
+            extra={"action": "snapshot_unreadable", "batch_id": batch_id},
+        )
+        states.unreadable = 0
 
 
 def _count(m: Metrics, batch_id: str, kinds: Iterable[tuple[str, int]]) -> None:

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,9 @@ from callbridge.store.snapshots import BatchMeta
 from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
+
+# Commits what an active plan's reads served twice, before its cycle falls back.
+Held = Callable[[list[bytes]], Awaitable[object]]
 
 
 @dataclass(slots=True)
@@ -60,6 +63,8 @@ class PlannedScan:
     gone: set[str] = field(default_factory=set)
     # Backward moves the reads themselves confirmed (`ActiveScan.confirmed`).
     confirmed: set[str] = field(default_factory=set)
+    # Calls whose new status the reads served twice (`ActiveScan.served_twice`).
+    twice: set[str] = field(default_factory=set)
 
     @property
     def whole_pages(self) -> list[RawPage] | None:
@@ -95,17 +100,20 @@ class BatchReader:
         previous_pages: Mapping[int, RawPage],
         known: Mapping[str, int],
         on_page: Callable[[RawPage], None] | None = None,
+        on_held: Held | None = None,
     ) -> PlannedScan:
         """Read `batch_id` for one cycle (`state`: the planner's memory of it, `states`
         and `meta`: its snapshot, `known`: item signatures as last committed); an
         active plan that cannot stand for a full scan falls back to one in the same
         cycle. The cycle's requests and plan are counted. A full scan hands each page
-        to `on_page` as it arrives (the group commit).
+        to `on_page` as it arrives (the group commit). Before falling back, what the
+        active reads served twice moving forward (`ActiveScan.held`) goes to `on_held`,
+        to commit at once.
 
         Raises the upstream error when nothing at all could be read.
         """
         scan = await self._read(
-            batch_id, keeper, state, states, meta, previous_pages, known, on_page
+            batch_id, keeper, state, states, meta, previous_pages, known, on_page, on_held
         )
         record(self._metrics, batch_id, scan)
         return scan
@@ -120,6 +128,7 @@ class BatchReader:
         previous_pages: Mapping[int, RawPage],
         known: Mapping[str, int],
         on_page: Callable[[RawPage], None] | None,
+        on_held: Held | None,
     ) -> PlannedScan:
         settings, page_size, now = self._p, self._page_size, self._monotonic()
         plan = choose(settings, state, meta.counts, page_size, now, batch_id)
@@ -147,6 +156,8 @@ class BatchReader:
                 anomaly = fallback.anomaly
                 if anomaly is not None:
                     state.distrust_until = now + FILTER_DISTRUST_S
+                elif on_held is not None and (held := active.held()):
+                    await on_held(held)
             except UpstreamAuthError:
                 raise
             except UpstreamError as exc:
@@ -202,6 +213,7 @@ def _active(
         requests=Counter(active=active.requests),
         resolve_requests=active.resolving,
         gone=active.gone,
+        twice=active.served_twice(),
     )
 
 

@@ -247,6 +247,19 @@ def window(start: int, stop: int, max_limit: int) -> tuple[int, int]:
     return start // max_limit + 1, max_limit
 
 
+def reaching_back(stop: int, max_limit: int) -> tuple[int, int]:
+    """``(page, limit)`` of the page holding position ``stop - 1`` of a list that starts
+    earliest, with a limit <= `max_limit` (the smallest such limit)."""
+    last = max(0, stop - 1)
+    best = (last, 1)
+    for limit in range(1, max_limit + 1):
+        first = last - last % limit
+        if first < best[0]:
+            best = (first, limit)
+    first, limit = best
+    return first // limit + 1, limit
+
+
 def filtered_page_problem(
     page: RawPage, entries: Sequence[PageEntry], status: str, page_no: int
 ) -> str | None:

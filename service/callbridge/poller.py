@@ -21,7 +21,7 @@ import msgspec
 
 from callbridge.candidates import select_candidates
 from callbridge.config import Settings
-from callbridge.cycle_metrics import count_odd_items, record_diff
+from callbridge.cycle_metrics import count_odd_items, note_unreadable, record_diff
 from callbridge.diff import BatchView, ScanFacts, diff
 from callbridge.errors import (
     BatchNotFoundError,
@@ -32,8 +32,7 @@ from callbridge.errors import (
 from callbridge.group_commit import GroupCommit
 from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome, iso_ms
-from callbridge.pages import RawPage
-from callbridge.planned_scan import BatchReader, PlannedScan, settle
+from callbridge.planned_scan import BatchReader, Held, PlannedScan, settle
 from callbridge.reach import PlatformReach
 from callbridge.relay import Relay
 from callbridge.runtime import BatchRuntime, Tally
@@ -166,9 +165,13 @@ class Poller:
         flusher = rt.group = GroupCommit(
             lambda pages: self._commit(rt, [p.raws for p in pages], lookups, tally)
         )
+
+        async def held(raws: list[bytes]) -> None:
+            flusher.changed |= await self._commit(rt, [raws], lookups, tally)
+
         async with LeaseKeeper(self._leases, batch_id, rt.token, self.ttl_ms) as keeper:
             try:
-                scan = await self._scan(rt, keeper, flusher.add)
+                scan = await self._scan(rt, keeper, flusher, held)
                 rest = await flusher.finish()
             finally:
                 await flusher.abandon()
@@ -216,6 +219,7 @@ class Poller:
             cands,
             self._p.interval_seconds,
             lookups,
+            final.twice if final is not None else (),
         )
         if final is not None:
             confirmed |= final.confirmed  # by the active plan's own reads
@@ -235,14 +239,7 @@ class Poller:
             raws=cands.raws,
             replays=replays_for(cands, confirmed, rt.suspects, moved_on),
         )
-        if rt.states.unreadable:
-            log.warning(
-                "batch %s: %d unreadable snapshot entries; those calls are seen afresh",
-                batch_id,
-                rt.states.unreadable,
-                extra={"action": "snapshot_unreadable", "batch_id": batch_id},
-            )
-            rt.states.unreadable = 0
+        note_unreadable(batch_id, rt.states)
         for call_id in result.unconfirmed:
             # Seen again next cycle as a candidate, and confirmed if still backwards.
             cands.signatures.pop(call_id, None)
@@ -302,10 +299,10 @@ class Poller:
         return result.changed
 
     async def _scan(
-        self, rt: BatchRuntime, keeper: LeaseKeeper, on_page: Callable[[RawPage], None]
+        self, rt: BatchRuntime, keeper: LeaseKeeper, flusher: GroupCommit, on_held: Held
     ) -> PlannedScan | PollOutcome:
         """Read the batch under the planner's plan, or the outcome when nothing came.
-        A full scan hands `on_page` each page as it arrives."""
+        A full scan hands `flusher` each page as it arrives (`BatchReader.read`)."""
         assert rt.states is not None
         try:
             scan = await self._reader.read(
@@ -316,7 +313,8 @@ class Poller:
                 rt.meta,
                 rt.pages,
                 rt.signatures.by_call,
-                on_page,
+                flusher.add,
+                on_held,
             )
         except UpstreamAuthError as exc:
             self.reach.key_rejected(exc)

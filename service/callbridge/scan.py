@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,7 @@ async def confirm_backward_moves(
     candidates: Candidates,
     retry_within_s: float,
     lookups: LookupBudget,
+    twice: Collection[str] = (),
 ) -> tuple[set[str], dict[str, dict[str, Any]]]:
     """Call ids whose backward move a second observation confirms, and what the scan
     showed of those the look-up found moved on since (to report first, see `diff`).
@@ -106,6 +107,11 @@ async def confirm_backward_moves(
     call whose terminal status we never saw: a redial after a seen one waits a
     scan). A look-up showing the call where we last saw it proves the scan's copy
     stale: the look-up's item replaces it in `candidates` (so the diff sees the truth).
+    `twice`: calls whose copy this cycle's reads served twice (the active plan's
+    lists, frontier page, tails); a look-up showing such a call as a new item, not
+    going back, finds the redial moved on since those two answers (which the diff
+    then reports first): only a look-up showing the call as committed proves them
+    stale.
     """
     confirmed: set[str] = set()
     moved_on: dict[str, dict[str, Any]] = {}
@@ -144,10 +150,14 @@ async def confirm_backward_moves(
         status = normalise_status(fresh.status)
         if is_backward(prev.status, status):
             confirmed.add(call_id)
-        elif status == prev.status and _new_attempt(prev, fresh.item):
+        elif (status == prev.status and _new_attempt(prev, fresh.item)) or (
+            call_id in twice
+            and (status != prev.status or Fingerprint.of(fresh.item) != prev.fingerprint)
+        ):
             # Back where we last saw it, but in a new attempt (it started ringing at
-            # another time): it was redialled and has come forward again since the
-            # scan. The scan's status was real.
+            # another time), or elsewhere than the two answers going back: it was
+            # redialled and has come forward again since the scan. The scan's status
+            # was real.
             confirmed.add(call_id)
             moved_on[call_id] = item
     return confirmed, moved_on

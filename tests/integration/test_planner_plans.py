@@ -5,6 +5,7 @@ middleware that breaks the filter the way a platform might), real Valkey."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from aiohttp.typedefs import Handler
 from callbridge.app import Bridge
 from callbridge.poller import Poller
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from tests.support.gates import after_unfiltered_page
 from tests.support.metrics import sample
 from tests.support.receivers import Receiver
 from tests.support.settings import API_KEY, SECRET, make_settings
@@ -40,6 +42,7 @@ async def bridge(
     middleware: Callable[..., Any] | None = None,
     clock: Clock | None = None,
     key_prefix: str = "cbtest",
+    page_size: int = 5,
     **poller: Any,
 ) -> tuple[Bridge, Poller, Receiver]:
     app = make_app(sim)
@@ -52,7 +55,7 @@ async def bridge(
         str(upstream.make_url("")),
         redis_url,
         batches=[BATCH],
-        upstream={"page_size": 5},
+        upstream={"page_size": page_size},
         redis={"key_prefix": key_prefix},
         poller={"full_scan_every_seconds": 30, **poller},
         subscriptions=[{"name": "crm", "url": str(hook.make_url("/hook")), "secret": SECRET}],
@@ -109,6 +112,34 @@ def assert_in_step(poller: Poller, sim: Simulator, batch_id: str = BATCH) -> Non
     assert {c: s for c, s in ours.items() if c not in waiting} == {
         c: s for c, s in real.items() if c not in waiting
     }
+
+
+@dataclass
+class FrontierRig:
+    """An active bridge on 40 calls where `x` (the first call) moves as `after_frontier`
+    says once the frontier page has been served (`gates.after_unfiltered_page`), and
+    `y` (the 31st, without an external id) is found only by reading terminal lists:
+    making it vanish from the active lists gets the frontier page read."""
+
+    sim: Simulator
+    x: str
+    y: str
+    after_frontier: dict[str, Any]
+    svc: Bridge
+    poller: Poller
+    receiver: Receiver
+
+
+async def frontier_rig(aiohttp_server: Any, redis_url: str) -> FrontierRig:
+    sim = simulator(40)
+    x, y = (sim.calls(BATCH)[i]["call_id"] for i in (0, 30))
+    sim.set_call(BATCH, y, external_id=None)
+    after_frontier: dict[str, Any] = {}
+    middleware = after_unfiltered_page(sim, BATCH, x, after_frontier)
+    svc, poller, receiver = await bridge(
+        aiohttp_server, redis_url, sim, scan="active", middleware=middleware
+    )
+    return FrontierRig(sim, x, y, after_frontier, svc, poller, receiver)
 
 
 async def test_auto_reads_actively_when_cheaper_and_in_full_when_due(
@@ -249,34 +280,19 @@ async def test_a_status_served_twice_in_one_cycle_is_reported_though_it_moved_on
     """The active plan may serve a call twice in one cycle (its list, then the page at
     the dialler's frontier) and see it again elsewhere later in that cycle: the status
     served twice is reported, and the next cycle finds where the call went."""
-    sim = simulator(40)
-    x, y = (sim.calls(BATCH)[i]["call_id"] for i in (0, 30))
-    sim.set_call(BATCH, y, external_id=None)  # found only by reading terminal lists
-    armed = {"on": False}
-
-    @web.middleware
-    async def platform_moves(request: web.Request, handler: Handler) -> web.StreamResponse:
-        response = await handler(request)
-        filtered = "status" in request.query or "external_id" in request.query
-        if armed["on"] and not filtered:
-            # The frontier page has just served x in_progress (its list did before).
-            armed["on"] = False
-            sim.set_call(BATCH, x, status="completed")
-        return response
-
-    svc, poller, receiver = await bridge(
-        aiohttp_server, redis_url, sim, scan="active", middleware=platform_moves
-    )
+    rig = await frontier_rig(aiohttp_server, redis_url)
+    sim, x, y, after_frontier = rig.sim, rig.x, rig.y, rig.after_frontier
+    svc, poller, receiver = rig.svc, rig.poller, rig.receiver
     try:
         assert await plan_of(poller) == "full:cold"
         sim.set_call(BATCH, y, status="ringing")
         assert await plan_of(poller) == "active:configured"
         sim.set_call(BATCH, y, status="no_answer")  # vanishes: the frontier page is read
         sim.set_call(BATCH, x, status="in_progress")
-        armed["on"] = True
+        after_frontier.update(status="completed")  # once the frontier page served it
         seen = len(sim.request_log)
         assert await plan_of(poller) == "active:configured"
-        assert not armed["on"], "the frontier page was read"
+        assert not after_frontier, "the frontier page was read"
         paths = [path for _, path, _ in sim.request_log[seen:]]
         assert any("status=completed" in p for p in paths), paths  # served x completed
         assert statuses(poller)[x] == "in_progress"
@@ -301,24 +317,9 @@ async def test_a_call_served_back_twice_then_ended_again_in_one_cycle(
     """A finished call served twice in an active list, then finished again later in the
     same cycle: redialled, and ended while we read (as the same item: the backward
     copies were stale, nothing is reported)."""
-    sim = simulator(40)
-    x, y = (sim.calls(BATCH)[i]["call_id"] for i in (0, 30))
-    sim.set_call(BATCH, y, external_id=None)  # found only by reading terminal lists
-    after_frontier: dict[str, Any] = {}
-
-    @web.middleware
-    async def platform_moves(request: web.Request, handler: Handler) -> web.StreamResponse:
-        response = await handler(request)
-        filtered = "status" in request.query or "external_id" in request.query
-        if after_frontier and not filtered:
-            # The frontier page has just served x ringing (its list did before).
-            sim.set_call(BATCH, x, **after_frontier)
-            after_frontier.clear()
-        return response
-
-    svc, poller, receiver = await bridge(
-        aiohttp_server, redis_url, sim, scan="active", middleware=platform_moves
-    )
+    rig = await frontier_rig(aiohttp_server, redis_url)
+    sim, x, y, after_frontier = rig.sim, rig.x, rig.y, rig.after_frontier
+    svc, poller, receiver = rig.svc, rig.poller, rig.receiver
     try:
         assert await plan_of(poller) == "full:cold"
         sim.set_call(BATCH, x, status="no_answer", ended_at="2026-11-30T10:00:00.000Z")
@@ -328,6 +329,7 @@ async def test_a_call_served_back_twice_then_ended_again_in_one_cycle(
         sim.set_call(BATCH, y, status="no_answer")  # vanishes: the frontier page is read
         sim.set_call(BATCH, x, status="ringing")
         again = "2026-11-30T10:00:09.000Z" if redial else ended["ended_at"]
+        # Once the frontier page has served x ringing (its list did before).
         after_frontier.update(status="no_answer", ended_at=again)
         assert await plan_of(poller) == "active:configured"
         assert not after_frontier, "the frontier page was read"

@@ -24,6 +24,7 @@ from callbridge.planner import (
     filtered_page_problem,
     full_cost,
     learn,
+    reaching_back,
     window,
 )
 
@@ -114,6 +115,25 @@ def test_window_covers_the_range_when_one_page_can(start: int, length: int, max_
     else:
         # At least it starts the range.
         assert first <= start < end
+
+
+@settings(max_examples=300)
+@given(st.integers(1, 100_000), st.integers(1, 500))
+def test_reaching_back_holds_the_end_and_starts_earliest(stop: int, max_limit: int) -> None:
+    page_no, limit = reaching_back(stop, max_limit)
+    assert 1 <= limit <= max_limit
+    first = (page_no - 1) * limit
+    assert first <= stop - 1 < first + limit
+    # No page of any limit up to max_limit holding stop - 1 starts earlier.
+    assert first == min(stop - 1 - (stop - 1) % n for n in range(1, max_limit + 1))
+
+
+@settings(max_examples=300)
+@given(st.integers(1_000, 100_000))
+def test_reaching_back_reaches_far_in_pages_of_500(stop: int) -> None:
+    # Two thirds of a page back at least (95 % of one on average, up to 100,000 calls).
+    page_no, limit = reaching_back(stop, 500)
+    assert stop - (page_no - 1) * limit >= 333
 
 
 def page(items: list[dict[str, object]], *, total: int, page_no: int, limit: int) -> RawPage:
