@@ -335,6 +335,20 @@ def test_select_candidates_merges_pages_and_skips_unchanged() -> None:
     assert (odd.items, odd.invalid) == ([], 3)
 
 
+def test_an_integer_beyond_64_bits_is_read_as_the_fingerprints_always_read_it() -> None:
+    """A field holding an integer too large for 64 bits: read as a float (as orjson reads
+    it, and as every stored fingerprint was computed), never a crash of the cycle (a
+    decoder keeping the exact integer made the fingerprint's encoder raise)."""
+    from callbridge.candidates import ItemSignatures, select_candidates
+
+    raw = b'{"call_id":"c1","status":"ringing","metadata":{"n":123456789012345678901234567890}}'
+    cands = select_candidates([[raw]], ItemSignatures())
+    assert cands.items[0]["metadata"] == {"n": 1.2345678901234568e29}
+    r = Tracker().poll(cands.items)
+    assert types(r) == ["call.ringing"]
+    assert r.states["c1"].fingerprint == Fingerprint.of(orjson.loads(raw))
+
+
 def test_unreadable_state_raises_value_error() -> None:
     import pytest
 
