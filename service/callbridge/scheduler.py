@@ -187,6 +187,10 @@ class Scheduler:
             return math.inf
         return jittered(seconds, p.jitter_ratio, self._rng)
 
+    async def sync(self) -> None:
+        """One sync now (what `run` does every few seconds), for tests and tools."""
+        await self._sync(time.monotonic())
+
     async def _sync(self, now: float) -> None:
         """Heartbeat, renew held leases, follow the registry."""
         try:

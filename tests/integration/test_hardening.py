@@ -96,15 +96,8 @@ async def test_a_removed_batch_fans_out_what_it_committed_then_expires(
     for key in keys:
         assert 0 < await redis_client.pttl(key) <= retention_ms, key
     # The replica that had it forgets it at its next sync, fanning out first.
-    stop = asyncio.Event()
-    run = asyncio.create_task(svc.scheduler.run(stop))
-    try:
-        async with asyncio.timeout(10):
-            while svc.poller.runtime(batch) is not None:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-    finally:
-        stop.set()
-        await run
+    await svc.scheduler.sync()
+    assert svc.poller.runtime(batch) is None
     assert await redis_client.xlen(k.outbox(batch)) == 0
     assert await svc.deliverer.drain() == committed
     assert len({r.id for r in receiver.delivered}) == committed
@@ -204,11 +197,7 @@ async def test_a_dead_replica_with_a_fast_clock_stops_counting_as_alive(
         svc.settings, svc.poller, svc.store, svc.leases, svc.registry, svc.relay, svc.metrics,
         wall_ms=lambda: int(time.time() * 1000) + 3_600_000,
     )  # fmt: skip
-    stop = asyncio.Event()
-    run = asyncio.create_task(fast.run(stop))
-    await asyncio.sleep(0.3)
-    stop.set()
-    await run  # the replica dies: no more heartbeats
+    await fast.sync()  # one heartbeat; then the replica dies
     assert await svc.leases.live_replicas(2000) == 1
     await asyncio.sleep(2.2)
     assert await svc.leases.live_replicas(2000) == 0
@@ -547,8 +536,8 @@ async def test_a_batch_retired_while_the_scheduler_syncs_does_not_stop_polling(
         later = bridge.poller.runtime(sim.batch_ids[1])
         assert later is not None
         proxy.slow(_sha("renew_lease"), 0.3)  # the first batch's renewal
-        sync = asyncio.create_task(bridge.scheduler._sync(time.monotonic()))
-        await asyncio.sleep(0.15)
+        sync = asyncio.create_task(bridge.scheduler.sync())
+        await proxy.holding.wait()  # the sync awaits the renewal's reply
         later.retired = True
         await bridge.scheduler._retire(later)
         await sync

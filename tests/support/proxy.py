@@ -20,6 +20,8 @@ class ReplyDropper:
         self._slow: tuple[bytes, float] | None = None
         self._pumps: set[asyncio.Task[None]] = set()
         self.dropped = 0
+        # Set once a request whose reply is held back (`slow`) went through.
+        self.holding = asyncio.Event()
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -54,6 +56,7 @@ class ReplyDropper:
                     swallow.set()
                 if self._slow is not None and self._slow[0] in data:
                     hold[0] = self._slow[1]
+                    self.holding.set()
                 uwriter.write(data)
                 await uwriter.drain()
 
