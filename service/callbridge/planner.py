@@ -310,7 +310,6 @@ class Books:
         counts: Mapping[str, int],
         gone: Collection[str] = (),
     ) -> None:
-        self._states = states
         self._stored_status = stored_status(states)
         self.expected: Counter[str] = Counter(counts)
         self.totals: dict[str, int] = {}
