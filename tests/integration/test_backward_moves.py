@@ -107,27 +107,21 @@ async def test_the_first_look_survives_a_take_over(
     )
 
 
-async def test_a_new_attempt_confirms_the_redial(make_service: MakeService) -> None:
-    """Seen queued once, then busy again, in another attempt (another start time):
-    the redial was real, and both its statuses are reported."""
+@pytest.mark.parametrize(
+    ("started_at", "ended_at"),
+    [(T2, T2), (T1, T2)],
+    ids=["another start time", "same start, another end"],
+)
+async def test_another_attempt_confirms_the_redial(
+    make_service: MakeService, started_at: str, ended_at: str
+) -> None:
+    """Seen queued once, then busy again in another attempt: another start time, or the
+    same one (a call never answered may carry none, or keep its first one) with another
+    end time (it ended again). The redial was real: both its statuses are reported."""
     svc, sim = await rig(make_service)
     batch, call = await busy_then_queued(svc, sim)
-    sim.set_call(batch, call, status="busy", started_at=T2, ended_at=T2, duration_seconds=0)
-    await svc.poller.poll_once(batch)
-    assert await events(svc, batch, call) == [
-        ("call.busy", 1),
-        ("call.queued", 2),
-        ("call.busy", 3),
-    ]
-
-
-async def test_ending_again_at_another_time_confirms_the_redial(make_service: MakeService) -> None:
-    """Seen queued once, then busy again with the same start time (a call never answered
-    may carry none, or keep its first one) but another end time: it ended again, so it
-    was redialled, and both statuses of the redial are reported."""
-    svc, sim = await rig(make_service)
-    batch, call = await busy_then_queued(svc, sim)
-    sim.set_call(batch, call, status="busy", started_at=T1, ended_at=T2, duration_seconds=0)
+    ended = {"started_at": started_at, "ended_at": ended_at, "duration_seconds": 0}
+    sim.set_call(batch, call, status="busy", **ended)
     await svc.poller.poll_once(batch)
     assert await events(svc, batch, call) == [
         ("call.busy", 1),

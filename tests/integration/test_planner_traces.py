@@ -14,19 +14,12 @@ from tests.integration.test_planner_plans import (
     BATCH,
     Clock,
     bridge,
+    events_of,
     frontier_rig,
     plan_of,
     simulator,
 )
 from tests.support.gates import after_unfiltered_page
-
-
-def events_of(receiver: Any, call_id: str) -> list[tuple[str, str | None, bool]]:
-    return [
-        (r.payload()["type"], d["previous_status"], d["missed_terminal"])
-        for r in receiver.delivered
-        if (d := r.payload()["data"])["call_id"] == call_id
-    ]
 
 
 async def test_a_redial_served_twice_is_reported_though_it_moved_on_before_the_look_up(
