@@ -34,7 +34,7 @@ from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome, iso_ms
 from callbridge.planned_scan import BatchReader, Held, PlannedScan, settle
 from callbridge.reach import PlatformReach
-from callbridge.relay import Relay
+from callbridge.relay import FanOut, Relay
 from callbridge.runtime import BatchRuntime, Tally
 from callbridge.scan import (
     MAX_LOOKUPS_PER_CYCLE,
@@ -169,19 +169,26 @@ class Poller:
         async def held(raws: list[bytes]) -> None:
             flusher.changed |= await self._commit(rt, [raws], lookups, tally)
 
-        async with LeaseKeeper(self._leases, batch_id, rt.token, self.ttl_ms) as keeper:
-            try:
-                scan = await self._scan(rt, keeper, flusher, held)
-                rest = await flusher.finish()
-            finally:
-                await flusher.abandon()
-                rt.group = None
-            if isinstance(scan, str):
-                return scan
-            # A full scan's pages went to the groups as they came; an active plan's
-            # items come all at once, at the end.
-            groups = [p.raws for p in rest] if scan.pages is not None else scan.groups
-            changed = await self._commit(rt, groups, lookups, tally, final=scan)
+        fanout = rt.fanout = FanOut(self._relay, batch_id)
+        try:
+            async with LeaseKeeper(self._leases, batch_id, rt.token, self.ttl_ms) as keeper:
+                try:
+                    scan = await self._scan(rt, keeper, flusher, held)
+                    rest = await flusher.finish()
+                finally:
+                    await flusher.abandon()
+                    rt.group = None
+                if not isinstance(scan, str):
+                    # A full scan's pages went to groups; an active plan's come now.
+                    groups = [p.raws for p in rest] if scan.pages is not None else scan.groups
+                    changed = await self._commit(rt, groups, lookups, tally, final=scan)
+            await fanout.wait()
+            rt.outbox_dirty = False  # every event committed in this cycle is queued
+        finally:
+            await fanout.settle()
+            rt.fanout = None
+        if isinstance(scan, str):
+            return scan
         settle(rt.plan, scan, tally.items, tally.moved, rt.suspects, rt.signatures.owners)
         if scan.partial:
             return "partial"
@@ -286,16 +293,14 @@ class Poller:
                 "" if final is not None else " (part of a scan)",
                 extra={"action": "cycle_committed", "batch_id": batch_id},
             )
-            # Committed, so never lost: if this fails the outbox still holds them
-            # and the next cycle drains it first.
+            # Committed, so never lost: a failed fan-out leaves them in the outbox,
+            # drained first next cycle. In the background, in order (`FanOut`).
             rt.outbox_dirty = True
+            assert rt.fanout is not None
             if stream_ids is None:
-                await self._relay.drain(batch_id)
+                rt.fanout.drain()
             else:
-                await self._relay.publish(
-                    batch_id, list(zip(result.events, stream_ids, strict=True))
-                )
-            rt.outbox_dirty = False
+                rt.fanout.publish(list(zip(result.events, stream_ids, strict=True)))
         return result.changed
 
     async def _scan(

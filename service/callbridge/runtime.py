@@ -18,6 +18,7 @@ from callbridge.candidates import ItemSignatures
 from callbridge.group_commit import GroupCommit
 from callbridge.pages import RawPage
 from callbridge.planner import PlanState
+from callbridge.relay import FanOut
 from callbridge.scan import Suspect
 from callbridge.store.snapshots import BatchMeta
 
@@ -45,6 +46,8 @@ class BatchRuntime:
     plan: PlanState = field(default_factory=PlanState)
     # The group commit of the cycle running now, if any (`group_commit`).
     group: GroupCommit | None = None
+    # ...and its fan-outs, run in the background in commit order (`relay.FanOut`).
+    fanout: FanOut | None = None
     next_due: float = 0.0
     last_started: float | None = None
     task: asyncio.Task[None] | None = None
