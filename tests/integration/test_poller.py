@@ -276,3 +276,33 @@ async def test_retired_batch_is_a_tombstone_that_expires(
     reg = await svc.registry.get(batch)
     assert reg is not None
     assert not reg.retired
+
+
+async def test_timelines_are_appended_and_trimmed_exactly(redis_client: aioredis.Redis) -> None:
+    """commit.lua appends a call's entry as text and decodes the list only when it is
+    full: the stored list stays the last `timeline_max` entries, whatever the statuses
+    hold (a status with the entries' own separator in it), starting from a list the
+    earlier script wrote and from a value that is not a list at all."""
+    from callbridge.diff import TimelineEntry
+    from callbridge.store.snapshots import BatchMeta, SnapshotStore
+
+    keys = Keys()
+    store = SnapshotStore(redis_client, keys)
+    batch = "tl_batch"
+    await redis_client.set(keys.lease(batch), "tok")
+    # Written by the earlier commit script (cjson), and one broken value.
+    await redis_client.hset(keys.timeline(batch), "old", '[[1,"queued",1,"call.queued"]]')
+    await redis_client.hset(keys.timeline(batch), "broken", "not a list")
+    statuses = ["ringing", "answered", "in_progress", "on_hold", 'odd"],["x', "],[", "completed"]
+    version = 0
+    for n, status in enumerate(statuses, start=2):
+        entries = [TimelineEntry(c, n, status, n, None) for c in ("old", "broken", "new")]
+        version, _ = await store.commit(
+            batch, token="tok", expected_version=version, lease_ttl_ms=10_000, states={},
+            events=[], timeline=entries, timeline_max=3, meta=BatchMeta(version=version),
+        )  # fmt: skip
+        for call in ("old", "broken", "new"):
+            got = await store.timeline(batch, call)
+            seen = (["queued"] if call == "old" else []) + statuses[: n - 1]
+            assert [e["status"] for e in got] == seen[-3:], (call, n)
+            assert got[-1] == {"at_ms": n, "status": status, "sequence": n, "event_type": None}

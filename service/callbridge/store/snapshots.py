@@ -186,9 +186,9 @@ class SnapshotStore:
         events_arg: list[str] = []
         for ev in events:
             events_arg += (ev.id, ev.type, ev.call_id or "", ev.body.decode())
-        timeline_arg: list[Any] = []
+        timeline_arg: list[str] = []
         for entry in timeline:
-            timeline_arg += (entry.call_id, entry.as_list())
+            timeline_arg += (entry.call_id, orjson.dumps(entry.as_list()).decode())
         # Unique per commit: redis-py re-sends a script after a lost reply, and the
         # second run must not fail on the version the first one moved.
         commit_id = uuid.uuid4().hex

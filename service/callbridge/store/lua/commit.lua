@@ -14,10 +14,12 @@
 --                           lost reply finds it recorded and changes nothing
 -- ARGV[6] JSON [call_id, packed state, call_id, packed state, ...]
 -- ARGV[7] JSON [event id, type, call_id ('' for batch events), body, ...]
--- ARGV[8] JSON [call_id, [at_ms, status, sequence, event type or null], ...]
+-- ARGV[8] JSON [call_id, entry, ...]: each entry the JSON text
+--         [at_ms, status, sequence, event type or null], appended to the call's list
 -- ARGV[9] JSON {meta field: value}
 -- (One packed argument per section: packing tens of thousands of separate
--- arguments cost the client more CPU than the whole script costs the server.)
+-- arguments cost the client more CPU than the whole script costs the server; so did
+-- the bodies as separate arguments even with hiredis packing them.)
 --
 -- Reply: {new_version, outbox stream id of each event in order}, or
 -- {version, 'replayed'} when this commit_id was already written (the caller then
@@ -50,12 +52,27 @@ for e = 1, #events, 4 do
                                            'body', events[e + 3])
 end
 for e = 1, #tl, 2 do
-  local call_id = tl[e]
+  local call_id, entry = tl[e], tl[e + 1]
   local old = redis.call('HGET', timeline, call_id)
-  local list = old and cjson.decode(old) or {}
-  list[#list + 1] = tl[e + 1]
-  while #list > tl_max do table.remove(list, 1) end
-  redis.call('HSET', timeline, call_id, cjson.encode(list))
+  local new
+  if not old or string.sub(old, 1, 1) ~= '[' or string.sub(old, -1) ~= ']'
+     or old == '[]' then
+    new = '[' .. entry .. ']'
+  else
+    -- Entries are JSON arrays written without spaces, so '],[' separates them; a
+    -- status holding '],[' only makes the count high, and the exact path below runs.
+    local _, seps = string.gsub(old, '%],%[', '')
+    if seps + 1 < tl_max then
+      -- Appended as text: no decoding and re-encoding of the list per change.
+      new = string.sub(old, 1, -2) .. ',' .. entry .. ']'
+    else
+      local list = cjson.decode(old)
+      list[#list + 1] = cjson.decode(entry)
+      while #list > tl_max do table.remove(list, 1) end
+      new = cjson.encode(list)
+    end
+  end
+  redis.call('HSET', timeline, call_id, new)
 end
 local flat = {}
 for name, value in pairs(meta_fields) do
