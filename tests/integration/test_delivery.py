@@ -9,7 +9,9 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
+from callbridge.store.keys import Keys
 from callbridge.store.queue import Completion, CompletionPolicy
 from tests.support.deliveries import MakeRig, Rig, event
 from tests.support.metrics import sample
@@ -317,3 +319,29 @@ async def test_a_busy_subscription_hands_freed_slots_to_a_waiting_one(make_rig: 
     finally:
         stopping.set()
         await task
+
+
+async def test_chain_entries_go_once_their_last_event_is_done(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    """The per-call chain (call -> last event queued) is what parks a call's next event;
+    its entries are released in bulk at the end of a step (`_outcomes.lua`). One naming
+    a later event than the one just delivered stays; once every call's last event is
+    delivered or dead, the hash is empty (else it grows with every call ever seen)."""
+    rig = await make_rig({"crm": {"max_in_flight": 16, "retry_schedule_seconds": [0]}})
+    chain = Keys().chain("crm")
+    # Calls a..d, two events each; c's first attempts fail, d's event 2 dies.
+    rig.receivers["crm"].answers.extend([200, 200, 500, 200])
+    await rig.enqueue("crm", *[event(1, c) for c in "abcd"])
+    await rig.enqueue("crm", *[event(2, c) for c in "abcd"])
+    assert await redis_client.hlen(chain) == 4
+    await rig.deliverer.run_once()  # the first events: a, b delivered, c failed, d delivered
+    # Every call's entry names its event 2, queued: none goes.
+    assert await redis_client.hgetall(chain) == {
+        f"b1/{c}".encode(): f"evt_{c}_2".encode() for c in "abcd"
+    }
+    rig.receivers["crm"].default = 500
+    rig.receivers["crm"].answers.extend([200, 200, 200])
+    await rig.deliverer.drain()
+    assert await redis_client.hlen(chain) == 0
+    assert await rig.queue.dead_count("crm") >= 1
