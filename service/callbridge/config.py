@@ -166,10 +166,10 @@ class SubscriptionSettings(_Model):
     retry_schedule_seconds: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE_S), max_length=50
     )
-    # Requests in flight to the endpoint across the fleet. 64, one replica's default
-    # global_max_in_flight: at 16 a flood of completions went at 0.36x the rate of
-    # 64 plain concurrent POSTs, at 64 0.5x (docs/performance.md, section 11); a
-    # receiver that wants fewer answers 429 (half of it then) or sets it lower.
+    # Requests in flight to the endpoint across the fleet. At 16 a flood of completions
+    # went at 0.36x the rate of 64 plain concurrent POSTs, at 64 0.5x
+    # (docs/performance.md, section 11); a receiver that wants fewer answers 429 (half
+    # of it then) or sets it lower.
     max_in_flight: int = Field(64, ge=1, le=1000)
     # Undelivered deliveries this subscription may hold; None: delivery.max_backlog.
     max_backlog: int | None = Field(None, ge=1)
@@ -243,8 +243,10 @@ class SubscriptionSettings(_Model):
 class DeliverySettings(_Model):
     """Delivery engine knobs shared by all subscriptions."""
 
-    # Concurrent requests of this replica across all subscriptions.
-    global_max_in_flight: int = Field(64, ge=1, le=10000)
+    # Concurrent requests of this replica across all subscriptions: room for four
+    # subscriptions at their default max_in_flight, so one slow endpoint holding all
+    # its slots leaves the others theirs.
+    global_max_in_flight: int = Field(256, ge=1, le=10000)
     # An endpoint's circuit breaker opens when it looks down: this many consecutive
     # connection failures (refused, DNS, TLS), or at least `breaker_failure_ratio`
     # of at least `breaker_min_attempts` attempts failed in the last

@@ -60,6 +60,21 @@ class Relay:
         self._backlogs = {s.name: s.max_backlog for s in self._subs}
         self._dead_retention_ms = dead_retention_ms
         self._metrics = metrics
+        # (event type, batch id) -> names of the subscriptions that want it: asked per
+        # event of a flood, answered once (the subscriptions are fixed for a process).
+        self._wants: dict[tuple[str, str], list[str]] = {}
+
+    def _wanted_by(self, event_type: str, batch_id: str) -> list[str]:
+        names = self._wants.get((event_type, batch_id))
+        if names is None:
+            # A subscription disabled in the config collects nothing.
+            names = [
+                sub.name for sub in self._subs if sub.enabled and matches(sub, event_type, batch_id)
+            ]
+            if len(self._wants) > 10_000:  # batch ids keep coming: stay bounded
+                self._wants.clear()
+            self._wants[(event_type, batch_id)] = names
+        return names
 
     def _on_overflow(self, name: str, n: int) -> None:
         if self._metrics is not None:
@@ -108,12 +123,14 @@ class Relay:
         for start in range(0, len(events), self._chunk):
             chunk = events[start : start + self._chunk]
             per_sub: dict[str, list[tuple[Event, int]]] = {}
+            # One commit's entries share their millisecond: parsed once per run of them.
+            last_ms, observed = b"", 0
             for event, stream_id in chunk:
-                observed = observed_ms(stream_id)
-                for sub in self._subs:
-                    # A subscription disabled in the config collects nothing.
-                    if sub.enabled and matches(sub, event.type, batch_id):
-                        per_sub.setdefault(sub.name, []).append((event, observed))
+                ms = stream_id.split(b"-", 1)[0]
+                if ms != last_ms:
+                    last_ms, observed = ms, int(ms)
+                for name in self._wanted_by(event.type, batch_id):
+                    per_sub.setdefault(name, []).append((event, observed))
             for name, deliveries in per_sub.items():
                 added, overflow = await self._queue.enqueue(
                     name,

@@ -144,7 +144,6 @@ class DeliveryQueue:
             return 0, 0
         k = self._keys
         keys = [k.due(sub), k.chain(sub), k.parked(sub), k.inflight(sub), k.dead(sub)]
-        keys += [k.delivery(sub, ev.id) for ev, _ in events]
         args: list[Any] = [k.sub_prefix(sub), max_backlog, dead_retention_ms]
         for ev, observed_ms in events:
             args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms)

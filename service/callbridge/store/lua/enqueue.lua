@@ -6,7 +6,8 @@
 -- KEYS[2] chain    hash: call key -> last event id enqueued for that call
 -- KEYS[3] parked   zset: deliveries waiting for their predecessor's first attempt
 -- KEYS[4] inflight zset: claimed deliveries   KEYS[5] dead  zset: dead letters
--- KEYS[5+j] record hash: the j-th delivery (one key per event)
+-- (The records, prefix:d:<id>, share the subscription's hash slot through the
+-- prefix's tag, as in claim.lua; naming each one cost the client a key per event.)
 --
 -- ARGV[1] prefix   the subscription's key prefix (records are prefix:d:<id>)
 -- ARGV[2] max_backlog        deliveries a subscription may hold undelivered
@@ -35,10 +36,10 @@ local backlog = redis.call('ZCARD', due) + redis.call('ZCARD', parked)
 local added, overflow = 0, 0
 local n = (#ARGV - 3) / 5
 for j = 0, n - 1 do
-  local rec = KEYS[6 + j]
   local a = 3 + j * 5
   local callkey, id, etype, body, observed = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4],
                                              ARGV[a+5]
+  local rec = prefix .. ':d:' .. id
   local exists = redis.call('EXISTS', rec) == 1
   if not exists and backlog >= max_backlog then
     local entry = cjson.encode({at_ms = now, error = 'backlog full', outcome = 'dead'})
