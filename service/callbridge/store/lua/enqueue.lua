@@ -35,6 +35,28 @@ local backlog = redis.call('ZCARD', due) + redis.call('ZCARD', parked)
                 + redis.call('ZCARD', inflight)
 local added, overflow = 0, 0
 local n = (#ARGV - 3) / 5
+-- The chain entries of every call named, read in one call (in slices: unpack() takes a
+-- few thousand values at most); the new ones, and the due and parked sets, are written
+-- once at the end. Per event that leaves the EXISTS and the record's HSET.
+local last, callkeys = {}, {}
+for j = 0, n - 1 do
+  local callkey = ARGV[4 + j * 5]
+  if callkey ~= '' and last[callkey] == nil then
+    last[callkey] = false
+    callkeys[#callkeys + 1] = callkey
+  end
+end
+for i = 1, #callkeys, 1000 do
+  local upto = math.min(i + 999, #callkeys)
+  local got = redis.call('HMGET', chain, unpack(callkeys, i, upto))
+  for k = i, upto do last[callkeys[k]] = got[k - i + 1] or '' end
+end
+local chained, to_due, to_park = {}, {}, {}
+local function add_all(cmd, key, pairs)
+  for i = 1, #pairs, 1000 do
+    redis.call(cmd, key, unpack(pairs, i, math.min(i + 999, #pairs)))
+  end
+end
 for j = 0, n - 1 do
   local a = 3 + j * 5
   local callkey, id, etype, body, observed = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4],
@@ -52,8 +74,10 @@ for j = 0, n - 1 do
   elseif not exists then
     local prev = ''
     if callkey ~= '' then
-      prev = redis.call('HGET', chain, callkey) or ''
-      redis.call('HSET', chain, callkey, id)
+      prev = last[callkey]
+      last[callkey] = id
+      chained[#chained + 1] = callkey
+      chained[#chained + 1] = id
     end
     local state = 'pending'
     if prev ~= '' then
@@ -67,12 +91,14 @@ for j = 0, n - 1 do
     redis.call('HSET', rec, 'body', body, 'type', etype, 'state', state, 'attempts', 0,
                'created_ms', now, 'observed_ms', observed, 'prev', prev, 'callkey', callkey,
                'history', '[]')
-    if state == 'waiting' then
-      redis.call('ZADD', parked, now, id)
-    else
-      redis.call('ZADD', due, now, id)
-    end
+    local into = state == 'waiting' and to_park or to_due
+    into[#into + 1] = now
+    into[#into + 1] = id
     added, backlog = added + 1, backlog + 1
   end
 end
+-- A call named twice sets its entry twice, the later event last: HSET keeps that one.
+add_all('HSET', chain, chained)
+add_all('ZADD', due, to_due)
+add_all('ZADD', parked, to_park)
 return {added, overflow}
