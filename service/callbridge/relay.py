@@ -31,11 +31,6 @@ def matches(sub: SubscriptionSettings, event_type: str, batch_id: str) -> bool:
     return any(p in ("*", event_type) or p == f"{family}.*" for p in sub.events)
 
 
-def observed_ms(stream_id: bytes) -> int:
-    """When the change was committed: the millisecond part of the stream entry id."""
-    return int(stream_id.split(b"-", 1)[0])
-
-
 class Relay:
     """Drains batch outboxes into delivery queues."""
 
@@ -123,7 +118,8 @@ class Relay:
         for start in range(0, len(events), self._chunk):
             chunk = events[start : start + self._chunk]
             per_sub: dict[str, list[tuple[Event, int]]] = {}
-            # One commit's entries share their millisecond: parsed once per run of them.
+            # When a change was committed: its stream id's millisecond part, which one
+            # commit's entries share (parsed once per run of them).
             last_ms, observed = b"", 0
             for event, stream_id in chunk:
                 ms = stream_id.split(b"-", 1)[0]
