@@ -15,18 +15,19 @@ from callbridge.simulator import Simulator
 from callbridge.store.keys import Keys
 from tests.support.bridges import MakeService, sim_config
 from tests.support.gates import PageGate
+from tests.support.receivers import Receiver
 from tests.support.settings import SECRET
 
 
-async def rig(make_service: MakeService, gate: PageGate) -> tuple[Bridge, Simulator, str]:
-    svc, sim, _ = await make_service(
+async def rig(make_service: MakeService, gate: PageGate) -> tuple[Bridge, Simulator, str, Receiver]:
+    svc, sim, receiver = await make_service(
         sim_config(batches=1, calls_per_batch=6),
         upstream={"page_size": 2},  # three pages
         upstream_middlewares=[gate.middleware],
     )
     batch = sim.batch_ids[0]
     assert await svc.poller.poll_once(batch) == "committed"  # all pending, silently
-    return svc, sim, batch
+    return svc, sim, batch, receiver
 
 
 async def settled(svc: Bridge, batch: str) -> None:
@@ -45,7 +46,7 @@ async def test_first_pages_are_committed_while_the_last_is_read(
     make_service: MakeService,
 ) -> None:
     gate = PageGate()
-    svc, sim, batch = await rig(make_service, gate)
+    svc, sim, batch, _ = await rig(make_service, gate)
     first, last = sim.calls(batch)[0]["call_id"], sim.calls(batch)[5]["call_id"]
     for call in (first, last):
         sim.set_call(batch, call, status="queued")
@@ -69,7 +70,7 @@ async def test_batch_completed_waits_for_the_whole_scan(make_service: MakeServic
     """Every call ends; the first groups see only some of them, so only the scan's
     final commit may complete the batch, once."""
     gate = PageGate()
-    svc, sim, batch = await rig(make_service, gate)
+    svc, sim, batch, _ = await rig(make_service, gate)
     for item in sim.calls(batch):
         sim.set_call(batch, item["call_id"], status="completed")
     gate.held = {"3"}
@@ -91,13 +92,7 @@ async def test_a_failed_fan_out_stops_the_later_groups_and_the_next_cycle_drains
     events is queued ahead of the first group's; the cycle reports the failure, and the
     next one queues everything from the outbox, each call's events in order."""
     gate = PageGate()
-    svc, sim, receiver = await make_service(
-        sim_config(batches=1, calls_per_batch=6),
-        upstream={"page_size": 2},  # three pages
-        upstream_middlewares=[gate.middleware],
-    )
-    batch = sim.batch_ids[0]
-    assert await svc.poller.poll_once(batch) == "committed"  # all pending, silently
+    svc, sim, batch, receiver = await rig(make_service, gate)
     for item in sim.calls(batch):
         sim.set_call(batch, item["call_id"], status="queued")
     due = Keys().due("crm")
