@@ -32,6 +32,7 @@ from callbridge.store.keys import Keys
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.registry import BatchRegistry
 from tests.support.bridge import start_bridge, stop_bridge, write_config
+from tests.support.prometheus import wait_for
 from tests.support.servers import free_port
 from tests.support.settings import API_KEY
 
@@ -196,7 +197,7 @@ async def test_growth_levels_off_at_the_policy_limits(
         async with aiohttp.ClientSession(
             base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}
         ) as api:
-            await _ready(api)
+            await wait_for(lambda: _ready(api), timeout_s=30, what="the bridge to start")
             sim.add_batch(LONG, 2000)
             await _watch(api, LONG)
             await _play(run, sim, api, redis_client, keys, port, seconds, bridge, tmp_path)
@@ -306,17 +307,13 @@ async def _watch(api: aiohttp.ClientSession, batch_id: str) -> None:
         assert resp.status in (200, 201), await resp.text()
 
 
-async def _ready(api: aiohttp.ClientSession) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            async with api.get("/healthz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < deadline, "the bridge did not start"
-        await asyncio.sleep(0.2)
+async def _ready(api: aiohttp.ClientSession) -> bool:
+    """Whether the bridge answers /healthz with 200 (its loops run)."""
+    try:
+        async with api.get("/healthz") as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False
 
 
 def _report(run: Run, crm: Recorder, depth_gone: int) -> None:
