@@ -42,9 +42,9 @@ from bench.common import (
 from bench.delivery import Bench, make_events
 from bench.run import code_version
 from callbridge.config import SubscriptionSettings
-from callbridge.http1 import Http1Pool
+from callbridge.deliver.http1 import Http1Pool
+from callbridge.deliver.sender import WebhookSender
 from callbridge.models import Event
-from callbridge.sender import WebhookSender
 
 CLIENTS = ("aiohttp", "lean")
 _PLAIN_HEADERS = {"Content-Type": "application/json"}

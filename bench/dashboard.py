@@ -38,8 +38,8 @@ import yaml
 from aiohttp import web
 
 from bench.common import IMG, stop_process
-from callbridge import admin_cli
-from callbridge.cli import build_parser
+from callbridge.cli import admin as admin_cli
+from callbridge.cli.main import build_parser
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
 from tests.support.bridge import start_bridge, stop_bridge, write_config
 from tests.support.dashboard import Query, load, queries

@@ -43,7 +43,7 @@ from bench.common import (
 from bench.poll_cycle import top_functions
 from callbridge.app import Bridge
 from callbridge.config import Settings
-from callbridge.delivery import Deliverer
+from callbridge.deliver.deliverer import Deliverer
 from callbridge.models import Event
 from callbridge.store.keys import Keys
 

@@ -63,9 +63,9 @@ class PhaseTimer:
     @contextlib.contextmanager
     def poll_phases(self) -> Iterator[None]:
         """Phases of `Poller.poll_once`."""
-        import callbridge.poller as poller
+        import callbridge.poll.cycle as poller
+        import callbridge.poll.upstream as upstream
         import callbridge.store.ratelimit as ratelimit
-        import callbridge.upstream as upstream
         from callbridge.store.queue import DeliveryQueue
         from callbridge.store.snapshots import SnapshotStore
 

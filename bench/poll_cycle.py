@@ -48,7 +48,7 @@ from bench.common import (
 )
 from bench.phases import PhaseTimer
 from callbridge.app import Bridge
-from callbridge.cli import tune_gc
+from callbridge.cli.main import tune_gc
 from callbridge.config import Settings
 from callbridge.constants import UPSTREAM_CALLS_PATH
 from callbridge.store.keys import Keys

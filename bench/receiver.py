@@ -3,7 +3,7 @@
 ``python -m bench.receiver --port 0`` answers ``POST /hook`` with 200 after reading
 the body. It counts requests and distinct ``webhook-id`` values, and verifies the
 Standard Webhooks signature of every ``--verify-every``-th signed request with
-`callbridge.signing.verify` (a sample: proof the deliveries are signed, at little
+`callbridge.deliver.signing.verify` (a sample: proof the deliveries are signed, at little
 receiver CPU). ``GET /_stats`` returns the counters (with ``first_at``/``last_at``, the
 ``time.time()`` of the first and last signed request, and ``first_any_at``/
 ``last_any_at`` of any request, signed or not); ``POST /_reset`` clears them.
@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 
 from bench.common import SECRET, announce_ready
-from callbridge.signing import SignatureError, verify
+from callbridge.deliver.signing import SignatureError, verify
 
 
 class Counters:

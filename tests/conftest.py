@@ -21,7 +21,7 @@ from aiohttp.typedefs import Middleware
 
 from callbridge.app import Bridge
 from callbridge.config import Settings
-from callbridge.delivery import Deliverer
+from callbridge.deliver.deliverer import Deliverer
 from callbridge.metrics import Metrics
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.keys import Keys

@@ -1,24 +1,25 @@
 """callbridge: real-time signed webhooks from a polling-only call platform API.
 
-The pipeline, one module per stage, data flowing one way::
+The pipeline, data flowing one way; each stage a subpackage::
 
-    upstream    List Batch Calls pages (budget, retries)        upstream.py
-       |
-    poller      scan -> diff -> fenced commit                   poller.py, diff.py
-       |        (which batch when, by which replica)           scheduler.py
-    store       snapshot + events + outbox, atomically          store/snapshots.py
-       |
-    relay       outbox -> subscription queues (idempotent)      relay.py
-       |
-    queue       due / in flight / dead, per subscription        store/queue.py
-       |
-    delivery    claim -> signed POST -> record the outcome      delivery.py, sender.py
-       |        (keep-alive HTTP/1.1 client)                   http1.py, framing.py
-       |
-    api         probes, metrics, admin API                      api/
+    platform -pages-> poll/ -commit-> store/ (Redis) <-claim/outcome- deliver/ -POST-> receivers
+                      read, diff      snapshot + outbox,             relay, sign, send,
+                      (planner,       delivery queues,               retry, dead letters
+                      second looks)   leases, registry
 
-Pure pieces (no I/O): models, diff, signing, retry, schedule, framing. Wiring and
-lifecycle: app.py; settings: config.py; the platform simulator: simulator/.
+Allowed imports (import-linter's contract in pyproject.toml, `lint-imports` in CI)::
+
+    cli -> demo -> app -> api -> operations | janitor -> poll | deliver -> store -> core
+
+`poll` and `deliver` never import each other: committed events leave the poll stage
+through `poll.fanout.EventSink`, which `app` fills with `deliver.relay.Relay`. The
+shared core (`config`, `metrics`, `models`, `constants`, `errors`) imports no stage.
+The platform simulator (`simulator/`) stands beside the pipeline and imports only
+`models`, `constants` and `errors`.
+
+Pure pieces (no I/O): models, poll.diff, poll.planner, poll.lifecycle, deliver.signing,
+deliver.retry, deliver.framing. Wiring and lifecycle: app; operator actions:
+operations, janitor; the command line: cli/.
 """
 
 __version__ = "0.1.0"

@@ -1,3 +1,3 @@
-from callbridge.cli import main
+from callbridge.cli.main import main
 
 raise SystemExit(main())

@@ -10,6 +10,7 @@ left (claims are handed back), release batch leases, close connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -21,16 +22,16 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from callbridge.aio import wait_any
 from callbridge.api import BRIDGE, add_routes
 from callbridge.config import Settings
-from callbridge.delivery import Deliverer
+from callbridge.deliver.deliverer import Deliverer
+from callbridge.deliver.relay import Relay
 from callbridge.janitor import Janitor
 from callbridge.metrics import Metrics
 from callbridge.operations import Operations
-from callbridge.poller import Poller
-from callbridge.relay import Relay
-from callbridge.scheduler import Scheduler
+from callbridge.poll.cycle import Poller
+from callbridge.poll.scheduler import Scheduler
+from callbridge.poll.upstream import UpstreamClient
 from callbridge.store.connection import Redis, connect, persistence_problems
 from callbridge.store.embedded import EmbeddedRedis
 from callbridge.store.keys import Keys
@@ -39,7 +40,6 @@ from callbridge.store.queue import DeliveryQueue
 from callbridge.store.ratelimit import RedisRateLimiter
 from callbridge.store.registry import BatchRegistry
 from callbridge.store.snapshots import SnapshotStore
-from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,8 @@ class Bridge:
             except Exception:
                 log.exception("janitor run failed", extra={"action": "janitor_failed"})
             every_s = min(_JANITOR_EVERY_S, self.settings.delivery.orphan_retention_seconds / 10)
-            await wait_any(self.stopping, within_s=every_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), every_s)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self.stopping.is_set():

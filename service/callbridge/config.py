@@ -8,6 +8,8 @@ a config in one pass.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -27,10 +29,12 @@ from pydantic import (
     model_validator,
 )
 
-from callbridge.constants import DEFAULT_RETRY_SCHEDULE_S, UPSTREAM_MAX_PAGE_SIZE
+from callbridge.constants import (
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_RETRY_SCHEDULE_S,
+    UPSTREAM_MAX_PAGE_SIZE,
+)
 from callbridge.errors import ConfigError
-from callbridge.signing import decode_whsec
-from callbridge.store.keys import DEFAULT_KEY_PREFIX
 
 _VAR = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -49,6 +53,25 @@ _RESERVED_HEADERS = frozenset(
         "user-agent",
     }
 )
+
+
+def decode_whsec(secret: str) -> bytes:
+    """The key bytes of a ``whsec_<base64>`` secret; ValueError when it is not one.
+
+    Here rather than beside the signing code because settings validate secrets at
+    load time, and the settings model depends on no stage."""
+    if not secret.startswith("whsec_"):
+        raise ValueError("must be a whsec_<base64> secret")
+    try:
+        key = base64.b64decode(secret[len("whsec_") :], validate=True)
+    except (binascii.Error, ValueError):
+        # The cause would echo part of the secret back into the config error.
+        raise ValueError(
+            "must be a whsec_<base64> secret (the part after whsec_ is not base64)"
+        ) from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError("must decode to 24-64 bytes of key (whsec_ + base64)")
+    return key
 
 
 class _Model(BaseModel):

@@ -1,6 +1,7 @@
 """Header names, upstream paths and default durations, in one place.
 
-Redis key names live in `callbridge.store.keys`.
+Redis key names are built in `callbridge.store.keys`, under `DEFAULT_KEY_PREFIX`
+unless ``redis.key_prefix`` says otherwise.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 HEADER_WEBHOOK_ID = "webhook-id"
 HEADER_WEBHOOK_TIMESTAMP = "webhook-timestamp"
 HEADER_WEBHOOK_SIGNATURE = "webhook-signature"
+
+DEFAULT_KEY_PREFIX = "cb"
 
 UPSTREAM_CALLS_PATH = "/api/v1/public/call-batches/{batch_id}/calls"
 UPSTREAM_MAX_PAGE_SIZE = 500

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from callbridge.app import RUNNING, Bridge, build_app
 from callbridge.config import Settings, parse_settings
-from callbridge.signing import SignatureError, verify
+from callbridge.deliver.signing import SignatureError, verify
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 
 

@@ -19,6 +19,10 @@
     │   ├── ConnectionDroppedError   the connection closed before the answer was read
     │   ├── InvalidResponseError     what came back is not an HTTP/1.x answer
     │   └── TimedOutError            the attempt's deadline passed
+    ├── SignatureError               a received webhook's signature headers do not verify
+    │                                (also a ValueError: `callbridge verify`, receivers)
+    ├── FullReadNeeded               the active plan cannot stand for a full read this cycle
+    │                                (control flow inside the poll stage, never escapes it)
     └── EmbeddedRedisError           the embedded server could not be started
 
 Each exception reads well on one line, carries the context needed to act on it,
@@ -146,6 +150,20 @@ class InvalidResponseError(WebhookHttpError):
 
 class TimedOutError(WebhookHttpError):
     """The attempt's deadline (the subscription's ``timeout_seconds``) passed."""
+
+
+class SignatureError(CallbridgeError, ValueError):
+    """The request's webhook signature headers do not verify."""
+
+
+class FullReadNeeded(CallbridgeError):
+    """This cycle needs a full read of every page, for `reason` (and `anomaly`: the
+    status filter misbehaved). Raised by the active plan, caught by the reader."""
+
+    def __init__(self, reason: str, anomaly: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.anomaly = anomaly
 
 
 class EmbeddedRedisError(CallbridgeError):

@@ -7,12 +7,15 @@ never a crash.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
+
+from callbridge.constants import RETRY_AFTER_MAX_S
 
 PENDING = "pending"
 QUEUED = "queued"
@@ -171,6 +174,37 @@ def iso_ms(now_ms: int) -> str:
     """``2026-11-28T10:00:05.123Z``."""
     dt = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now_ms % 1000:03d}Z"
+
+
+@dataclass(slots=True)
+class TimelineEntry:
+    """One observation of a call, kept for operators (bounded per call)."""
+
+    call_id: str
+    at_ms: int
+    status: str
+    seq: int
+    event_type: str | None  # None when recorded silently (first sight as pending)
+
+    def as_list(self) -> list[Any]:
+        """The stored form: ``[at_ms, status, sequence, event type or null]``."""
+        return [self.at_ms, self.status, self.seq, self.event_type]
+
+
+# --- headers -------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, *, cap_s: float = RETRY_AFTER_MAX_S) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form); None when absent or odd."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, cap_s)
 
 
 # --- events --------------------------------------------------------------------

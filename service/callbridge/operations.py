@@ -12,10 +12,10 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from callbridge.config import Settings
-from callbridge.diff import event_id
 from callbridge.errors import CallbridgeError
 from callbridge.models import KNOWN_STATUSES, PENDING, TERMINAL_STATUSES
-from callbridge.schedule import interval_s, lifecycle
+from callbridge.poll.diff import event_id
+from callbridge.poll.lifecycle import interval_s, lifecycle
 from callbridge.store.leases import LeaseStore
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.registry import BatchRegistry

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from callbridge import admin_cli
 from callbridge.app import RUNNING, Bridge, build_app
-from callbridge.cli import build_parser
+from callbridge.cli import admin as admin_cli
+from callbridge.cli.main import build_parser
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from tests.support.prometheus import wait_for
 from tests.support.receivers import Receiver

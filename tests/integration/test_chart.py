@@ -532,7 +532,7 @@ def test_prometheus_rule_alerts(chart: helm.Chart) -> None:
     assert rules["CallbridgeDeliveryLagHigh"]["expr"].rstrip().endswith("> 15")
     assert rules["CallbridgeDeliveryFailureRatioHigh"]["expr"].rstrip().endswith("> 0.33")
     assert 'outcome!="success"' in rules["CallbridgeDeliveryFailureRatioHigh"]["expr"]
-    # Outcomes as service/poller.py labels them; not_owner and fenced count as neither.
+    # Outcomes as poll/cycle.py labels them; not_owner and fenced count as neither.
     poll = rules["CallbridgePollCyclesFailing"]["expr"]
     assert 'outcome=~"failed"' in poll
     assert 'outcome=~"failed|committed|unchanged|not_found"' in poll

@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from callbridge.config import decode_whsec
-from callbridge.signing import signature_headers
+from callbridge.deliver.signing import signature_headers
 from examples.crm_receiver import CRM, Crm, create_app
 from tests.support.settings import OLD_SECRET, SECRET
 

@@ -10,7 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from callbridge.signing import decode_whsec, signature_headers
+from callbridge.config import decode_whsec
+from callbridge.deliver.signing import signature_headers
 from tests.support.flaky import FlakyReceiver
 from tests.support.settings import OLD_SECRET, SECRET
 

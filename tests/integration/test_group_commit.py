@@ -87,7 +87,7 @@ async def test_batch_completed_waits_for_the_whole_scan(make_service: MakeServic
 async def test_a_failed_fan_out_stops_the_later_groups_and_the_next_cycle_drains_in_order(
     make_service: MakeService, redis_client: aioredis.Redis
 ) -> None:
-    """Groups are fanned out in the background, in commit order (`relay.FanOut`): when
+    """Groups are fanned out in the background, in commit order (`fanout.FanOut`): when
     the first group's fan-out fails, the later groups still commit, but none of their
     events is queued ahead of the first group's; the cycle reports the failure, and the
     next one queues everything from the outbox, each call's events in order."""

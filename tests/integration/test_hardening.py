@@ -16,11 +16,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from callbridge.app import Bridge
-from callbridge.candidates import ItemSignatures, select_candidates
 from callbridge.config import RedisSettings
+from callbridge.deliver.relay import Relay
 from callbridge.janitor import Janitor
-from callbridge.relay import Relay
-from callbridge.scheduler import Scheduler
+from callbridge.poll.candidates import ItemSignatures, select_candidates
+from callbridge.poll.scheduler import Scheduler
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.connection import connect
 from callbridge.store.keys import Keys
@@ -468,7 +468,7 @@ async def test_a_subscription_disabled_in_config_collects_nothing(
     relay = Relay(svc.store, svc.queue, [off])
     batch = sim.batch_ids[0]
     sim.advance(3)
-    svc.poller._relay = relay
+    svc.poller._sink = relay
     await svc.poller.poll_once(batch)
     depth = await svc.queue.depths("crm")
     assert sum(depth.values()) == 0

@@ -27,9 +27,9 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 
 from callbridge.config import SubscriptionSettings
-from callbridge.http1 import Http1Pool
-from callbridge.retry import AttemptResult
-from callbridge.sender import WebhookSender
+from callbridge.deliver.http1 import Http1Pool
+from callbridge.deliver.retry import AttemptResult
+from callbridge.deliver.sender import WebhookSender
 from tests.support.deliveries import MakeRig, event
 from tests.support.metrics import sample
 from tests.support.servers import free_port

@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 
 from callbridge.app import Bridge
 from callbridge.models import TERMINAL_STATUSES
-from callbridge.planner import ACTIVE_STATUSES
-from callbridge.poller import Poller
+from callbridge.poll.cycle import Poller
+from callbridge.poll.planner import ACTIVE_STATUSES
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from tests.support.receivers import Receiver
 from tests.support.settings import API_KEY, SECRET, make_settings

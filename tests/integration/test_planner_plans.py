@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from callbridge.app import Bridge
-from callbridge.poller import Poller
+from callbridge.poll.cycle import Poller
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from tests.support.gates import after_unfiltered_page
 from tests.support.metrics import sample

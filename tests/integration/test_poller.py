@@ -12,10 +12,10 @@ import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
 from callbridge.app import Bridge
-from callbridge.callstate import CallStates
 from callbridge.models import TERMINAL_STATUSES
-from callbridge.runtime import BatchRuntime
+from callbridge.poll.batch_cache import BatchRuntime
 from callbridge.simulator import FaultConfig, Simulator
+from callbridge.store.callstate import CallStates
 from callbridge.store.keys import Keys
 from tests.support.bridges import MakeService, sim_config
 from tests.support.metrics import sample
@@ -283,7 +283,7 @@ async def test_timelines_are_appended_and_trimmed_exactly(redis_client: aioredis
     full: the stored list stays the last `timeline_max` entries, whatever the statuses
     hold (a status with the entries' own separator in it), starting from a list the
     earlier script wrote and from a value that is not a list at all."""
-    from callbridge.diff import TimelineEntry
+    from callbridge.models import TimelineEntry
     from callbridge.store.snapshots import BatchMeta, SnapshotStore
 
     keys = Keys()

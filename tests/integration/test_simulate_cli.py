@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from callbridge.cli import main
+from callbridge.cli.main import main
 from callbridge.config import parse_settings
 from callbridge.simulator.serve import usage_text
 from tests.support.bridge import start_bridge, stop_bridge

@@ -15,8 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from callbridge.cli import build_parser
-from callbridge.simulate_cli import turbulence_options
+from callbridge.cli.main import build_parser
+from callbridge.cli.simulate import turbulence_options
 from callbridge.simulator import (
     DEFAULT_DWELL_SECONDS,
     FaultConfig,

@@ -20,8 +20,8 @@ from callbridge.errors import (
     UpstreamServerError,
 )
 from callbridge.metrics import Metrics
+from callbridge.poll.upstream import UpstreamClient
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
-from callbridge.upstream import UpstreamClient
 from tests.support.settings import API_KEY
 
 MakeClient = Callable[..., UpstreamClient]

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from callbridge.config import Settings
-from callbridge.delivery import Deliverer
+from callbridge.deliver.deliverer import Deliverer
 from callbridge.metrics import Metrics
 from callbridge.models import Event
 from callbridge.store.queue import DeliveryQueue

@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from callbridge.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, build_parser, configure_logging, main
+from callbridge.cli.main import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    build_parser,
+    configure_logging,
+    main,
+)
 from callbridge.config import decode_whsec
-from callbridge.signing import signature_headers
+from callbridge.deliver.signing import signature_headers
 from tests.support.settings import OLD_SECRET, SECRET
 
 NOW = 1_700_000_000
@@ -160,7 +167,7 @@ def restore_logging() -> Iterator[None]:
 @pytest.mark.usefixtures("restore_logging")
 def test_json_logging_has_extra_fields(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("json")  # binds sys.stderr now: capsys's capture
-    log = logging.getLogger("callbridge.poller")
+    log = logging.getLogger("callbridge.poll.cycle")
     log.info(
         "polled %s",
         "sched_1",
@@ -172,7 +179,7 @@ def test_json_logging_has_extra_fields(capsys: pytest.CaptureFixture[str]) -> No
     doc = json.loads(lines[0])
     assert doc["msg"] == "polled sched_1"
     assert doc["level"] == "info"
-    assert doc["logger"] == "callbridge.poller"
+    assert doc["logger"] == "callbridge.poll.cycle"
     assert doc["action"] == "poll"
     assert doc["batch_id"] == "sched_1"
     assert "payload" not in doc

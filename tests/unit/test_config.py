@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from callbridge.cli import main
+from callbridge.cli.main import main
 from callbridge.config import ConfigError, interpolate, parse_settings
 from callbridge.operations import redact_url
 from tests.support.settings import SECRET

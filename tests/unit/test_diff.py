@@ -8,9 +8,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callbridge.callstate import CallState, Fingerprint
-from callbridge.diff import BatchView, DiffResult, ScanFacts, diff, event_id
 from callbridge.models import KNOWN_STATUSES, TERMINAL_STATUSES
+from callbridge.poll.diff import BatchView, DiffResult, ScanFacts, diff, event_id
+from callbridge.store.callstate import CallState, Fingerprint
 
 NOW = 1_800_000_000_000
 TS = "2027-01-15T08:00:00.000Z"
@@ -306,7 +306,7 @@ def test_status_case_and_spaces_are_normalised() -> None:
 
 
 def test_select_candidates_merges_pages_and_skips_unchanged() -> None:
-    from callbridge.candidates import ItemSignatures, select_candidates
+    from callbridge.poll.candidates import ItemSignatures, select_candidates
 
     def served(*items: dict[str, Any]) -> list[bytes]:
         return [orjson.dumps(i) for i in items]
@@ -339,7 +339,7 @@ def test_an_integer_beyond_64_bits_is_read_as_the_fingerprints_always_read_it() 
     """A field holding an integer too large for 64 bits: read as a float (as orjson reads
     it, and as every stored fingerprint was computed), never a crash of the cycle (a
     decoder keeping the exact integer made the fingerprint's encoder raise)."""
-    from callbridge.candidates import ItemSignatures, select_candidates
+    from callbridge.poll.candidates import ItemSignatures, select_candidates
 
     raw = b'{"call_id":"c1","status":"ringing","metadata":{"n":123456789012345678901234567890}}'
     cands = select_candidates([[raw]], ItemSignatures())
@@ -380,7 +380,7 @@ def test_schema_1_entries_are_read() -> None:
 
 
 def test_call_states_decode_on_access_and_skip_unreadable_entries() -> None:
-    from callbridge.callstate import CallStates
+    from callbridge.store.callstate import CallStates
 
     state = CallState("ringing", 2, Fingerprint.of(item("c1", "ringing")))
     states = CallStates({"c1": state.encode(), "c2": "garbage"})

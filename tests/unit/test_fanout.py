@@ -1,4 +1,4 @@
-"""`relay.FanOut` and `group_commit.GroupCommit`: the order and the size of the steps a
+"""`fanout.FanOut` and `group_commit.GroupCommit`: the order and the size of the steps a
 scan's commits take (the scripts behind them are tested against Valkey elsewhere)."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from typing import Any, cast
 import msgspec
 import pytest
 
-from callbridge.group_commit import GroupCommit
-from callbridge.pages import RawPage
-from callbridge.relay import FanOut, Relay
+from callbridge.deliver.relay import Relay
+from callbridge.poll.fanout import FanOut
+from callbridge.poll.group_commit import GroupCommit
+from callbridge.poll.pages import RawPage
 
 
 class Steps:

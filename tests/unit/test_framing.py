@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
+from callbridge.deliver.framing import Endpoint, Head, dechunk, parse_head
 from callbridge.errors import InvalidResponseError
-from callbridge.framing import Endpoint, Head, dechunk, parse_head
 
 
 @pytest.mark.parametrize(

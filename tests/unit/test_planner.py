@@ -10,10 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callbridge.callstate import CallState, Fingerprint
 from callbridge.config import PollerSettings
-from callbridge.pages import RawPage
-from callbridge.planner import (
+from callbridge.poll.pages import RawPage
+from callbridge.poll.planner import (
     Books,
     Plan,
     PlanState,
@@ -27,6 +26,7 @@ from callbridge.planner import (
     reaching_back,
     window,
 )
+from callbridge.store.callstate import CallState, Fingerprint
 
 FP = Fingerprint((0,) * 7)
 # A 20,000-call campaign: 40 full pages at 500; a few dozen calls on the lines.

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from callbridge.retry import AttemptResult, classify, parse_retry_after
+from callbridge.deliver.retry import AttemptResult, classify
+from callbridge.models import parse_retry_after
 
 SCHEDULE = [5, 300, 1800]
 

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from callbridge.config import PollerSettings
-from callbridge.schedule import auth_backoff_s, interval_s, jittered, lifecycle
+from callbridge.poll.lifecycle import auth_backoff_s, interval_s, jittered, lifecycle
 
 P = PollerSettings(
     interval_seconds=5, quiet_period_seconds=600, linger_interval_seconds=300, linger_seconds=3600

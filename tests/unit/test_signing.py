@@ -6,7 +6,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from callbridge.config import decode_whsec
-from callbridge.signing import SignatureError, signature_headers, verify
+from callbridge.deliver.signing import SignatureError, signature_headers, verify
 from tests.support.settings import OLD_SECRET, SECRET
 
 

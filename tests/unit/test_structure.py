@@ -1,8 +1,8 @@
-"""The package's shape, checked: no import cycles, Lua in documented files, small modules."""
+"""The package's shape, checked: stages in their subpackages, Lua in documented files, small
+modules. Import directions and cycles: import-linter's contracts in pyproject.toml."""
 
 from __future__ import annotations
 
-import ast
 from importlib import resources
 from pathlib import Path
 
@@ -23,50 +23,28 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def imports_of(path: Path, known: set[str]) -> set[str]:
-    """Every callbridge module `path` imports, TYPE_CHECKING and function-level ones included."""
-    found: set[str] = set()
-    package = (
-        module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
-    )
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name in known)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
-                base = f"{base}.{node.module}" if node.module else base
-            for alias in node.names:
-                # `from callbridge.store import keys` imports a module, not a name.
-                if f"{base}.{alias.name}" in known:
-                    found.add(f"{base}.{alias.name}")
-                elif base in known:
-                    found.add(base)
-    return found
+TOP_LEVEL = {
+    # the shared core
+    "config",
+    "models",
+    "errors",
+    "metrics",
+    "constants",
+    # the wiring and operator actions
+    "app",
+    "demo",
+    "operations",
+    "janitor",
+}
+SUBPACKAGES = {"poll", "deliver", "store", "api", "simulator", "cli"}
 
 
-def test_no_import_cycles() -> None:
-    mods = modules()
-    graph = {name: imports_of(path, set(mods)) - {name} for name, path in mods.items()}
-    assert len(graph) > 30, "the walk found too few modules"
-    assert "callbridge.store.snapshots" in graph["callbridge.poller"]
-    cycles: list[list[str]] = []
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                cycles.append([*path[path.index(nxt) :], nxt])
-            elif nxt not in state:
-                visit(nxt, [*path, nxt])
-        state[node] = 2
-
-    for name in sorted(graph):
-        if name not in state:
-            visit(name, [name])
-    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+def test_the_top_level_holds_only_the_core_and_the_wiring() -> None:
+    """Import directions are checked by import-linter (`lint-imports`, pyproject.toml);
+    this keeps new modules from settling beside the core instead of in their stage."""
+    found = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert found == TOP_LEVEL
+    assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} == SUBPACKAGES
 
 
 def test_every_lua_script_is_a_documented_file() -> None:

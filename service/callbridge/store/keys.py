@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_KEY_PREFIX = "cb"
+from callbridge.constants import DEFAULT_KEY_PREFIX
 
 
 def _tag_safe(name: str) -> str:

@@ -19,10 +19,9 @@ import msgspec
 import orjson
 from redis.exceptions import ResponseError
 
-from callbridge.callstate import CallState, CallStates
-from callbridge.diff import TimelineEntry
 from callbridge.errors import LeaseLostError, StoreError
-from callbridge.models import Event
+from callbridge.models import Event, TimelineEntry
+from callbridge.store.callstate import CallState, CallStates
 from callbridge.store.connection import Redis
 from callbridge.store.keys import Keys
 from callbridge.store.scripts import register

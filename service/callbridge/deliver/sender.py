@@ -25,11 +25,12 @@ from callbridge.constants import (
     HEADER_WEBHOOK_TIMESTAMP,
     RESPONSE_EXCERPT_BYTES,
 )
+from callbridge.deliver.framing import Endpoint
+from callbridge.deliver.http1 import Http1Pool
+from callbridge.deliver.retry import AttemptResult
+from callbridge.deliver.signing import sign
 from callbridge.errors import ConnectFailedError, TimedOutError, WebhookHttpError, excerpt
-from callbridge.framing import Endpoint
-from callbridge.http1 import Http1Pool
-from callbridge.retry import AttemptResult, parse_retry_after
-from callbridge.signing import sign
+from callbridge.models import parse_retry_after
 
 
 @dataclass(frozen=True, slots=True)

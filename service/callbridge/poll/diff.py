@@ -17,16 +17,17 @@ from typing import Any
 
 import orjson
 
-from callbridge.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerprint
 from callbridge.models import (
     PENDING,
     TERMINAL_STATUSES,
     Event,
+    TimelineEntry,
     is_backward,
     is_terminal,
     normalise_status,
     skipped_statuses,
 )
+from callbridge.store.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerprint
 
 
 def event_id(batch_id: str, subject: str, seq: int, event_type: str) -> str:
@@ -39,21 +40,6 @@ def event_id(batch_id: str, subject: str, seq: int, event_type: str) -> str:
 
 # Not frozen: a first scan builds one per call, and a frozen dataclass costs three
 # times as much to build (treated as a value all the same: never changed once built).
-@dataclass(slots=True)
-class TimelineEntry:
-    """One observation of a call, kept for operators (bounded per call)."""
-
-    call_id: str
-    at_ms: int
-    status: str
-    seq: int
-    event_type: str | None  # None when recorded silently (first sight as pending)
-
-    def as_list(self) -> list[Any]:
-        """The stored form: ``[at_ms, status, sequence, event type or null]``."""
-        return [self.at_ms, self.status, self.seq, self.event_type]
-
-
 @dataclass(frozen=True, slots=True)
 class BatchView:
     """The batch-level facts a diff needs and updates."""

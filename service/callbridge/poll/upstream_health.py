@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from callbridge.config import PollerSettings
 from callbridge.errors import UpstreamAuthError
-from callbridge.schedule import auth_backoff_s
+from callbridge.poll.lifecycle import auth_backoff_s
 
 log = logging.getLogger(__name__)
 

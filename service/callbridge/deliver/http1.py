@@ -33,6 +33,7 @@ import ssl
 from dataclasses import dataclass
 
 from callbridge.constants import RESPONSE_EXCERPT_BYTES
+from callbridge.deliver.framing import END_OF_HEAD, Endpoint, EndpointKey, Head, dechunk, parse_head
 from callbridge.errors import (
     ConnectFailedError,
     ConnectionDroppedError,
@@ -40,7 +41,6 @@ from callbridge.errors import (
     TimedOutError,
     WebhookHttpError,
 )
-from callbridge.framing import END_OF_HEAD, Endpoint, EndpointKey, Head, dechunk, parse_head
 
 # How long an idle connection is kept (aiohttp's keep-alive default).
 IDLE_S = 15.0

@@ -7,9 +7,9 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 
-from callbridge.callstate import CallStates
-from callbridge.diff import DiffResult
 from callbridge.metrics import Metrics, event_label, status_label
+from callbridge.poll.diff import DiffResult
+from callbridge.store.callstate import CallStates
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from callbridge.config import Settings, SubscriptionSettings
-from callbridge.http1 import Http1Pool
+from callbridge.deliver.http1 import Http1Pool
+from callbridge.deliver.outcomes import Finished, OutcomeBook
+from callbridge.deliver.sender import WebhookSender
+from callbridge.deliver.workers import Workers
 from callbridge.metrics import Metrics
-from callbridge.outcomes import Finished, OutcomeBook
-from callbridge.sender import WebhookSender
 from callbridge.store.queue import Claimed, CompletionPolicy, DeliveryQueue
-from callbridge.workers import Workers
 
 log = logging.getLogger(__name__)
 

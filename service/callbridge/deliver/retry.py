@@ -16,7 +16,6 @@ the operator never registered.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,19 +57,6 @@ class Decision:
     kind: FailureKind = "fail"
     # With kind "paced": half the endpoint's requests at once for this long.
     pace_s: float = 0.0
-
-
-def parse_retry_after(value: str | None, *, cap_s: float = RETRY_AFTER_MAX_S) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds form); None when absent or odd."""
-    if not value:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    if not math.isfinite(seconds) or seconds < 0:
-        return None
-    return min(seconds, cap_s)
 
 
 def failure_reason(result: AttemptResult) -> str:

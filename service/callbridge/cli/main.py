@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from callbridge import __version__
-from callbridge.admin_cli import add_admin_parser
+from callbridge.cli.admin import add_admin_parser
+from callbridge.cli.simulate import add_turbulence_flags, turbulence_options
 from callbridge.errors import CallbridgeError, ConfigError
-from callbridge.simulate_cli import add_turbulence_flags, turbulence_options
 
-log = logging.getLogger("callbridge.cli")
+log = logging.getLogger("callbridge.cli.main")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -210,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check a captured webhook request: headers file + body file."""
-    from callbridge.signing import SignatureError, verify
+    from callbridge.deliver.signing import SignatureError, verify
 
     secrets = args.secret or os.environ.get("CALLBRIDGE_WEBHOOK_SECRET", "").split()
     if not secrets:

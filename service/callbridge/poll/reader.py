@@ -16,21 +16,30 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
-from callbridge.active_scan import ActiveScan, Fallback
-from callbridge.callstate import CallStates
 from callbridge.config import Settings
-from callbridge.errors import UpstreamAuthError, UpstreamError
+from callbridge.errors import FullReadNeeded, UpstreamAuthError, UpstreamError
 from callbridge.metrics import Metrics
-from callbridge.pages import RawPage
-from callbridge.planner import FILTER_DISTRUST_S, Plan, PlanState, choose, full_cost, learn
-from callbridge.scan import Suspect, read_pages
+from callbridge.poll.active_read import ActiveScan
+from callbridge.poll.full_read import read_pages
+from callbridge.poll.pages import RawPage
+from callbridge.poll.planner import (
+    FILTER_DISTRUST_S,
+    Plan,
+    PlanReason,
+    PlanState,
+    choose,
+    full_cost,
+    learn,
+)
+from callbridge.poll.second_look import Suspect
+from callbridge.poll.upstream import UpstreamClient
+from callbridge.store.callstate import CallStates
 from callbridge.store.leases import LeaseKeeper
 from callbridge.store.snapshots import BatchMeta
-from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +159,10 @@ class BatchReader:
             )
             try:
                 await active.run()
-            except Fallback as fallback:
+            except FullReadNeeded as fallback:
                 requests["active"] += active.requests
-                plan = Plan("full", fallback.reason)
+                # Raised only by the active plan, always with a PlanReason.
+                plan = Plan("full", cast(PlanReason, fallback.reason))
                 anomaly = fallback.anomaly
                 if anomaly is not None:
                     state.distrust_until = now + FILTER_DISTRUST_S

@@ -28,7 +28,7 @@ be found or not; when more are found than the first probe allows, a second probe
 tells whether they left meanwhile or calls came back to ``pending`` unseen. Counts of
 terminal lists are taken at different moments, so they only steer where to look.
 
-`Fallback` is raised when a call that left ``pending`` or an active list is still
+`FullReadNeeded` is raised when a call that left ``pending`` or an active list is still
 not found, when resolving would cost more than a full scan (``budget``), when the
 status filter misbehaves, or when every call looks finished (only a full scan may
 complete a batch): the caller then reads every page. An active plan never stands
@@ -42,21 +42,21 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from callbridge.callstate import CallStates
+from callbridge.errors import FullReadNeeded
 from callbridge.models import PENDING, is_backward, normalise_status
-from callbridge.pages import PageEntry, RawPage, signature
-from callbridge.planner import (
+from callbridge.poll.pages import PageEntry, RawPage, signature
+from callbridge.poll.planner import (
     TERMINAL_ORDER,
     Books,
-    PlanReason,
     PlanState,
     active_statuses,
     filtered_page_problem,
     reaching_back,
     window,
 )
+from callbridge.poll.upstream import UpstreamClient
+from callbridge.store.callstate import CallStates
 from callbridge.store.leases import LeaseKeeper
-from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,6 @@ _EWMA = 0.3
 _CHASE_PAGES = 2
 # Pages past what `total` implies before a filtered list counts as paging forever.
 _EXTRA_PAGES_ALLOWED = 5
-
-
-class Fallback(Exception):
-    """This cycle needs a full scan, for `reason` (and `anomaly`: the filter misbehaved)."""
-
-    def __init__(self, reason: PlanReason, anomaly: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason: PlanReason = reason
-        self.anomaly = anomaly
 
 
 @dataclass(slots=True)
@@ -134,7 +125,7 @@ class ActiveScan:
         self._tails: dict[str, _Tail] = {}
 
     async def run(self) -> None:
-        """Read; raises `Fallback` when the cycle needs a full scan instead."""
+        """Read; raises `FullReadNeeded` when the cycle needs a full scan instead."""
         # The pending total first: every call that left pending before it must be
         # found by the reads that follow (those that leave while they run may be).
         probe, first = await self._page(PENDING, 1, 1)
@@ -188,11 +179,11 @@ class ActiveScan:
                 len(unexplained),
                 extra={"action": "scan_fallback", "batch_id": self._batch},
             )
-            raise Fallback("unexplained")
+            raise FullReadNeeded("unexplained")
         known = any(n > 0 for n in self.books.expected.values())
         served = {c: normalise_status(e.status) for c, e in self.items.items()}
         if not self._completed and known and self.books.open_calls(self._states, served) == 0:
-            raise Fallback("completion")
+            raise FullReadNeeded("completion")
 
     def _pending_gap(self) -> int:
         """> 0: calls left pending unseen; < 0: calls came to pending unseen.
@@ -300,7 +291,7 @@ class ActiveScan:
 
     def _check_endless(self, page_no: int, page: RawPage) -> None:
         if page_no > math.ceil(page.total / max(1, page.limit)) + _EXTRA_PAGES_ALLOWED:
-            raise Fallback("anomaly", "status_filter_total")
+            raise FullReadNeeded("anomaly", "status_filter_total")
 
     async def _page(self, status: str, page_no: int, limit: int) -> tuple[RawPage, list[PageEntry]]:
         """One page of `status`'s list, checked against what the filter promises."""
@@ -312,7 +303,7 @@ class ActiveScan:
         entries = page.entries
         problem = filtered_page_problem(page, entries, status, page_no)
         if problem is not None:
-            raise Fallback("anomaly", problem)
+            raise FullReadNeeded("anomaly", problem)
         self.books.totals[status] = page.total
         for e in entries:
             self._observe(e)
@@ -389,5 +380,5 @@ class ActiveScan:
 
     def _afford(self, n: int) -> None:
         if self.resolving + n > self._budget:
-            raise Fallback("costly")
+            raise FullReadNeeded("costly")
         self.resolving += n

@@ -13,13 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from callbridge.callstate import CallState, CallStates
-from callbridge.candidates import ItemSignatures
-from callbridge.group_commit import GroupCommit
-from callbridge.pages import RawPage
-from callbridge.planner import PlanState
-from callbridge.relay import FanOut
-from callbridge.scan import Suspect
+from callbridge.poll.candidates import ItemSignatures
+from callbridge.poll.fanout import FanOut
+from callbridge.poll.group_commit import GroupCommit
+from callbridge.poll.pages import RawPage
+from callbridge.poll.planner import PlanState
+from callbridge.poll.second_look import Suspect
+from callbridge.store.callstate import CallState, CallStates
 from callbridge.store.snapshots import BatchMeta
 
 
@@ -46,7 +46,7 @@ class BatchRuntime:
     plan: PlanState = field(default_factory=PlanState)
     # The group commit of the cycle running now, if any (`group_commit`).
     group: GroupCommit | None = None
-    # ...and its fan-outs, run in the background in commit order (`relay.FanOut`).
+    # ...and its fan-outs, run in the background in commit order (`fanout.FanOut`).
     fanout: FanOut | None = None
     next_due: float = 0.0
     last_started: float | None = None

@@ -16,15 +16,14 @@ import random
 import time
 from collections.abc import Callable
 
-from callbridge.aio import wait_any
 from callbridge.config import Settings
 from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome
-from callbridge.planner import expected_requests
-from callbridge.poller import Poller
-from callbridge.relay import Relay
-from callbridge.runtime import BatchRuntime
-from callbridge.schedule import interval_s, jittered
+from callbridge.poll.batch_cache import BatchRuntime
+from callbridge.poll.cycle import Poller
+from callbridge.poll.fanout import EventSink
+from callbridge.poll.lifecycle import interval_s, jittered
+from callbridge.poll.planner import expected_requests
 from callbridge.store.leases import LeaseStore
 from callbridge.store.registry import BatchRegistry
 from callbridge.store.snapshots import SnapshotStore
@@ -33,6 +32,16 @@ log = logging.getLogger(__name__)
 
 # Order in which due batches start when concurrency or the request budget is short.
 _PRIORITY = {"active": 0, "lingering": 1, "not_found": 2}
+
+
+async def wait_any(*events: asyncio.Event, within_s: float) -> None:
+    """Return when any of `events` is set or `within_s` seconds have passed."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 class Scheduler:
@@ -45,7 +54,7 @@ class Scheduler:
         store: SnapshotStore,
         leases: LeaseStore,
         registry: BatchRegistry,
-        relay: Relay,
+        sink: EventSink,
         metrics: Metrics,
         *,
         rng: random.Random | None = None,
@@ -58,7 +67,7 @@ class Scheduler:
         self._store = store
         self._leases = leases
         self._registry = registry
-        self._relay = relay
+        self._sink = sink
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._wall_ms = wall_ms
@@ -294,7 +303,7 @@ class Scheduler:
         series.
         """
         try:
-            await self._relay.drain(rt.batch_id)
+            await self._sink.drain(rt.batch_id)
             await self._registry.retire(rt.batch_id)
             await self._store.expire_batch(
                 rt.batch_id, int(self._p.retired_retention_seconds * 1000)
@@ -316,7 +325,7 @@ class Scheduler:
         """The batch was removed (``DELETE /v1/batches/{id}``): fan out what it had
         committed, let its state expire like a retired batch's, drop it here."""
         try:
-            await self._relay.drain(rt.batch_id)
+            await self._sink.drain(rt.batch_id)
             await self._store.expire_batch(
                 rt.batch_id, int(self._p.retired_retention_seconds * 1000)
             )

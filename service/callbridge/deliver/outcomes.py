@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Histogram
 
 from callbridge.config import SubscriptionSettings
+from callbridge.deliver.retry import AttemptResult, Decision, classify, failure_reason
 from callbridge.metrics import Metrics, status_class
-from callbridge.retry import AttemptResult, Decision, classify, failure_reason
 from callbridge.store.queue import Claimed, Completion
 
-log = logging.getLogger("callbridge.delivery")
+log = logging.getLogger("callbridge.deliver.deliverer")
 
 
 @dataclass(slots=True)

@@ -8,34 +8,18 @@ so a receiver that knows any one of the secrets accepts the request.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 from collections.abc import Mapping, Sequence
 
+from callbridge.config import decode_whsec
 from callbridge.constants import (
     HEADER_WEBHOOK_ID,
     HEADER_WEBHOOK_SIGNATURE,
     HEADER_WEBHOOK_TIMESTAMP,
 )
+from callbridge.errors import SignatureError
 
-
-def decode_whsec(secret: str) -> bytes:
-    """The key bytes of a ``whsec_<base64>`` secret; ValueError when it is not one."""
-    if not secret.startswith("whsec_"):
-        raise ValueError("must be a whsec_<base64> secret")
-    try:
-        key = base64.b64decode(secret[len("whsec_") :], validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(
-            "must be a whsec_<base64> secret (the part after whsec_ is not base64)"
-        ) from None
-    if not 24 <= len(key) <= 64:
-        raise ValueError("must decode to 24-64 bytes of key (whsec_ + base64)")
-    return key
-
-
-class SignatureError(ValueError):
-    """The request's webhook signature headers do not verify."""
+__all__ = ["SignatureError", "sign", "signature_headers", "verify"]
 
 
 def sign(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:

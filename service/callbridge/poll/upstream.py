@@ -41,9 +41,8 @@ from callbridge.errors import (
     UpstreamTransportError,
 )
 from callbridge.metrics import Metrics
-from callbridge.models import CallsPage
-from callbridge.pages import PageEntry, RawPage, body_digest, decode_page
-from callbridge.retry import parse_retry_after
+from callbridge.models import CallsPage, parse_retry_after
+from callbridge.poll.pages import PageEntry, RawPage, body_digest, decode_page
 from callbridge.store.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ class UpstreamClient:
                 url=url,
                 status=200,
                 body=body,
-            ) from None
+            ) from exc
 
     async def fetch_page(
         self,
@@ -316,12 +315,12 @@ class UpstreamClient:
                 retry_after = parse_retry_after(
                     resp.headers.get("Retry-After"), cap_s=_RETRY_AFTER_CAP_S
                 )
-        except TimeoutError:
+        except TimeoutError as exc:
             self._count("timeout", None)
-            raise UpstreamTransportError("request timed out", url=url) from None
+            raise UpstreamTransportError("request timed out", url=url) from exc
         except aiohttp.ClientError as exc:
             self._count("transport_error", None)
-            raise UpstreamTransportError(f"{type(exc).__name__}: {exc}", url=url) from None
+            raise UpstreamTransportError(f"{type(exc).__name__}: {exc}", url=url) from exc
         finally:
             self._metrics.upstream_latency.observe(time.perf_counter() - started)
 

@@ -1,29 +1,25 @@
-"""Reading a batch from the platform for one cycle: its pages, and second looks.
+"""Second looks: a call seen moving backwards is reported only when a second look agrees.
 
-A scan keeps what arrived: when a page fails after its retries (bounded by one
-poll interval), the pages read so far are returned with ``complete=False`` and
-their calls are committed; the next scan starts on time, so no call is blind
-for longer than an outage plus one interval. Only the first page failing is an
-error for the caller.
+A backward move (``ringing -> queued``, ``completed -> in_progress``) is a redial or a
+stale copy served by the platform. The first sighting becomes a `Suspect`, kept with
+the commit (`stored_suspects`) so that a restart or a take-over judges it too; the
+second look is the next read that serves the call, or at once an ``external_id``
+look-up (`confirm_backward_moves`). Pure but for that look-up.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from callbridge.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerprint
-from callbridge.candidates import Candidates
-from callbridge.errors import UpstreamAuthError, UpstreamError
+from callbridge.errors import UpstreamError
 from callbridge.models import is_backward, is_terminal, normalise_status
-from callbridge.pages import RawPage, entry
-from callbridge.store.leases import LeaseKeeper
-from callbridge.upstream import UpstreamClient
-
-log = logging.getLogger(__name__)
+from callbridge.poll.candidates import Candidates
+from callbridge.poll.pages import entry
+from callbridge.poll.upstream import UpstreamClient
+from callbridge.store.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerprint
 
 # Backward moves confirmed by a look-up per cycle at most; the rest wait a scan.
 # Look-ups cost requests from the budget every scan shares, so they are few, and
@@ -47,46 +43,6 @@ class LookupBudget:
     """Look-ups a cycle may still make (its groups of pages share them)."""
 
     left: int
-
-
-@dataclass(frozen=True, slots=True)
-class Scan:
-    pages: list[RawPage]
-    # Every page arrived and the last one said there is no more.
-    complete: bool
-
-
-async def read_pages(
-    upstream: UpstreamClient,
-    batch_id: str,
-    previous: Mapping[int, RawPage],
-    keeper: LeaseKeeper,
-    retry_within_s: float,
-    on_page: Callable[[RawPage], None] | None = None,
-) -> Scan:
-    """The batch's pages as far as they can be read now; raises when none arrived.
-    `on_page` sees each page as it arrives."""
-    pages: list[RawPage] = []
-    try:
-        async for page in upstream.iter_pages(batch_id, previous, retry_within_s=retry_within_s):
-            keeper.check()
-            pages.append(page)
-            if on_page is not None:
-                on_page(page)
-    except UpstreamAuthError:
-        raise
-    except UpstreamError as exc:
-        if not pages:
-            raise
-        log.warning(
-            "scan of batch %s stopped after %d pages, keeping them: %s",
-            batch_id,
-            len(pages),
-            exc,
-            extra={"action": "scan_partial", "batch_id": batch_id},
-        )
-        return Scan(pages, complete=False)
-    return Scan(pages, complete=bool(pages) and not pages[-1].has_more)
 
 
 async def confirm_backward_moves(

@@ -26,7 +26,6 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from callbridge.callstate import CallState, CallStates
 from callbridge.config import PollerSettings
 from callbridge.models import (
     ANSWERED,
@@ -39,7 +38,8 @@ from callbridge.models import (
     is_backward,
     normalise_status,
 )
-from callbridge.pages import PageEntry, RawPage, entry
+from callbridge.poll.pages import PageEntry, RawPage, entry
+from callbridge.store.callstate import CallState, CallStates
 
 PlanKind = Literal["full", "active"]
 # Why a cycle read what it read (a label of callbridge_scan_plans_total):

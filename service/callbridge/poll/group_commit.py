@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from callbridge.pages import RawPage
+from callbridge.poll.pages import RawPage
 
 # Items per group at most (at least one page). A group is diffed and committed in one
 # go, without a pause for the event loop; uncapped, a scan read faster than it commits

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from callbridge.pages import usable_item
+from callbridge.poll.pages import usable_item
 
 
 @dataclass(slots=True)

@@ -19,24 +19,24 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from callbridge.candidates import select_candidates
 from callbridge.config import Settings
-from callbridge.cycle_metrics import count_odd_items, note_unreadable, record_diff
-from callbridge.diff import BatchView, ScanFacts, diff
 from callbridge.errors import (
     BatchNotFoundError,
     LeaseLostError,
     UpstreamAuthError,
     UpstreamError,
 )
-from callbridge.group_commit import GroupCommit
 from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome, iso_ms
-from callbridge.planned_scan import BatchReader, Held, PlannedScan, settle
-from callbridge.reach import PlatformReach
-from callbridge.relay import FanOut, Relay
-from callbridge.runtime import BatchRuntime, Tally
-from callbridge.scan import (
+from callbridge.poll.batch_cache import BatchRuntime, Tally
+from callbridge.poll.candidates import select_candidates
+from callbridge.poll.cycle_metrics import count_odd_items, note_unreadable, record_diff
+from callbridge.poll.diff import BatchView, ScanFacts, diff
+from callbridge.poll.fanout import EventSink, FanOut
+from callbridge.poll.group_commit import GroupCommit
+from callbridge.poll.lifecycle import BatchLifecycle, lifecycle
+from callbridge.poll.reader import BatchReader, Held, PlannedScan, settle
+from callbridge.poll.second_look import (
     MAX_LOOKUPS_PER_CYCLE,
     LookupBudget,
     confirm_backward_moves,
@@ -45,10 +45,10 @@ from callbridge.scan import (
     stored_suspects,
     suspects_from,
 )
-from callbridge.schedule import BatchLifecycle, lifecycle
+from callbridge.poll.upstream import UpstreamClient
+from callbridge.poll.upstream_health import PlatformReach
 from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import SnapshotStore
-from callbridge.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Poller:
         store: SnapshotStore,
         leases: LeaseStore,
         upstream: UpstreamClient,
-        relay: Relay,
+        sink: EventSink,
         metrics: Metrics,
         *,
         replica_id: str,
@@ -77,7 +77,7 @@ class Poller:
         self._store = store
         self._leases = leases
         self._upstream = upstream
-        self._relay = relay
+        self._sink = sink
         self._metrics = metrics
         self.replica_id = replica_id
         self._wall_ms = wall_ms
@@ -156,7 +156,7 @@ class Poller:
             rt.outbox_dirty = True
         if rt.outbox_dirty:
             # Before this cycle's events, so a call's older events are queued first.
-            await self._relay.drain(batch_id)
+            await self._sink.drain(batch_id)
             rt.outbox_dirty = False
         assert rt.states is not None
         assert rt.token is not None
@@ -169,7 +169,7 @@ class Poller:
         async def held(raws: list[bytes]) -> None:
             flusher.changed |= await self._commit(rt, [raws], lookups, tally)
 
-        fanout = rt.fanout = FanOut(self._relay, batch_id)
+        fanout = rt.fanout = FanOut(self._sink, batch_id)
         try:
             async with LeaseKeeper(self._leases, batch_id, rt.token, self.ttl_ms) as keeper:
                 try:

@@ -9,10 +9,8 @@ the next drain redo the same work, never lose it or create it under a new id.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from callbridge.config import SubscriptionSettings
 from callbridge.metrics import Metrics
@@ -141,50 +139,3 @@ class Relay:
             # Only once every delivery exists: a crash before this line re-enqueues
             # the same ids (a no-op), a crash after it has nothing left to do.
             await self._store.trim_outbox(batch_id, [sid for _, sid in chunk])
-
-
-class FanOut:
-    """A cycle's fan-outs, run one after the other in commit order, in the background.
-
-    A scan commits its pages in groups (`group_commit`); awaiting each group's fan-out
-    before diffing the next left the bridge idle while Valkey enqueued (about half of a
-    flood's poll cycle, issue 13). Here the cycle goes on while the last group's
-    deliveries are enqueued. Order still holds: each fan-out starts when the one before
-    it has ended, so a call's events are queued in the order they were committed, and
-    one that fails stops those after it (their events stay in the outbox, which the
-    next cycle drains first, in order). The cycle waits for all of them (`wait`)
-    before it counts as done.
-    """
-
-    def __init__(self, relay: Relay, batch_id: str) -> None:
-        self._relay = relay
-        self._batch_id = batch_id
-        self._last: asyncio.Task[None] | None = None
-
-    def publish(self, events: Sequence[tuple[Event, bytes]]) -> None:
-        """Fan out events just committed (with their outbox ids), after those before."""
-        self._then(lambda: self._relay.publish(self._batch_id, events))
-
-    def drain(self) -> None:
-        """Fan out the whole outbox, after the fan-outs handed over before."""
-        self._then(lambda: self._relay.drain(self._batch_id))
-
-    async def wait(self) -> None:
-        """Until every fan-out handed over has ended; raises the first one's error."""
-        if self._last is not None:
-            await asyncio.shield(self._last)
-
-    async def settle(self) -> None:
-        """`wait`, keeping quiet about an error (on the way out of a cycle that failed:
-        the events of a failed fan-out stay in the outbox)."""
-        if self._last is not None:
-            await asyncio.gather(self._last, return_exceptions=True)
-
-    def _then(self, step: Callable[[], Awaitable[Any]]) -> None:
-        self._last = asyncio.create_task(self._after(self._last, step))
-
-    @staticmethod
-    async def _after(before: asyncio.Task[None] | None, step: Callable[[], Awaitable[Any]]) -> None:
-        if before is not None:
-            await before  # raises what it raised: nothing after a failed fan-out
-        await step()
