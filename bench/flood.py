@@ -115,7 +115,7 @@ async def _completed_bodies(redis_url: str) -> list[bytes]:
     client: Any = aioredis.Redis.from_url(redis_url)
     bodies: list[bytes] = []
     try:
-        pattern = Keys().sub_prefix(SUB) + ":d:*"
+        pattern = Keys().record_prefix(SUB) + "*"
         keys = [k async for k in client.scan_iter(match=pattern, count=2000)]
         async with client.pipeline(transaction=False) as pipe:
             for k in keys:

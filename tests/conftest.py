@@ -22,6 +22,7 @@ from aiohttp.typedefs import Middleware
 from callbridge.app import Bridge
 from callbridge.config import Settings
 from callbridge.deliver.deliverer import Deliverer
+from callbridge.deliver.sender import WebhookSender
 from callbridge.metrics import Metrics
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.keys import Keys
@@ -185,7 +186,8 @@ async def make_rig(
         sessions.append(session)
         queue = DeliveryQueue(client, Keys())
         metrics = Metrics()
-        deliverer = Deliverer(settings, queue, session, metrics)
+        sender = WebhookSender.for_settings(settings.delivery, session)
+        deliverer = Deliverer(settings, queue, sender, metrics)
         deliverers.append(deliverer)
         return Rig(settings, queue, deliverer, metrics, receivers)
 

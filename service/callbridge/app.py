@@ -26,6 +26,7 @@ from callbridge.api import BRIDGE, add_routes
 from callbridge.config import Settings
 from callbridge.deliver.deliverer import Deliverer
 from callbridge.deliver.relay import Relay
+from callbridge.deliver.sender import WebhookSender
 from callbridge.janitor import Janitor
 from callbridge.metrics import Metrics
 from callbridge.operations import Operations
@@ -124,7 +125,8 @@ class Bridge:
         )
         upstream = UpstreamClient(settings.upstream, session, limiter, metrics)
         replica_id = replica_id or default_replica_id(settings)
-        deliverer = Deliverer(settings, queue, session, metrics, replica_id=replica_id)
+        sender = WebhookSender.for_settings(settings.delivery, session)
+        deliverer = Deliverer(settings, queue, sender, metrics, replica_id=replica_id)
         relay = Relay(
             store,
             queue,

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 
 from callbridge.app import Bridge
 from callbridge.models import TERMINAL_STATUSES
-from callbridge.poll.batch_cache import BatchRuntime
+from callbridge.poll.batch_cache import BatchCache
 from callbridge.simulator import FaultConfig, Simulator
 from callbridge.store.callstate import CallStates
 from callbridge.store.keys import Keys
@@ -221,7 +221,7 @@ async def test_batch_completed_once_per_completion(make_service: MakeService) ->
     assert dict(delivered) == truth
 
 
-async def run_until_retired(svc: Bridge, sim: Simulator) -> BatchRuntime:
+async def run_until_retired(svc: Bridge, sim: Simulator) -> BatchCache:
     """Play the batch to its end, age it past quiet + linger, run its next cycle."""
     batch = sim.batch_ids[0]
     while not sim.is_finished():

@@ -23,10 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from callbridge.config import Settings, SubscriptionSettings
-from callbridge.deliver.http1 import Http1Pool
 from callbridge.deliver.outcomes import Finished, OutcomeBook
 from callbridge.deliver.sender import WebhookSender
 from callbridge.deliver.workers import Workers
@@ -72,23 +69,24 @@ class Deliverer:
         self,
         settings: Settings,
         queue: DeliveryQueue,
-        session: aiohttp.ClientSession,
+        sender: WebhookSender,
         metrics: Metrics,
         *,
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         replica_id: str = "",
     ) -> None:
         self._settings = settings
         self._d = settings.delivery
         self._queue = queue
-        # The lean client's connections are the deliverer's own (`close()`); aiohttp's
-        # session is the caller's.
-        pool = Http1Pool() if self._d.http_client == "lean" else None
-        self.sender = WebhookSender(session, pool=pool, wall=wall)
+        # The deliverer closes the sender's own connections (`close()`); an aiohttp
+        # session behind it stays the caller's.
+        self.sender = sender
         self._metrics = metrics
         self._book = OutcomeBook(metrics, rng or random.Random())
         self._wall = wall
+        self._monotonic = monotonic
         # Claims are made under "<replica id>:<process>": a restarted replica knows
         # its predecessor's claims and gives them back at once (`reclaim_own`).
         self.token = f"{replica_id}:{uuid.uuid4().hex}"
@@ -115,7 +113,7 @@ class Deliverer:
         # slot: a busy subscription then hands its freed slots back instead of
         # claiming them again itself (see _step).
         self._starving: set[str] = set()
-        self.last_loop_at = time.monotonic()
+        self.last_loop_at = self._monotonic()
 
     async def close(self) -> None:
         """Close the connections of the lean HTTP client (once the loops have stopped)."""
@@ -158,7 +156,7 @@ class Deliverer:
         return len(claimed)
 
     async def _maintain(self, sub: _Sub) -> None:
-        now = time.monotonic()
+        now = self._monotonic()
         name = sub.settings.name
         if now >= sub.next_sweep:
             sub.next_sweep = now + _SWEEP_EVERY_S
@@ -323,7 +321,7 @@ class Deliverer:
         steps: set[asyncio.Task[None]] = set()
         try:
             while not stopping.is_set():
-                self.last_loop_at = time.monotonic()
+                self.last_loop_at = self._monotonic()
                 sub.wake.clear()
                 if sub.steps < _STEPS_IN_FLIGHT and self._wants_step(sub):
                     sub.steps += 1
@@ -350,7 +348,7 @@ class Deliverer:
             await asyncio.shield(self._write(sub))
 
     def _wants_step(self, sub: _Sub) -> bool:
-        if time.monotonic() < sub.retry_at:
+        if self._monotonic() < sub.retry_at:
             return False
         if sub.finished:
             return True
@@ -374,7 +372,7 @@ class Deliverer:
                 name,
                 extra={"action": "delivery_loop_error", "subscription": name},
             )
-            sub.retry_at = time.monotonic() + self._d.idle_poll_seconds
+            sub.retry_at = self._monotonic() + self._d.idle_poll_seconds
             return
         finally:
             sub.steps -= 1

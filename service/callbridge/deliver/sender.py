@@ -18,7 +18,7 @@ import aiohttp
 from yarl import URL
 
 from callbridge import __version__
-from callbridge.config import SubscriptionSettings
+from callbridge.config import DeliverySettings, SubscriptionSettings
 from callbridge.constants import (
     HEADER_WEBHOOK_ID,
     HEADER_WEBHOOK_SIGNATURE,
@@ -60,6 +60,19 @@ class WebhookSender:
         self._pool = pool
         self._wall = wall
         self._targets: dict[str, _Target] = {}
+
+    @classmethod
+    def for_settings(
+        cls,
+        settings: DeliverySettings,
+        session: aiohttp.ClientSession,
+        *,
+        wall: Callable[[], float] = time.time,
+    ) -> WebhookSender:
+        """The sender ``delivery.http_client`` asks for: the lean client with connections
+        of its own (`close()` closes them), or aiohttp's `session` (the caller's)."""
+        pool = Http1Pool() if settings.http_client == "lean" else None
+        return cls(session, pool=pool, wall=wall)
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -1,6 +1,6 @@
 """The active plan: one cycle's reading of only the calls that can have changed.
 
-`ActiveScan.run` reads, in order:
+`ActiveRead.run` reads, in order:
 
 1. ``status=pending&limit=1``: only its ``total``;
 2. every page of each active status's list (``status=queued`` ...): new arrivals
@@ -18,7 +18,7 @@
 
 Backward moves go through the same second look as a full scan's
 (`scan.confirm_backward_moves`), but for what only reads within a cycle can see: a
-call served twice going back, then elsewhere as a new item (`ActiveScan.confirmed`),
+call served twice going back, then elsewhere as a new item (`ActiveRead.confirmed`),
 or found elsewhere as a new item by the look-up that follows (`served_twice`). What
 the reads served twice moving forward is reported even when the cycle falls back to a
 full scan (`held`: `planned_scan.BatchReader.read` commits it first).
@@ -60,7 +60,7 @@ from callbridge.store.leases import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
-# The frontier page (`ActiveScan._read_frontier`) is read while it explains at least
+# The frontier page (`ActiveRead._read_frontier`) is read while it explains at least
 # this share of what moved (EWMA); skipped, the share creeps back up to retry it.
 _FRONTIER_MIN_HITS = 0.25
 _FRONTIER_RETRY = 0.02
@@ -81,7 +81,7 @@ class _Tail:
     tail_start: int
 
 
-class ActiveScan:
+class ActiveRead:
     """The active plan of one cycle of one batch."""
 
     def __init__(

@@ -1,4 +1,4 @@
-"""What a replica knows of a batch it polls, between cycles (`BatchRuntime`).
+"""What a replica knows of a batch it polls, between cycles (`BatchCache`).
 
 Everything here is a cache of what Redis holds, or of what the last committed scan
 saw: it moves forward only after a commit (`committed`) and is dropped whenever
@@ -14,17 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from callbridge.poll.candidates import ItemSignatures
+from callbridge.poll.diff import DiffResult
 from callbridge.poll.fanout import FanOut
 from callbridge.poll.group_commit import GroupCommit
 from callbridge.poll.pages import RawPage
-from callbridge.poll.planner import PlanState
+from callbridge.poll.planner import Plan, PlanState
 from callbridge.poll.second_look import Suspect
 from callbridge.store.callstate import CallState, CallStates
 from callbridge.store.snapshots import BatchMeta
 
 
 @dataclass(slots=True)
-class BatchRuntime:
+class BatchCache:
     """What this replica knows about a batch it polls."""
 
     batch_id: str
@@ -87,8 +88,35 @@ class BatchRuntime:
 
 
 @dataclass(slots=True)
-class Tally:
-    """What the groups of one cycle committed, for the planner (`settle`)."""
+class CycleCommits:
+    """What the groups of one cycle committed, for the planner (`reader.settle_plan`)."""
 
     items: list[dict[str, Any]] = field(default_factory=list)
     moved: int = 0
+
+
+def meta_after(
+    meta: BatchMeta,
+    result: DiffResult,
+    suspects: list[bytes],
+    plan: Plan | None,
+    now_ms: int,
+) -> BatchMeta:
+    """The batch's metadata as a commit of `result` leaves it (`plan`: the cycle's,
+    on its last group only; `suspects`: as stored with the commit)."""
+    out = dataclasses.replace(
+        meta,
+        counts=result.counts,
+        completed=result.completed,
+        completions=result.completions,
+        last_poll_ms=now_ms,
+        not_found_since_ms=0,
+        suspects=suspects,
+    )
+    if plan is not None:
+        out.scan_plan, out.scan_reason = plan.kind, plan.reason
+    if result.changed:
+        out.last_change_ms = now_ms
+    if result.completions > meta.completions:
+        out.completed_at_ms = now_ms
+    return out

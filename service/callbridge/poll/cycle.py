@@ -10,12 +10,12 @@ after a commit and dropped whenever the lease is lost.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -27,15 +27,16 @@ from callbridge.errors import (
     UpstreamError,
 )
 from callbridge.metrics import Metrics
-from callbridge.models import PollOutcome, iso_ms
-from callbridge.poll.batch_cache import BatchRuntime, Tally
-from callbridge.poll.candidates import select_candidates
+from callbridge.models import Event, PollOutcome, iso_ms
+from callbridge.poll.batch_cache import BatchCache, CycleCommits, meta_after
+from callbridge.poll.candidates import Candidates, select_candidates
 from callbridge.poll.cycle_metrics import count_odd_items, note_unreadable, record_diff
 from callbridge.poll.diff import BatchView, ScanFacts, diff
 from callbridge.poll.fanout import EventSink, FanOut
 from callbridge.poll.group_commit import GroupCommit
 from callbridge.poll.lifecycle import BatchLifecycle, lifecycle
-from callbridge.poll.reader import BatchReader, Held, PlannedScan, settle
+from callbridge.poll.ownership import Ownership
+from callbridge.poll.reader import BatchReader, CycleRead, OnHeld, settle_plan
 from callbridge.poll.second_look import (
     MAX_LOOKUPS_PER_CYCLE,
     LookupBudget,
@@ -46,15 +47,23 @@ from callbridge.poll.second_look import (
     suspects_from,
 )
 from callbridge.poll.upstream import UpstreamClient
-from callbridge.poll.upstream_health import PlatformReach
+from callbridge.poll.upstream_health import UpstreamHealth
+from callbridge.store.callstate import CallState
 from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class NothingRead:
+    """A cycle that got nothing usable from the platform, and how it ends."""
+
+    outcome: PollOutcome
+
+
 class Poller:
-    """Runs poll cycles of batches; holds what this replica knows of each (`BatchRuntime`).
+    """Runs poll cycles of batches; holds what this replica knows of each (`BatchCache`).
 
     Which batch is polled when is the `Scheduler`'s business; `poll_once` is the
     whole cycle of one batch.
@@ -82,9 +91,10 @@ class Poller:
         self.replica_id = replica_id
         self._wall_ms = wall_ms
         self._monotonic = monotonic
-        self.batches: dict[str, BatchRuntime] = {}
+        self.batches: dict[str, BatchCache] = {}
         self.ttl_ms = int(self._p.lease_ttl_seconds * 1000)
-        self.reach = PlatformReach(self._p, monotonic=monotonic)
+        self.ownership = Ownership(leases, metrics, replica_id=replica_id, ttl_ms=self.ttl_ms)
+        self.reach = UpstreamHealth(self._p, monotonic=monotonic)
         self._reader = BatchReader(upstream, settings, metrics, monotonic=monotonic)
 
     # -- state for health and admin ------------------------------------------
@@ -92,10 +102,10 @@ class Poller:
     def owned(self) -> list[str]:
         return sorted(b for b, rt in self.batches.items() if rt.token is not None)
 
-    def runtime(self, batch_id: str) -> BatchRuntime | None:
+    def runtime(self, batch_id: str) -> BatchCache | None:
         return self.batches.get(batch_id)
 
-    def lifecycle_of(self, rt: BatchRuntime) -> BatchLifecycle:
+    def lifecycle_of(self, rt: BatchCache) -> BatchLifecycle:
         return lifecycle(
             completed=rt.meta.completed,
             last_change_ms=rt.meta.last_change_ms,
@@ -104,18 +114,9 @@ class Poller:
             settings=self._p,
         )
 
-    async def release(self, rt: BatchRuntime) -> None:
-        """Hand a lease back so another replica can take it at once, and drop the cache.
-
-        Best effort: a lease we fail to delete still expires after its TTL.
-        """
-        if rt.token is not None:
-            with contextlib.suppress(Exception):
-                await self._leases.release(rt.batch_id, rt.token)
-        rt.token = None
-        rt.drop_cache()
-        # The new owner exports the batch's series; ours would go stale.
-        self._metrics.forget_batch(rt.batch_id)
+    async def release(self, rt: BatchCache) -> None:
+        """Hand a lease back so another replica can take it at once (`Ownership`)."""
+        await self.ownership.release(rt)
 
     async def release_all(self) -> None:
         """Hand every held lease back so other replicas take over at once."""
@@ -129,7 +130,7 @@ class Poller:
         """Poll one batch now: scan, diff, commit, fan out. Safe to call from tests."""
         rt = self.batches.get(batch_id)
         if rt is None:
-            rt = BatchRuntime(batch_id, self._p.backfill if backfill is None else backfill)
+            rt = BatchCache(batch_id, self._p.backfill if backfill is None else backfill)
             self.batches[batch_id] = rt
         started = time.perf_counter()
         try:
@@ -144,69 +145,74 @@ class Poller:
         self._metrics.leases_held.set(len(self.owned()))
         return outcome
 
-    async def _cycle(self, rt: BatchRuntime) -> PollOutcome:
-        batch_id = rt.batch_id
-        if not await self._ensure_lease(rt):
+    async def _cycle(self, rt: BatchCache) -> PollOutcome:
+        """One cycle, step by step: lease -> load -> plan + read (groups of pages
+        committed as they arrive) -> the final commit -> fan out -> settle the plan."""
+        if not await self.ownership.hold(rt):
             return "not_owner"
-        if rt.states is None:
-            rt.meta, rt.states = await self._store.load(batch_id)
-            rt.not_found = rt.meta.not_found_since_ms > 0
-            rt.suspects = restored_suspects(rt.meta.suspects)
-            # A previous owner may have committed events it never fanned out.
-            rt.outbox_dirty = True
-        if rt.outbox_dirty:
-            # Before this cycle's events, so a call's older events are queued first.
-            await self._sink.drain(batch_id)
-            rt.outbox_dirty = False
-        assert rt.states is not None
+        await self._load(rt)
         assert rt.token is not None
         lookups = LookupBudget(MAX_LOOKUPS_PER_CYCLE)
-        tally = Tally()
-        flusher = rt.group = GroupCommit(
-            lambda pages: self._commit(rt, [p.raws for p in pages], lookups, tally)
+        commits = CycleCommits()
+        groups = rt.group = GroupCommit(
+            lambda pages: self._commit(rt, [p.raws for p in pages], lookups, commits)
         )
 
-        async def held(raws: list[bytes]) -> None:
-            flusher.changed |= await self._commit(rt, [raws], lookups, tally)
+        async def commit_held(raws: list[bytes]) -> None:
+            groups.changed |= await self._commit(rt, [raws], lookups, commits)
 
-        fanout = rt.fanout = FanOut(self._sink, batch_id)
+        fanout = rt.fanout = FanOut(self._sink, rt.batch_id)
         try:
-            async with LeaseKeeper(self._leases, batch_id, rt.token, self.ttl_ms) as keeper:
+            async with LeaseKeeper(self._leases, rt.batch_id, rt.token, self.ttl_ms) as keeper:
                 try:
-                    scan = await self._scan(rt, keeper, flusher, held)
-                    rest = await flusher.finish()
+                    read = await self._read(rt, keeper, groups, commit_held)
+                    rest = await groups.finish()
                 finally:
-                    await flusher.abandon()
+                    await groups.abandon()
                     rt.group = None
-                if not isinstance(scan, str):
-                    # A full scan's pages went to groups; an active plan's come now.
-                    groups = [p.raws for p in rest] if scan.pages is not None else scan.groups
-                    changed = await self._commit(rt, groups, lookups, tally, final=scan)
+                if isinstance(read, CycleRead):
+                    # A full read's pages went to groups; an active plan's come now.
+                    last = [p.raws for p in rest] if read.pages is not None else read.groups
+                    changed = await self._commit(rt, last, lookups, commits, final=read)
             await fanout.wait()
             rt.outbox_dirty = False  # every event committed in this cycle is queued
         finally:
             await fanout.settle()
             rt.fanout = None
-        if isinstance(scan, str):
-            return scan
-        settle(rt.plan, scan, tally.items, tally.moved, rt.suspects, rt.signatures.owners)
-        if scan.partial:
+        if isinstance(read, NothingRead):
+            return read.outcome
+        settle_plan(rt.plan, read, commits.items, commits.moved, rt.suspects, rt.signatures.owners)
+        if read.partial:
             return "partial"
-        return "committed" if changed or flusher.changed else "unchanged"
+        return "committed" if changed or groups.changed else "unchanged"
+
+    async def _load(self, rt: BatchCache) -> None:
+        """The batch's snapshot, once per lease; then what a previous owner (or a
+        failed fan-out) left in the outbox, before this cycle's events, so a call's
+        older events are queued first."""
+        if rt.states is None:
+            rt.meta, rt.states = await self._store.load(rt.batch_id)
+            rt.not_found = rt.meta.not_found_since_ms > 0
+            rt.suspects = restored_suspects(rt.meta.suspects)
+            # A previous owner may have committed events it never fanned out.
+            rt.outbox_dirty = True
+        if rt.outbox_dirty:
+            await self._sink.drain(rt.batch_id)
+            rt.outbox_dirty = False
 
     async def _commit(
         self,
-        rt: BatchRuntime,
+        rt: BatchCache,
         groups: Sequence[Sequence[bytes | msgspec.Raw]],
         lookups: LookupBudget,
-        tally: Tally,
+        commits: CycleCommits,
         *,
-        final: PlannedScan | None = None,
+        final: CycleRead | None = None,
     ) -> bool:
         """Diff the raw items of `groups` against what is committed and commit what
-        changed; whether anything did. `final` (the scan) for its last group, which
+        changed; whether anything did. `final` (the read) for its last group, which
         commits even when nothing changed (the poll time, batch-level facts, the plan);
-        the others commit only changes. `tally` adds up what the planner learns from."""
+        the others commit only changes. `commits` adds up what the planner learns from."""
         batch_id = rt.batch_id
         assert rt.states is not None
         assert rt.token is not None
@@ -218,20 +224,8 @@ class Poller:
         previous = {
             c["call_id"]: st for c in cands.items if (st := rt.states.get(c["call_id"])) is not None
         }
-        confirmed, moved_on = await confirm_backward_moves(
-            self._upstream,
-            batch_id,
-            previous,
-            rt.suspects,
-            cands,
-            self._p.interval_seconds,
-            lookups,
-            final.twice if final is not None else (),
-        )
-        if final is not None:
-            confirmed |= final.confirmed  # by the active plan's own reads
-        complete = final is not None and final.complete
-        tally.items += cands.items
+        confirmed, moved_on = await self._second_looks(rt, previous, cands, lookups, final)
+        commits.items += cands.items
         now_ms = self._wall_ms()
         result = diff(
             batch_id,
@@ -241,7 +235,10 @@ class Poller:
             now_ms=now_ms,
             timestamp=iso_ms(now_ms),
             backfill=rt.backfill,
-            scan=ScanFacts(complete=complete, total=final.total if final is not None else None),
+            scan=ScanFacts(
+                complete=final is not None and final.complete,
+                total=final.total if final is not None else None,
+            ),
             confirmed=confirmed,
             raws=cands.raws,
             replays=replays_for(cands, confirmed, rt.suspects, moved_on),
@@ -251,22 +248,10 @@ class Poller:
             # Seen again next cycle as a candidate, and confirmed if still backwards.
             cands.signatures.pop(call_id, None)
         suspects = suspects_from(cands, result.unconfirmed, rt.suspects)
-        meta = dataclasses.replace(
-            rt.meta,
-            counts=result.counts,
-            completed=result.completed,
-            completions=result.completions,
-            last_poll_ms=now_ms,
-            not_found_since_ms=0,
-            suspects=stored_suspects(suspects),
+        meta = meta_after(
+            rt.meta, result, stored_suspects(suspects), final.plan if final else None, now_ms
         )
-        if final is not None:
-            meta.scan_plan, meta.scan_reason = final.plan.kind, final.plan.reason
-        tally.moved += len(result.transitions)
-        if result.changed:
-            meta.last_change_ms = now_ms
-        if result.completions > rt.meta.completions:
-            meta.completed_at_ms = now_ms
+        commits.moved += len(result.transitions)
         encoded = {call_id: state.encode() for call_id, state in result.states.items()}
         meta.version, stream_ids = await self._store.commit(
             batch_id,
@@ -285,32 +270,67 @@ class Poller:
         record_diff(self._metrics, batch_id, result)
         count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
         if result.events:
-            log.info(
-                "batch %s: %d events from %d changed calls%s",
-                batch_id,
-                len(result.events),
-                len(result.states),
-                "" if final is not None else " (part of a scan)",
-                extra={"action": "cycle_committed", "batch_id": batch_id},
-            )
-            # Committed, so never lost: a failed fan-out leaves them in the outbox,
-            # drained first next cycle. In the background, in order (`FanOut`).
-            rt.outbox_dirty = True
-            assert rt.fanout is not None
-            if stream_ids is None:
-                rt.fanout.drain()
-            else:
-                rt.fanout.publish(list(zip(result.events, stream_ids, strict=True)))
+            self._hand_on(rt, result.events, stream_ids, len(result.states), final is not None)
         return result.changed
 
-    async def _scan(
-        self, rt: BatchRuntime, keeper: LeaseKeeper, flusher: GroupCommit, on_held: Held
-    ) -> PlannedScan | PollOutcome:
-        """Read the batch under the planner's plan, or the outcome when nothing came.
-        A full scan hands `flusher` each page as it arrives (`BatchReader.read`)."""
+    async def _second_looks(
+        self,
+        rt: BatchCache,
+        previous: Mapping[str, CallState],
+        cands: Candidates,
+        lookups: LookupBudget,
+        final: CycleRead | None,
+    ) -> tuple[set[str], dict[str, dict[str, Any]]]:
+        """The backward moves a second look confirms (`second_look`), with those the
+        active plan's own reads confirmed; and what the look-ups found moved on since."""
+        confirmed, moved_on = await confirm_backward_moves(
+            self._upstream,
+            rt.batch_id,
+            previous,
+            rt.suspects,
+            cands,
+            self._p.interval_seconds,
+            lookups,
+            final.twice if final is not None else (),
+        )
+        if final is not None:
+            confirmed |= final.confirmed
+        return confirmed, moved_on
+
+    def _hand_on(
+        self,
+        rt: BatchCache,
+        events: list[Event],
+        stream_ids: list[bytes] | None,
+        calls: int,
+        last_group: bool,
+    ) -> None:
+        """Fan committed events out, in the background, after those committed before."""
+        log.info(
+            "batch %s: %d events from %d changed calls%s",
+            rt.batch_id,
+            len(events),
+            calls,
+            "" if last_group else " (part of a scan)",
+            extra={"action": "cycle_committed", "batch_id": rt.batch_id},
+        )
+        # Committed, so never lost: a failed fan-out leaves them in the outbox,
+        # drained first next cycle. In the background, in order (`FanOut`).
+        rt.outbox_dirty = True
+        assert rt.fanout is not None
+        if stream_ids is None:
+            rt.fanout.drain()
+        else:
+            rt.fanout.publish(list(zip(events, stream_ids, strict=True)))
+
+    async def _read(
+        self, rt: BatchCache, keeper: LeaseKeeper, groups: GroupCommit, on_held: OnHeld
+    ) -> CycleRead | NothingRead:
+        """Read the batch under the planner's plan, or how the cycle ends when nothing
+        came. A full read hands `groups` each page as it arrives (`BatchReader.read`)."""
         assert rt.states is not None
         try:
-            scan = await self._reader.read(
+            read = await self._reader.read(
                 rt.batch_id,
                 keeper,
                 rt.plan,
@@ -318,15 +338,15 @@ class Poller:
                 rt.meta,
                 rt.pages,
                 rt.signatures.by_call,
-                flusher.add,
+                groups.add,
                 on_held,
             )
         except UpstreamAuthError as exc:
             self.reach.key_rejected(exc)
-            return "auth_failed"
+            return NothingRead("auth_failed")
         except BatchNotFoundError:
             self.reach.answered()
-            return await self._mark_not_found(rt)
+            return NothingRead(await self._mark_not_found(rt))
         except UpstreamError as exc:
             self.reach.unreachable()
             log.warning(
@@ -335,11 +355,11 @@ class Poller:
                 exc,
                 extra={"action": "poll_failed", "batch_id": rt.batch_id},
             )
-            return "failed"
+            return NothingRead("failed")
         self.reach.answered()
-        return scan
+        return read
 
-    async def _mark_not_found(self, rt: BatchRuntime) -> PollOutcome:
+    async def _mark_not_found(self, rt: BatchCache) -> PollOutcome:
         if not rt.not_found:
             log.warning(
                 "batch %s not found upstream; rechecking every %.0fs",
@@ -364,37 +384,7 @@ class Poller:
         rt.not_found = True
         return "not_found"
 
-    async def _ensure_lease(self, rt: BatchRuntime) -> bool:
-        if rt.token is not None:
-            if await self._leases.renew(rt.batch_id, rt.token, self.ttl_ms):
-                return True
-            log.warning(
-                "lease on batch %s expired; reloading it",
-                rt.batch_id,
-                extra={"action": "lease_lost", "batch_id": rt.batch_id},
-            )
-            rt.token = None
-            rt.drop_cache()
-        token = f"{self.replica_id}:{uuid.uuid4().hex[:12]}"
-        if await self._leases.acquire(rt.batch_id, token, self.ttl_ms):
-            rt.token = token
-            rt.drop_cache()
-            log.info(
-                "took batch %s",
-                rt.batch_id,
-                extra={"action": "lease_acquired", "batch_id": rt.batch_id},
-            )
-            return True
-        return False
-
     async def probe(self, batch_id: str) -> None:
         """One small request to learn whether this replica reaches the platform again
         (while it stepped aside it owns no batch, so no cycle would tell it)."""
-        try:
-            await self._upstream.fetch_page(batch_id, 1, 1)
-        except UpstreamAuthError as exc:
-            self.reach.key_rejected(exc)
-        except UpstreamError:
-            pass
-        else:
-            self.reach.answered()
+        await self.reach.probe(self._upstream, batch_id)

@@ -4,7 +4,7 @@
 (`active_scan`), falling back to every page in the same cycle when the active plan
 cannot stand for a full scan. Either way the cycle gets raw item bytes, in the
 order they were served, for the same `select_candidates` -> diff -> commit path:
-the planner decides which requests to make, never what they mean. `settle` moves
+the planner decides which requests to make, never what they mean. `settle_plan` moves
 the planner's memory on once the cycle is committed.
 """
 
@@ -23,7 +23,7 @@ import msgspec
 from callbridge.config import Settings
 from callbridge.errors import FullReadNeeded, UpstreamAuthError, UpstreamError
 from callbridge.metrics import Metrics
-from callbridge.poll.active_read import ActiveScan
+from callbridge.poll.active_read import ActiveRead
 from callbridge.poll.full_read import read_pages
 from callbridge.poll.pages import RawPage
 from callbridge.poll.planner import (
@@ -44,11 +44,11 @@ from callbridge.store.snapshots import BatchMeta
 log = logging.getLogger(__name__)
 
 # Commits what an active plan's reads served twice, before its cycle falls back.
-Held = Callable[[list[bytes]], Awaitable[object]]
+OnHeld = Callable[[list[bytes]], Awaitable[object]]
 
 
 @dataclass(slots=True)
-class PlannedScan:
+class CycleRead:
     """What one cycle read under its plan, ready for `select_candidates` and the diff."""
 
     plan: Plan
@@ -70,9 +70,9 @@ class PlannedScan:
     anomaly: str | None = None
     # The planner's `gone` set once this cycle is committed.
     gone: set[str] = field(default_factory=set)
-    # Backward moves the reads themselves confirmed (`ActiveScan.confirmed`).
+    # Backward moves the reads themselves confirmed (`ActiveRead.confirmed`).
     confirmed: set[str] = field(default_factory=set)
-    # Calls whose new status the reads served twice (`ActiveScan.served_twice`).
+    # Calls whose new status the reads served twice (`ActiveRead.served_twice`).
     twice: set[str] = field(default_factory=set)
 
     @property
@@ -109,14 +109,14 @@ class BatchReader:
         previous_pages: Mapping[int, RawPage],
         known: Mapping[str, int],
         on_page: Callable[[RawPage], None] | None = None,
-        on_held: Held | None = None,
-    ) -> PlannedScan:
+        on_held: OnHeld | None = None,
+    ) -> CycleRead:
         """Read `batch_id` for one cycle (`state`: the planner's memory of it, `states`
         and `meta`: its snapshot, `known`: item signatures as last committed); an
         active plan that cannot stand for a full scan falls back to one in the same
         cycle. The cycle's requests and plan are counted. A full scan hands each page
         to `on_page` as it arrives (the group commit). Before falling back, what the
-        active reads served twice moving forward (`ActiveScan.held`) goes to `on_held`,
+        active reads served twice moving forward (`ActiveRead.held`) goes to `on_held`,
         to commit at once.
 
         Raises the upstream error when nothing at all could be read.
@@ -137,15 +137,15 @@ class BatchReader:
         previous_pages: Mapping[int, RawPage],
         known: Mapping[str, int],
         on_page: Callable[[RawPage], None] | None,
-        on_held: Held | None,
-    ) -> PlannedScan:
+        on_held: OnHeld | None,
+    ) -> CycleRead:
         settings, page_size, now = self._p, self._page_size, self._monotonic()
         plan = choose(settings, state, meta.counts, page_size, now, batch_id)
         full_pages = full_cost(meta.counts, page_size)
         requests: Counter[str] = Counter()
         anomaly = None
         if plan.kind == "active":
-            active = ActiveScan(
+            active = ActiveRead(
                 self._upstream,
                 batch_id,
                 keeper,
@@ -189,7 +189,7 @@ class BatchReader:
             self._upstream, batch_id, previous_pages, keeper, settings.interval_seconds, on_page
         )
         requests["full"] += len(scan.pages)
-        return PlannedScan(
+        return CycleRead(
             plan=plan,
             groups=[p.raws for p in scan.pages],
             complete=scan.complete,
@@ -208,9 +208,9 @@ class BatchReader:
 
 
 def _active(
-    plan: Plan, active: ActiveScan, started: float, full_pages: int, *, partial: bool
-) -> PlannedScan:
-    return PlannedScan(
+    plan: Plan, active: ActiveRead, started: float, full_pages: int, *, partial: bool
+) -> CycleRead:
+    return CycleRead(
         plan=plan,
         groups=[[e.raw for e in active.items.values()]],
         complete=False,
@@ -227,7 +227,7 @@ def _active(
     )
 
 
-def record(metrics: Metrics, batch_id: str, scan: PlannedScan) -> None:
+def record(metrics: Metrics, batch_id: str, scan: CycleRead) -> None:
     """Count a cycle's requests and plan (whether or not its commit succeeds)."""
     for kind, n in scan.requests.items():
         metrics.scan_requests.labels(kind).inc(n)
@@ -244,9 +244,9 @@ def record(metrics: Metrics, batch_id: str, scan: PlannedScan) -> None:
         )
 
 
-def settle(
+def settle_plan(
     state: PlanState,
-    scan: PlannedScan,
+    scan: CycleRead,
     committed: Iterable[Mapping[str, Any]],
     moved: int,
     suspects: Mapping[str, Suspect],

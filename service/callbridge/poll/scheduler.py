@@ -19,7 +19,7 @@ from collections.abc import Callable
 from callbridge.config import Settings
 from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome
-from callbridge.poll.batch_cache import BatchRuntime
+from callbridge.poll.batch_cache import BatchCache
 from callbridge.poll.cycle import Poller
 from callbridge.poll.fanout import EventSink
 from callbridge.poll.lifecycle import interval_s, jittered
@@ -132,7 +132,7 @@ class Scheduler:
         finally:
             await self._stop_cycles()
 
-    async def run_cycle(self, rt: BatchRuntime, sem: asyncio.Semaphore) -> None:
+    async def run_cycle(self, rt: BatchCache, sem: asyncio.Semaphore) -> None:
         """One scheduled cycle of `rt`: poll, set its next due time, retire it when over."""
         try:
             async with sem:
@@ -158,7 +158,7 @@ class Scheduler:
         finally:
             rt.task = None
 
-    def _pages(self, rt: BatchRuntime) -> int:
+    def _pages(self, rt: BatchCache) -> int:
         """Requests the next cycle of `rt` is expected to make, under the plan the
         planner will choose (a full scan: its page count last time)."""
         return expected_requests(
@@ -177,10 +177,10 @@ class Scheduler:
         rate = self._settings.upstream.max_requests_per_second / max(1, self._alive)
         return rate * max(1.0, self._p.interval_seconds)
 
-    def _schedule_key(self, rt: BatchRuntime) -> tuple[int, float]:
+    def _schedule_key(self, rt: BatchCache) -> tuple[int, float]:
         return (_PRIORITY.get(self._poller.lifecycle_of(rt), 3), rt.next_due)
 
-    def _next_interval(self, rt: BatchRuntime, outcome: PollOutcome) -> float:
+    def _next_interval(self, rt: BatchCache, outcome: PollOutcome) -> float:
         p = self._p
         if outcome == "not_owner":
             return jittered(p.lease_ttl_seconds / 3, p.jitter_ratio, self._rng)
@@ -198,7 +198,7 @@ class Scheduler:
 
     async def sync(self) -> None:
         """One sync now (what `run` does every few seconds), for tests and tools."""
-        await self._sync(time.monotonic())
+        await self._sync(self._monotonic())
 
     async def _sync(self, now: float) -> None:
         """Heartbeat, renew held leases, follow the registry."""
@@ -213,7 +213,7 @@ class Scheduler:
         for batch_id, reg in registered.items():
             if batch_id not in self._batches:
                 backfill = self._p.backfill if reg.backfill is None else reg.backfill
-                self._batches[batch_id] = BatchRuntime(batch_id, backfill, next_due=now)
+                self._batches[batch_id] = BatchCache(batch_id, backfill, next_due=now)
                 self._metrics.init_batch(batch_id)
         for batch_id in list(self._batches):
             rt = self._batches.get(batch_id)
@@ -293,7 +293,7 @@ class Scheduler:
         with contextlib.suppress(Exception):
             await self._leases.leave(self._poller.replica_id)
 
-    async def _retire(self, rt: BatchRuntime) -> None:
+    async def _retire(self, rt: BatchCache) -> None:
         """Nothing polls the batch any more: it should cost nothing from now on.
 
         Its committed events are fanned out first (they are promises). The registry
@@ -321,7 +321,7 @@ class Scheduler:
         self._batches.pop(rt.batch_id, None)
         self._metrics.forget_batch(rt.batch_id)
 
-    async def _forget(self, rt: BatchRuntime) -> None:
+    async def _forget(self, rt: BatchCache) -> None:
         """The batch was removed (``DELETE /v1/batches/{id}``): fan out what it had
         committed, let its state expire like a retired batch's, drop it here."""
         try:

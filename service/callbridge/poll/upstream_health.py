@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 
 from callbridge.config import PollerSettings
-from callbridge.errors import UpstreamAuthError
+from callbridge.errors import UpstreamAuthError, UpstreamError
 from callbridge.poll.lifecycle import auth_backoff_s
+from callbridge.poll.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 UNREACHABLE_AFTER_SCANS = 3
 
 
-class PlatformReach:
+class UpstreamHealth:
     """Health of this replica's access to the platform, fed by every scan."""
 
     def __init__(
@@ -65,3 +66,14 @@ class PlatformReach:
     def unreachable(self) -> None:
         """A scan got no page at all (network, platform down)."""
         self._unreachable += 1
+
+    async def probe(self, upstream: UpstreamClient, batch_id: str) -> None:
+        """One one-item request of `batch_id`, recorded like a scan's answer."""
+        try:
+            await upstream.fetch_page(batch_id, 1, 1)
+        except UpstreamAuthError as exc:
+            self.key_rejected(exc)
+        except UpstreamError:
+            pass
+        else:
+            self.answered()

@@ -107,6 +107,12 @@ class Keys:
         """Hash: endpoint health (disabled, breaker state, consecutive failures)."""
         return f"{self._s(subscription)}:endpoint"
 
-    def sub_prefix(self, subscription: str) -> str:
-        """Prefix shared by the subscription's keys (passed to Lua to build record keys)."""
-        return self._s(subscription)
+    def record_prefix(self, subscription: str) -> str:
+        """What every delivery record key of the subscription starts with: scripts that
+        find records by id build their keys as ``record_prefix .. id`` (`delivery`)."""
+        return self.delivery(subscription, "")
+
+    def claim_receipt(self, subscription: str, token: str) -> str:
+        """String: the ids one claim call took (claim.lua), so a call re-sent after a lost
+        reply returns them instead of claiming more."""
+        return f"{self._s(subscription)}:claim:{token}"

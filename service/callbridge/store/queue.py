@@ -144,7 +144,7 @@ class DeliveryQueue:
             return 0, 0
         k = self._keys
         keys = [k.due(sub), k.chain(sub), k.parked(sub), k.inflight(sub), k.dead(sub)]
-        args: list[Any] = [k.sub_prefix(sub), max_backlog, dead_retention_ms]
+        args: list[Any] = [k.record_prefix(sub), max_backlog, dead_retention_ms]
         for ev, observed_ms in events:
             args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms)
         added, overflow = await self._enqueue(keys=keys, args=args)
@@ -185,9 +185,9 @@ class DeliveryQueue:
         p = policy or _NO_POLICY
         applied, raw = await self._claim(
             keys=[k.due(sub), k.inflight(sub), k.endpoint(sub), k.dead(sub), k.chain(sub),
-                  k.parked(sub)],
+                  k.parked(sub), k.claim_receipt(sub, claim_token)],
             args=[
-                k.sub_prefix(sub), max_in_flight, limit, visibility_ms, claim_token,
+                k.record_prefix(sub), max_in_flight, limit, visibility_ms, claim_token,
                 _outcomes_arg(outcomes) if outcomes else b"",
                 p.retention_ms, p.dead_retention_ms, p.breaker_threshold, p.cooloff_ms,
                 p.cooloff_max_ms, p.history_max, p.breaker_failure_ratio,
@@ -230,7 +230,7 @@ class DeliveryQueue:
             policy.breaker_failure_ratio,
             policy.breaker_min_attempts,
             policy.breaker_window_ms,
-            k.sub_prefix(sub),
+            k.record_prefix(sub),
         ]
         result = await self._complete(keys=keys, args=args)
         return [_text(r) for r in result]
@@ -241,7 +241,7 @@ class DeliveryQueue:
         return int(
             await self._sweep(
                 keys=[k.due(sub), k.inflight(sub), k.dead(sub), k.parked(sub)],
-                args=[k.sub_prefix(sub), max_items, dead_retention_ms],
+                args=[k.record_prefix(sub), max_items, dead_retention_ms],
             )
         )
 
@@ -251,7 +251,7 @@ class DeliveryQueue:
         return int(
             await self._reclaim(
                 keys=[k.due(sub), k.inflight(sub)],
-                args=[k.sub_prefix(sub), f"{replica}:", f"{current}:"],
+                args=[k.record_prefix(sub), f"{replica}:", f"{current}:"],
             )
         )
 

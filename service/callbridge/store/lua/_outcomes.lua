@@ -112,7 +112,7 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
   local nxt = f[7]
   if attempts == 1 and nxt and nxt ~= '' then
     -- The first attempt happened: the call's next event may start now.
-    local nrec = prefix .. ':d:' .. nxt
+    local nrec = prefix .. nxt
     if redis.call('HGET', nrec, 'state') == 'waiting' then
       redis.call('HSET', nrec, 'state', 'pending')
       redis.call('ZADD', due, now, nxt)

@@ -6,8 +6,9 @@
 -- KEYS[2] inflight  zset: delivery id -> visibility deadline (ms)
 -- KEYS[3] endpoint  hash: disabled, open_until (breaker), paced_until
 -- KEYS[4] dead  KEYS[5] chain  KEYS[6] parked   (as in complete.lua; for the outcomes)
+-- KEYS[7] receipt   string: the ids this call's token claimed (`Keys.claim_receipt`)
 --
--- ARGV[1] prefix         the subscription's key prefix (record keys are prefix:d:<id>)
+-- ARGV[1] prefix         the prefix of the delivery record keys: prefix .. <id> (`Keys.record_prefix`)
 -- ARGV[2] max_in_flight  fleet-wide cap of claimed deliveries
 -- ARGV[3] limit          at most this many claimed now (0: only record the outcomes)
 -- ARGV[4] visibility_ms  a claim not completed by now + this is given back by the sweep
@@ -44,13 +45,13 @@ local bucket_ms = math.max(1, math.floor(tonumber(ARGV[15]) / 3))
 
 local applied = {}
 if ARGV[6] ~= '' then
-  applied = complete_all(cjson.decode(ARGV[6]), function(_, id) return prefix .. ':d:' .. id end)
+  applied = complete_all(cjson.decode(ARGV[6]), function(_, id) return prefix .. id end)
 end
-local receipt = prefix .. ':claim:' .. token
+local receipt = KEYS[7]
 local function reply_for(ids)
   local out = {}
   for _, id in ipairs(ids) do
-    local rec = prefix .. ':d:' .. id
+    local rec = prefix .. id
     local f = redis.call('HMGET', rec, 'attempts', 'body', 'observed_ms', 'claim')
     if f[4] == token then
       out[#out + 1] = id; out[#out + 1] = f[1]; out[#out + 1] = f[2]; out[#out + 1] = f[3]
@@ -87,7 +88,7 @@ while scanned < 2000 do
   if #ids == 0 then break end
   scanned = scanned + #ids
   for _, id in ipairs(ids) do
-    local rec = prefix .. ':d:' .. id
+    local rec = prefix .. id
     local f = redis.call('HMGET', rec, 'prev', 'attempts', 'body', 'observed_ms')
     local blocked = false
     if not f[3] then
@@ -97,7 +98,7 @@ while scanned < 2000 do
     elseif f[1] and f[1] ~= '' then
       -- Per-call order. enqueue.lua parks such deliveries outside the due set;
       -- this check only catches those queued by releases before parking existed.
-      local p = redis.call('HMGET', prefix .. ':d:' .. f[1], 'state', 'attempts')
+      local p = redis.call('HMGET', prefix .. f[1], 'state', 'attempts')
       if p[1] and (p[1] == 'pending' or p[1] == 'inflight') and p[2] == '0' then
         blocked = true
       end

@@ -16,7 +16,7 @@
 --         kind: ok | fail | conn (no connection: refused, DNS, TLS) | paced (429:
 --         half the endpoint's requests at once for pace_ms; not a breaker failure)
 -- ARGV[8] failure_ratio  ARGV[9] min_attempts  ARGV[10] window_ms
--- ARGV[11] prefix        the subscription's key prefix (records are prefix:d:<id>)
+-- ARGV[11] prefix        the prefix of the delivery record keys: prefix .. <id> (`Keys.record_prefix`)
 --         the breaker opens when at least failure_ratio of at least min_attempts
 --         attempts in the last window_ms failed (3 buckets of window_ms / 3)
 --

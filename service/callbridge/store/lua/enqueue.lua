@@ -6,10 +6,10 @@
 -- KEYS[2] chain    hash: call key -> last event id enqueued for that call
 -- KEYS[3] parked   zset: deliveries waiting for their predecessor's first attempt
 -- KEYS[4] inflight zset: claimed deliveries   KEYS[5] dead  zset: dead letters
--- (The records, prefix:d:<id>, share the subscription's hash slot through the
+-- (The records, prefix .. <id>, share the subscription's hash slot through the
 -- prefix's tag, as in claim.lua; naming each one cost the client a key per event.)
 --
--- ARGV[1] prefix   the subscription's key prefix (records are prefix:d:<id>)
+-- ARGV[1] prefix   the prefix of the delivery record keys: prefix .. <id> (`Keys.record_prefix`)
 -- ARGV[2] max_backlog        deliveries a subscription may hold undelivered
 -- ARGV[3] dead_retention_ms  how long a dead letter is kept
 -- then five per event, in KEYS order:
@@ -61,7 +61,7 @@ for j = 0, n - 1 do
   local a = 3 + j * 5
   local callkey, id, etype, body, observed = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4],
                                              ARGV[a+5]
-  local rec = prefix .. ':d:' .. id
+  local rec = prefix .. id
   local exists = redis.call('EXISTS', rec) == 1
   if not exists and backlog >= max_backlog then
     local entry = cjson.encode({at_ms = now, error = 'backlog full', outcome = 'dead'})
@@ -81,7 +81,7 @@ for j = 0, n - 1 do
     end
     local state = 'pending'
     if prev ~= '' then
-      local prec = prefix .. ':d:' .. prev
+      local prec = prefix .. prev
       local p = redis.call('HMGET', prec, 'state', 'attempts')
       if p[2] == '0' and (p[1] == 'pending' or p[1] == 'inflight' or p[1] == 'waiting') then
         state = 'waiting'

@@ -2,7 +2,7 @@
 -- (a restarted replica calls it at start, instead of waiting out their deadlines).
 --
 -- KEYS[1] due  KEYS[2] inflight
--- ARGV[1] prefix     the subscription's key prefix (records are prefix:d:<id>)
+-- ARGV[1] prefix     the prefix of the delivery record keys: prefix .. <id> (`Keys.record_prefix`)
 -- ARGV[2] replica    "<replica id>:", the start of every claim token of this replica
 -- ARGV[3] current    "<replica id>:<this process>:", claims of the running process
 --
@@ -11,7 +11,7 @@
 local ids = redis.call('ZRANGE', KEYS[2], 0, -1)
 local n = 0
 for _, id in ipairs(ids) do
-  local rec = ARGV[1] .. ':d:' .. id
+  local rec = ARGV[1] .. id
   local claim = redis.call('HGET', rec, 'claim') or ''
   if string.sub(claim, 1, #ARGV[2]) == ARGV[2] and string.sub(claim, 1, #ARGV[3]) ~= ARGV[3] then
     redis.call('ZREM', KEYS[2], id)
