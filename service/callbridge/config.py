@@ -278,9 +278,13 @@ class DeliverySettings(_Model):
     breaker_failure_ratio: float = Field(0.5, gt=0, le=1)
     breaker_min_attempts: int = Field(20, ge=1)
     breaker_window_seconds: PositiveSeconds = 30.0
-    # The pause once open, doubling while probes fail, up to the max.
-    breaker_cooloff_seconds: PositiveSeconds = 30.0
-    breaker_cooloff_max_seconds: PositiveSeconds = 600.0
+    # The pause once open before one probe request, doubling while probes fail, up to
+    # the max. Short on purpose: a probe is one request, and the max bounds how long
+    # after an endpoint's return its backlog starts to flow (a failed probe costs the
+    # delivery it carried no attempt; its success makes every delivery the outage
+    # held back due at once).
+    breaker_cooloff_seconds: PositiveSeconds = 1.0
+    breaker_cooloff_max_seconds: PositiveSeconds = 5.0
     # Undelivered deliveries one subscription may hold (its endpoint down or disabled
     # for long): further ones go straight to its dead letters, counted and
     # replayable, so Redis stays bounded.

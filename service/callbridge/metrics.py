@@ -19,11 +19,15 @@ _POLL_OUTCOMES: tuple[str, ...] = get_args(PollOutcome)
 _SCAN_PLANS = ("full", "active")
 # The label sets created at 0 up front (see `Metrics.init_subscription`).
 _QUEUE_STATES = ("ready", "scheduled", "inflight", "dead", "waiting")
+_BREAKER_STATES = ("closed", "open", "half_open")
+_LIMIT_REASONS = ("increase", "latency", "errors", "restart")
 _FAILED_CLASSES = ("2xx", "3xx", "4xx", "5xx", "none")  # 2xx: the body timed out
 _ATTEMPT_LABELS: tuple[tuple[str, str], ...] = (
     ("success", "2xx"),
     *(("retry", c) for c in _FAILED_CLASSES),
     *(("dead", c) for c in _FAILED_CLASSES),
+    # A half-open breaker's probe that failed: not an attempt of its delivery.
+    *(("probe_failed", c) for c in _FAILED_CLASSES),
     ("disable", "4xx"),  # 410 Gone
 )
 _EVENT_LABELS: tuple[str, ...] = (
@@ -205,7 +209,43 @@ class Metrics:
         )
         self.breaker_open = Gauge(
             p + "subscription_breaker_open",
-            "1 while a subscription's circuit breaker pauses its deliveries.",
+            "1 while a subscription's circuit breaker pauses its deliveries (open, or "
+            "half-open: one probe at a time).",
+            ["subscription"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            p + "subscription_breaker_state",
+            "1 for the state a subscription's circuit breaker is in (closed, open, "
+            "half_open), 0 for the others.",
+            ["subscription", "state"],
+            registry=r,
+        )
+        self.concurrency_limit = Gauge(
+            p + "delivery_concurrency_limit",
+            "Requests a subscription may have in flight at once on this replica: the "
+            "adaptive limit, between 1 and its max_in_flight.",
+            ["subscription"],
+            registry=r,
+        )
+        self.concurrency_changes = Counter(
+            p + "delivery_concurrency_changes",
+            "Moves of the adaptive concurrency limit, by reason: increase, latency "
+            "(the receiver answers slower), errors (it answers 5xx/429 or times out), "
+            "restart (after an outage).",
+            ["subscription", "reason"],
+            registry=r,
+        )
+        self.detached = Counter(
+            p + "delivery_detached",
+            "Requests that ran far longer than the receiver's usual answer and stopped "
+            "counting against the concurrency limit (their timeout still runs).",
+            ["subscription"],
+            registry=r,
+        )
+        self.promoted = Counter(
+            p + "delivery_promoted",
+            "Deliveries made due at once when their endpoint recovered from an outage.",
             ["subscription"],
             registry=r,
         )
@@ -289,7 +329,23 @@ class Metrics:
         self.delivery_latency.labels(name)
         self.delivery_lag.labels(name)
         self.subscription_disabled.labels(name).set(0)
-        self.breaker_open.labels(name).set(0)
+        self.set_breaker(name, "closed")
+        self.concurrency_limit.labels(name)
+        for reason in _LIMIT_REASONS:
+            self.concurrency_changes.labels(name, reason)
+        self.detached.labels(name)
+        self.promoted.labels(name)
+
+    def note_limit(self, name: str, limit: int, reason: str) -> None:
+        """A subscription's adaptive concurrency limit moved, for `reason`."""
+        self.concurrency_limit.labels(name).set(limit)
+        self.concurrency_changes.labels(name, reason).inc()
+
+    def set_breaker(self, name: str, state: str) -> None:
+        """A subscription's breaker state: closed, open or half_open."""
+        self.breaker_open.labels(name).set(0 if state == "closed" else 1)
+        for s in _BREAKER_STATES:
+            self.breaker_state.labels(name, s).set(1 if s == state else 0)
 
     def forget_subscription(self, name: str) -> None:
         """Drop every series of subscription `name`."""
@@ -302,6 +358,11 @@ class Metrics:
             (self.delivery_lag, ()),
             (self.subscription_disabled, ()),
             (self.breaker_open, ()),
+            *((self.breaker_state, (state,)) for state in _BREAKER_STATES),
+            (self.concurrency_limit, ()),
+            *((self.concurrency_changes, (reason,)) for reason in _LIMIT_REASONS),
+            (self.detached, ()),
+            (self.promoted, ()),
         ]
         for metric, labels in removals:
             with contextlib.suppress(KeyError):

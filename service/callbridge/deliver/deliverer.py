@@ -21,45 +21,28 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from callbridge.config import Settings, SubscriptionSettings
-from callbridge.deliver.outcomes import Finished, OutcomeBook
+from callbridge.config import Settings
+from callbridge.deliver.concurrency import AdaptiveLimit
+from callbridge.deliver.lane import Lane
+from callbridge.deliver.operational import OperationalEvents
+from callbridge.deliver.outcomes import OutcomeBook
 from callbridge.deliver.sender import WebhookSender
+from callbridge.deliver.upkeep import Upkeep
 from callbridge.deliver.workers import Workers
 from callbridge.metrics import Metrics
 from callbridge.store.queue import Claimed, CompletionPolicy, DeliveryQueue
 
 log = logging.getLogger(__name__)
 
-_SWEEP_EVERY_S = 1.0
 # Outcomes written per script call at most.
 _COMPLETE_BATCH = 64
-_DEPTH_EVERY_S = 2.0
+# Detached attempts per subscription at most, in multiples of its max_in_flight.
+_MAX_DETACHED_FACTOR = 4
 # Steps a subscription's loop keeps in flight at once: while one round trip runs,
 # the attempts finishing meanwhile are written (and their slots claimed again) by
 # the next, instead of waiting for the first to return.
 _STEPS_IN_FLIGHT = 2
-
-
-@dataclass(slots=True)
-class _Sub:
-    settings: SubscriptionSettings
-    keys: list[bytes]
-    wake: asyncio.Event
-    # Slots held: claimed deliveries whose outcome is not written yet.
-    inflight: int = 0
-    next_sweep: float = 0.0
-    next_depth: float = 0.0
-    # Attempts finished since the last step, written by the next one.
-    finished: list[Finished] = field(default_factory=list)
-    # Whether a claim may find something: false once one came back short, true
-    # again when work is enqueued or the idle period passed.
-    maybe_due: bool = True
-    # Steps running (the loop keeps a few in flight) and no new one before this
-    # (monotonic) after a step failed.
-    steps: int = 0
-    retry_at: float = 0.0
 
 
 class Deliverer:
@@ -95,8 +78,22 @@ class Deliverer:
         # deadline never runs out while it waits for a slot.
         self._free = self._d.global_max_in_flight
         self._subs = {
-            s.name: _Sub(s, s.signing_keys, asyncio.Event()) for s in settings.subscriptions
+            s.name: Lane(s, s.signing_keys, asyncio.Event(), AdaptiveLimit(ceiling=s.max_in_flight))
+            for s in settings.subscriptions
         }
+        self._upkeep = Upkeep(
+            queue,
+            metrics,
+            OperationalEvents(
+                queue,
+                settings.subscriptions,
+                max_backlog=self._d.max_backlog,
+                dead_retention_ms=int(self._d.dead_letter_retention_seconds * 1000),
+                on_enqueued=self.wake,
+            ),
+            dead_retention_ms=int(self._d.dead_letter_retention_seconds * 1000),
+            monotonic=monotonic,
+        )
         self._policy = CompletionPolicy(
             retention_ms=int(self._d.retention_seconds * 1000),
             dead_retention_ms=int(self._d.dead_letter_retention_seconds * 1000),
@@ -107,8 +104,9 @@ class Deliverer:
             breaker_min_attempts=self._d.breaker_min_attempts,
             breaker_window_ms=int(self._d.breaker_window_seconds * 1000),
         )
-        for name in self._subs:
+        for name, sub in self._subs.items():
             metrics.init_subscription(name)  # alerts see the first failure (see metrics.py)
+            metrics.concurrency_limit.labels(name).set(sub.limiter.limit)
         # Subscriptions with work and room of their own that found no free replica
         # slot: a busy subscription then hands its freed slots back instead of
         # claiming them again itself (see _step).
@@ -144,8 +142,10 @@ class Deliverer:
             total += n
         return total
 
-    async def _claim_and_deliver(self, sub: _Sub) -> int:
-        await self._maintain(sub)
+    async def _claim_and_deliver(self, sub: Lane) -> int:
+        await self._upkeep.run(sub)
+        if sub.promoting:
+            await self._upkeep.promote(sub)
         claimed = await self._step(sub)
         if claimed:
             try:
@@ -155,32 +155,7 @@ class Deliverer:
                 await asyncio.shield(self._write(sub))
         return len(claimed)
 
-    async def _maintain(self, sub: _Sub) -> None:
-        now = self._monotonic()
-        name = sub.settings.name
-        if now >= sub.next_sweep:
-            sub.next_sweep = now + _SWEEP_EVERY_S
-            reclaimed = await self._queue.sweep(
-                name, dead_retention_ms=int(self._d.dead_letter_retention_seconds * 1000)
-            )
-            if reclaimed:
-                log.warning(
-                    "%d deliveries of %s outlived their visibility deadline; requeued",
-                    reclaimed,
-                    name,
-                    extra={"action": "deliveries_reclaimed", "subscription": name},
-                )
-        if now >= sub.next_depth:
-            sub.next_depth = now + _DEPTH_EVERY_S
-            for state, n in (await self._queue.depths(name)).items():
-                self._metrics.queue_depth.labels(name, state).set(n)
-            ep = await self._queue.endpoint(name)
-            self._metrics.subscription_disabled.labels(name).set(1 if ep.disabled else 0)
-            self._metrics.breaker_open.labels(name).set(
-                1 if ep.open_until_ms > self._wall() * 1000 else 0
-            )
-
-    async def _step(self, sub: _Sub, *, claim: bool = True) -> list[Claimed]:
+    async def _step(self, sub: Lane, *, claim: bool = True) -> list[Claimed]:
         """Write finished attempts' outcomes and claim what may start now, in one call.
 
         The slots of the outcomes written are claimed again by the same call (the
@@ -198,7 +173,7 @@ class Deliverer:
         # While another subscription waits for a replica slot, this call claims
         # nothing: the batch's slots go back to the pool for it.
         if claim and s.enabled and not self._starving:
-            extra = max(0, min(s.max_in_flight - sub.inflight, self._free))
+            extra = max(0, min(sub.limiter.limit - sub.inflight, self._free))
             want = extra + len(batch)
         if not batch and want == 0:
             return []
@@ -206,8 +181,11 @@ class Deliverer:
         sub.inflight += extra
         claimed: list[Claimed] = []
         applied: list[str] = []
+        # Detached attempts gave their slots back already.
+        held = sum(1 for f in batch if not f.detached)
         try:
             visibility_ms = int((s.timeout_seconds + self._d.visibility_margin_seconds) * 1000)
+            detach_s = sub.limiter.detach_after_s(s.timeout_seconds)
             applied, claimed = await self._queue.step(
                 s.name,
                 [f.completion for f in batch],
@@ -216,6 +194,8 @@ class Deliverer:
                 limit=want,
                 visibility_ms=visibility_ms,
                 token=self.token,
+                expire_ms=int(sum(s.retry_schedule_seconds) * 1000),
+                detach_ms=int(detach_s * 1000) if detach_s is not None else 0,
             )
         except Exception:
             for f in batch:
@@ -230,14 +210,31 @@ class Deliverer:
             raise
         finally:
             # The batch's slots and the extra ones, less those the new claims hold.
-            self._give_back(sub, len(batch) + extra - len(claimed))
+            self._give_back(sub, held + extra - len(claimed))
         if want > 0:
             sub.maybe_due = len(claimed) >= want
         for f, result in zip(batch, applied, strict=True):
             self._book.account(s, f, result)
+            if result == "recovered":
+                self._upkeep.recovered(sub)
         return claimed
 
-    async def _write(self, sub: _Sub) -> None:
+    def _detach_overdue(self, sub: Lane) -> float | None:
+        """Stop counting attempts that have run far longer than the receiver's usual
+        answer (`Lane.detach_overdue`); the seconds until the next one would be."""
+        s = sub.settings
+        after = sub.limiter.detach_after_s(s.timeout_seconds)
+        if after is None:
+            return None
+        detached, wait = sub.detach_overdue(
+            after, self._monotonic(), cap=_MAX_DETACHED_FACTOR * s.max_in_flight
+        )
+        if detached:
+            self._metrics.detached.labels(s.name).inc(detached)
+            self._give_back(sub, detached)
+        return wait
+
+    async def _write(self, sub: Lane) -> None:
         """Write every finished outcome (claiming nothing); errors are logged."""
         while sub.finished:
             try:
@@ -249,7 +246,7 @@ class Deliverer:
                     extra={"action": "delivery_outcome_lost", "subscription": sub.settings.name},
                 )
 
-    def _give_back(self, sub: _Sub, n: int) -> None:
+    def _give_back(self, sub: Lane, n: int) -> None:
         if n <= 0:
             return
         was_full = self._free <= 0
@@ -264,15 +261,19 @@ class Deliverer:
 
     # -- one attempt ---------------------------------------------------------------
 
-    async def _attempt(self, sub: _Sub, claimed: Claimed) -> None:
+    async def _attempt(self, sub: Lane, claimed: Claimed) -> None:
         """One attempt of a claimed delivery. Its outcome (or, when cancelled, the
         claim handed back) joins `sub.finished`, written by the next step, which
         also frees the slots `_step` took for it."""
         s = sub.settings
+        key = (claimed.event_id, claimed.token)
+        sub.start(key, self._monotonic())
         try:
             result = await self.sender.send(s, sub.keys, claimed.event_id, claimed.body)
         except asyncio.CancelledError:
-            sub.finished.append(OutcomeBook.release(claimed))
+            released = OutcomeBook.release(claimed)
+            released.detached = sub.finish(key)
+            sub.finished.append(released)
             sub.wake.set()
             raise
         except Exception:
@@ -284,9 +285,15 @@ class Deliverer:
                 s.name,
                 extra={"action": "delivery_crashed", "subscription": s.name},
             )
-            self._give_back(sub, 1)
+            if not sub.finish(key):
+                self._give_back(sub, 1)
             return
-        sub.finished.append(self._book.attempt(s, claimed, result, int(self._wall() * 1000)))
+        finished = self._book.attempt(s, claimed, result, int(self._wall() * 1000))
+        finished.detached = sub.finish(key)
+        sub.finished.append(finished)
+        moved = sub.observe(result, self._monotonic())
+        if moved is not None:
+            self._metrics.note_limit(s.name, sub.limiter.limit, moved)
         if sub.steps < _STEPS_IN_FLIGHT:
             # Else the loop could not start a step now: the running ones wake it
             # when they end, and the next one writes this outcome.
@@ -316,7 +323,7 @@ class Deliverer:
         for sub in self._subs.values():
             sub.wake.set()
 
-    async def _loop(self, sub: _Sub, stopping: asyncio.Event) -> None:
+    async def _loop(self, sub: Lane, stopping: asyncio.Event) -> None:
         workers = Workers(lambda claimed: self._attempt(sub, claimed))
         steps: set[asyncio.Task[None]] = set()
         try:
@@ -332,11 +339,15 @@ class Deliverer:
                     step = asyncio.create_task(self._step_and_start(sub, workers))
                     steps.add(step)
                     step.add_done_callback(steps.discard)
+                wait = self._d.idle_poll_seconds
+                detach_in = self._detach_overdue(sub)
+                timed = detach_in is None or detach_in >= wait
                 try:
-                    async with asyncio.timeout(self._d.idle_poll_seconds):
+                    async with asyncio.timeout(wait if timed else max(0.005, detach_in or 0)):
                         await sub.wake.wait()
                 except TimeoutError:
-                    sub.maybe_due = True
+                    if timed:
+                        sub.maybe_due = True
         finally:
             if steps:
                 await asyncio.shield(asyncio.wait(set(steps)))
@@ -347,13 +358,13 @@ class Deliverer:
             # Whatever finished last (and the claims handed back) is still written.
             await asyncio.shield(self._write(sub))
 
-    def _wants_step(self, sub: _Sub) -> bool:
+    def _wants_step(self, sub: Lane) -> bool:
         if self._monotonic() < sub.retry_at:
             return False
-        if sub.finished:
+        if sub.finished or sub.promoting:
             return True
         s = sub.settings
-        if not (s.enabled and sub.maybe_due and s.max_in_flight > sub.inflight):
+        if not (s.enabled and sub.maybe_due and sub.limiter.limit > sub.inflight):
             self._starving.discard(s.name)
             return False
         if self._free <= 0:
@@ -361,10 +372,12 @@ class Deliverer:
             return False
         return True
 
-    async def _step_and_start(self, sub: _Sub, workers: Workers) -> None:
+    async def _step_and_start(self, sub: Lane, workers: Workers) -> None:
         name = sub.settings.name
         try:
-            await self._maintain(sub)
+            await self._upkeep.run(sub)
+            if sub.promoting:
+                await self._upkeep.promote(sub)
             claimed = await self._step(sub)
         except Exception:
             log.exception(

@@ -33,6 +33,8 @@ class Finished:
     result: AttemptResult | None = None
     decision: Decision | None = None
     at_ms: int = 0
+    # Its slot was given back while it ran (`Deliverer._detach_overdue`).
+    detached: bool = False
 
 
 @dataclass(slots=True)
@@ -103,7 +105,8 @@ class OutcomeBook:
             return
         name = sub.name
         series = self._of(name)
-        key = (d.outcome, status_class(result.status))
+        outcome = "probe_failed" if applied == "probe_failed" else d.outcome
+        key = (outcome, status_class(result.status))
         counter = series.attempts.get(key)
         if counter is None:
             counter = series.attempts[key] = self._metrics.delivery_attempts.labels(name, *key)
@@ -118,6 +121,15 @@ class OutcomeBook:
                 claimed.event_id,
                 name,
                 extra={"action": "delivery_stale", "subscription": name,
+                       "event_id": claimed.event_id},
+            )  # fmt: skip
+        elif applied == "probe_failed":
+            log.info(
+                "probe of %s failed (%s); its breaker stays open, the delivery keeps its "
+                "attempts",
+                name,
+                d.reason,
+                extra={"action": "probe_failed", "subscription": name,
                        "event_id": claimed.event_id},
             )  # fmt: skip
         elif d.outcome == "success":

@@ -43,10 +43,24 @@ class AttemptResult:
     # The request went out twice: a reused keep-alive connection ended before any
     # answer, and it was sent again on a new one (lean HTTP client, `http1.py`).
     resent: bool = False
+    # No answer within the subscription's timeout.
+    timed_out: bool = False
 
     @property
     def ok(self) -> bool:
         return self.status is not None and 200 <= self.status < 300 and self.error is None
+
+    @property
+    def overloaded(self) -> bool:
+        """The receiver says, or shows, that it is overloaded: 5xx, 429, no answer in
+        time. A 4xx is about the payload; a refused connection about being down."""
+        if self.timed_out:
+            return True
+        return (
+            self.error is None
+            and self.status is not None
+            and (self.status == 429 or self.status >= 500)
+        )
 
 
 @dataclass(frozen=True, slots=True)

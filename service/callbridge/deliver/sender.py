@@ -119,7 +119,7 @@ class WebhookSender:
         error: str | None = None
         retry_after: float | None = None
         text = ""
-        no_connection = False
+        no_connection = timed_out = False
         try:
             async with self._session.post(
                 target.url,
@@ -135,6 +135,7 @@ class WebhookSender:
                 text = excerpt(await resp.content.read(RESPONSE_EXCERPT_BYTES))
         except TimeoutError:
             error = f"timeout after {sub.timeout_seconds:g}s"
+            timed_out = True
         except aiohttp.ClientConnectorDNSError as exc:
             error = f"dns: {exc.os_error}"
             no_connection = True
@@ -163,6 +164,7 @@ class WebhookSender:
             duration_s=time.perf_counter() - started,
             response_excerpt=text,
             no_connection=no_connection,
+            timed_out=timed_out,
         )
 
     @staticmethod
@@ -195,6 +197,7 @@ class WebhookSender:
                 duration_s=time.perf_counter() - started,
                 no_connection=isinstance(exc, ConnectFailedError),
                 resent=exc.resent,
+                timed_out=timed_out,
             )
         return AttemptResult(
             status=answer.status,

@@ -107,6 +107,12 @@ class Keys:
         """Hash: endpoint health (disabled, breaker state, consecutive failures)."""
         return f"{self._s(subscription)}:endpoint"
 
+    def ops(self, subscription: str) -> str:
+        """Stream: the subscription's operational events (breaker opened, recovered,
+        disabled, dead-lettered), written by the delivery scripts, handed on to the
+        subscriptions that asked for them (`DeliveryQueue.ops_events`)."""
+        return f"{self._s(subscription)}:ops"
+
     def record_prefix(self, subscription: str) -> str:
         """What every delivery record key of the subscription starts with: scripts that
         find records by id build their keys as ``record_prefix .. id`` (`delivery`)."""

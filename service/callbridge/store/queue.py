@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -72,6 +72,9 @@ class CompletionPolicy:
     breaker_window_ms: int = 30_000
 
 
+BreakerState = Literal["closed", "open", "half_open"]
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointState:
     disabled: bool
@@ -79,6 +82,17 @@ class EndpointState:
     failures: int
     open_until_ms: int
     paced_until_ms: int = 0
+    # Read with the state, on the Redis clock every script uses.
+    now_ms: int = 0
+    failing_since_ms: int = 0
+    # A promotion after a recovery is still running (promote.lua).
+    promoting: bool = False
+
+    @property
+    def breaker(self) -> BreakerState:
+        if self.open_until_ms == 0:
+            return "closed"
+        return "open" if self.open_until_ms > self.now_ms else "half_open"
 
 
 # Sent with claims that record no outcome (the script then reads none of it).
@@ -126,6 +140,7 @@ class DeliveryQueue:
         self._sweep = register(redis, "sweep")
         self._requeue = register(redis, "requeue")
         self._reclaim = register(redis, "reclaim")
+        self._promote = register(redis, "promote")
 
     async def enqueue(
         self,
@@ -143,7 +158,7 @@ class DeliveryQueue:
         if not events:
             return 0, 0
         k = self._keys
-        keys = [k.due(sub), k.chain(sub), k.parked(sub), k.inflight(sub), k.dead(sub)]
+        keys = [k.due(sub), k.chain(sub), k.parked(sub), k.inflight(sub), k.dead(sub), k.ops(sub)]
         args: list[Any] = [k.record_prefix(sub), max_backlog, dead_retention_ms]
         for ev, observed_ms in events:
             args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms)
@@ -175,23 +190,29 @@ class DeliveryQueue:
         limit: int,
         visibility_ms: int,
         token: str,
+        expire_ms: int = 0,
+        detach_ms: int = 0,
     ) -> tuple[list[str], list[Claimed]]:
         """Record `outcomes` (as `complete`), then claim up to `limit` (as `claim`),
         in one round trip: a worker's finished attempts free the slots its next
         claims take. Returns (what applied per outcome, the claimed deliveries).
+
+        `expire_ms`: while the breaker is open, due deliveries older than this are
+        dead-lettered unsent (0: never). `detach_ms`: claims older than this no longer
+        count against `max_in_flight` (0: all count); see claim.lua.
         """
         k = self._keys
         claim_token = f"{token}:{uuid.uuid4().hex[:12]}"
         p = policy or _NO_POLICY
         applied, raw = await self._claim(
             keys=[k.due(sub), k.inflight(sub), k.endpoint(sub), k.dead(sub), k.chain(sub),
-                  k.parked(sub), k.claim_receipt(sub, claim_token)],
+                  k.parked(sub), k.claim_receipt(sub, claim_token), k.ops(sub)],
             args=[
                 k.record_prefix(sub), max_in_flight, limit, visibility_ms, claim_token,
                 _outcomes_arg(outcomes) if outcomes else b"",
                 p.retention_ms, p.dead_retention_ms, p.breaker_threshold, p.cooloff_ms,
                 p.cooloff_max_ms, p.history_max, p.breaker_failure_ratio,
-                p.breaker_min_attempts, p.breaker_window_ms,
+                p.breaker_min_attempts, p.breaker_window_ms, expire_ms, detach_ms,
             ],
         )  # fmt: skip
         claimed = [
@@ -218,7 +239,7 @@ class DeliveryQueue:
             return []
         k = self._keys
         keys = [k.due(sub), k.inflight(sub), k.dead(sub), k.endpoint(sub), k.chain(sub)]
-        keys += [k.parked(sub)] + [k.delivery(sub, o.event_id) for o in outcomes]
+        keys += [k.parked(sub), k.ops(sub)] + [k.delivery(sub, o.event_id) for o in outcomes]
         args: list[Any] = [
             policy.retention_ms,
             policy.dead_retention_ms,
@@ -244,6 +265,25 @@ class DeliveryQueue:
                 args=[k.record_prefix(sub), max_items, dead_retention_ms],
             )
         )
+
+    async def promote(self, sub: str, *, page: int = 1000) -> tuple[int, bool]:
+        """One page of the promotion that follows a recovery (promote.lua): how many
+        deliveries became due now, and whether the promotion is over."""
+        k = self._keys
+        promoted, done = await self._promote(
+            keys=[k.due(sub), k.endpoint(sub)], args=[k.record_prefix(sub), page]
+        )
+        return int(promoted), bool(int(done))
+
+    async def ops_events(self, sub: str, count: int = 100) -> list[tuple[bytes, dict[str, str]]]:
+        """The oldest operational events of `sub` not handed on yet: (stream id, fields)."""
+        rows = await self._redis.xrange(self._keys.ops(sub), count=count)
+        return [(sid, {_text(k): _text(v) for k, v in fields.items()}) for sid, fields in rows]
+
+    async def ack_ops(self, sub: str, stream_ids: Sequence[bytes]) -> None:
+        """Forget operational events handed on (their deliveries exist)."""
+        if stream_ids:
+            await self._redis.xdel(self._keys.ops(sub), *stream_ids)
 
     async def reclaim_own(self, sub: str, replica: str, current: str) -> int:
         """Give back claims of `replica`'s earlier processes (all but `current`)."""
@@ -279,13 +319,19 @@ class DeliveryQueue:
         }
 
     async def endpoint(self, sub: str) -> EndpointState:
-        raw = await self._redis.hgetall(self._keys.endpoint(sub))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._keys.endpoint(sub))
+            pipe.time()
+            raw, (now_s, now_us) = await pipe.execute()
         return EndpointState(
             disabled=raw.get(b"disabled") == b"1",
             disabled_reason=(raw.get(b"disabled_reason") or b"").decode(),
             failures=int(raw.get(b"failures") or 0),
             open_until_ms=int(raw.get(b"open_until") or 0),
             paced_until_ms=int(raw.get(b"paced_until") or 0),
+            now_ms=int(now_s) * 1000 + int(now_us) // 1000,
+            failing_since_ms=int(raw.get(b"failing_since") or 0),
+            promoting=int(raw.get(b"promote_from") or 0) > 0,
         )
 
     async def set_enabled(self, sub: str, enabled: bool, reason: str = "operator") -> None:
@@ -300,6 +346,8 @@ class DeliveryQueue:
                     "conn_failures": 0,
                     "open_until": 0,
                     "opens": 0,
+                    "failing_since": 0,
+                    "probing_until": 0,
                 },
             )
         else:

@@ -1,12 +1,31 @@
 -- _outcomes.lua: shared snippet, included with `--#include outcomes` (after `now`).
 -- Records the outcome of one attempt: `complete(rec, id, token, outcome, delay_ms,
 -- history entry JSON, kind, pace_ms)`. Expects these locals: due, inflight, dead,
--- endpoint, chain, parked (keys), prefix, retention, dead_retention, threshold,
+-- endpoint, chain, parked, ops (keys), prefix, retention, dead_retention, threshold,
 -- cooloff, cooloff_max, history_max, ratio, min_attempts, bucket_ms (see complete.lua).
 --
 -- Idempotent: an outcome sent again for the same claim (a lost reply re-sent by the
 -- client) returns what applied the first time (the record's done marker), changing
 -- nothing.
+--
+-- The breaker (endpoint hash): `open_until` > now: open, nothing is sent; 0 < open_until
+-- <= now: half-open, one probe at a time (claim.lua marks it: the record's `probe` is
+-- its claim token, the endpoint's `probing_until` its deadline); 0: closed.
+-- `failing_since`: the first failure since the last success while closed (the start
+-- of the failure streak). Only a probe's success closes an open breaker (a late answer
+-- to a request sent before it opened proves nothing about now); it then marks every
+-- delivery that failed since `failing_since` for promotion (`promote_from`,
+-- promote.lua). A failed probe is not an attempt of its delivery: it reopens the
+-- breaker for the next pause (cooloff doubling up to cooloff_max) and the delivery
+-- stays first in line.
+--
+-- Operational events (subscription.breaker_opened, .recovered, .disabled,
+-- delivery.dead_lettered) are appended to the subscription's `ops` stream in the same
+-- step; the deliverer hands them on (`DeliveryQueue.ops_events`).
+
+local function op(kind, ...)
+  redis.call('XADD', ops, 'MAXLEN', '~', 10000, '*', 'type', kind, 'at', now, ...)
+end
 
 -- Writes that successes share are gathered and made once, before anything reads
 -- what they change (a failure's breaker check, the claim that follows) and at the
@@ -62,15 +81,20 @@ local function flush()
     ok_count = 0
   end
   if reset_pending then
-    -- A success closes the breaker and ends a run of failures.
-    redis.call('HSET', endpoint, 'failures', 0, 'conn_failures', 0, 'open_until', 0, 'opens', 0)
+    -- A success while the breaker is closed ends a run of failures. While it is open
+    -- or half-open, only a probe's success counts (see complete).
+    if tonumber(redis.call('HGET', endpoint, 'open_until') or '0') == 0 then
+      redis.call('HSET', endpoint, 'failures', 0, 'conn_failures', 0, 'opens', 0,
+                 'failing_since', 0)
+    end
     reset_pending = false
   end
 end
 
 local function complete(rec, id, token, outcome, delay, entry, kind, pace)
   local f = redis.call('HMGET', rec, 'state', 'claim', 'done', 'done_outcome', 'history',
-                       'attempts', 'next', 'callkey')
+                       'attempts', 'next', 'callkey', 'probe', 'type')
+  local probe = f[9] == token
   local state = f[1]
   if not state then return 'gone' end
   if state ~= 'inflight' or f[2] ~= token then
@@ -85,7 +109,16 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
     redis.call('HSET', rec, 'claim', '', 'done', token, 'done_outcome', outcome,
                'state', 'pending')
     redis.call('ZADD', due, now, id)
+    if probe then redis.call('HSET', endpoint, 'probing_until', 0) end
     return outcome
+  end
+  if probe and outcome ~= 'success' and outcome ~= 'disable' then
+    -- A failed probe: the endpoint is still down. Not an attempt of this delivery (it
+    -- was only picked to test the endpoint); it stays first in line.
+    local e = cjson.decode(entry)
+    e.outcome, e.probe = 'probe_failed', true
+    entry = cjson.encode(e)
+    outcome = 'probe_failed'
   end
   local history = f[5]
   if (history == nil or history == '[]') and history_max >= 1 then
@@ -99,10 +132,19 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
   end
   -- Written once, with the state below.
   local w = {'claim', '', 'done', token, 'done_outcome', outcome, 'history', history}
+  if outcome == 'probe_failed' then
+    redis.call('HSET', rec, 'state', 'pending', unpack(w))
+    redis.call('ZADD', due, now, id)
+    local opens = redis.call('HINCRBY', endpoint, 'opens', 1)
+    local pause = math.min(cooloff * 2 ^ (opens - 1), cooloff_max)
+    redis.call('HSET', endpoint, 'open_until', now + pause, 'probing_until', 0)
+    return outcome
+  end
   if outcome == 'disable' then
     -- 410 Gone: the endpoint is switched off, this delivery waits with the others.
     redis.call('HSET', endpoint, 'disabled', '1', 'disabled_reason', '410 Gone',
-               'disabled_ms', now)
+               'disabled_ms', now, 'probing_until', 0)
+    op('subscription.disabled', 'reason', '410 Gone')
     redis.call('HSET', rec, 'state', 'pending', unpack(w))
     redis.call('ZADD', due, now, id)
     return outcome
@@ -132,11 +174,26 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
     redis.call('PEXPIRE', rec, retention)
     release_chain()
     ok_count, reset_pending = ok_count + 1, true
+    if probe then
+      -- The endpoint answers again: close the breaker, and promote what failed since
+      -- the streak began (promote.lua, driven by the deliverer).
+      local ep = redis.call('HMGET', endpoint, 'failing_since', 'opened_ms')
+      local since = tonumber(ep[1] or '0')
+      if since <= 0 then since = tonumber(ep[2] or '0') end
+      redis.call('HSET', endpoint, 'failures', 0, 'conn_failures', 0, 'open_until', 0,
+                 'opens', 0, 'failing_since', 0, 'probing_until', 0, 'recovered_ms', now,
+                 'promote_from', math.max(since, 1), 'promote_cursor', '(' .. now)
+      op('subscription.recovered', 'failing_since', since)
+      return 'recovered'
+    end
     return outcome
   end
   -- A failure reads the endpoint's state: earlier successes count first.
   flush()
-  if kind == 'paced' then
+  w[#w + 1] = 'failed_ms'; w[#w + 1] = now
+  if kind == 'expired' then
+    -- Dead-lettered by age while the breaker was open (claim.lua): not a request.
+  elseif kind == 'paced' then
     -- 429 with Retry-After: the endpoint asks us to slow down, it is not down. Until
     -- the time given it gets half its requests at once (this delivery itself waits
     -- for it); the breaker is not involved.
@@ -149,6 +206,9 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
     -- window (a flaky endpoint that mostly works is not down), or consecutive
     -- connection failures (nothing listens there).
     redis.call('HINCRBY', endpoint, 'failures', 1)
+    if tonumber(redis.call('HGET', endpoint, 'failing_since') or '0') == 0 then
+      redis.call('HSET', endpoint, 'failing_since', now)
+    end
     local conn = 0
     if kind == 'conn' then
       conn = redis.call('HINCRBY', endpoint, 'conn_failures', 1)
@@ -158,12 +218,16 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
     local fails, total = window_add(false, 1)
     local open_until = tonumber(redis.call('HGET', endpoint, 'open_until') or '0')
     local down = conn >= threshold or (total >= min_attempts and fails >= ratio * total)
-    -- Open (or, after a failed half-open probe, reopen) unless already open:
-    -- failures of requests in flight when it opened must not stretch the pause.
-    if open_until <= now and (down or open_until > 0) then
+    -- Open when closed; failures of requests that were in flight when it opened
+    -- (open or half-open now) change nothing: only a probe reopens it.
+    if open_until == 0 and down then
       local opens = redis.call('HINCRBY', endpoint, 'opens', 1)
       local pause = math.min(cooloff * 2 ^ (opens - 1), cooloff_max)
-      redis.call('HSET', endpoint, 'open_until', now + pause)
+      redis.call('HSET', endpoint, 'open_until', now + pause, 'opened_ms', now)
+      op('subscription.breaker_opened', 'reason',
+         conn >= threshold and (conn .. ' connection failures in a row')
+         or (fails .. ' of ' .. total .. ' attempts failed'),
+         'failing_since', redis.call('HGET', endpoint, 'failing_since') or now)
     end
   end
   if outcome == 'dead' then
@@ -171,6 +235,9 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
     redis.call('ZADD', dead, now, id)
     redis.call('PEXPIRE', rec, dead_retention)
     release_chain()
+    local e = cjson.decode(entry)
+    op('delivery.dead_lettered', 'event_id', id, 'event_type', f[10] or '',
+       'attempts', attempts, 'last_error', e.error or '')
   else
     redis.call('HSET', rec, 'state', 'pending', unpack(w))
     redis.call('ZADD', due, now + delay, id)

@@ -7,6 +7,7 @@
 -- KEYS[3] endpoint  hash: disabled, open_until (breaker), paced_until
 -- KEYS[4] dead  KEYS[5] chain  KEYS[6] parked   (as in complete.lua; for the outcomes)
 -- KEYS[7] receipt   string: the ids this call's token claimed (`Keys.claim_receipt`)
+-- KEYS[8] ops       stream: operational events of the subscription (see _outcomes.lua)
 --
 -- ARGV[1] prefix         the prefix of the delivery record keys: prefix .. <id> (`Keys.record_prefix`)
 -- ARGV[2] max_in_flight  fleet-wide cap of claimed deliveries
@@ -22,16 +23,25 @@
 --                        retention_ms, dead_retention_ms, conn_threshold, cooloff_ms,
 --                        cooloff_max_ms, history_max, failure_ratio, min_attempts,
 --                        window_ms (unused when there are no outcomes)
+-- ARGV[16] expire_ms     while the breaker is open, a due delivery created longer ago
+--                        than this is dead-lettered without a request (the retry
+--                        schedule's span: an endpoint down for longer than it does not
+--                        keep deliveries forever); 0: never
+-- ARGV[17] detach_ms     a claim older than this no longer counts against
+--                        max_in_flight (its request may still run until its deadline:
+--                        a hung request must not hold a slot the backlog needs);
+--                        0: every claim counts until its outcome
 --
 -- Reply: {applied, claimed}: per outcome what applied (as complete.lua replies), and a
 -- flat list, four per claimed delivery: id, attempts so far, body, observed_ms.
 -- Nothing is claimed while the endpoint is disabled or its breaker is open; one probe
--- at a time while the breaker is half-open; half of max_in_flight while a 429's
--- Retry-After runs.
+-- at a time while the breaker is half-open (marked: the record's `probe` holds the
+-- claim token, see _outcomes.lua); half of max_in_flight while a 429's Retry-After
+-- runs.
 -- Idempotent: outcomes by their done markers, claims by the token's receipt.
 --#include now
 local due, inflight, endpoint = KEYS[1], KEYS[2], KEYS[3]
-local dead, chain, parked = KEYS[4], KEYS[5], KEYS[6]
+local dead, chain, parked, ops = KEYS[4], KEYS[5], KEYS[6], KEYS[8]
 local prefix = ARGV[1]
 local max_in_flight, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local visibility, token = tonumber(ARGV[4]), ARGV[5]
@@ -40,6 +50,7 @@ local threshold, cooloff, cooloff_max = tonumber(ARGV[9]), tonumber(ARGV[10]), t
 local history_max = tonumber(ARGV[12])
 local ratio, min_attempts = tonumber(ARGV[13]), tonumber(ARGV[14])
 local bucket_ms = math.max(1, math.floor(tonumber(ARGV[15]) / 3))
+local expire_ms, detach_ms = tonumber(ARGV[16] or '0'), tonumber(ARGV[17] or '0')
 
 --#include outcomes
 
@@ -62,15 +73,45 @@ end
 if limit <= 0 then return {applied, {}} end
 local earlier = redis.call('GET', receipt)
 if earlier then return {applied, reply_for(cjson.decode(earlier))} end
-local ep = redis.call('HMGET', endpoint, 'disabled', 'open_until', 'paced_until')
+local ep = redis.call('HMGET', endpoint, 'disabled', 'open_until', 'paced_until',
+                     'probing_until')
 if ep[1] == '1' then return {applied, {}} end
 local open_until = tonumber(ep[2] or '0')
-if open_until > now then return {applied, {}} end
-local busy = redis.call('ZCARD', inflight)
+if open_until > now then
+  if expire_ms > 0 then
+    -- Deliveries that waited for the endpoint longer than their whole retry schedule
+    -- would have lasted: dead letters (replayable), the oldest due first, a few a call.
+    local expired = {}
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, 20)) do
+      local rec = prefix .. id
+      local created = tonumber(redis.call('HGET', rec, 'created_ms') or '0')
+      if created > 0 and created + expire_ms < now then
+        redis.call('HSET', rec, 'state', 'inflight', 'claim', token)
+        local entry = cjson.encode({at_ms = now, error = 'endpoint down for longer than '
+                                    .. 'the retry schedule', outcome = 'dead'})
+        complete(rec, id, token, 'dead', 0, entry, 'expired', 0)
+        expired[#expired + 1] = id
+      end
+    end
+    if #expired > 0 then
+      redis.call('ZREM', due, unpack(expired))
+      flush()
+    end
+  end
+  return {applied, {}}
+end
+local busy
+if detach_ms > 0 then
+  -- Claims younger than detach_ms (their deadline is claim time + visibility).
+  busy = redis.call('ZCOUNT', inflight, now + visibility - detach_ms, '+inf')
+else
+  busy = redis.call('ZCARD', inflight)
+end
+local probing = false
 if open_until > 0 then
-  -- Half-open: one probe at a time until a success closes the breaker.
-  if busy > 0 then return {applied, {}} end
-  max_in_flight = 1
+  -- Half-open: one probe at a time until a probe's success closes the breaker.
+  if tonumber(ep[4] or '0') > now then return {applied, {}} end
+  max_in_flight, busy, probing = 1, 0, true
 elseif tonumber(ep[3] or '0') > now then
   -- Paced: the endpoint answered 429 with Retry-After; until then it gets half the
   -- requests at once. (Stopping it, or one at a time, let a CRM that answers 429
@@ -107,6 +148,10 @@ while scanned < 2000 do
       -- Moved from due to inflight together below (still in due while scanning:
       -- the offset counts it).
       redis.call('HSET', rec, 'state', 'inflight', 'claim', token)
+      if probing then
+        redis.call('HSET', rec, 'probe', token)
+        redis.call('HSET', endpoint, 'probing_until', now + visibility)
+      end
       out[#out + 1] = id
       out[#out + 1] = f[2]
       out[#out + 1] = f[3]

@@ -6,6 +6,7 @@
 -- KEYS[2] chain    hash: call key -> last event id enqueued for that call
 -- KEYS[3] parked   zset: deliveries waiting for their predecessor's first attempt
 -- KEYS[4] inflight zset: claimed deliveries   KEYS[5] dead  zset: dead letters
+-- KEYS[6] ops      stream: operational events (a dead letter for a full backlog)
 -- (The records, prefix .. <id>, share the subscription's hash slot through the
 -- prefix's tag, as in claim.lua; naming each one cost the client a key per event.)
 --
@@ -70,6 +71,11 @@ for j = 0, n - 1 do
                'history', '[' .. entry .. ']', 'dead_ms', now)
     redis.call('ZADD', dead, now, id)
     redis.call('PEXPIRE', rec, dead_retention)
+    if KEYS[6] then
+      redis.call('XADD', KEYS[6], 'MAXLEN', '~', 10000, '*', 'type', 'delivery.dead_lettered',
+                 'at', now, 'event_id', id, 'event_type', etype, 'attempts', 0,
+                 'last_error', 'backlog full')
+    end
     added, overflow = added + 1, overflow + 1
   elseif not exists then
     local prev = ''

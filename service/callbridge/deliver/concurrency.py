@@ -1,0 +1,165 @@
+"""How many requests a subscription sends at once: a limit that follows the receiver.
+
+Pure, no I/O: the deliverer feeds it one sample per answered attempt (`observe`) and
+asks it how many requests may run (`limit`) and when a request has run so long that
+it no longer counts (`detach_after_s`).
+
+The design, in the family of TCP Vegas and the gradient limiters (Envoy's adaptive
+concurrency, Netflix's concurrency-limits), written for webhook receivers:
+
+* **Windows.** Samples are taken in windows of about one limit's worth of answers (at
+  least `_MIN_WINDOW`, at most `_WINDOW_S` long). A window's latency is the median of
+  its successful answers and timeouts: the median ignores the few requests a receiver
+  hangs, which are the detach rule's business, not the limit's.
+* **Unloaded latency.** The lowest window median seen, drifting up slowly (`_DRIFT`)
+  so a receiver that became slower for good is learnt again.
+* **Latency climbs -> lower.** A window whose median is past both `tolerance` times
+  the unloaded latency and the unloaded latency plus `headroom_s` cuts the limit in
+  proportion (never below half at once): the receiver queues our requests, more at
+  once would only make each slower. The absolute headroom keeps a receiver answering
+  in 1 ms from being throttled for answering in 4 (a queue of microseconds is not a
+  receiver at its capacity, and the bridge's own event loop adds that much).
+* **Errors come -> lower.** When the share of answers that say "overloaded" (5xx, 429,
+  timeouts; not 4xx, which are about a payload) averaged over recent windows passes
+  `_ERROR_SHARE`, the limit is cut by a quarter. A receiver failing a few requests at
+  random stays well under it.
+* **Otherwise -> raise.** Doubling per window until the first cut (a start, or a
+  restart after an outage: the backlog must drain fast), then 10 % (at least one)
+  per window.
+
+Between `floor` and `ceiling` (the subscription's ``max_in_flight``, still enforced
+fleet-wide by the claim script).
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Why the limit moved last (a metric label).
+Reason = Literal["start", "increase", "latency", "errors", "restart"]
+
+_MIN_WINDOW = 8
+_WINDOW_S = 1.0
+_DRIFT = 0.01  # of the gap, per window, the unloaded latency creeps up
+_ERROR_SHARE = 0.25
+_ERROR_SMOOTHING = 0.3
+_INCREASE = 0.10
+# A request is detached after this many times the unloaded latency (at least
+# `_DETACH_MIN_S`): far past what the receiver takes when it answers at all.
+_DETACH_FACTOR = 8.0
+_DETACH_MIN_S = 0.5
+
+
+@dataclass(slots=True)
+class AdaptiveLimit:
+    """The concurrency limit of one subscription on this replica."""
+
+    ceiling: int
+    floor: int = 1
+    tolerance: float = 1.5
+    headroom_s: float = 0.025
+    value: float = 0.0
+    slow_start: bool = True
+    unloaded_s: float | None = None
+    error_share: float = 0.0
+    reason: Reason = "start"
+    _samples: list[float] = field(default_factory=list)
+    _answers: int = 0
+    _errors: int = 0
+    _window_started: float | None = None
+    # The last windows' medians, for the figures an operator sees.
+    recent: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=8))
+
+    def __post_init__(self) -> None:
+        self.floor = max(1, min(self.floor, self.ceiling))
+        if self.value <= 0:
+            self.value = float(self.ceiling)
+
+    @property
+    def limit(self) -> int:
+        return max(self.floor, min(self.ceiling, int(self.value)))
+
+    def restart(self) -> None:
+        """An outage ended: ramp up from the floor again, doubling (the backlog waits)."""
+        self.value = float(max(self.floor, min(self.ceiling, 4)))
+        self.slow_start = True
+        self.error_share = 0.0
+        self.reason = "restart"
+        self._reset_window(None)
+
+    def observe(self, *, latency_s: float, ok: bool, overloaded: bool, now: float) -> Reason | None:
+        """One answered attempt: `ok` a 2xx, `overloaded` a 5xx, 429 or timeout (its
+        `latency_s` the timeout). Returns why the limit moved, when a window closed
+        and moved it."""
+        if self._window_started is None:
+            self._window_started = now
+        self._answers += 1
+        if overloaded:
+            self._errors += 1
+        if ok or (overloaded and latency_s > 0 and not self._is_fast_error(latency_s)):
+            self._samples.append(latency_s)
+        if self._answers < max(_MIN_WINDOW, self.limit) and now - self._window_started < _WINDOW_S:
+            return None
+        if self._answers < 2:
+            return None
+        return self._close_window(now)
+
+    def detach_after_s(self, timeout_s: float) -> float | None:
+        """How long a request may run before it stops counting against the limit (its
+        own timeout still runs); None when requests are never detached: nothing is
+        known of the receiver yet, or it is slow across the board (then the limit, not
+        the detach rule, must answer)."""
+        if self.unloaded_s is None or not self.recent:
+            return None
+        if self.recent[-1] > self._slow_above(self.unloaded_s):
+            return None
+        after = max(_DETACH_MIN_S, _DETACH_FACTOR * self.unloaded_s)
+        return after if after < timeout_s else None
+
+    # -- windows ------------------------------------------------------------------
+
+    def _is_fast_error(self, latency_s: float) -> bool:
+        # A 5xx answered at once measures nothing about how loaded the receiver is.
+        return self.unloaded_s is not None and latency_s < self.unloaded_s
+
+    def _slow_above(self, unloaded_s: float) -> float:
+        return max(self.tolerance * unloaded_s, unloaded_s + self.headroom_s)
+
+    def _close_window(self, now: float) -> Reason | None:
+        share = self._errors / self._answers
+        self.error_share += _ERROR_SMOOTHING * (share - self.error_share)
+        median = statistics.median(self._samples) if self._samples else None
+        self._reset_window(now)
+        before = self.limit
+        moved: Reason | None = None
+        if median is not None:
+            self.recent.append(median)
+            if self.unloaded_s is None or median < self.unloaded_s:
+                self.unloaded_s = median
+            else:
+                self.unloaded_s += _DRIFT * (median - self.unloaded_s)
+        if self.error_share > _ERROR_SHARE:
+            self.value = max(self.floor, self.value * 0.75)
+            self.slow_start, moved = False, "errors"
+        elif median is not None and median > self._slow_above(self.unloaded_s or median):
+            assert self.unloaded_s is not None
+            cut = max(0.5, self._slow_above(self.unloaded_s) / median)
+            self.value = max(self.floor, self.value * cut)
+            self.slow_start, moved = False, "latency"
+        elif self.value < self.ceiling:
+            grown = self.value * 2 if self.slow_start else self.value * (1 + _INCREASE)
+            self.value = min(self.ceiling, max(self.value + 1, grown))
+            moved = "increase"
+        if moved is None or self.limit == before:
+            return None
+        self.reason = moved
+        return moved
+
+    def _reset_window(self, now: float | None) -> None:
+        self._samples = []
+        self._answers = 0
+        self._errors = 0
+        self._window_started = now

@@ -1,0 +1,110 @@
+"""A subscription's upkeep, between two claims: the chores that are not a delivery.
+
+* the sweep: claims whose worker died are given back after their visibility deadline;
+* the gauges: queue depths, disabled, the breaker's state (on the Redis clock);
+* operational events handed on (`operational.py`);
+* after a recovery, the promotion of what the outage held back (promote.lua), also
+  when the recovery was recorded by another replica or before a restart.
+
+Each runs at most every so often; `run` is called before every claim step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from callbridge.deliver.lane import Lane
+from callbridge.deliver.operational import OperationalEvents
+from callbridge.metrics import Metrics
+from callbridge.store.queue import DeliveryQueue
+
+log = logging.getLogger(__name__)
+
+_SWEEP_EVERY_S = 1.0
+_DEPTH_EVERY_S = 2.0
+_OPS_EVERY_S = 0.5
+# Deliveries promoted per script call after a recovery (promote.lua).
+_PROMOTE_PAGE = 1000
+
+
+class Upkeep:
+    """The chores of every subscription's lane (`run`, `promote`)."""
+
+    def __init__(
+        self,
+        queue: DeliveryQueue,
+        metrics: Metrics,
+        ops: OperationalEvents,
+        *,
+        dead_retention_ms: int,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._queue = queue
+        self._metrics = metrics
+        self._ops = ops
+        self._dead_retention_ms = dead_retention_ms
+        self._monotonic = monotonic
+
+    async def run(self, sub: Lane) -> None:
+        """The chores that are due now."""
+        now = self._monotonic()
+        name = sub.settings.name
+        if now >= sub.next_sweep:
+            sub.next_sweep = now + _SWEEP_EVERY_S
+            reclaimed = await self._queue.sweep(name, dead_retention_ms=self._dead_retention_ms)
+            if reclaimed:
+                log.warning(
+                    "%d deliveries of %s outlived their visibility deadline; requeued",
+                    reclaimed,
+                    name,
+                    extra={"action": "deliveries_reclaimed", "subscription": name},
+                )
+        if now >= sub.next_depth:
+            sub.next_depth = now + _DEPTH_EVERY_S
+            for state, n in (await self._queue.depths(name)).items():
+                self._metrics.queue_depth.labels(name, state).set(n)
+            ep = await self._queue.endpoint(name)
+            self._metrics.subscription_disabled.labels(name).set(1 if ep.disabled else 0)
+            self._metrics.set_breaker(name, ep.breaker)
+            if ep.promoting:
+                # A recovery recorded elsewhere (another replica, or this one before a
+                # restart) whose promotion is not over: carry it on.
+                sub.promoting = True
+        if now >= sub.next_ops:
+            sub.next_ops = now + _OPS_EVERY_S
+            await self._ops.hand_on(name)
+
+    def recovered(self, sub: Lane) -> None:
+        """A probe got through: what failed during the outage is promoted (before the
+        next claim), the limit ramps up again from a few requests at once, and the
+        operational event goes out soon."""
+        name = sub.settings.name
+        sub.promoting = True
+        sub.next_ops = 0.0
+        sub.limiter.restart()
+        self._metrics.note_limit(name, sub.limiter.limit, "restart")
+        log.info(
+            "subscription %s answers again; its failed deliveries are due now",
+            name,
+            extra={"action": "subscription_recovered", "subscription": name},
+        )
+
+    async def promote(self, sub: Lane) -> None:
+        """Make due now every delivery the outage held back, a page per script call."""
+        name = sub.settings.name
+        total = 0
+        while True:
+            promoted, done = await self._queue.promote(name, page=_PROMOTE_PAGE)
+            total += promoted
+            if done:
+                break
+        sub.promoting = False
+        self._metrics.promoted.labels(name).inc(total)
+        log.info(
+            "%d deliveries of %s promoted after its recovery",
+            total,
+            name,
+            extra={"action": "deliveries_promoted", "subscription": name},
+        )
