@@ -194,6 +194,10 @@ class SubscriptionSettings(_Model):
     # (docs/performance.md, section 11); a receiver that wants fewer answers 429 (half
     # of it then) or sets it lower.
     max_in_flight: int = Field(64, ge=1, le=1000)
+    # Follow the endpoint: start with one request at a time, double while answers come
+    # as fast as unloaded, halve when they slow down, back off on 5xx/429/timeouts,
+    # never above max_in_flight (deliver/concurrency.py). false: always max_in_flight.
+    adaptive_concurrency: bool = True
     # Undelivered deliveries this subscription may hold; None: delivery.max_backlog.
     max_backlog: int | None = Field(None, ge=1)
     headers: dict[str, str] = Field(default_factory=dict)

@@ -200,12 +200,8 @@ class Operations:
     async def list_subscriptions(self) -> list[dict[str, Any]]:
         out = []
         for sub in self._settings.subscriptions:
+            # On the Redis clock the scripts use (a replica's clock may be skewed).
             ep = await self._queue.endpoint(sub.name)
-            if ep.open_until_ms > self._wall_ms():
-                breaker = "open"
-            else:
-                # Past its pause, a breaker lets one probe through until a success closes it.
-                breaker = "half_open" if ep.open_until_ms else "closed"
             out.append(
                 {
                     "name": sub.name,
@@ -215,7 +211,7 @@ class Operations:
                     "disabled": ep.disabled,
                     "disabled_reason": ep.disabled_reason or None,
                     "consecutive_failures": ep.failures,
-                    "breaker": breaker,
+                    "breaker": ep.breaker,
                     "breaker_open_until_ms": ep.open_until_ms or None,
                     "queue": await self._queue.depths(sub.name),
                 }

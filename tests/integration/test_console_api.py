@@ -40,6 +40,8 @@ async def running(
                 "url": str(hooks[1].make_url("/hook")),
                 "secret": SECRET,
                 "retry_schedule_seconds": [],
+                # All claimed at once: every one dead before the breaker opens.
+                "adaptive_concurrency": False,
             },
         ],
         admin={"token": TOKEN},

@@ -11,21 +11,25 @@ concurrency, Netflix's concurrency-limits), written for webhook receivers:
   least `_MIN_WINDOW`, at most `_WINDOW_S` long). A window's latency is the median of
   its successful answers and timeouts: the median ignores the few requests a receiver
   hangs, which are the detach rule's business, not the limit's.
-* **Unloaded latency.** The lowest window median seen, drifting up slowly (`_DRIFT`)
-  so a receiver that became slower for good is learnt again.
-* **Latency climbs -> lower.** A window whose median is past both `tolerance` times
-  the unloaded latency and the unloaded latency plus `headroom_s` cuts the limit in
-  proportion (never below half at once): the receiver queues our requests, more at
-  once would only make each slower. The absolute headroom keeps a receiver answering
-  in 1 ms from being throttled for answering in 4 (a queue of microseconds is not a
+* **Unloaded latency.** The lowest window median of the last `_HORIZON` windows: a
+  receiver that became slower for good is learnt again once its fast windows are
+  that old.
+* **Latency climbs -> halve.** A window whose median is past both `tolerance` times
+  the unloaded latency and the unloaded latency plus `headroom_s` halves the limit:
+  the receiver queues our requests, more at once would only make each slower. Halving
+  (not a proportional cut) takes the limit back under the receiver's capacity once a
+  cycle, so the unloaded latency keeps being measured; a cut in proportion hovers
+  above capacity, where every window looks a little slower than the last and the
+  estimate creeps up with it. The absolute headroom keeps a receiver answering in
+  1 ms from being throttled for answering in 4 (a queue of microseconds is not a
   receiver at its capacity, and the bridge's own event loop adds that much).
 * **Errors come -> lower.** When the share of answers that say "overloaded" (5xx, 429,
   timeouts; not 4xx, which are about a payload) averaged over recent windows passes
   `_ERROR_SHARE`, the limit is cut by a quarter. A receiver failing a few requests at
   random stays well under it.
-* **Otherwise -> raise.** Doubling per window until the first cut (a start, or a
-  restart after an outage: the backlog must drain fast), then 10 % (at least one)
-  per window.
+* **Otherwise -> raise.** From the floor, doubling per window while answers come as
+  fast as unloaded (a start, or a restart after an outage: the backlog must drain
+  fast), then 10 % (at least one) per window.
 
 Between `floor` and `ceiling` (the subscription's ``max_in_flight``, still enforced
 fleet-wide by the claim script).
@@ -43,10 +47,11 @@ Reason = Literal["start", "increase", "latency", "errors", "restart"]
 
 _MIN_WINDOW = 8
 _WINDOW_S = 1.0
-_DRIFT = 0.01  # of the gap, per window, the unloaded latency creeps up
+_HORIZON = 30  # windows the unloaded latency is the minimum of
 _ERROR_SHARE = 0.25
 _ERROR_SMOOTHING = 0.3
 _INCREASE = 0.10
+_SLOW_START_EXIT = 1.1
 # A request is detached after this many times the unloaded latency (at least
 # `_DETACH_MIN_S`): far past what the receiver takes when it answers at all.
 _DETACH_FACTOR = 8.0
@@ -70,13 +75,17 @@ class AdaptiveLimit:
     _answers: int = 0
     _errors: int = 0
     _window_started: float | None = None
-    # The last windows' medians, for the figures an operator sees.
-    recent: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=8))
+    # The last windows' medians (the unloaded latency is their minimum).
+    recent: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=_HORIZON)
+    )
 
     def __post_init__(self) -> None:
         self.floor = max(1, min(self.floor, self.ceiling))
         if self.value <= 0:
-            self.value = float(self.ceiling)
+            # From the floor: the first windows are the unloaded latency (starting at
+            # the ceiling against a small receiver would take its queue for its speed).
+            self.value = float(self.floor)
 
     @property
     def limit(self) -> int:
@@ -84,7 +93,7 @@ class AdaptiveLimit:
 
     def restart(self) -> None:
         """An outage ended: ramp up from the floor again, doubling (the backlog waits)."""
-        self.value = float(max(self.floor, min(self.ceiling, 4)))
+        self.value = float(self.floor)
         self.slow_start = True
         self.error_share = 0.0
         self.reason = "restart"
@@ -101,7 +110,11 @@ class AdaptiveLimit:
             self._errors += 1
         if ok or (overloaded and latency_s > 0 and not self._is_fast_error(latency_s)):
             self._samples.append(latency_s)
-        if self._answers < max(_MIN_WINDOW, self.limit) and now - self._window_started < _WINDOW_S:
+        # While ramping up, a window is one round of the limit (2 answers at least): 1 to
+        # 64 in seven rounds. Then about one limit's worth, 8 at least, for a steadier
+        # median.
+        least = max(2, self.limit) if self.slow_start else max(_MIN_WINDOW, self.limit)
+        if self._answers < least and now - self._window_started < _WINDOW_S:
             return None
         if self._answers < 2:
             return None
@@ -137,19 +150,18 @@ class AdaptiveLimit:
         moved: Reason | None = None
         if median is not None:
             self.recent.append(median)
-            if self.unloaded_s is None or median < self.unloaded_s:
-                self.unloaded_s = median
-            else:
-                self.unloaded_s += _DRIFT * (median - self.unloaded_s)
+            self.unloaded_s = min(self.recent)
         if self.error_share > _ERROR_SHARE:
             self.value = max(self.floor, self.value * 0.75)
             self.slow_start, moved = False, "errors"
         elif median is not None and median > self._slow_above(self.unloaded_s or median):
-            assert self.unloaded_s is not None
-            cut = max(0.5, self._slow_above(self.unloaded_s) / median)
-            self.value = max(self.floor, self.value * cut)
+            self.value = max(self.floor, self.value * 0.5)
             self.slow_start, moved = False, "latency"
         elif self.value < self.ceiling:
+            if self.slow_start and median is not None and self.unloaded_s is not None:
+                # Doubling stops as soon as answers slow down at all (before the
+                # receiver's queue shows as a cut), so the ramp overshoots little.
+                self.slow_start = median <= _SLOW_START_EXIT * self.unloaded_s
             grown = self.value * 2 if self.slow_start else self.value * (1 + _INCREASE)
             self.value = min(self.ceiling, max(self.value + 1, grown))
             moved = "increase"

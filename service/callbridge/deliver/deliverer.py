@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Callable
 
 from callbridge.config import Settings
-from callbridge.deliver.concurrency import AdaptiveLimit
 from callbridge.deliver.lane import Lane
 from callbridge.deliver.operational import OperationalEvents
 from callbridge.deliver.outcomes import OutcomeBook
@@ -77,10 +76,7 @@ class Deliverer:
         # the claim, so a claimed delivery's request starts at once: its visibility
         # deadline never runs out while it waits for a slot.
         self._free = self._d.global_max_in_flight
-        self._subs = {
-            s.name: Lane(s, s.signing_keys, asyncio.Event(), AdaptiveLimit(ceiling=s.max_in_flight))
-            for s in settings.subscriptions
-        }
+        self._subs = {s.name: Lane.of(s) for s in settings.subscriptions}
         self._upkeep = Upkeep(
             queue,
             metrics,
@@ -99,7 +95,10 @@ class Deliverer:
             dead_retention_ms=int(self._d.dead_letter_retention_seconds * 1000),
             breaker_threshold=self._d.breaker_failure_threshold,
             cooloff_ms=int(self._d.breaker_cooloff_seconds * 1000),
-            cooloff_max_ms=int(self._d.breaker_cooloff_max_seconds * 1000),
+            # A pause set longer than the max (only the first set) is not cut short.
+            cooloff_max_ms=int(
+                max(self._d.breaker_cooloff_max_seconds, self._d.breaker_cooloff_seconds) * 1000
+            ),
             breaker_failure_ratio=self._d.breaker_failure_ratio,
             breaker_min_attempts=self._d.breaker_min_attempts,
             breaker_window_ms=int(self._d.breaker_window_seconds * 1000),
@@ -217,6 +216,10 @@ class Deliverer:
             self._book.account(s, f, result)
             if result == "recovered":
                 self._upkeep.recovered(sub)
+            elif result not in ("success", "stale", "gone", "release"):
+                # It may have opened the breaker, dead-lettered or disabled: the
+                # operational event it wrote goes out with the next step.
+                sub.next_ops = 0.0
         return claimed
 
     def _detach_overdue(self, sub: Lane) -> float | None:

@@ -48,6 +48,12 @@ class Lane:
     steps: int = 0
     retry_at: float = 0.0
 
+    @classmethod
+    def of(cls, sub: SubscriptionSettings) -> Lane:
+        ceiling = sub.max_in_flight
+        floor = 1 if sub.adaptive_concurrency else ceiling
+        return cls(sub, sub.signing_keys, asyncio.Event(), AdaptiveLimit(ceiling, floor))
+
     def observe(self, result: AttemptResult, now: float) -> Reason | None:
         """Feed an answered attempt to the limit (`AdaptiveLimit.observe`): fast
         failures that say nothing of the receiver's load are left out."""

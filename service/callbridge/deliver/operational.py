@@ -67,12 +67,14 @@ def build_event(about: str, stream_id: bytes, fields: dict[str, str]) -> Event |
         data["attempts"] = int(fields.get("attempts") or 0)
         data["last_error"] = fields.get("last_error") or None
     digest = hashlib.sha256(f"{about}\0{stream_id.decode()}".encode()).hexdigest()[:24]
+    # Ordered like a call's events (first attempt before the next one starts): an
+    # on-call channel hears "opened" before "recovered".
     return Event.build(
         event_id=f"op_{digest}",
         type=kind,
         timestamp=iso_ms(at_ms),
         batch_id="",
-        call_id=None,
+        call_id=f"ops:{about}",
         data=data,
     )
 

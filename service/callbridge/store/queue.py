@@ -319,10 +319,9 @@ class DeliveryQueue:
         }
 
     async def endpoint(self, sub: str) -> EndpointState:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self._keys.endpoint(sub))
-            pipe.time()
-            raw, (now_s, now_us) = await pipe.execute()
+        raw = await self._redis.hgetall(self._keys.endpoint(sub))
+        # Not pipelined: Redis Cluster refuses TIME in a pipeline.
+        now_s, now_us = await self._redis.time()
         return EndpointState(
             disabled=raw.get(b"disabled") == b"1",
             disabled_reason=(raw.get(b"disabled_reason") or b"").decode(),
