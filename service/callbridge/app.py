@@ -39,6 +39,7 @@ from callbridge.store.keys import Keys
 from callbridge.store.leases import LeaseStore
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.ratelimit import RedisRateLimiter
+from callbridge.store.recovery import RecoveryJobs
 from callbridge.store.registry import BatchRegistry
 from callbridge.store.snapshots import SnapshotStore
 
@@ -126,7 +127,8 @@ class Bridge:
         upstream = UpstreamClient(settings.upstream, session, limiter, metrics)
         replica_id = replica_id or default_replica_id(settings)
         sender = WebhookSender.for_settings(settings.delivery, session)
-        deliverer = Deliverer(settings, queue, sender, metrics, replica_id=replica_id)
+        jobs = RecoveryJobs(redis, keys)
+        deliverer = Deliverer(settings, queue, sender, metrics, replica_id=replica_id, jobs=jobs)
         relay = Relay(
             store,
             queue,
@@ -155,6 +157,7 @@ class Bridge:
             owns=lambda batch_id: batch_id in poller.owned(),
             poll_periods_s=lambda: _owned_periods(metrics, poller),
             on_batches_changed=scheduler.wake,
+            jobs=jobs,
         )
         return cls(
             settings=settings,

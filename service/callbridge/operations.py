@@ -18,6 +18,7 @@ from callbridge.poll.diff import event_id
 from callbridge.poll.lifecycle import interval_s, lifecycle
 from callbridge.store.leases import LeaseStore
 from callbridge.store.queue import DeliveryQueue
+from callbridge.store.recovery import RecoveryJobs
 from callbridge.store.registry import BatchRegistry
 from callbridge.store.snapshots import SnapshotStore
 
@@ -67,6 +68,7 @@ class Operations:
         poll_periods_s: Callable[[], Mapping[str, float]] = dict,
         on_batches_changed: Callable[[], None] = lambda: None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        jobs: RecoveryJobs | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -77,6 +79,7 @@ class Operations:
         self._poll_periods_s = poll_periods_s
         self._on_batches_changed = on_batches_changed
         self._wall_ms = wall_ms
+        self._jobs = jobs
 
     def _sub(self, name: str) -> str:
         if self._settings.subscription(name) is None:
@@ -250,6 +253,27 @@ class Operations:
             if record and record["state"] == "dead":
                 n += await self._queue.requeue(name, i, reset_attempts=True)
         return n
+
+    async def recover(
+        self, name: str, since_ms: int, until_ms: int = 0
+    ) -> tuple[dict[str, Any], bool]:
+        """Start re-sending what `name` did not get a 2xx for among the events committed
+        in [since, until) (`store.recovery`); the job, and whether it is new (the same
+        window asked again is the same job)."""
+        self._sub(name)
+        if self._jobs is None:
+            raise CallbridgeError("recovery jobs are not available in this process")
+        job, created = await self._jobs.start(name, since_ms, until_ms)
+        return job.as_dict(), created
+
+    async def recovery(self, name: str, job_id: str) -> dict[str, Any] | None:
+        self._sub(name)
+        job = await self._jobs.get(name, job_id) if self._jobs is not None else None
+        return job.as_dict() if job is not None else None
+
+    async def recoveries(self, name: str) -> list[dict[str, Any]]:
+        self._sub(name)
+        return [j.as_dict() for j in await self._jobs.all(name)] if self._jobs else []
 
     async def redeliver(self, event_id: str) -> list[str]:
         """Send an event again to every subscription that has a record of it."""

@@ -197,7 +197,14 @@ async def test_live_data_matches_the_document(live: Any) -> None:
     batch_id, other_batch = sim.batch_ids[0], sim.batch_ids[1]
     call_id = sim.calls(batch_id)[0]["call_id"]
     [dead] = [r["event_id"] for r in await svc.operations.dead_letters("flaky", 1, 0)]
-    known = {"batch_id": batch_id, "call_id": call_id, "name": "flaky", "event_id": dead}
+    job, _ = await svc.operations.recover("flaky", 1)
+    known = {
+        "batch_id": batch_id,
+        "call_id": call_id,
+        "name": "flaky",
+        "event_id": dead,
+        "job_id": job["id"],
+    }
 
     def path_parameters(label: str) -> dict[str, str]:
         names = re.findall(r"{(\w+)}", label)
@@ -216,7 +223,7 @@ async def test_live_data_matches_the_document(live: Any) -> None:
     )
     assert not report.failures, "\n\n".join(report.failures)
     operations = {label for label, _ in report.examples}
-    assert len(operations) == 14
+    assert len(operations) == 17
     no_success = [op for op in operations if not any(200 <= s < 300 for s in report.statuses[op])]
     assert not no_success, report.statuses
     # The detailed schemas were checked against real content, not only empty lists.
@@ -228,6 +235,7 @@ async def test_live_data_matches_the_document(live: Any) -> None:
     assert any(b["counts"] and b["owner"] for d in data("GET /v1/batches") for b in d)
     assert any(d["replayed"] > 0 for d in data("POST /v1/subscriptions/{name}/dead-letters/replay"))
     assert any(d["subscriptions"] for d in data("POST /v1/events/{event_id}/redeliver"))
+    assert any(d["id"] == job["id"] for d in data("GET /v1/subscriptions/{name}/recover/{job_id}"))
 
 
 async def test_generated_requests_match_the_document(live: Any) -> None:
@@ -239,8 +247,8 @@ async def test_generated_requests_match_the_document(live: Any) -> None:
     assert not report.failures, "\n\n".join(report.failures)
     positive = sum(n for (_, mode), n in report.examples.items() if mode == POSITIVE)
     negative = sum(n for (_, mode), n in report.examples.items() if mode == NEGATIVE)
-    assert len({label for label, _ in report.examples}) == 14
-    assert positive >= 14 * 5
+    assert len({label for label, _ in report.examples}) == 17
+    assert positive >= 17 * 5
     # Invalid bodies and query strings exist for these; the rest take only free strings.
     negated = {label for (label, mode) in report.examples if mode == NEGATIVE}
     assert negated >= {
@@ -265,7 +273,7 @@ async def test_without_token_every_admin_operation_answers_401(live: Any) -> Non
         only=lambda label: " /v1/" in label,
     )
     assert not report.failures, "\n\n".join(report.failures)
-    assert len(report.statuses) == 11
+    assert len(report.statuses) == 14
     assert all(set(s) == {401} for s in report.statuses.values()), report.statuses
 
 
@@ -283,7 +291,7 @@ async def test_admin_off_every_admin_operation_answers_404(
         only=lambda label: " /v1/" in label,
     )
     assert not report.failures, "\n\n".join(report.failures)
-    assert len(report.statuses) == 11
+    assert len(report.statuses) == 14
     assert all(set(s) == {404} for s in report.statuses.values()), report.statuses
 
 

@@ -41,6 +41,7 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     delivered: list[Received] = field(default_factory=list)  # answered 2xx
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    delay_s: float = 0.0  # every answer waits this long (a receiver that takes its time)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set on every request
 
     def app(self) -> web.Application:
@@ -54,6 +55,8 @@ class Receiver:
         self.received.append(rec)
         self.arrived.set()
         answer = self.answers.popleft() if self.answers else self.default
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if answer == "hang":
             await self.release.wait()
             return web.Response(status=200)

@@ -1,4 +1,5 @@
-"""The admin API under ``/v1``: batches, timelines, subscriptions, dead letters, replay.
+"""The admin API under ``/v1``: batches, timelines, subscriptions, dead letters, replay,
+recovery of a time window.
 
 A sub-application with one middleware in front of every route: the API exists
 only when ``admin.token`` is set (otherwise every route answers 404), and each
@@ -10,6 +11,7 @@ Errors use the upstream API's envelope style. The routes are described in
 from __future__ import annotations
 
 import hmac
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -168,6 +170,51 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     return envelope(200, "Dead letters replayed", {"replayed": n})
 
 
+def _instant_ms(doc: dict[str, Any], key: str, *, required: bool) -> int:
+    """``since``/``until`` of a request: an RFC 3339 time with its zone, or epoch ms."""
+    value = doc.get(key)
+    if value is None and not required:
+        return 0
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    if isinstance(value, str):
+        # RFC 3339 allows lower-case t/z and a leap second, which fromisoformat does not.
+        text = value.upper().replace("Z", "+00:00").replace(":60", ":59")
+        try:
+            at = datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            if at.tzinfo is not None:
+                return max(0, int(at.timestamp() * 1000))
+    raise BadRequest(f"{key} must be an RFC 3339 time with a zone (or epoch milliseconds)")
+
+
+async def start_recovery(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    doc = await _json(request)
+    since_ms = _instant_ms(doc, "since", required=True)
+    # An until at or before since is an empty window: a job that finds nothing.
+    until_ms = _instant_ms(doc, "until", required=False)
+    job, created = await _ops(request).recover(name, since_ms, until_ms)
+    if created:
+        return envelope(202, "Recovery started", job)
+    return envelope(200, "Recovery of that window already exists", job)
+
+
+async def list_recoveries(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    return envelope(200, "Recovery jobs", await _ops(request).recoveries(name))
+
+
+async def get_recovery(request: web.Request) -> web.Response:
+    name, job_id = request.match_info["name"], request.match_info["job_id"]
+    job = await _ops(request).recovery(name, job_id)
+    if job is None:
+        return envelope(404, f"No recovery job {job_id} of {name}", code="NOT_FOUND")
+    return envelope(200, "Recovery job", job)
+
+
 async def redeliver_event(request: web.Request) -> web.Response:
     event_id = request.match_info["event_id"]
     subs = await _ops(request).redeliver(event_id)
@@ -197,5 +244,8 @@ def admin_app(token: str | None) -> web.Application:
     r.add_post("/subscriptions/{name}/enable", enable_subscription)
     r.add_get("/subscriptions/{name}/dead-letters", list_dead_letters)
     r.add_post("/subscriptions/{name}/dead-letters/replay", replay_dead_letters)
+    r.add_post("/subscriptions/{name}/recover", start_recovery)
+    r.add_get("/subscriptions/{name}/recover", list_recoveries)
+    r.add_get("/subscriptions/{name}/recover/{job_id}", get_recovery)
     r.add_post("/events/{event_id}/redeliver", redeliver_event)
     return app

@@ -5,6 +5,7 @@
     callbridge admin subscriptions list | enable NAME
     callbridge admin dead-letters list NAME [--limit N] [--offset N] | replay NAME [--id EVENT ...]
     callbridge admin redeliver EVENT
+    callbridge admin recover NAME --since 2h [--until 30m | ISO time] | recoveries NAME
 
 The bridge's URL and admin token come from ``--url`` / ``--token`` or
 ``CALLBRIDGE_ADMIN_URL`` / ``CALLBRIDGE_ADMIN_TOKEN`` (the variable keeps the token out
@@ -26,9 +27,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+from callbridge.cli import tables
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -88,96 +91,18 @@ async def call_api(base_url: str, token: str, req: Request, timeout_s: float) ->
 # -- rendering -------------------------------------------------------------------------
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Left-aligned columns, two spaces apart; '-' for empty cells."""
-    cells = [[str(h) for h in headers]] + [
-        ["-" if v is None or v == "" else str(v) for v in row] for row in rows
-    ]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join(lines)
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def when(ms: int | None) -> str | None:
-    """A UTC timestamp from epoch milliseconds."""
-    if not ms:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
-
-
-def _batches(data: list[dict[str, Any]]) -> str:
-    rows = [
-        (
-            b["id"],
-            b["lifecycle"],
-            b["total"],
-            "yes" if b["completed"] else "no",
-            when(b["last_poll_ms"]),
-            when(b["last_change_ms"]),
-            b["owner"],
-        )
-        for b in data
-    ]
-    headers = ("BATCH", "LIFECYCLE", "CALLS", "COMPLETED", "LAST POLL", "LAST CHANGE", "OWNER")
-    return table(headers, rows) if rows else "no batches watched"
-
-
-def _timeline(data: dict[str, Any]) -> str:
-    head = (
-        f"call {data['call_id']} in batch {data['batch_id']}: {data['status']} "
-        f"(sequence {data['sequence']})"
-    )
-    rows = [
-        (when(e["at_ms"]), e["status"], e["sequence"], e["event_type"], e["event_id"])
-        for e in data["timeline"]
-    ]
-    return head + "\n" + table(("AT", "STATUS", "SEQUENCE", "EVENT", "EVENT ID"), rows)
-
-
-def _state(s: dict[str, Any]) -> str:
-    if not s["enabled_in_config"]:
-        return "off in config"
-    if s["disabled"]:
-        return f"disabled ({s['disabled_reason'] or 'operator'})"
-    if (s["breaker_open_until_ms"] or 0) > time.time() * 1000:
-        return "breaker open"
-    return "enabled"
-
-
-def _subscriptions(data: list[dict[str, Any]]) -> str:
-    rows = [
-        (
-            s["name"],
-            _state(s),
-            s["consecutive_failures"],
-            s["queue"]["ready"],
-            s["queue"]["scheduled"],
-            s["queue"]["inflight"],
-            s["queue"]["dead"],
-            s["url"],
-        )
-        for s in data
-    ]
-    headers = ("NAME", "STATE", "FAILURES", "READY", "SCHEDULED", "INFLIGHT", "DEAD", "URL")
-    return table(headers, rows) if rows else "no subscriptions configured"
-
-
-def _dead_letters(data: dict[str, Any]) -> str:
-    rows = []
-    for d in data["items"]:
-        last = d["history"][-1] if d["history"] else {}
-        rows.append(
-            (
-                d["event_id"],
-                d["type"],
-                d["attempts"],
-                when(last.get("at_ms")),
-                last.get("error") or (f"HTTP {last['status']}" if last.get("status") else None),
-            )
-        )
-    if not rows:
-        return "no dead letters" if data["offset"] == 0 else "no dead letters at this offset"
-    return table(("EVENT ID", "TYPE", "ATTEMPTS", "LAST ATTEMPT", "LAST ERROR"), rows)
+def instant(value: str, now_s: float) -> str | int:
+    """``2h`` / ``30m`` / ``90s`` / ``1d`` ago as epoch ms, or an ISO time as given."""
+    unit = _UNITS_S.get(value[-1:].lower())
+    if unit is not None:
+        try:
+            return int((now_s - float(value[:-1]) * unit) * 1000)
+        except ValueError:
+            pass
+    return value
 
 
 # -- commands: argparse namespace -> request and renderer -------------------------------
@@ -190,7 +115,7 @@ def plan(args: argparse.Namespace) -> tuple[Request, Render]:
     what = args.admin_command
     if what == "batches":
         if args.action == "list":
-            return Request("GET", "/batches"), _batches
+            return Request("GET", "/batches"), tables.batches
         if args.action == "add":
             body: dict[str, Any] = {"id": args.batch}
             if args.backfill is not None:
@@ -202,10 +127,10 @@ def plan(args: argparse.Namespace) -> tuple[Request, Render]:
         )
     if what == "timeline":
         path = f"/batches/{_seg(args.batch)}/calls/{_seg(args.call)}/timeline"
-        return Request("GET", path), _timeline
+        return Request("GET", path), tables.timeline
     if what == "subscriptions":
         if args.action == "list":
-            return Request("GET", "/subscriptions"), _subscriptions
+            return Request("GET", "/subscriptions"), tables.subscriptions
         return (
             Request("POST", f"/subscriptions/{_seg(args.name)}/enable"),
             lambda d: f"subscription {d['name']} enabled",
@@ -214,12 +139,26 @@ def plan(args: argparse.Namespace) -> tuple[Request, Render]:
         base = f"/subscriptions/{_seg(args.name)}/dead-letters"
         if args.action == "list":
             params = {"limit": str(args.limit), "offset": str(args.offset)}
-            return Request("GET", base, params=params), _dead_letters
+            return Request("GET", base, params=params), tables.dead_letters
         body = {"ids": args.ids} if args.ids else {}
         return (
             Request("POST", base + "/replay", body),
             lambda d: f"{d['replayed']} dead letter(s) of {args.name} due again",
         )
+    if what == "recover":
+        now = time.time()
+        body = {"since": instant(args.since, now)}
+        if args.until:
+            body["until"] = instant(args.until, now)
+        return (
+            Request("POST", f"/subscriptions/{_seg(args.name)}/recover", body),
+            lambda d: (
+                f"recovery job {d['id']} of {args.name}: {d['state']}, "
+                f"{d['requeued']} due again so far (callbridge admin recoveries {args.name})"
+            ),
+        )
+    if what == "recoveries":
+        return Request("GET", f"/subscriptions/{_seg(args.name)}/recover"), tables.jobs
     return (
         Request("POST", f"/events/{_seg(args.event)}/redeliver"),
         lambda d: f"event {d['event_id']} due again for: {', '.join(d['subscriptions'])}",
@@ -344,3 +283,13 @@ def add_admin_parser(sub: Any) -> None:
         "redeliver", parents=[common], help="send an event again to every subscription"
     )
     p.add_argument("event")
+    p = commands.add_parser(
+        "recover",
+        parents=[common],
+        help="re-send what a subscription did not get a 2xx for in a time window",
+    )
+    p.add_argument("name")
+    p.add_argument("--since", required=True, help="2h, 30m, 1d ago, or an ISO time with zone")
+    p.add_argument("--until", help="end of the window (same forms); default: now on")
+    p = commands.add_parser("recoveries", parents=[common], help="a subscription's recovery jobs")
+    p.add_argument("name")

@@ -31,6 +31,7 @@ from callbridge.deliver.upkeep import Upkeep
 from callbridge.deliver.workers import Workers
 from callbridge.metrics import Metrics
 from callbridge.store.queue import Claimed, CompletionPolicy, DeliveryQueue
+from callbridge.store.recovery import RecoveryJobs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Deliverer:
         wall: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         replica_id: str = "",
+        jobs: RecoveryJobs | None = None,
     ) -> None:
         self._settings = settings
         self._d = settings.delivery
@@ -88,6 +90,7 @@ class Deliverer:
                 on_enqueued=self.wake,
             ),
             dead_retention_ms=int(self._d.dead_letter_retention_seconds * 1000),
+            jobs=jobs,
             monotonic=monotonic,
         )
         self._policy = CompletionPolicy(

@@ -38,6 +38,10 @@ class Lane:
     next_sweep: float = 0.0
     next_depth: float = 0.0
     next_ops: float = 0.0
+    # Operators' recovery jobs still running (`store.recovery`), looked up now and then.
+    jobs: list[str] = field(default_factory=list)
+    next_jobs: float = 0.0
+    next_job_step: float = 0.0
     # Attempts finished since the last step, written by the next one.
     finished: list[Finished] = field(default_factory=list)
     # Whether a claim may find something: false once one came back short, true

@@ -4,7 +4,9 @@
 * the gauges: queue depths, disabled, the breaker's state (on the Redis clock);
 * operational events handed on (`operational.py`);
 * after a recovery, the promotion of what the outage held back (promote.lua), also
-  when the recovery was recorded by another replica or before a restart.
+  when the recovery was recorded by another replica or before a restart;
+* operators' recovery jobs (`store.recovery`), a page per step, at the pace the
+  endpoint takes them (no step while plenty is due already).
 
 Each runs at most every so often; `run` is called before every claim step.
 """
@@ -19,6 +21,7 @@ from callbridge.deliver.lane import Lane
 from callbridge.deliver.operational import OperationalEvents
 from callbridge.metrics import Metrics
 from callbridge.store.queue import DeliveryQueue
+from callbridge.store.recovery import RecoveryJobs
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,9 @@ _DEPTH_EVERY_S = 2.0
 _OPS_EVERY_S = 0.5
 # Deliveries promoted per script call after a recovery (promote.lua).
 _PROMOTE_PAGE = 1000
+_JOBS_EVERY_S = 2.0
+_JOB_STEP_EVERY_S = 0.2
+_JOB_PAGE = 500
 
 
 class Upkeep:
@@ -39,9 +45,11 @@ class Upkeep:
         ops: OperationalEvents,
         *,
         dead_retention_ms: int,
+        jobs: RecoveryJobs | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._queue = queue
+        self._jobs = jobs
         self._metrics = metrics
         self._ops = ops
         self._dead_retention_ms = dead_retention_ms
@@ -75,6 +83,33 @@ class Upkeep:
         if now >= sub.next_ops:
             sub.next_ops = now + _OPS_EVERY_S
             await self._ops.hand_on(name)
+        if self._jobs is not None:
+            await self._step_jobs(sub, now)
+
+    async def _step_jobs(self, sub: Lane, now: float) -> None:
+        assert self._jobs is not None
+        name = sub.settings.name
+        if now >= sub.next_jobs:
+            sub.next_jobs = now + _JOBS_EVERY_S
+            sub.jobs = await self._jobs.running(name)
+        if not sub.jobs or now < sub.next_job_step:
+            return
+        sub.next_job_step = now + _JOB_STEP_EVERY_S
+        # Enough due already to keep the endpoint busy for a while at its ceiling.
+        ready_max = max(1000, 8 * sub.settings.max_in_flight)
+        for jid in list(sub.jobs):
+            phase, requeued = await self._jobs.step(name, jid, page=_JOB_PAGE, ready_max=ready_max)
+            if requeued:
+                sub.maybe_due = True
+                sub.wake.set()
+            if phase in ("done", "gone"):
+                sub.jobs.remove(jid)
+                log.info(
+                    "recovery job %s of %s is over",
+                    jid,
+                    name,
+                    extra={"action": "recovery_done", "subscription": name},
+                )
 
     def recovered(self, sub: Lane) -> None:
         """A probe got through: what failed during the outage is promoted (before the

@@ -113,6 +113,19 @@ class Keys:
         subscriptions that asked for them (`DeliveryQueue.ops_events`)."""
         return f"{self._s(subscription)}:ops"
 
+    def recover_job(self, subscription: str, job_id: str) -> str:
+        """Hash: an operator's recovery job of the subscription (recover.lua)."""
+        return f"{self._s(subscription)}:recover:{job_id}"
+
+    def recover_list(self, subscription: str, job_id: str, phase: str) -> str:
+        """Sorted set: what a recovery job will look at in `phase` (dead | due), copied
+        from the subscription's set when the job started."""
+        return f"{self._s(subscription)}:recover:{job_id}:{phase}"
+
+    def recover_jobs(self, subscription: str) -> str:
+        """Sorted set job id -> created (ms): the subscription's recovery jobs."""
+        return f"{self._s(subscription)}:recover_jobs"
+
     def record_prefix(self, subscription: str) -> str:
         """What every delivery record key of the subscription starts with: scripts that
         find records by id build their keys as ``record_prefix .. id`` (`delivery`)."""
