@@ -250,3 +250,20 @@ async def _state(rig: Rig, sub: str, event_id: str, state: str) -> bool:
 async def _run_until_state(rig: Rig, sub: str, event_id: str, state: str) -> bool:
     await rig.deliverer.run_once(sub)
     return await _state(rig, sub, event_id, state)
+
+
+async def test_the_outage_leaves_the_failure_window_with_the_recovery(make_rig: MakeRig) -> None:
+    # Judged by the outage's failures, the first ordinary failure after the return would
+    # open the breaker again at once (a 503 outage then lasted twice as long).
+    rig = await make_rig({"crm": {"max_in_flight": 3, **RETRY_AT_ONCE}}, **BREAKER)
+    await open_the_breaker(rig, "crm")
+    rec = rig.receivers["crm"]
+    rec.default = 200
+    await until(lambda: half_open(rig, "crm"))
+    await rig.deliverer.drain("crm")
+    assert (await rig.queue.endpoint("crm")).breaker == "closed"
+    rec.answers.append(500)
+    await rig.enqueue("crm", event(7, "after"))
+    await rig.deliverer.run_once("crm")
+    assert rec.received[-1].id == "evt_after_7"
+    assert (await rig.queue.endpoint("crm")).breaker == "closed"

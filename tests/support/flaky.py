@@ -68,6 +68,8 @@ class FlakyReceiver:
     requests: list[HookRequest] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)  # ends every hang
+    # While set, every request is answered 503 (an outage of a CRM that still listens).
+    unavailable: bool = False
     _attempts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,6 +104,8 @@ class FlakyReceiver:
         answer = "200"
         if not verified:
             answer = "400"
+        elif self.unavailable:
+            answer = "503"
         elif attempt == 1:
             answer = self.first_attempt_fails(webhook_id) or "200"
         self.requests.append(HookRequest(webhook_id, body, at, attempt, answer, verified, headers))

@@ -336,7 +336,9 @@ class DeliveryQueue:
     async def set_enabled(self, sub: str, enabled: bool, reason: str = "operator") -> None:
         key = self._keys.endpoint(sub)
         if enabled:
-            # Re-enabling also closes the breaker: the operator says the endpoint is back.
+            # Re-enabling also closes the breaker (and forgets the failure window): the
+            # operator says the endpoint is back.
+            await self._redis.hdel(key, *(f"w{c}{i}" for c in "bof" for i in range(3)))
             await self._redis.hset(
                 key,
                 mapping={

@@ -183,6 +183,9 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
       redis.call('HSET', endpoint, 'failures', 0, 'conn_failures', 0, 'open_until', 0,
                  'opens', 0, 'failing_since', 0, 'probing_until', 0, 'recovered_ms', now,
                  'promote_from', math.max(since, 1), 'promote_cursor', '(' .. now)
+      -- The failures of the outage leave the window with it: judged by them, the first
+      -- ordinary failure after the return would open the breaker again at once.
+      redis.call('HDEL', endpoint, 'wb0', 'wo0', 'wf0', 'wb1', 'wo1', 'wf1', 'wb2', 'wo2', 'wf2')
       op('subscription.recovered', 'failing_since', since)
       return 'recovered'
     end
