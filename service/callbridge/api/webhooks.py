@@ -1,7 +1,7 @@
 """The ``webhooks`` of ``openapi.json``: the requests the bridge sends, from the catalog.
 
 OpenAPI 3.1 describes outgoing requests in a ``webhooks`` section: one entry per event
-type, with the body's schema (`callbridge.catalog`'s models, as components), an
+type, with the body's schema (`callbridge.events`' models, as components), an
 example, the Standard Webhooks headers and what each answer does. `with_webhooks`
 rewrites that section of a document and leaves the hand-written rest as it is;
 ``callbridge event-schemas`` applies it to the packaged document, and a test fails when
@@ -188,9 +188,10 @@ def with_webhooks(doc: JsonDoc) -> JsonDoc:
         raise ValueError(f"the paths use components of these names: {sorted(new & written)}")
     out = copy.deepcopy(doc)
     components = out.setdefault("components", {})
-    # Old ones first (a type removed takes its components along), so that the new ones
-    # come in the catalog's order whatever the document held.
-    for kind, name in _reachable(doc, doc.get("webhooks", {})) - written | new:
+    # Drop what the old webhooks used (a type removed takes its components along) and
+    # every name about to be written: the new ones then come in the catalog's order,
+    # whatever the document held, and regenerating twice gives the same bytes.
+    for kind, name in (_reachable(doc, doc.get("webhooks", {})) - written) | new:
         components.get(kind, {}).pop(name, None)
     for kind, entries in generated.items():
         components.setdefault(kind, {}).update(entries)
