@@ -127,17 +127,21 @@ PollOutcome = Literal[
 class CallItem(BaseModel):
     """One call as the API returns it. Unknown fields are kept, never rejected."""
 
+    # The descriptions are published: this model is the ``call`` of every call event
+    # (`callbridge.events`).
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    call_id: str = Field(min_length=1)
-    status: str = Field(min_length=1)
-    external_id: str | None = None
-    phone_number: str | None = None
-    name: str | None = None
-    duration_seconds: float | None = None
-    started_at: str | None = None
-    ended_at: str | None = None
-    metadata: dict[str, Any] | None = None
+    call_id: str = Field(min_length=1, description="The platform's id of the call.")
+    status: str = Field(min_length=1, description="The status exactly as served (not normalised).")
+    external_id: str | None = Field(None, description="Your id for the contact, if you gave one.")
+    phone_number: str | None = Field(None, description="The number dialled.")
+    name: str | None = Field(None, description="The contact's name.")
+    duration_seconds: float | None = Field(None, description="Length of the call, once ended.")
+    started_at: str | None = Field(None, description="When the call started, as served.")
+    ended_at: str | None = Field(None, description="When the call ended, as served.")
+    metadata: dict[str, Any] | None = Field(
+        None, description="The metadata the contact was uploaded with."
+    )
 
 
 class CallsPage(BaseModel):

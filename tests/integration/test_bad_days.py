@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from tests.support.deliveries import MakeRig, Rig, event
+from tests.support.event_schemas import violations
 from tests.support.metrics import sample
 from tests.support.settings import SECRET
 
@@ -127,6 +128,8 @@ async def test_recovery_makes_the_outage_backlog_due_at_once_in_event_order(
     assert opened["subscription"] == "crm"
     assert "of 3 attempts failed" in opened["reason"]
     assert recovered["failing_since"] == opened["failing_since"]
+    # Each body is what the published catalog (docs/events/) says.
+    assert all(not violations(r.body) for r in rig.receivers["oncall"].delivered)
 
 
 async def test_disabled_and_dead_lettered_are_operational_events(make_rig: MakeRig) -> None:
@@ -159,6 +162,7 @@ async def test_disabled_and_dead_lettered_are_operational_events(make_rig: MakeR
     assert dead["last_error"] == "HTTP 500"
     assert by_type["subscription.disabled"]["subscription"] == "erp"
     assert "410" in by_type["subscription.disabled"]["reason"]
+    assert all(not violations(r.body) for r in rig.receivers["oncall"].delivered)
     # "*" means the call events, not the operational ones.
     assert rig.receivers["everything"].received == []
     # Handing on again creates nothing new (ids come from the stream entries).

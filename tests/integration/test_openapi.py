@@ -1,5 +1,8 @@
 """The running app matches service/openapi.json: schemathesis against a live server.
 
+The document itself passes `openapi-spec-validator`, and its `webhooks` (the requests
+the bridge sends, generated from the event catalog) are checked here too.
+
 The app is built like test_service.py's `running` one (simulator upstream, a receiver,
 real Redis, admin token) and served on a real port in the test's loop. Schemathesis is
 synchronous (requests + Hypothesis), so it runs in a worker thread while the loop serves.
@@ -20,11 +23,14 @@ from importlib import resources
 from typing import Any
 
 import hypothesis
+import openapi_spec_validator
 import pytest
 import redis.asyncio as aioredis
 import requests
 import schemathesis
 from hypothesis.errors import Unsatisfiable
+from jsonschema import Draft202012Validator
+from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Ok
@@ -38,7 +44,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from callbridge.app import RUNNING, Bridge, build_app
+from callbridge.events import EVENT_TYPES
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from tests.support.event_schemas import CATALOG_DIR, violations
 from tests.support.receivers import Receiver
 from tests.support.settings import API_KEY, SECRET, make_settings
 
@@ -223,7 +231,7 @@ async def test_live_data_matches_the_document(live: Any) -> None:
     )
     assert not report.failures, "\n\n".join(report.failures)
     operations = {label for label, _ in report.examples}
-    assert len(operations) == 17
+    assert len(operations) == 18
     no_success = [op for op in operations if not any(200 <= s < 300 for s in report.statuses[op])]
     assert not no_success, report.statuses
     # The detailed schemas were checked against real content, not only empty lists.
@@ -236,6 +244,7 @@ async def test_live_data_matches_the_document(live: Any) -> None:
     assert any(d["replayed"] > 0 for d in data("POST /v1/subscriptions/{name}/dead-letters/replay"))
     assert any(d["subscriptions"] for d in data("POST /v1/events/{event_id}/redeliver"))
     assert any(d["id"] == job["id"] for d in data("GET /v1/subscriptions/{name}/recover/{job_id}"))
+    assert all(len(d) == len(EVENT_TYPES) for d in data("GET /v1/event-types"))
 
 
 async def test_generated_requests_match_the_document(live: Any) -> None:
@@ -247,8 +256,8 @@ async def test_generated_requests_match_the_document(live: Any) -> None:
     assert not report.failures, "\n\n".join(report.failures)
     positive = sum(n for (_, mode), n in report.examples.items() if mode == POSITIVE)
     negative = sum(n for (_, mode), n in report.examples.items() if mode == NEGATIVE)
-    assert len({label for label, _ in report.examples}) == 17
-    assert positive >= 17 * 5
+    assert len({label for label, _ in report.examples}) == 18
+    assert positive >= 18 * 5
     # Invalid bodies and query strings exist for these; the rest take only free strings.
     negated = {label for (label, mode) in report.examples if mode == NEGATIVE}
     assert negated >= {
@@ -273,7 +282,7 @@ async def test_without_token_every_admin_operation_answers_401(live: Any) -> Non
         only=lambda label: " /v1/" in label,
     )
     assert not report.failures, "\n\n".join(report.failures)
-    assert len(report.statuses) == 14
+    assert len(report.statuses) == 15
     assert all(set(s) == {401} for s in report.statuses.values()), report.statuses
 
 
@@ -291,7 +300,7 @@ async def test_admin_off_every_admin_operation_answers_404(
         only=lambda label: " /v1/" in label,
     )
     assert not report.failures, "\n\n".join(report.failures)
-    assert len(report.statuses) == 14
+    assert len(report.statuses) == 15
     assert all(set(s) == {404} for s in report.statuses.values()), report.statuses
 
 
@@ -395,3 +404,61 @@ async def test_unauthorized_sends_a_bearer_challenge(live: Any) -> None:
     assert resp.status_code == 401
     assert resp.headers["WWW-Authenticate"].startswith("Bearer ")
     assert "WWW-Authenticate" in document()["components"]["responses"]["Unauthorized"]["headers"]
+
+
+# --- the document itself, and its webhooks --------------------------------------------
+
+
+def test_the_document_passes_the_openapi_validator() -> None:
+    openapi_spec_validator.validate(document())
+    broken = copy.deepcopy(document())
+    broken["webhooks"]["call.completed"]["post"]["parameters"][0]["in"] = "body"
+    with pytest.raises(OpenAPIValidationError):
+        openapi_spec_validator.validate(broken)
+
+
+def test_every_event_type_is_a_webhook_with_the_signature_headers() -> None:
+    doc = document()
+    assert list(doc["webhooks"]) == [t.name for t in EVENT_TYPES]
+    for name, item in doc["webhooks"].items():
+        post = item["post"]
+        params = [
+            doc["components"]["parameters"][p["$ref"].rsplit("/", 1)[1]] for p in post["parameters"]
+        ]
+        required = {p["name"]: p["required"] for p in params if p["in"] == "header"}
+        assert required == {
+            "webhook-id": True,
+            "webhook-timestamp": True,
+            "webhook-signature": True,
+            "traceparent": False,
+            "tracestate": False,
+        }, name
+        traceparent = next(p for p in params if p["name"] == "traceparent")
+        assert "not signed" in traceparent["description"].lower()
+        content = post["requestBody"]["content"]["application/json"]
+        # The component schema, resolved inside the document, accepts the example.
+        schema = {"$ref": content["schema"]["$ref"], "components": doc["components"]}
+        assert list(Draft202012Validator(schema).iter_errors(content["example"])) == [], name
+        assert violations(json.dumps(content["example"]).encode()) == [], name
+
+
+async def test_event_types_are_served_as_published(live: Any) -> None:
+    base_url, _, _ = live
+
+    def fetch(token: str | None) -> requests.Response:
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.get(f"{base_url}/v1/event-types", headers=auth, timeout=5)
+
+    assert (await asyncio.to_thread(fetch, None)).status_code == 401
+    resp = await asyncio.to_thread(fetch, TOKEN)
+    assert resp.status_code == 200
+    served = resp.json()["data"]
+    index = json.loads((CATALOG_DIR / "index.json").read_text())["event_types"]
+    assert [(e["type"], e["operational"]) for e in served] == [
+        (e["type"], e["operational"]) for e in index
+    ]
+    assert sum(e["operational"] for e in served) == 4
+    for entry, listed in zip(served, index, strict=True):
+        assert entry["schema"] == json.loads((CATALOG_DIR / listed["schema"]).read_text())
+        assert entry["description"] == listed["description"]
+        Draft202012Validator(entry["schema"]).validate(entry["example"])

@@ -33,6 +33,7 @@ from callbridge.simulator import (
     make_app,
     run_clock,
 )
+from tests.support.event_schemas import check_bodies
 from tests.support.flaky import FlakyReceiver
 from tests.support.replicas import Replica
 from tests.support.scenario import (
@@ -85,6 +86,14 @@ def assert_nothing_lost_or_invented(out: Outcome) -> None:
     assert not r.two_bodies, str(r)
     assert not r.same_sequence, str(r)
     assert r.unverified == 0, str(r)
+    assert_bodies_match_their_schemas(out)
+
+
+def assert_bodies_match_their_schemas(out: Outcome) -> None:
+    """Every body delivered validates against its published schema (docs/events/)."""
+    assert out.schemas.violations == [], str(out.schemas)
+    # One body per webhook id (`two_bodies` is asserted empty): every id was checked.
+    assert out.schemas.checked == out.receiver["ids"] > 0, str(out.schemas)
 
 
 @pytest.mark.timeout(240)
@@ -140,6 +149,7 @@ async def test_d_large_campaign_on_the_default_config(
     assert r.batch_completed_exact, str(r)
     assert len(r.invented) == len(r.out_of_order) == 0, str(r)
     assert not r.two_bodies, str(r)
+    assert_bodies_match_their_schemas(out)
 
 
 @pytest.mark.timeout(180)
@@ -205,10 +215,11 @@ async def test_e_an_endpoint_really_down_opens_the_breaker_and_loses_nothing(
             await upstream.cleanup()
     now = clock()
     report = check(sim.spans(), receiver.requests, poll_interval_s=1.0, now=now)
+    schemas = check_bodies((r.id, r.body) for r in receiver.requests)
     print(
         f"== scenario E: breaker open after {opened_after}s, everything delivered "
         f"{closed:.1f}s after start; attempts {attempts_at_open} at open, {attempts} at end\n"
-        f"{report}\nfleet: {watch.figures()}\n"
+        f"{report}\n{schemas}\nfleet: {watch.figures()}\n"
         f"bridge warnings by action: {dict(replica.log_actions().most_common())}"
     )
     assert opened_after is not None, "the breaker never opened"
@@ -218,6 +229,8 @@ async def test_e_an_endpoint_really_down_opens_the_breaker_and_loses_nothing(
     assert report.missing == [], str(report)
     assert not report.undelivered_ids
     assert report.batch_completed_exact, str(report)
+    assert schemas.violations == [], str(schemas)
+    assert schemas.checked == receiver.figures()["ids"], str(schemas)
 
 
 async def _attempts(replica: Replica, session: aiohttp.ClientSession) -> dict[str, float]:

@@ -37,6 +37,7 @@ from callbridge.simulator import (
     make_app,
     run_clock,
 )
+from tests.support.event_schemas import SchemaCheck, check_bodies
 from tests.support.flaky import FlakyReceiver
 from tests.support.replicas import Replica
 from tests.support.settings import API_KEY, SECRET
@@ -115,6 +116,8 @@ class Outcome:
     settle_s: float
     kills: int
     exit_codes: list[int | None]
+    # Every distinct body the receiver got, against its published schema (docs/events/).
+    schemas: SchemaCheck
 
     def __str__(self) -> str:
         return "\n".join(
@@ -122,6 +125,7 @@ class Outcome:
                 f"== scenario {self.scenario.name}: world {self.world_s:.1f}s, settled in "
                 f"{self.settle_s:.1f}s, {self.kills} SIGKILLs, exit codes {self.exit_codes}",
                 str(self.report),
+                str(self.schemas),
                 f"missing by cause: {dict(self.missing_by_cause)} (polling: the bridge never "
                 f"committed the event; delivery: committed, never delivered)",
                 *(f"lost by polling: {e}" for e in self.polling_examples),
@@ -250,6 +254,7 @@ async def run_scenario(
         settle_s,
         kills,
         exit_codes,
+        check_bodies((r.id, r.body) for r in receiver.requests),
     )
     print(outcome)
     return outcome

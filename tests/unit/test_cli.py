@@ -124,7 +124,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for command in ("run", "check-config", "simulate", "demo", "verify"):
+    for command in ("run", "check-config", "simulate", "demo", "verify", "event-schemas"):
         assert command in out
 
 
@@ -143,7 +143,15 @@ def test_subcommand_help_exits_zero(command: str, capsys: pytest.CaptureFixture[
 
 
 def test_all_subcommands_have_help_tests() -> None:
-    assert _subcommands() == ["admin", "check-config", "demo", "run", "simulate", "verify"]
+    assert _subcommands() == [
+        "admin",
+        "check-config",
+        "demo",
+        "event-schemas",
+        "run",
+        "simulate",
+        "verify",
+    ]
 
 
 def test_usage_error_exits_two(capsys: pytest.CaptureFixture[str]) -> None:

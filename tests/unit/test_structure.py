@@ -30,6 +30,8 @@ TOP_LEVEL = {
     "errors",
     "metrics",
     "constants",
+    "events",  # the webhook bodies' models
+    "catalog",  # their published schemas and examples
     # the wiring and operator actions
     "app",
     "demo",

@@ -1,5 +1,5 @@
 """The admin API under ``/v1``: batches, timelines, subscriptions, dead letters, replay,
-recovery of a time window.
+recovery of a time window, the event catalog.
 
 A sub-application with one middleware in front of every route: the API exists
 only when ``admin.token`` is set (otherwise every route answers 404), and each
@@ -20,6 +20,7 @@ from aiohttp.typedefs import Handler
 
 from callbridge.api.health import BRIDGE
 from callbridge.api.recent import RECENT
+from callbridge.catalog import catalog
 from callbridge.config import BatchSettings
 from callbridge.operations import Operations, UnknownSubscriptionError
 
@@ -225,6 +226,10 @@ async def redeliver_event(request: web.Request) -> web.Response:
     )
 
 
+async def list_event_types(request: web.Request) -> web.Response:
+    return envelope(200, "Event types", catalog())
+
+
 async def openapi(request: web.Request) -> web.Response:
     text = resources.files(__package__).joinpath("openapi.json").read_text()
     return web.Response(text=text, content_type="application/json")
@@ -248,4 +253,5 @@ def admin_app(token: str | None) -> web.Application:
     r.add_get("/subscriptions/{name}/recover", list_recoveries)
     r.add_get("/subscriptions/{name}/recover/{job_id}", get_recovery)
     r.add_post("/events/{event_id}/redeliver", redeliver_event)
+    r.add_get("/event-types", list_event_types)
     return app

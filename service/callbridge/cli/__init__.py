@@ -2,7 +2,8 @@
 
 * `main`: ``run``, ``check-config``, ``simulate``, ``demo``, ``verify``; configures logging;
 * `admin`: ``callbridge admin ...``, a client of the admin API;
-* `simulate`: the simulator's turbulence flags, shared by ``simulate`` and ``demo``.
+* `simulate`: the simulator's turbulence flags, shared by ``simulate`` and ``demo``;
+* `event_schemas`: ``callbridge event-schemas``, the event catalog written to files.
 
 The only place that reads the process's arguments and exits with a code.
 """

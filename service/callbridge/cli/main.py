@@ -21,6 +21,7 @@ from pathlib import Path
 
 from callbridge import __version__
 from callbridge.cli.admin import add_admin_parser
+from callbridge.cli.event_schemas import add_event_schemas_parser
 from callbridge.cli.simulate import add_turbulence_flags, turbulence_options
 from callbridge.errors import CallbridgeError, ConfigError
 
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--now", help="unix time to check the timestamp against (default: now)")
     p.set_defaults(func=cmd_verify)
 
+    add_event_schemas_parser(sub)
     add_admin_parser(sub)
     return parser
 
