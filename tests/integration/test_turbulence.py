@@ -157,8 +157,9 @@ async def test_e_an_endpoint_really_down_opens_the_breaker_and_loses_nothing(
     tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     """Connection refused: the breaker opens within ~30 s, its probe finds the endpoint
-    back, and every event arrives."""
+    back, and every event arrives, those held back within 15 s of the return."""
     clock = time.monotonic
+    wall_offset = time.time() - clock()
     sim = Simulator(
         SimulatorConfig(
             api_key=API_KEY,
@@ -198,6 +199,7 @@ async def test_e_an_endpoint_really_down_opens_the_breaker_and_loses_nothing(
             opened_after = watch.first_breaker_open_s
             attempts_at_open = await _attempts(replica, session)
             hook = await serve_on(receiver.app(), hook_port)  # the endpoint comes back
+            back_at = clock()
             assert await wait_until(sim.is_finished, 120)
             stop.set()
             await wait_until(lambda: _all_final_delivered(sim, receiver), 90, every_s=0.5)
@@ -231,6 +233,10 @@ async def test_e_an_endpoint_really_down_opens_the_breaker_and_loses_nothing(
     assert report.batch_completed_exact, str(report)
     assert schemas.violations == [], str(schemas)
     assert schemas.checked == receiver.figures()["ids"], str(schemas)
+    late = receiver.caught_up_after(back_at, wall_offset)
+    print(f"held back by the outage: {len(late)}, caught up {late[-1] if late else 0:.1f}s after")
+    assert len(late) > 20
+    assert late[-1] <= 15, late[-10:]
 
 
 async def _attempts(replica: Replica, session: aiohttp.ClientSession) -> dict[str, float]:

@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -133,6 +134,18 @@ class FlakyReceiver:
             if r.ok and r.id not in first:
                 first[r.id] = r
         return first
+
+    def caught_up_after(self, back_at: float, wall_offset: float) -> list[float]:
+        """For each event committed before `back_at` (the receiver's clock) and first
+        delivered after it, how long after `back_at` it arrived; sorted. `wall_offset`
+        turns the receiver's clock into the wall clock event timestamps are in."""
+        late = []
+        for first in self.first_delivery().values():
+            stamp = first.payload()["timestamp"].replace("Z", "+00:00")
+            committed = datetime.fromisoformat(stamp).timestamp() - wall_offset
+            if first.at > back_at and committed < back_at:
+                late.append(first.at - back_at)
+        return sorted(late)
 
     def figures(self) -> dict[str, int]:
         """How the receiver behaved: requests, failures by kind, bad signatures."""
