@@ -44,7 +44,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from callbridge.app import RUNNING, Bridge, build_app
-from callbridge.events import EVENT_TYPES
+from callbridge.models.events import EVENT_TYPES
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from tests.support.event_schemas import CATALOG_DIR, violations
 from tests.support.receivers import Receiver

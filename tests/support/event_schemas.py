@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from jsonschema import Draft202012Validator
 
-from callbridge.events import CALL_UPDATED, event_type
+from callbridge.models.events import CALL_UPDATED, event_type
 
 CATALOG_DIR = Path(__file__).resolve().parents[2] / "docs" / "events"
 

@@ -11,10 +11,10 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from callbridge import catalog
+from callbridge.api import catalog
 from callbridge.cli.event_schemas import expected, problems
 from callbridge.cli.main import main
-from callbridge.events import EVENT_TYPES
+from callbridge.models.events import EVENT_TYPES
 from tests.support.event_schemas import CATALOG_DIR, check_bodies, violations
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def test_every_event_type_has_a_valid_schema_file_and_an_example_that_validates(
         Draft202012Validator.check_schema(schema)
         [body] = schema["examples"]
         assert list(Draft202012Validator(schema).iter_errors(body)) == []
-        assert schema["additionalProperties"] is False  # exact: see callbridge.events
+        assert schema["additionalProperties"] is False  # exact: see callbridge.models.events
 
 
 def test_the_check_names_what_is_stale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

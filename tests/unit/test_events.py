@@ -1,6 +1,6 @@
 """The body models describe what the diff really builds.
 
-The diff encodes bodies as plain dicts; `callbridge.events` is their one description.
+The diff encodes bodies as plain dicts; `callbridge.models.events` is their one description.
 Every body the diff produces here validates against its model (strictly: no field the
 model lacks, none it has missing, no coercion) and against its published schema; every
 example of the catalog is a body the diff builds from the story the example tells.
@@ -16,8 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callbridge.catalog import example, example_call
-from callbridge.events import (
+from callbridge.api.catalog import example, example_call
+from callbridge.models import KNOWN_STATUSES, TERMINAL_STATUSES, Event
+from callbridge.models.events import (
     BATCH_COMPLETED,
     CALL_OTHER_STATUS,
     CALL_UPDATED,
@@ -26,7 +27,6 @@ from callbridge.events import (
     TerminalStatus,
     event_type,
 )
-from callbridge.models import KNOWN_STATUSES, TERMINAL_STATUSES, Event
 from callbridge.poll.diff import BatchView, DiffResult, ScanFacts, diff
 from callbridge.store.callstate import CallState, Fingerprint
 from tests.support.event_schemas import violations

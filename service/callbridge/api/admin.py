@@ -18,9 +18,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from callbridge.api.catalog import catalog
 from callbridge.api.health import BRIDGE
 from callbridge.api.recent import RECENT
-from callbridge.catalog import catalog
 from callbridge.config import BatchSettings
 from callbridge.operations import Operations, UnknownSubscriptionError
 

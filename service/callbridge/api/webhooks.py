@@ -1,7 +1,7 @@
 """The ``webhooks`` of ``openapi.json``: the requests the bridge sends, from the catalog.
 
 OpenAPI 3.1 describes outgoing requests in a ``webhooks`` section: one entry per event
-type, with the body's schema (`callbridge.events`' models, as components), an
+type, with the body's schema (`callbridge.models.events`' models, as components), an
 example, the Standard Webhooks headers and what each answer does. `with_webhooks`
 rewrites that section of a document and leaves the hand-written rest as it is;
 ``callbridge event-schemas`` applies it to the packaged document, and a test fails when
@@ -17,13 +17,13 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from callbridge.catalog import SchemaGenerator, example
+from callbridge.api.catalog import SchemaGenerator, example
 from callbridge.constants import (
     HEADER_WEBHOOK_ID,
     HEADER_WEBHOOK_SIGNATURE,
     HEADER_WEBHOOK_TIMESTAMP,
 )
-from callbridge.events import EVENT_TYPES, EventType
+from callbridge.models.events import EVENT_TYPES, EventType
 
 JsonDoc = dict[str, Any]
 

@@ -5,7 +5,7 @@
     ... --check                                   # exit 1 when they are not up to date
 
 ``--out`` gets one JSON Schema per event type, ``index.json`` and a ``README.md``
-(`callbridge.catalog.files`); ``--openapi`` rewrites the ``webhooks`` section of an
+(`callbridge.api.catalog.files`); ``--openapi`` rewrites the ``webhooks`` section of an
 OpenAPI 3.1 document and the components it uses, leaving the rest as written
 (`callbridge.api.webhooks`). A ``.json`` file in ``--out`` that the catalog no longer
 generates is reported, never deleted.
@@ -24,8 +24,8 @@ EXIT_OK, EXIT_STALE, EXIT_USAGE = 0, 1, 2
 
 def expected(out: Path | None, openapi: Path | None) -> dict[Path, str]:
     """Every file the catalog generates, by path, with its content."""
+    from callbridge.api.catalog import files
     from callbridge.api.webhooks import render, with_webhooks
-    from callbridge.catalog import files
 
     wanted: dict[Path, str] = {}
     if out is not None:

@@ -128,7 +128,7 @@ class CallItem(BaseModel):
     """One call as the API returns it. Unknown fields are kept, never rejected."""
 
     # The descriptions are published: this model is the ``call`` of every call event
-    # (`callbridge.events`).
+    # (`callbridge.models.events`).
     model_config = ConfigDict(extra="allow", frozen=True)
 
     call_id: str = Field(min_length=1, description="The platform's id of the call.")

@@ -3,7 +3,7 @@
 Every body is ``{"type": ..., "timestamp": ..., "data": {...}}``. The diff builds them
 as plain dicts encoded by orjson (`poll.diff`: no validation on the hot path, and the
 call's item embedded as the bytes it was served as); these models are the one
-description of them. `callbridge.catalog` publishes them as JSON Schemas, examples and
+description of them. `callbridge.api.catalog` publishes them as JSON Schemas, examples and
 OpenAPI ``webhooks``, and the tests hold the diff to them: every body it builds
 validates, field for field (tests/unit/test_events.py), and so does every body the
 turbulence runs deliver (tests/support/event_schemas.py).
