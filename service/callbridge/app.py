@@ -158,6 +158,7 @@ class Bridge:
             poll_periods_s=lambda: _owned_periods(metrics, poller),
             on_batches_changed=scheduler.wake,
             jobs=jobs,
+            on_recovery_started=deliverer.recovery_started,
         )
         return cls(
             settings=settings,

@@ -69,6 +69,7 @@ class Operations:
         on_batches_changed: Callable[[], None] = lambda: None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         jobs: RecoveryJobs | None = None,
+        on_recovery_started: Callable[[str], None] = lambda name: None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -80,6 +81,7 @@ class Operations:
         self._on_batches_changed = on_batches_changed
         self._wall_ms = wall_ms
         self._jobs = jobs
+        self._on_recovery_started = on_recovery_started
 
     def _sub(self, name: str) -> str:
         if self._settings.subscription(name) is None:
@@ -264,6 +266,8 @@ class Operations:
         if self._jobs is None:
             raise CallbridgeError("recovery jobs are not available in this process")
         job, created = await self._jobs.start(name, since_ms, until_ms)
+        # This replica starts on it at once; the others find it within seconds.
+        self._on_recovery_started(name)
         return job.as_dict(), created
 
     async def recovery(self, name: str, job_id: str) -> dict[str, Any] | None:

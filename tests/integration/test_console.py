@@ -267,6 +267,37 @@ async def test_dead_letters_are_replayed_from_the_page_and_arrive_signed(
     w.assert_clean()
 
 
+async def test_a_window_is_recovered_from_the_subscriptions_page_with_its_progress(
+    world: World, browser: Browser, tmp_path: Path
+) -> None:
+    sim = world.sim
+    sim.advance(3)
+    await world.settle()
+    dead = await world.bridge.operations.dead_letters("refusing", 1000, 0)
+    assert len(dead) >= 5, "setup: too few dead letters"
+    world.refusing.default = 200  # the endpoint is back
+    w = await watched_page(browser)
+    page = w.page
+    await sign_in(page, world.base_url, TOKEN, "#/subscriptions")
+    row = page.locator('[data-testid=subscription-row][data-subscription="refusing"]')
+    await row.get_by_label("Window to recover for refusing").select_option(label="last 24 h")
+    await row.get_by_test_id("recover").click()
+    await expect(page.locator("#flash")).to_contain_text("Recovering refusing: job ")
+    progress = row.get_by_test_id("recovery")
+    await expect(progress).to_have_text(f"running: 0 of {len(dead)} looked at, 0 due again")
+    # The loops are the test's: a round of deliveries steps the job and sends what it
+    # made due; the page follows on its own.
+    await world.bridge.deliverer.drain()
+    await world.bridge.deliverer.drain()
+    await expect(progress).to_have_text(
+        f"done: {len(dead)} of {len(dead)} looked at, {len(dead)} due again"
+    )
+    for d in dead:
+        verify(await world.arrives(world.refusing, d["event_id"]))
+    await screenshot(page, tmp_path, "recovery")
+    w.assert_clean()
+
+
 async def test_subscriptions_show_queue_depth_by_state_and_the_next_probe(
     breaking_world: World, browser: Browser, tmp_path: Path
 ) -> None:

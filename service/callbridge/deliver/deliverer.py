@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 # Outcomes written per script call at most.
 _COMPLETE_BATCH = 64
-# Detached attempts per subscription at most, in multiples of its max_in_flight.
-_MAX_DETACHED_FACTOR = 4
 # Steps a subscription's loop keeps in flight at once: while one round trip runs,
 # the attempts finishing meanwhile are written (and their slots claimed again) by
 # the next, instead of waiting for the first to return.
@@ -125,6 +123,13 @@ class Deliverer:
         if sub is not None:
             sub.maybe_due = True
             sub.wake.set()
+
+    def recovery_started(self, name: str) -> None:
+        """An operator started a recovery job of `name` here: look for it at once."""
+        sub = self._subs.get(name)
+        if sub is not None:
+            sub.next_jobs = sub.next_job_step = 0.0
+            self.wake(name)
 
     # -- one step, for tests and for the loops -------------------------------
 
@@ -226,17 +231,10 @@ class Deliverer:
         return claimed
 
     def _detach_overdue(self, sub: Lane) -> float | None:
-        """Stop counting attempts that have run far longer than the receiver's usual
-        answer (`Lane.detach_overdue`); the seconds until the next one would be."""
-        s = sub.settings
-        after = sub.limiter.detach_after_s(s.timeout_seconds)
-        if after is None:
-            return None
-        detached, wait = sub.detach_overdue(
-            after, self._monotonic(), cap=_MAX_DETACHED_FACTOR * s.max_in_flight
-        )
+        """Give back the slots of attempts that ran far too long (`Lane.detach_due`)."""
+        detached, wait = sub.detach_due(self._monotonic())
         if detached:
-            self._metrics.detached.labels(s.name).inc(detached)
+            self._metrics.detached.labels(sub.settings.name).inc(detached)
             self._give_back(sub, detached)
         return wait
 

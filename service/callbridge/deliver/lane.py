@@ -18,6 +18,8 @@ from callbridge.deliver.outcomes import Finished
 from callbridge.deliver.retry import AttemptResult
 
 AttemptKey = tuple[str, str]  # (event id, claim token)
+# Detached attempts per subscription at most, in multiples of its max_in_flight.
+_MAX_DETACHED_FACTOR = 4
 
 
 @dataclass(slots=True)
@@ -76,6 +78,15 @@ class Lane:
             return False
         self.detached.discard(key)
         return True
+
+    def detach_due(self, now: float) -> tuple[int, float | None]:
+        """`detach_overdue` at the limiter's threshold, at most 4 x max_in_flight
+        detached at once; (0, None) while the limiter detaches nothing."""
+        s = self.settings
+        after = self.limiter.detach_after_s(s.timeout_seconds)
+        if after is None:
+            return 0, None
+        return self.detach_overdue(after, now, cap=_MAX_DETACHED_FACTOR * s.max_in_flight)
 
     def detach_overdue(self, after_s: float, now: float, *, cap: int) -> tuple[int, float | None]:
         """Detach the attempts running for `after_s` or more (at most `cap` detached at

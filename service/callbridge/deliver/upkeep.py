@@ -33,6 +33,7 @@ _PROMOTE_PAGE = 1000
 _JOBS_EVERY_S = 2.0
 _JOB_STEP_EVERY_S = 0.2
 _JOB_PAGE = 500
+_JOB_PAGES_PER_TURN = 4
 
 
 class Upkeep:
@@ -98,10 +99,17 @@ class Upkeep:
         # Enough due already to keep the endpoint busy for a while at its ceiling.
         ready_max = max(1000, 8 * sub.settings.max_in_flight)
         for jid in list(sub.jobs):
-            phase, requeued = await self._jobs.step(name, jid, page=_JOB_PAGE, ready_max=ready_max)
-            if requeued:
-                sub.maybe_due = True
-                sub.wake.set()
+            # A few pages at once: a small job is over in one go, a large one leaves
+            # room for the deliveries between its turns.
+            for _ in range(_JOB_PAGES_PER_TURN):
+                phase, requeued = await self._jobs.step(
+                    name, jid, page=_JOB_PAGE, ready_max=ready_max
+                )
+                if requeued:
+                    sub.maybe_due = True
+                    sub.wake.set()
+                if phase in ("waiting", "done", "gone"):
+                    break
             if phase in ("done", "gone"):
                 sub.jobs.remove(jid)
                 log.info(

@@ -1,4 +1,5 @@
-// Subscriptions: health at a glance, and re-enabling a disabled one.
+// Subscriptions: health at a glance, re-enabling a disabled one, and recovering a
+// time window (re-sending what the endpoint did not take), with the job's progress.
 
 import { api, seg } from "./api.js";
 import { badge, duration, empty, h, link, percent, table, when } from "./dom.js";
@@ -48,6 +49,33 @@ function queue(sub) {
   );
 }
 
+const WINDOWS = [["1 h", 3600], ["6 h", 6 * 3600], ["24 h", 86400], ["7 days", 7 * 86400]];
+
+function recovery(sub, jobs, ctx) {
+  const choice = h(
+    "select", { "aria-label": `Window to recover for ${sub.name}`, "data-testid": "recover-window" },
+    WINDOWS.map(([label, seconds]) => h("option", { value: String(seconds) }, `last ${label}`)),
+  );
+  const start = () =>
+    ctx.act(null, async () => {
+      // Whole minutes: asked twice within a minute, it is the same job (no double send).
+      const since = Math.floor((Date.now() - Number(choice.value) * 1000) / 60000) * 60000;
+      const job = await api("POST", `/subscriptions/${seg(sub.name)}/recover`, { since });
+      return `Recovering ${sub.name}: job ${job.id} ${job.state}.`;
+    });
+  const latest = jobs[0];
+  return h(
+    "td", {},
+    h("div", {}, choice, " ", h("button", { type: "button", "data-testid": "recover", onclick: start }, "Recover")),
+    latest
+      ? h(
+        "div", { class: "muted", "data-testid": "recovery", title: `job ${latest.id} since ${new Date(latest.since_ms).toISOString()}` },
+        `${latest.state}: ${latest.scanned} of ${latest.total} looked at, ${latest.requeued} due again`,
+      )
+      : null,
+  );
+}
+
 // Quantiles are bucket bounds; null with observations means beyond the largest bucket.
 const bound = (s) => (s === null ? "> 2 h" : `≤ ${duration(s)}`);
 
@@ -73,7 +101,7 @@ function recent(sub) {
 }
 
 export function subscriptionsView(root, route, ctx) {
-  const columns = ["Subscription", "State", "Breaker", "Queue", "Success", "Lag"];
+  const columns = ["Subscription", "State", "Breaker", "Queue", "Success", "Lag", "Recovery"];
   const [grid, rows] = table(columns, "subscriptions");
   root.append(
     h("h1", {}, "Subscriptions"),
@@ -85,9 +113,10 @@ export function subscriptionsView(root, route, ctx) {
   );
   return async () => {
     const subs = await api("GET", "/subscriptions");
+    const jobs = await Promise.all(subs.map((s) => api("GET", `/subscriptions/${seg(s.name)}/recover`)));
     if (!ctx.alive()) return;
     rows.replaceChildren(
-      ...subs.map((s) =>
+      ...subs.map((s, i) =>
         h(
           "tr",
           { "data-testid": "subscription-row", dataset: { subscription: s.name } },
@@ -96,6 +125,7 @@ export function subscriptionsView(root, route, ctx) {
           h("td", { "data-testid": "breaker" }, breaker(s)),
           h("td", {}, queue(s)),
           ...recent(s),
+          recovery(s, jobs[i], ctx),
         ),
       ),
     );
