@@ -99,10 +99,22 @@ class AdaptiveLimit:
         self.reason = "restart"
         self._reset_window(None)
 
-    def observe(self, *, latency_s: float, ok: bool, overloaded: bool, now: float) -> Reason | None:
+    def observe(
+        self,
+        *,
+        latency_s: float,
+        ok: bool,
+        overloaded: bool,
+        now: float,
+        own_delay_s: float = 0.0,
+    ) -> Reason | None:
         """One answered attempt: `ok` a 2xx, `overloaded` a 5xx, 429 or timeout (its
-        `latency_s` the timeout). Returns why the limit moved, when a window closed
-        and moved it."""
+        `latency_s` the timeout). `own_delay_s`: how late the bridge's own event loop
+        runs now; the answer may have waited that long for us, which says nothing about
+        the receiver, so it is taken off (a bridge busy with a flood would otherwise
+        throttle a receiver that keeps up). Returns why the limit moved, when a window
+        closed and moved it."""
+        latency_s = max(0.0, latency_s - own_delay_s) if ok else latency_s
         if self._window_started is None:
             self._window_started = now
         self._answers += 1

@@ -60,13 +60,17 @@ class Lane:
         floor = 1 if sub.adaptive_concurrency else ceiling
         return cls(sub, sub.signing_keys, asyncio.Event(), AdaptiveLimit(ceiling, floor))
 
-    def observe(self, result: AttemptResult, now: float) -> Reason | None:
+    def observe(self, result: AttemptResult, now: float, own_delay_s: float) -> Reason | None:
         """Feed an answered attempt to the limit (`AdaptiveLimit.observe`): fast
         failures that say nothing of the receiver's load are left out."""
         if not (result.ok or result.overloaded):
             return None
         return self.limiter.observe(
-            latency_s=result.duration_s, ok=result.ok, overloaded=result.overloaded, now=now
+            latency_s=result.duration_s,
+            ok=result.ok,
+            overloaded=result.overloaded,
+            now=now,
+            own_delay_s=own_delay_s,
         )
 
     def start(self, key: AttemptKey, now: float) -> None:
