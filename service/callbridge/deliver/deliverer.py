@@ -41,7 +41,6 @@ _COMPLETE_BATCH = 64
 # the attempts finishing meanwhile are written (and their slots claimed again) by
 # the next, instead of waiting for the first to return.
 _STEPS_IN_FLIGHT = 2
-_LOOP_PROBE_S = 0.02
 
 
 class Deliverer:
@@ -113,8 +112,6 @@ class Deliverer:
         # claiming them again itself (see _step).
         self._starving: set[str] = set()
         self.last_loop_at = self._monotonic()
-        # How late this replica's event loop runs (`_watch_loop_delay`), seconds.
-        self.loop_delay_s = 0.0
 
     async def close(self) -> None:
         """Close the connections of the lean HTTP client (once the loops have stopped)."""
@@ -298,7 +295,7 @@ class Deliverer:
         finished = self._book.attempt(s, claimed, result, int(self._wall() * 1000))
         finished.detached = sub.finish(key)
         sub.finished.append(finished)
-        moved = sub.observe(result, self._monotonic(), self.loop_delay_s)
+        moved = sub.observe(result, self._monotonic(), self._upkeep.loop_delay_s)
         if moved is not None:
             self._metrics.note_limit(s.name, sub.limiter.limit, moved)
         if sub.steps < _STEPS_IN_FLIGHT:
@@ -314,7 +311,7 @@ class Deliverer:
             await stopping.wait()
             return
         loops = [asyncio.create_task(self._loop(sub, stopping)) for sub in self._subs.values()]
-        loops.append(asyncio.create_task(self._watch_loop_delay(stopping)))
+        loops.append(asyncio.create_task(self._upkeep.watch_loop_delay(stopping)))
         watcher = asyncio.create_task(self._wake_all_on(stopping))
         try:
             await asyncio.gather(*loops)
@@ -324,14 +321,6 @@ class Deliverer:
             await asyncio.gather(*loops, watcher, return_exceptions=True)
             # Nobody waits for a slot any more: a later run_once/drain must claim.
             self._starving.clear()
-
-    async def _watch_loop_delay(self, stopping: asyncio.Event) -> None:
-        # A timer's lateness is about how long a ready answer waits for the loop.
-        while not stopping.is_set():
-            started = self._monotonic()
-            await asyncio.sleep(_LOOP_PROBE_S)
-            late = max(0.0, self._monotonic() - started - _LOOP_PROBE_S)
-            self.loop_delay_s += 0.3 * (late - self.loop_delay_s)
 
     async def _wake_all_on(self, stopping: asyncio.Event) -> None:
         # The loops wait on their own wake event only (cheaper than waiting on two).

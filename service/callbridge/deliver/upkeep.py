@@ -13,6 +13,7 @@ Each runs at most every so often; `run` is called before every claim step.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ _JOBS_EVERY_S = 2.0
 _JOB_STEP_EVERY_S = 0.2
 _JOB_PAGE = 500
 _JOB_PAGES_PER_TURN = 4
+_LOOP_PROBE_S = 0.02
 
 
 class Upkeep:
@@ -55,6 +57,17 @@ class Upkeep:
         self._ops = ops
         self._dead_retention_ms = dead_retention_ms
         self._monotonic = monotonic
+        # How late this replica's event loop runs (`watch_loop_delay`), seconds.
+        self.loop_delay_s = 0.0
+
+    async def watch_loop_delay(self, stopping: asyncio.Event) -> None:
+        """Keep `loop_delay_s` current: a timer's lateness is about how long a ready
+        answer waits for the loop (the limiter takes it off the answers' latency)."""
+        while not stopping.is_set():
+            started = self._monotonic()
+            await asyncio.sleep(_LOOP_PROBE_S)
+            late = max(0.0, self._monotonic() - started - _LOOP_PROBE_S)
+            self.loop_delay_s += 0.3 * (late - self.loop_delay_s)
 
     async def run(self, sub: Lane) -> None:
         """The chores that are due now."""
