@@ -1,7 +1,7 @@
 """The ``callbridge`` command: builds settings, configures logging, runs things.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage
-(`callbridge admin` adds 1 not found, 3 auth, 4 unreachable: see `admin_cli`).
+(`callbridge admin` adds 1 not found, 3 auth, 4 unreachable: see `cli.admin`).
 """
 
 from __future__ import annotations

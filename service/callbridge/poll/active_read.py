@@ -17,11 +17,11 @@
    still unseen is read up to two pages further back.
 
 Backward moves go through the same second look as a full scan's
-(`scan.confirm_backward_moves`), but for what only reads within a cycle can see: a
+(`second_look.confirm_backward_moves`), but for what only reads within a cycle can see: a
 call served twice going back, then elsewhere as a new item (`ActiveRead.confirmed`),
 or found elsewhere as a new item by the look-up that follows (`served_twice`). What
 the reads served twice moving forward is reported even when the cycle falls back to a
-full scan (`held`: `planned_scan.BatchReader.read` commits it first).
+full scan (`held`: `reader.BatchReader.read` commits it first).
 
 The platform moves while we read. Calls that leave ``pending`` during the reads may
 be found or not; when more are found than the first probe allows, a second probe
@@ -344,7 +344,7 @@ class ActiveRead:
     def served_twice(self) -> set[str]:
         """Calls whose copy for the diff this cycle's reads served at least twice, in
         another status than the snapshot's: the platform served that status twice,
-        so it must be reported whatever the call did next (`scan.confirm_backward_moves`
+        so it must be reported whatever the call did next (`second_look.confirm_backward_moves`
         takes the two answers going back for a redial unless a look-up shows the call
         as committed; see `held` for a cycle falling back to a full scan)."""
         status_of = self._states.status

@@ -1,7 +1,7 @@
 """Reading a batch for one cycle under the plan the `planner` picks.
 
-`BatchReader.read` reads every page (`scan.read_pages`) or runs the active plan
-(`active_scan`), falling back to every page in the same cycle when the active plan
+`BatchReader.read` reads every page (`full_read.read_pages`) or runs the active plan
+(`active_read`), falling back to every page in the same cycle when the active plan
 cannot stand for a full scan. Either way the cycle gets raw item bytes, in the
 order they were served, for the same `select_candidates` -> diff -> commit path:
 the planner decides which requests to make, never what they mean. `settle_plan` moves

@@ -42,7 +42,7 @@ class BatchMeta:
     last_change_ms: int = 0
     completed_at_ms: int = 0
     not_found_since_ms: int = 0
-    # Items of calls seen going backwards, not confirmed yet (`scan.Suspect`), as
+    # Items of calls seen going backwards, not confirmed yet (`poll.second_look.Suspect`), as
     # served. Stored as ``<commit_id>\n<JSON array>``: read back only when the commit
     # that wrote them is the last one (a replica of an older release commits without
     # them, and what they said may no longer hold).
