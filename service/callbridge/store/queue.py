@@ -261,7 +261,7 @@ class DeliveryQueue:
         k = self._keys
         return int(
             await self._sweep(
-                keys=[k.due(sub), k.inflight(sub), k.dead(sub), k.parked(sub)],
+                keys=[k.due(sub), k.inflight(sub), k.dead(sub), k.parked(sub), k.endpoint(sub)],
                 args=[k.record_prefix(sub), max_items, dead_retention_ms],
             )
         )

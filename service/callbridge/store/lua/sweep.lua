@@ -5,6 +5,8 @@
 -- upgrade, does not know about parking).
 --
 -- KEYS[1] due  KEYS[2] inflight  KEYS[3] dead  KEYS[4] parked (optional)
+-- KEYS[5] endpoint (optional)  hash: its `parked_cursor` is where the next look at the
+--                               parked set starts (without it: the oldest, as before)
 --
 -- ARGV[1] prefix             the prefix of the delivery record keys: prefix .. <id> (`Keys.record_prefix`)
 -- ARGV[2] max                at most this many claims given back per call
@@ -23,8 +25,16 @@ for _, id in ipairs(ids) do
   end
 end
 if KEYS[4] then
-  -- The oldest parked deliveries, a few per call: O(1) work per sweep.
-  for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, 19)) do
+  -- A few parked deliveries per call (O(1) work per sweep), from a cursor that walks
+  -- the whole set round after round: from the oldest each time, one stuck behind 20
+  -- rightly waiting ones was never looked at. A rank, not a score: one enqueue parks
+  -- many with the same score. Ranks shift as others come and go; the walk only has
+  -- to reach every member eventually.
+  local cursor = 0
+  if KEYS[5] then cursor = tonumber(redis.call('HGET', KEYS[5], 'parked_cursor') or '0') end
+  local page = redis.call('ZRANGE', KEYS[4], cursor, cursor + 19)
+  local freed = 0
+  for _, id in ipairs(page) do
     local rec = ARGV[1] .. id
     local f = redis.call('HMGET', rec, 'state', 'prev')
     local free = f[1] ~= 'waiting'
@@ -35,11 +45,17 @@ if KEYS[4] then
     end
     if free then
       redis.call('ZREM', KEYS[4], id)
+      freed = freed + 1
       if f[1] == 'waiting' then
         redis.call('HSET', rec, 'state', 'pending')
         redis.call('ZADD', KEYS[1], now, id)
       end
     end
+  end
+  if KEYS[5] then
+    local nxt = cursor + #page - freed
+    if #page < 20 then nxt = 0 end  -- the end of the set: start over
+    redis.call('HSET', KEYS[5], 'parked_cursor', nxt)
   end
 end
 return #ids

@@ -1,0 +1,54 @@
+"""Defects of the delivery path found by reading main (issue 23, items 10-16), each
+pinned by a test that failed before its fix: real Redis, real receivers."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from callbridge.store.keys import Keys
+from tests.support.deliveries import MakeRig, event
+
+
+async def test_a_stuck_parked_delivery_behind_twenty_waiting_ones_is_freed_by_the_sweep(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    """Item 15: the safety net looked at the 20 oldest parked deliveries only; one
+    whose predecessor an older replica delivered, parked behind 20 rightly waiting
+    ones, was never released (and counted toward the backlog for good)."""
+    rig = await make_rig({"crm": {}})
+    # 20 calls whose second event rightly waits for the first's first attempt...
+    await rig.enqueue(
+        "crm", *(e for c in range(20) for e in (event(1, f"c{c:02}"), event(2, f"c{c:02}")))
+    )
+    # ...and, parked later, one whose predecessor a previous release delivered
+    # without releasing it.
+    await rig.enqueue("crm", event(1, "z1"), event(2, "z1"))
+    record = Keys().delivery("crm", "evt_z1_1")
+    await redis_client.hset(record, mapping={"state": "delivered", "attempts": 1})
+    await redis_client.zrem(Keys().due("crm"), "evt_z1_1")
+    assert (await rig.queue.depths("crm"))["waiting"] == 21
+    for _ in range(3):
+        await rig.queue.sweep("crm", dead_retention_ms=60_000)
+    state = await redis_client.hget(Keys().delivery("crm", "evt_z1_2"), "state")
+    assert state == b"pending"
+    depth = await rig.queue.depths("crm")
+    assert (depth["waiting"], depth["ready"]) == (20, 21)
+
+
+async def test_reclaim_gives_back_only_the_replicas_own_claims_not_a_longer_ids(
+    make_rig: MakeRig,
+) -> None:
+    """Item 15: replica ids were matched by prefix: replica `a`, restarted, gave back
+    the live claims of replica `a:x`."""
+    rig = await make_rig({"crm": {}})
+    await rig.enqueue("crm", event(1, "c1"), event(1, "c2"))
+    mine = await rig.queue.claim(
+        "crm", max_in_flight=9, limit=1, visibility_ms=60_000, token="a:old"
+    )
+    theirs = await rig.queue.claim(
+        "crm", max_in_flight=9, limit=1, visibility_ms=60_000, token="a:x:live"
+    )
+    assert (len(mine), len(theirs)) == (1, 1)
+    assert await rig.queue.reclaim_own("crm", "a", "a:new") == 1
+    depth = await rig.queue.depths("crm")
+    assert (depth["ready"], depth["inflight"]) == (1, 1)
