@@ -3,6 +3,11 @@ pinned by a test that failed before its fix: real Redis, real receivers."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import pytest
 import redis.asyncio as aioredis
 
 from callbridge.store.keys import Keys
@@ -52,3 +57,44 @@ async def test_reclaim_gives_back_only_the_replicas_own_claims_not_a_longer_ids(
     assert await rig.queue.reclaim_own("crm", "a", "a:new") == 1
     depth = await rig.queue.depths("crm")
     assert (depth["ready"], depth["inflight"]) == (1, 1)
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A URL whose SYNs are dropped: a listener that never accepts, its accept queue
+    full (Linux then drops further SYNs, and connecting hangs until a timeout)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    yield f"http://127.0.0.1:{port}/hook"
+    for s in (*fillers, listener):
+        s.close()
+
+
+@pytest.mark.parametrize("client", ["lean", "aiohttp"])
+async def test_a_black_holed_endpoint_opens_the_breaker_on_connect_timeouts(
+    make_rig: MakeRig, black_hole: str, client: str
+) -> None:
+    """Item 14: a connect timeout counted as an ordinary failure (and reset the
+    consecutive connection failures), so a black-holed endpoint only ever tripped
+    the ratio rule, after 20 attempts each holding a slot for the whole timeout."""
+    rig = await make_rig(
+        {"crm": {"url": black_hole, "timeout_seconds": 0.3}},
+        http_client=client,
+        breaker_failure_threshold=3,
+    )
+    await rig.enqueue("crm", *(event(1, f"c{c}") for c in range(3)))
+    # Retries are due at once (FAST): without the breaker, 4 attempts each.
+    assert await rig.deliverer.drain() == 3
+    record = await rig.queue.record("crm", "evt_c0_1")
+    assert record is not None
+    assert record["history"][-1]["error"].startswith("connect: timeout")
+    assert (await rig.queue.endpoint("crm")).breaker == "open"
