@@ -40,17 +40,19 @@ from callbridge.models import parse_retry_after
 
 
 def _timeout(total_s: float) -> aiohttp.ClientTimeout:
-    """The attempt's deadline, with the socket connect's own a little before it.
+    """The attempt's deadline, with the socket connect's own before it.
 
     Under the total deadline alone, a connect that never completes ends as a plain
     timeout, which reads as a slow endpoint; its own deadline makes aiohttp raise
-    ConnectionTimeoutError, a connection failure. It must fall before the total one
-    (which started earlier), and neither is rounded up to a whole second (aiohttp
-    rounds timeouts of 5 s or more, which could put both on the same instant).
+    ConnectionTimeoutError, a connection failure. It must fall clearly before the
+    total one, which started earlier (a pooled connection's wait, the first call's
+    set-up): up to 1 s before, half the time of a short deadline. Neither is rounded
+    up to a whole second (aiohttp rounds those of 5 s or more, which could put both
+    on the same instant).
     """
     return aiohttp.ClientTimeout(
         total=total_s,
-        sock_connect=max(total_s * 0.9, total_s - 1.0),
+        sock_connect=total_s - min(total_s / 2, 1.0),
         ceil_threshold=float("inf"),
     )
 
