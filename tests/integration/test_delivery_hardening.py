@@ -7,9 +7,15 @@ import contextlib
 import socket
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from callbridge.config import SubscriptionSettings
+from callbridge.deliver.deliverer import Deliverer
+from callbridge.deliver.retry import AttemptResult
+from callbridge.deliver.sender import WebhookSender
+from callbridge.metrics import Metrics
 from callbridge.store.keys import Keys
 from tests.support.deliveries import MakeRig, event
 
@@ -98,3 +104,74 @@ async def test_a_black_holed_endpoint_opens_the_breaker_on_connect_timeouts(
     assert record is not None
     assert record["history"][-1]["error"].startswith("connect: timeout")
     assert (await rig.queue.endpoint("crm")).breaker == "open"
+
+
+async def test_claims_given_back_by_the_sweep_count_as_attempts_and_end_dead(
+    make_rig: MakeRig,
+) -> None:
+    """Item 10: a delivery whose worker dies every time (a poison payload) went back
+    to the queue uncounted, every visibility deadline, for ever. Each claim given
+    back is now a failed attempt; after the schedule (FAST: 3 retries) a dead letter."""
+    rig = await make_rig({"crm": {}})
+    await rig.enqueue("crm", event(1, "c1"))
+    schedule = len(rig.settings.subscriptions[0].retry_schedule_seconds)
+    for _ in range(schedule + 1):
+        # Claimed with a deadline that passes at once: the worker "died".
+        claimed = await rig.queue.claim(
+            "crm", max_in_flight=9, limit=9, visibility_ms=0, token="r1:p"
+        )
+        assert [c.event_id for c in claimed] == ["evt_c1_1"]
+        await rig.queue.sweep("crm", dead_retention_ms=60_000, retries=schedule)
+    record = await rig.queue.record("crm", "evt_c1_1")
+    assert record is not None
+    assert (record["state"], record["attempts"]) == ("dead", schedule + 1)
+    assert record["history"][-1]["error"].startswith("no outcome")
+    assert (await rig.queue.depths("crm"))["dead"] == 1
+
+
+async def test_claims_of_a_dead_process_given_back_at_start_count_as_attempts(
+    make_rig: MakeRig,
+) -> None:
+    """Item 10: reclaim_own (a restarted replica) gave claims back uncounted too."""
+    rig = await make_rig({"crm": {}})
+    await rig.enqueue("crm", event(1, "c1"), event(2, "c1"))
+    await rig.queue.claim("crm", max_in_flight=9, limit=9, visibility_ms=60_000, token="r1:old")
+    assert await rig.queue.reclaim_own("crm", "r1", "r1:new", retries=3) == 1
+    record = await rig.queue.record("crm", "evt_c1_1")
+    assert record is not None
+    assert (record["state"], record["attempts"]) == ("pending", 1)
+    # Its first attempt (lost) happened: the call's next event may start.
+    assert (await rig.queue.depths("crm"))["ready"] == 2
+
+
+class _PoisonedSender(WebhookSender):
+    """The real sender, but a bug crashes it on one payload (a poison delivery)."""
+
+    async def send(
+        self, sub: SubscriptionSettings, keys: list[bytes], event_id: str, body: bytes
+    ) -> AttemptResult:
+        if event_id == "evt_poison_1":
+            raise RuntimeError("a bug in the sender")
+        return await super().send(sub, keys, event_id, body)
+
+
+async def test_a_delivery_whose_attempt_crashes_is_counted_and_dead_lettered(
+    make_rig: MakeRig,
+) -> None:
+    """Item 10: a crashed attempt left its claim in flight until the sweep gave it
+    back, uncounted: retried every visibility deadline for ever. It is now a failed
+    attempt at once (not the endpoint's fault: the breaker is left alone)."""
+    rig = await make_rig({"crm": {}})
+    async with aiohttp.ClientSession() as session:
+        sender = _PoisonedSender(session)
+        deliverer = Deliverer(rig.settings, rig.queue, sender, Metrics())
+        await rig.enqueue("crm", event(1, "poison"), event(1, "ok"))
+        # FAST schedule: every retry is due at once, so drain makes all four.
+        assert await deliverer.drain() == 5
+    record = await rig.queue.record("crm", "evt_poison_1")
+    assert record is not None
+    assert (record["state"], record["attempts"]) == ("dead", 4)
+    assert record["history"][-1]["error"] == "crashed: RuntimeError"
+    assert len(rig.receivers["crm"].received) == 1
+    endpoint = await rig.queue.endpoint("crm")
+    assert (endpoint.breaker, endpoint.failures) == ("closed", 0)

@@ -280,17 +280,19 @@ class Deliverer:
             sub.finished.append(released)
             sub.wake.set()
             raise
-        except Exception:
-            # A bug, not a failed request (those are results): the claim stays in
-            # flight and is sent again after its visibility deadline.
+        except Exception as exc:
+            # A bug, not a failed request (those are results): still a failed attempt,
+            # so a payload that crashes the sender every time ends as a dead letter.
             log.exception(
-                "attempt of delivery %s to %s crashed; it will be retried",
+                "attempt of delivery %s to %s crashed",
                 claimed.event_id,
                 s.name,
                 extra={"action": "delivery_crashed", "subscription": s.name},
             )
-            if not sub.finish(key):
-                self._give_back(sub, 1)
+            crashed = self._book.crashed(s, claimed, exc, int(self._wall() * 1000))
+            crashed.detached = sub.finish(key)
+            sub.finished.append(crashed)
+            sub.wake.set()
             return
         finished = self._book.attempt(s, claimed, result, int(self._wall() * 1000))
         finished.detached = sub.finish(key)

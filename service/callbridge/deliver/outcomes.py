@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import Counter, Histogram
 
@@ -80,6 +80,17 @@ class OutcomeBook:
             pace_ms=int(d.pace_s * 1000),
         )
         return Finished(claimed, completion, result, d, now_ms)
+
+    def crashed(
+        self, sub: SubscriptionSettings, claimed: Claimed, exc: Exception, now_ms: int
+    ) -> Finished:
+        """An attempt that crashed on our side: a failed attempt on the schedule, of
+        kind ``lost`` (the breaker is left alone: not the endpoint's doing)."""
+        finished = self.attempt(
+            sub, claimed, AttemptResult(None, error=f"crashed: {type(exc).__name__}"), now_ms
+        )
+        finished.completion = replace(finished.completion, kind="lost")
+        return finished
 
     @staticmethod
     def release(claimed: Claimed) -> Finished:

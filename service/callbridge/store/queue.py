@@ -256,15 +256,23 @@ class DeliveryQueue:
         result = await self._complete(keys=keys, args=args)
         return [_text(r) for r in result]
 
-    async def sweep(self, sub: str, *, dead_retention_ms: int, max_items: int = 1000) -> int:
-        """Give back claims whose visibility deadline passed (their worker died)."""
+    def _lost_keys(self, sub: str) -> list[str]:
+        """The keys of sweep.lua and reclaim.lua (the outcome snippet's, for _lost.lua)."""
         k = self._keys
-        return int(
-            await self._sweep(
-                keys=[k.due(sub), k.inflight(sub), k.dead(sub), k.parked(sub), k.endpoint(sub)],
-                args=[k.record_prefix(sub), max_items, dead_retention_ms],
-            )
-        )
+        return [k.due(sub), k.inflight(sub), k.dead(sub), k.parked(sub), k.endpoint(sub),
+                k.chain(sub), k.ops(sub)]  # fmt: skip
+
+    async def sweep(
+        self, sub: str, *, dead_retention_ms: int, max_items: int = 1000,
+        retries: int | None = None, history_max: int = 20,
+    ) -> int:  # fmt: skip
+        """Give back claims whose visibility deadline passed (their worker died). With
+        `retries` (the retry schedule's length) each is a failed attempt, dead-lettered
+        once the schedule is used up (sweep.lua, _lost.lua)."""
+        args: list[Any] = [self._keys.record_prefix(sub), max_items, dead_retention_ms]
+        if retries is not None:
+            args += [retries, history_max]
+        return int(await self._sweep(keys=self._lost_keys(sub), args=args))
 
     async def promote(self, sub: str, *, page: int = 1000) -> tuple[int, bool]:
         """One page of the promotion that follows a recovery (promote.lua): how many
@@ -285,15 +293,16 @@ class DeliveryQueue:
         if stream_ids:
             await self._redis.xdel(self._keys.ops(sub), *stream_ids)
 
-    async def reclaim_own(self, sub: str, replica: str, current: str) -> int:
-        """Give back claims of `replica`'s earlier processes (all but `current`)."""
-        k = self._keys
-        return int(
-            await self._reclaim(
-                keys=[k.due(sub), k.inflight(sub)],
-                args=[k.record_prefix(sub), f"{replica}:", f"{current}:"],
-            )
-        )
+    async def reclaim_own(
+        self, sub: str, replica: str, current: str, *, retries: int | None = None,
+        history_max: int = 20, dead_retention_ms: int = 0,
+    ) -> int:  # fmt: skip
+        """Give back claims of `replica`'s earlier processes (all but `current`); with
+        `retries`, each one counts as a failed attempt (as in `sweep`)."""
+        args: list[Any] = [self._keys.record_prefix(sub), f"{replica}:", f"{current}:"]
+        if retries is not None:
+            args += [retries, history_max, dead_retention_ms]
+        return int(await self._reclaim(keys=self._lost_keys(sub), args=args))
 
     # -- inspection and operator actions --------------------------------------
 
