@@ -3,8 +3,10 @@ pinned by a test that failed before its fix: real Redis, real receivers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
 
 import aiohttp
@@ -18,6 +20,7 @@ from callbridge.deliver.sender import WebhookSender
 from callbridge.metrics import Metrics
 from callbridge.store.keys import Keys
 from tests.support.deliveries import MakeRig, event
+from tests.support.metrics import sample
 
 
 async def test_a_stuck_parked_delivery_behind_twenty_waiting_ones_is_freed_by_the_sweep(
@@ -175,3 +178,42 @@ async def test_a_delivery_whose_attempt_crashes_is_counted_and_dead_lettered(
     assert len(rig.receivers["crm"].received) == 1
     endpoint = await rig.queue.endpoint("crm")
     assert (endpoint.breaker, endpoint.failures) == ("closed", 0)
+
+
+async def test_delivery_lag_is_measured_on_the_redis_clock(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    """Item 13: the lag subtracted the commit's Redis time from this replica's wall
+    clock: a replica an hour ahead reported every delivery an hour late."""
+    rig = await make_rig({"crm": {}})
+    metrics = Metrics()
+    ahead = Deliverer(
+        rig.settings, rig.queue, rig.deliverer.sender, metrics, wall=lambda: time.time() + 3600
+    )
+    now_s, now_us = await redis_client.time()
+    await rig.queue.enqueue("crm", [(event(1, "c1"), now_s * 1000 + now_us // 1000)])
+    assert await ahead.drain() == 1
+    assert sample(metrics, "delivery_lag_seconds_count", subscription="crm") == 1
+    lag = sample(metrics, "delivery_lag_seconds_sum", subscription="crm")
+    assert lag is not None
+    assert 0 <= lag < 5
+
+
+async def test_an_outcome_whose_record_is_gone_is_not_counted_as_a_dead_letter(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    """Item 13: the last failed attempt of a delivery whose record went meanwhile
+    (its subscription removed, an operator's purge) counted in dead_letters_total
+    although nothing was dead-lettered."""
+    rig = await make_rig({"crm": {}})
+    receiver = rig.receivers["crm"]
+    receiver.default, receiver.delay_s = 500, 0.2
+    await rig.enqueue("crm", event(1, "c1"))
+    record = Keys().delivery("crm", "evt_c1_1")
+    await redis_client.hset(record, "attempts", 3)  # this attempt is the schedule's last
+    run = asyncio.create_task(rig.deliverer.run_once())
+    await receiver.arrived.wait()
+    await redis_client.delete(record)
+    assert await run == 1
+    assert sample(rig.metrics, "dead_letters_total", subscription="crm") == 0
+    assert (await rig.queue.depths("crm"))["dead"] == 0

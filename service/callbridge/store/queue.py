@@ -39,6 +39,8 @@ class Claimed:
     observed_ms: int
     # This claim's token: its outcome is recorded under it (see claim.lua).
     token: str = ""
+    # When it was claimed, on the Redis clock (as observed_ms); 0: not known.
+    claimed_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,12 +170,9 @@ class DeliveryQueue:
     async def claim(
         self, sub: str, *, max_in_flight: int, limit: int, visibility_ms: int, token: str
     ) -> list[Claimed]:
-        """Claim due deliveries for worker `token`.
-
-        Each call claims under a token of its own (the worker's plus a unique part),
-        so a call re-sent after a lost reply returns the same deliveries instead of
-        holding more slots until their visibility deadline.
-        """
+        """Claim due deliveries for worker `token`. Each call claims under a token of
+        its own (the worker's plus a unique part), so a call re-sent after a lost reply
+        returns the same deliveries instead of holding more slots until their deadline."""
         _, claimed = await self.step(
             sub, (), None, max_in_flight=max_in_flight, limit=limit,
             visibility_ms=visibility_ms, token=token,
@@ -204,7 +203,7 @@ class DeliveryQueue:
         k = self._keys
         claim_token = f"{token}:{uuid.uuid4().hex[:12]}"
         p = policy or _NO_POLICY
-        applied, raw = await self._claim(
+        applied, raw, *now = await self._claim(
             keys=[k.due(sub), k.inflight(sub), k.endpoint(sub), k.dead(sub), k.chain(sub),
                   k.parked(sub), k.claim_receipt(sub, claim_token), k.ops(sub)],
             args=[
@@ -222,6 +221,7 @@ class DeliveryQueue:
                 body=raw[i + 2],
                 observed_ms=int(raw[i + 3] or 0),
                 token=claim_token,
+                claimed_ms=int(now[0]) if now else 0,
             )
             for i in range(0, len(raw), 4)
         ]
