@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from callbridge.config import SubscriptionSettings
 from callbridge.deliver.deliverer import Deliverer
@@ -19,8 +23,11 @@ from callbridge.deliver.retry import AttemptResult
 from callbridge.deliver.sender import WebhookSender
 from callbridge.metrics import Metrics
 from callbridge.store.keys import Keys
+from callbridge.store.queue import DeliveryQueue
+from callbridge.store.scripts import source
 from tests.support.deliveries import MakeRig, event
 from tests.support.metrics import sample
+from tests.support.proxy import ReplyDropper
 
 
 async def test_a_stuck_parked_delivery_behind_twenty_waiting_ones_is_freed_by_the_sweep(
@@ -217,3 +224,71 @@ async def test_an_outcome_whose_record_is_gone_is_not_counted_as_a_dead_letter(
     assert await run == 1
     assert sample(rig.metrics, "dead_letters_total", subscription="crm") == 0
     assert (await rig.queue.depths("crm"))["dead"] == 0
+
+
+@pytest.fixture
+async def lossy_queue(
+    redis_url: str, make_rig: MakeRig
+) -> AsyncIterator[tuple[ReplyDropper, DeliveryQueue]]:
+    """A queue whose Redis replies can be lost, through a client that tries twice
+    without a pause (its retries run out at once, as they do at length in a real
+    outage)."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = ReplyDropper(port)
+    client = aioredis.Redis.from_url(
+        f"redis://127.0.0.1:{await proxy.start()}/0",
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+    )
+    yield proxy, DeliveryQueue(client, Keys())
+    await client.aclose()
+    await proxy.close()
+
+
+async def test_outcomes_not_written_are_written_by_the_next_step_not_sent_again(
+    make_rig: MakeRig, lossy_queue: tuple[ReplyDropper, DeliveryQueue]
+) -> None:
+    """Item 12: the step writing a successful attempt's outcome failed (Redis out of
+    reach for longer than the client's retries): the outcome was dropped, the claim
+    sat in flight until its deadline and the delivery went out again."""
+    proxy, queue = lossy_queue
+    rig = await make_rig({"crm": {}})
+    receiver = rig.receivers["crm"]
+    receiver.delay_s = 0.05  # the loss is armed while the request runs
+    deliverer = Deliverer(rig.settings, queue, rig.deliverer.sender, Metrics())
+    await rig.enqueue("crm", event(1, "c1"))
+    run = asyncio.create_task(deliverer.run_once())
+    await receiver.arrived.wait()
+    proxy.arm(_sha("claim"), times=5, request=True)
+    assert await run == 1  # its outcome's write failed, logged
+    proxy.disarm()
+    await deliverer.drain()
+    record = await rig.queue.record("crm", "evt_c1_1")
+    assert record is not None
+    assert record["state"] == "delivered"
+    assert len(receiver.received) == 1
+
+
+async def test_claims_whose_reply_was_lost_are_taken_up_by_the_next_step(
+    make_rig: MakeRig, lossy_queue: tuple[ReplyDropper, DeliveryQueue]
+) -> None:
+    """Item 12: a claim whose reply was lost for good left its deliveries in the
+    in-flight set, unsent, holding fleet slots until their deadline. The next step
+    sends the same claim token again and gets them (claim.lua's receipt)."""
+    proxy, queue = lossy_queue
+    rig = await make_rig({"crm": {}})
+    deliverer = Deliverer(rig.settings, queue, rig.deliverer.sender, Metrics())
+    await rig.enqueue("crm", event(1, "c1"))
+    proxy.arm(_sha("claim"), times=5)
+    with pytest.raises(RedisConnectionError):
+        await deliverer.run_once()
+    proxy.disarm()
+    assert (await rig.queue.depths("crm"))["inflight"] == 1  # claimed, reply lost
+    assert await deliverer.drain() == 1
+    assert len(rig.receivers["crm"].received) == 1
+    depth = await rig.queue.depths("crm")
+    assert (depth["inflight"], depth["ready"]) == (0, 0)
+
+
+def _sha(script: str) -> bytes:
+    return hashlib.sha1(source(script).encode()).hexdigest().encode()  # noqa: S324

@@ -191,17 +191,18 @@ class DeliveryQueue:
         token: str,
         expire_ms: int = 0,
         detach_ms: int = 0,
+        call: str = "",
     ) -> tuple[list[str], list[Claimed]]:
         """Record `outcomes` (as `complete`), then claim up to `limit` (as `claim`),
         in one round trip: a worker's finished attempts free the slots its next
         claims take. Returns (what applied per outcome, the claimed deliveries).
-
         `expire_ms`: while the breaker is open, due deliveries older than this are
         dead-lettered unsent (0: never). `detach_ms`: claims older than this no longer
-        count against `max_in_flight` (0: all count); see claim.lua.
+        count against `max_in_flight` (0: all count); see claim.lua. `call`: the claim
+        token of a step that failed, sent again (else a new one under `token`).
         """
         k = self._keys
-        claim_token = f"{token}:{uuid.uuid4().hex[:12]}"
+        claim_token = call or f"{token}:{uuid.uuid4().hex[:12]}"
         p = policy or _NO_POLICY
         applied, raw, *now = await self._claim(
             keys=[k.due(sub), k.inflight(sub), k.endpoint(sub), k.dead(sub), k.chain(sub),
@@ -256,8 +257,7 @@ class DeliveryQueue:
         result = await self._complete(keys=keys, args=args)
         return [_text(r) for r in result]
 
-    def _lost_keys(self, sub: str) -> list[str]:
-        """The keys of sweep.lua and reclaim.lua (the outcome snippet's, for _lost.lua)."""
+    def _lost_keys(self, sub: str) -> list[str]:  # sweep.lua's and reclaim.lua's
         k = self._keys
         return [k.due(sub), k.inflight(sub), k.dead(sub), k.parked(sub), k.endpoint(sub),
                 k.chain(sub), k.ops(sub)]  # fmt: skip
