@@ -25,6 +25,7 @@ from callbridge.metrics import Metrics
 from callbridge.store.keys import Keys
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.scripts import source
+from tests.support.bridges import MakeService, sim_config
 from tests.support.deliveries import MakeRig, event
 from tests.support.metrics import sample
 from tests.support.proxy import ReplyDropper
@@ -292,3 +293,37 @@ async def test_claims_whose_reply_was_lost_are_taken_up_by_the_next_step(
 
 def _sha(script: str) -> bytes:
     return hashlib.sha1(source(script).encode()).hexdigest().encode()  # noqa: S324
+
+
+async def test_redeliver_leaves_a_delivery_still_on_its_way_alone(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    """Item 11: redeliver of a pending delivery reset its attempt budget (again and
+    again: a failing one never dead-lettered), and of a parked one cleared its link
+    to the call's previous event, so it could overtake it."""
+    svc, _, _ = await make_service(sim_config(batches=1, calls_per_batch=1))
+    await svc.queue.enqueue("crm", [(event(1, "c1"), 1), (event(2, "c1"), 1)])
+    first = Keys().delivery("crm", "evt_c1_1")
+    await redis_client.hset(first, "attempts", 2)  # failed twice, its retry is due
+    # Both are on their way already: "scheduled", and nothing changes.
+    assert await svc.operations.redeliver("evt_c1_1") == ["crm"]
+    assert await svc.operations.redeliver("evt_c1_2") == ["crm"]
+    assert await redis_client.hget(first, "attempts") == b"2"
+    second = await redis_client.hmget(Keys().delivery("crm", "evt_c1_2"), "state", "prev")
+    assert second == [b"waiting", b"evt_c1_1"]
+
+
+async def test_replay_of_every_dead_letter_stops_at_the_backlog_bound(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    """Item 11: replay ignored max_backlog: replaying 50,000 dead letters into a
+    subscription bounded at 100,000 undelivered could put 150,000 in Redis."""
+    svc, _, _ = await make_service(
+        sim_config(batches=1, calls_per_batch=1), delivery={"max_backlog": 5}
+    )
+    # Eight dead letters (the backlog was full when they came) and three pending.
+    await svc.queue.enqueue("crm", [(event(1, f"d{i}"), 1) for i in range(8)], max_backlog=0)
+    await svc.queue.enqueue("crm", [(event(1, f"p{i}"), 1) for i in range(3)])
+    assert await svc.operations.replay("crm") == 2
+    depth = await svc.queue.depths("crm")
+    assert (depth["ready"], depth["dead"]) == (5, 6)

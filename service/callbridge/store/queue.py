@@ -348,18 +348,9 @@ class DeliveryQueue:
             # Re-enabling also closes the breaker (and forgets the failure window): the
             # operator says the endpoint is back.
             await self._redis.hdel(key, *(f"w{c}{i}" for c in "bof" for i in range(3)))
-            await self._redis.hset(
-                key,
-                mapping={
-                    "disabled": "0",
-                    "failures": 0,
-                    "conn_failures": 0,
-                    "open_until": 0,
-                    "opens": 0,
-                    "failing_since": 0,
-                    "probing_until": 0,
-                },
-            )
+            fields = ("failures", "conn_failures", "open_until", "opens", "failing_since",
+                      "probing_until")  # fmt: skip
+            await self._redis.hset(key, mapping={"disabled": "0", **dict.fromkeys(fields, 0)})
         else:
             await self._redis.hset(key, mapping={"disabled": "1", "disabled_reason": reason})
 
@@ -389,12 +380,15 @@ class DeliveryQueue:
     async def dead_count(self, sub: str) -> int:
         return int(await self._redis.zcard(self._keys.dead(sub)))
 
-    async def requeue(self, sub: str, event_id: str, *, reset_attempts: bool) -> bool:
-        """Make a dead or delivered delivery due again now (replay / redeliver)."""
+    async def requeue(
+        self, sub: str, event_id: str, *, reset_attempts: bool, only_dead: bool = False,
+        max_backlog: int = 0,
+    ) -> int:  # fmt: skip
+        """Make a dead (or delivered) delivery due now: 1 done, 0 not, 2 on its way
+        already, -1 the backlog (`max_backlog`, 0: unbounded) is full; see requeue.lua."""
         k = self._keys
-        return bool(
-            await self._requeue(
-                keys=[k.due(sub), k.dead(sub), k.delivery(sub, event_id), k.parked(sub)],
-                args=[event_id, "1" if reset_attempts else "0"],
-            )
-        )
+        return int(await self._requeue(
+            keys=[k.due(sub), k.dead(sub), k.delivery(sub, event_id), k.parked(sub),
+                  k.inflight(sub)],
+            args=[event_id, int(reset_attempts), "dead" if only_dead else "", max_backlog],
+        ))  # fmt: skip
