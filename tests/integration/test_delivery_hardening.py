@@ -22,6 +22,7 @@ from callbridge.deliver.deliverer import Deliverer
 from callbridge.deliver.retry import AttemptResult
 from callbridge.deliver.sender import WebhookSender
 from callbridge.metrics import Metrics
+from callbridge.operations import Operations
 from callbridge.store.keys import Keys
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.scripts import source
@@ -327,3 +328,37 @@ async def test_replay_of_every_dead_letter_stops_at_the_backlog_bound(
     assert await svc.operations.replay("crm") == 2
     depth = await svc.queue.depths("crm")
     assert (depth["ready"], depth["dead"]) == (5, 6)
+
+
+async def test_replay_does_not_resend_a_letter_delivered_while_it_checked(
+    make_service: MakeService, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """Item 11: replay read a dead letter's state, then requeued it in another round
+    trip; a letter replayed and delivered in between (another operator's replay) was
+    sent again. The state is now checked by the requeue script itself."""
+    svc, _, _ = await make_service(sim_config(batches=1, calls_per_batch=1))
+    await svc.queue.enqueue("crm", [(event(1, "d0"), 1)], max_backlog=0)
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = ReplyDropper(port)
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{await proxy.start()}/0")
+    try:
+        ops = Operations(svc.settings, svc.store, svc.leases, svc.registry,
+                         DeliveryQueue(client, Keys()))  # fmt: skip
+        # The reply to the replay's first request naming the letter waits a while:
+        # whatever that request read, the letter changes before the replay goes on.
+        proxy.slow(b"evt_d0_1", 0.3)
+        replay = asyncio.create_task(ops.replay("crm", ["evt_d0_1"]))
+        await proxy.holding.wait()
+        # Meanwhile someone else's replay sent it, and it was delivered (unless this
+        # replay's first request requeued it already: then it is on its way).
+        record = Keys().delivery("crm", "evt_d0_1")
+        delivered = await redis_client.hget(record, "state") == b"dead"
+        if delivered:
+            await redis_client.hset(record, "state", "delivered")
+            await redis_client.zrem(Keys().dead("crm"), "evt_d0_1")
+        await replay
+        state = await redis_client.hget(record, "state")
+        assert state == (b"delivered" if delivered else b"pending")
+    finally:
+        await client.aclose()
+        await proxy.close()
