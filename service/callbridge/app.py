@@ -187,7 +187,11 @@ class Bridge:
             # This replica restarted (SIGKILL, OOM): its previous process's claims go
             # back now rather than after their visibility deadline.
             given_back = await self.queue.reclaim_own(
-                sub.name, self.poller.replica_id, self.deliverer.token
+                sub.name,
+                self.poller.replica_id,
+                self.deliverer.token,
+                retries=len(sub.retry_schedule_seconds),
+                dead_retention_ms=int(self.settings.delivery.dead_letter_retention_seconds * 1000),
             )
             if given_back:
                 log.warning(

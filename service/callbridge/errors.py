@@ -19,6 +19,7 @@
     │   ├── ConnectionDroppedError   the connection closed before the answer was read
     │   ├── InvalidResponseError     what came back is not an HTTP/1.x answer
     │   └── TimedOutError            the attempt's deadline passed
+    │       └── ConnectTimedOutError before a connection was made (a black hole)
     ├── SignatureError               a received webhook's signature headers do not verify
     │                                (also a ValueError: `callbridge verify`, receivers)
     ├── FullReadNeeded               the active plan cannot stand for a full read this cycle
@@ -150,6 +151,11 @@ class InvalidResponseError(WebhookHttpError):
 
 class TimedOutError(WebhookHttpError):
     """The attempt's deadline (the subscription's ``timeout_seconds``) passed."""
+
+
+class ConnectTimedOutError(TimedOutError):
+    """The deadline passed before a connection was made: SYNs dropped (a black-holed
+    endpoint). It counts as a connection failure, as a refused connection does."""
 
 
 class SignatureError(CallbridgeError, ValueError):

@@ -39,6 +39,10 @@ class UnknownSubscriptionError(CallbridgeError):
     """No subscription with that name is configured."""
 
 
+# Dead letters read per round trip while replaying them all.
+_PAGE = 1000
+
+
 def progress(counts: Mapping[str, int]) -> dict[str, Any]:
     """A batch's calls for a progress bar: pending, active (anything between), each ending.
 
@@ -241,20 +245,26 @@ class Operations:
         return await self._queue.dead_count(self._sub(name))
 
     async def replay(self, name: str, ids: list[str] | None = None) -> int:
-        """Make dead letters due again with a fresh attempt budget; all when `ids` is None."""
-        self._sub(name)
-        if ids is None:
-            ids = []
-            offset = 0
-            while page := await self._queue.dead_letters(name, 1000, offset):
-                ids += page
-                offset += len(page)
-        n = 0
-        for i in ids:
-            record = await self._queue.record(name, i)
-            if record and record["state"] == "dead":
-                n += await self._queue.requeue(name, i, reset_attempts=True)
-        return n
+        """Make dead letters due again with a fresh attempt budget; all when `ids` is
+        None, a page at a time. Each is checked and requeued in one script (a letter
+        delivered meanwhile is not sent again), and none once the subscription holds
+        its `max_backlog` undelivered: the rest stay dead, replayable later."""
+        sub = self._settings.subscription(self._sub(name))
+        assert sub is not None
+        bound = sub.max_backlog or self._settings.delivery.max_backlog
+        n, offset = 0, 0
+        while True:
+            page = ids if ids is not None else await self._queue.dead_letters(name, _PAGE, offset)
+            for i in page:
+                done = await self._queue.requeue(
+                    name, i, reset_attempts=True, only_dead=True, max_backlog=bound
+                )
+                if done < 0:
+                    return n
+                n += done == 1
+                offset += done != 1  # a requeued one leaves the dead set; the others stay
+            if ids is not None or not page:
+                return n
 
     async def recover(
         self, name: str, since_ms: int, until_ms: int = 0
@@ -280,9 +290,10 @@ class Operations:
         return [j.as_dict() for j in await self._jobs.all(name)] if self._jobs else []
 
     async def redeliver(self, event_id: str) -> list[str]:
-        """Send an event again to every subscription that has a record of it."""
+        """Send an event again to every subscription that has a record of it (one
+        still due or waiting for its turn is left as it is: on its way already)."""
         done = []
         for sub in self._settings.subscriptions:
-            if await self._queue.requeue(sub.name, event_id, reset_attempts=True):
+            if await self._queue.requeue(sub.name, event_id, reset_attempts=True) > 0:
                 done.append(sub.name)
         return done

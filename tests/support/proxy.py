@@ -17,6 +17,8 @@ class ReplyDropper:
         self._upstream_port = upstream_port
         self._server: asyncio.Server | None = None
         self._armed: bytes | None = None
+        self._armed_times = 0
+        self._lose_request = False
         self._slow: tuple[bytes, float] | None = None
         self._pumps: set[asyncio.Task[None]] = set()
         self.dropped = 0
@@ -36,9 +38,16 @@ class ReplyDropper:
             self._server.close()
             await self._server.wait_closed()
 
-    def arm(self, marker: bytes) -> None:
-        """Lose the reply to the next request containing `marker`."""
+    def arm(self, marker: bytes, times: int = 1, *, request: bool = False) -> None:
+        """Lose the replies to the next `times` requests containing `marker` (more than
+        the client's retries: the caller sees the error); with `request`, lose the
+        requests themselves (they never run, as in an outage)."""
         self._armed = marker
+        self._armed_times = times
+        self._lose_request = request
+
+    def disarm(self) -> None:
+        self._armed = None
 
     def slow(self, marker: bytes, seconds: float) -> None:
         """Hold back the reply to every request containing `marker` for `seconds`."""
@@ -52,8 +61,13 @@ class ReplyDropper:
         async def client_to_redis() -> None:
             while data := await creader.read(65536):
                 if self._armed is not None and self._armed in data:
-                    self._armed = None
+                    self._armed_times -= 1
+                    if self._armed_times <= 0:
+                        self._armed = None
                     swallow.set()
+                    if self._lose_request:
+                        self.dropped += 1
+                        return  # the connection drops before Redis sees the request
                 if self._slow is not None and self._slow[0] in data:
                     hold[0] = self._slow[1]
                     self.holding.set()

@@ -9,13 +9,13 @@ one round trip per turn, not a claim and a completion per delivery. Attempts run
 in the subscription's workers (`workers.py`), not a task each. An attempt keeps
 its slots until its outcome is written; outcome writes are shielded from
 cancellation: a worker cancelled mid-request hands its claim back, and one killed
-outright is reclaimed after the visibility deadline by whichever replica sweeps
-first.
+outright is reclaimed (a failed attempt) after the visibility deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -174,20 +174,24 @@ class Deliverer:
         s = sub.settings
         batch = sub.finished[:_COMPLETE_BATCH]
         del sub.finished[: len(batch)]
-        extra = 0
-        want = 0
+        extra = want = 0
         self._starving.discard(s.name)
+        # A step that failed may have claimed all the same (only its reply was lost):
+        # its claim token sent again returns those claims (claim.lua's receipt), into
+        # the slots it still holds.
+        call, kept = sub.take_lost_claim() if claim else ("", 0)
+        if call:
+            extra, want = kept, kept + len(batch)
         # While another subscription waits for a replica slot, this call claims
         # nothing: the batch's slots go back to the pool for it.
-        if claim and s.enabled and not self._starving:
+        elif claim and s.enabled and not self._starving:
             extra = max(0, min(sub.limiter.limit - sub.inflight, self._free))
             want = extra + len(batch)
+            self._free -= extra
+            sub.inflight += extra
         if not batch and want == 0:
             return []
-        self._free -= extra
-        sub.inflight += extra
-        claimed: list[Claimed] = []
-        applied: list[str] = []
+        call = call or f"{self.token}:{uuid.uuid4().hex[:12]}"
         # Detached attempts gave their slots back already.
         held = sum(1 for f in batch if not f.detached)
         try:
@@ -201,23 +205,25 @@ class Deliverer:
                 limit=want,
                 visibility_ms=visibility_ms,
                 token=self.token,
+                call=call,
                 expire_ms=int(sum(s.retry_schedule_seconds) * 1000),
                 detach_ms=int(detach_s * 1000) if detach_s is not None else 0,
             )
         except Exception:
-            for f in batch:
-                # Redis unreachable: the claim stays in flight and is sent again after
-                # its visibility deadline, under the same id (at-least-once).
-                log.error(
-                    "outcome of delivery %s to %s not recorded; it will be retried",
-                    f.claimed.event_id,
-                    s.name,
-                    extra={"action": "delivery_outcome_lost", "subscription": s.name},
-                )
+            # Redis out of reach (or its reply lost) past the client's retries: the next
+            # step sends the outcomes (done markers: written once) and this claim token.
+            sub.finished[:0] = batch
+            if want > 0:
+                sub.lost_claim = (call, extra)
+            log.error(
+                "outcomes of %d attempts to %s not recorded yet; the next step sends them",
+                len(batch),
+                s.name,
+                extra={"action": "delivery_outcome_lost", "subscription": s.name},
+            )
             raise
-        finally:
-            # The batch's slots and the extra ones, less those the new claims hold.
-            self._give_back(sub, held + extra - len(claimed))
+        # The batch's slots and the extra ones, less those the new claims hold.
+        self._give_back(sub, held + extra - len(claimed))
         if want > 0:
             sub.maybe_due = len(claimed) >= want
         for f, result in zip(batch, applied, strict=True):
@@ -230,8 +236,7 @@ class Deliverer:
                 sub.next_ops = 0.0
         return claimed
 
-    def _detach_overdue(self, sub: Lane) -> float | None:
-        """Give back the slots of attempts that ran far too long (`Lane.detach_due`)."""
+    def _detach_overdue(self, sub: Lane) -> float | None:  # see `Lane.detach_due`
         detached, wait = sub.detach_due(self._monotonic())
         if detached:
             self._metrics.detached.labels(sub.settings.name).inc(detached)
@@ -239,16 +244,11 @@ class Deliverer:
         return wait
 
     async def _write(self, sub: Lane) -> None:
-        """Write every finished outcome (claiming nothing); errors are logged."""
-        while sub.finished:
-            try:
+        """Write every finished outcome (claiming nothing); on an error (logged by
+        `_step`) the rest wait for the next step."""
+        with contextlib.suppress(Exception):
+            while sub.finished:
                 await self._step(sub, claim=False)
-            except Exception:
-                log.exception(
-                    "outcomes of %s not recorded",
-                    sub.settings.name,
-                    extra={"action": "delivery_outcome_lost", "subscription": sub.settings.name},
-                )
 
     def _give_back(self, sub: Lane, n: int) -> None:
         if n <= 0:
@@ -280,17 +280,19 @@ class Deliverer:
             sub.finished.append(released)
             sub.wake.set()
             raise
-        except Exception:
-            # A bug, not a failed request (those are results): the claim stays in
-            # flight and is sent again after its visibility deadline.
+        except Exception as exc:
+            # A bug, not a failed request (those are results): still a failed attempt,
+            # so a payload that crashes the sender every time ends as a dead letter.
             log.exception(
-                "attempt of delivery %s to %s crashed; it will be retried",
+                "attempt of delivery %s to %s crashed",
                 claimed.event_id,
                 s.name,
                 extra={"action": "delivery_crashed", "subscription": s.name},
             )
-            if not sub.finish(key):
-                self._give_back(sub, 1)
+            crashed = self._book.crashed(s, claimed, exc, int(self._wall() * 1000))
+            crashed.detached = sub.finish(key)
+            sub.finished.append(crashed)
+            sub.wake.set()
             return
         finished = self._book.attempt(s, claimed, result, int(self._wall() * 1000))
         finished.detached = sub.finish(key)

@@ -37,6 +37,7 @@ from callbridge.deliver.framing import END_OF_HEAD, Endpoint, EndpointKey, Head,
 from callbridge.errors import (
     ConnectFailedError,
     ConnectionDroppedError,
+    ConnectTimedOutError,
     InvalidResponseError,
     TimedOutError,
     WebhookHttpError,
@@ -185,7 +186,8 @@ class Http1Pool:
             async with asyncio.timeout_at(deadline):
                 await loop.create_connection(lambda: conn, host, port, ssl=context)
         except TimeoutError:
-            raise TimedOutError("timeout") from None
+            # Nothing answered the SYNs: the endpoint looks down, not slow.
+            raise ConnectTimedOutError("connect: timeout") from None
         except ssl.SSLCertVerificationError as exc:
             raise ConnectFailedError(f"tls certificate: {exc}") from exc
         except ssl.SSLError as exc:

@@ -53,6 +53,14 @@ class Lane:
     # (monotonic) after a step failed.
     steps: int = 0
     retry_at: float = 0.0
+    # (claim token, slots it holds) of a step that failed: it may have claimed, and
+    # the next claiming step sends the token again (see `Deliverer._step`).
+    lost_claim: tuple[str, int] | None = None
+
+    def take_lost_claim(self) -> tuple[str, int]:
+        """The lost claim to send again, if any (then forgotten): ("", 0) when none."""
+        lost, self.lost_claim = self.lost_claim, None
+        return lost or ("", 0)
 
     @classmethod
     def of(cls, sub: SubscriptionSettings) -> Lane:

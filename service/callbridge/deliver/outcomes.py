@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import Counter, Histogram
 
@@ -81,6 +81,17 @@ class OutcomeBook:
         )
         return Finished(claimed, completion, result, d, now_ms)
 
+    def crashed(
+        self, sub: SubscriptionSettings, claimed: Claimed, exc: Exception, now_ms: int
+    ) -> Finished:
+        """An attempt that crashed on our side: a failed attempt on the schedule, of
+        kind ``lost`` (the breaker is left alone: not the endpoint's doing)."""
+        finished = self.attempt(
+            sub, claimed, AttemptResult(None, error=f"crashed: {type(exc).__name__}"), now_ms
+        )
+        finished.completion = replace(finished.completion, kind="lost")
+        return finished
+
     @staticmethod
     def release(claimed: Claimed) -> Finished:
         """A claim handed back unanswered (shutdown): not an attempt."""
@@ -132,9 +143,22 @@ class OutcomeBook:
                 extra={"action": "probe_failed", "subscription": name,
                        "event_id": claimed.event_id},
             )  # fmt: skip
+        elif applied == "gone":
+            log.info(
+                "delivery %s to %s ended (%s) after its record was removed; nothing recorded",
+                claimed.event_id,
+                name,
+                d.outcome,
+                extra={"action": "delivery_gone", "subscription": name,
+                       "event_id": claimed.event_id},
+            )  # fmt: skip
         elif d.outcome == "success":
-            if claimed.observed_ms:
-                series.lag.observe(max(0.0, f.at_ms - claimed.observed_ms) / 1000)
+            if claimed.observed_ms and claimed.claimed_ms:
+                # On the Redis clock (both times are), plus the request's own duration
+                # (the request starts as it is claimed): a replica's skewed wall clock
+                # stays out of it.
+                waited_ms = max(0, claimed.claimed_ms - claimed.observed_ms)
+                series.lag.observe(waited_ms / 1000 + result.duration_s)
             if log.isEnabledFor(logging.DEBUG):
                 extra = {"subscription": name, "event_id": claimed.event_id}
                 log.debug("delivered %s to %s", claimed.event_id, name, extra=extra)

@@ -25,7 +25,8 @@ from callbridge.constants import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S, RETRY_JIT
 
 Outcome = Literal["success", "retry", "dead", "disable"]
 # How an attempt counts for the endpoint's circuit breaker: a success, a failure,
-# a failure to connect at all (refused, DNS, TLS), or a request to slow down (429).
+# a failure to connect at all (refused, DNS, TLS, no answer to the SYNs before the
+# deadline), or a request to slow down (429).
 FailureKind = Literal["ok", "fail", "conn", "paced"]
 
 

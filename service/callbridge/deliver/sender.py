@@ -29,8 +29,32 @@ from callbridge.deliver.framing import Endpoint
 from callbridge.deliver.http1 import Http1Pool
 from callbridge.deliver.retry import AttemptResult
 from callbridge.deliver.signing import sign
-from callbridge.errors import ConnectFailedError, TimedOutError, WebhookHttpError, excerpt
+from callbridge.errors import (
+    ConnectFailedError,
+    ConnectTimedOutError,
+    TimedOutError,
+    WebhookHttpError,
+    excerpt,
+)
 from callbridge.models import parse_retry_after
+
+
+def _timeout(total_s: float) -> aiohttp.ClientTimeout:
+    """The attempt's deadline, with the socket connect's own before it.
+
+    Under the total deadline alone, a connect that never completes ends as a plain
+    timeout, which reads as a slow endpoint; its own deadline makes aiohttp raise
+    ConnectionTimeoutError, a connection failure. It must fall clearly before the
+    total one, which started earlier (a pooled connection's wait, the first call's
+    set-up): up to 1 s before, half the time of a short deadline. Neither is rounded
+    up to a whole second (aiohttp rounds those of 5 s or more, which could put both
+    on the same instant).
+    """
+    return aiohttp.ClientTimeout(
+        total=total_s,
+        sock_connect=total_s - min(total_s / 2, 1.0),
+        ceil_threshold=float("inf"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +114,7 @@ class WebhookSender:
             target = _Target(
                 settings=sub,
                 url=url,
-                timeout=aiohttp.ClientTimeout(total=sub.timeout_seconds),
+                timeout=_timeout(sub.timeout_seconds),
                 headers=headers,
                 endpoint=Endpoint.of(url, {"Accept": "*/*", **headers}),
             )
@@ -133,6 +157,10 @@ class WebhookSender:
                 # Read a bounded excerpt only: a receiver answering 50 MB must not
                 # cost us 50 MB; the rest is dropped with the connection.
                 text = excerpt(await resp.content.read(RESPONSE_EXCERPT_BYTES))
+        except aiohttp.ConnectionTimeoutError:
+            # Before a connection was made (SYNs dropped): down, not slow (see _timeout).
+            error = f"connect: timeout after {sub.timeout_seconds:g}s"
+            timed_out = no_connection = True
         except TimeoutError:
             error = f"timeout after {sub.timeout_seconds:g}s"
             timed_out = True
@@ -191,11 +219,15 @@ class WebhookSender:
             answer = await pool.post(target.endpoint, request, timeout_s)
         except WebhookHttpError as exc:
             timed_out = isinstance(exc, TimedOutError)
+            unconnected = isinstance(exc, (ConnectFailedError, ConnectTimedOutError))
+            error = str(exc)
+            if timed_out:
+                error = f"{'connect: ' if unconnected else ''}timeout after {timeout_s:g}s"
             return AttemptResult(
                 status=exc.status,
-                error=f"timeout after {timeout_s:g}s" if timed_out else str(exc),
+                error=error,
                 duration_s=time.perf_counter() - started,
-                no_connection=isinstance(exc, ConnectFailedError),
+                no_connection=unconnected,
                 resent=exc.resent,
                 timed_out=timed_out,
             )

@@ -75,7 +75,11 @@ class Upkeep:
         name = sub.settings.name
         if now >= sub.next_sweep:
             sub.next_sweep = now + _SWEEP_EVERY_S
-            reclaimed = await self._queue.sweep(name, dead_retention_ms=self._dead_retention_ms)
+            reclaimed = await self._queue.sweep(
+                name,
+                dead_retention_ms=self._dead_retention_ms,
+                retries=len(sub.settings.retry_schedule_seconds),
+            )
             if reclaimed:
                 log.warning(
                     "%d deliveries of %s outlived their visibility deadline; requeued",

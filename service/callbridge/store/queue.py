@@ -39,6 +39,8 @@ class Claimed:
     observed_ms: int
     # This claim's token: its outcome is recorded under it (see claim.lua).
     token: str = ""
+    # When it was claimed, on the Redis clock (as observed_ms); 0: not known.
+    claimed_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,12 +170,9 @@ class DeliveryQueue:
     async def claim(
         self, sub: str, *, max_in_flight: int, limit: int, visibility_ms: int, token: str
     ) -> list[Claimed]:
-        """Claim due deliveries for worker `token`.
-
-        Each call claims under a token of its own (the worker's plus a unique part),
-        so a call re-sent after a lost reply returns the same deliveries instead of
-        holding more slots until their visibility deadline.
-        """
+        """Claim due deliveries for worker `token`. Each call claims under a token of
+        its own (the worker's plus a unique part), so a call re-sent after a lost reply
+        returns the same deliveries instead of holding more slots until their deadline."""
         _, claimed = await self.step(
             sub, (), None, max_in_flight=max_in_flight, limit=limit,
             visibility_ms=visibility_ms, token=token,
@@ -192,19 +191,20 @@ class DeliveryQueue:
         token: str,
         expire_ms: int = 0,
         detach_ms: int = 0,
+        call: str = "",
     ) -> tuple[list[str], list[Claimed]]:
         """Record `outcomes` (as `complete`), then claim up to `limit` (as `claim`),
         in one round trip: a worker's finished attempts free the slots its next
         claims take. Returns (what applied per outcome, the claimed deliveries).
-
         `expire_ms`: while the breaker is open, due deliveries older than this are
         dead-lettered unsent (0: never). `detach_ms`: claims older than this no longer
-        count against `max_in_flight` (0: all count); see claim.lua.
+        count against `max_in_flight` (0: all count); see claim.lua. `call`: the claim
+        token of a step that failed, sent again (else a new one under `token`).
         """
         k = self._keys
-        claim_token = f"{token}:{uuid.uuid4().hex[:12]}"
+        claim_token = call or f"{token}:{uuid.uuid4().hex[:12]}"
         p = policy or _NO_POLICY
-        applied, raw = await self._claim(
+        applied, raw, *now = await self._claim(
             keys=[k.due(sub), k.inflight(sub), k.endpoint(sub), k.dead(sub), k.chain(sub),
                   k.parked(sub), k.claim_receipt(sub, claim_token), k.ops(sub)],
             args=[
@@ -222,6 +222,7 @@ class DeliveryQueue:
                 body=raw[i + 2],
                 observed_ms=int(raw[i + 3] or 0),
                 token=claim_token,
+                claimed_ms=int(now[0]) if now else 0,
             )
             for i in range(0, len(raw), 4)
         ]
@@ -256,15 +257,22 @@ class DeliveryQueue:
         result = await self._complete(keys=keys, args=args)
         return [_text(r) for r in result]
 
-    async def sweep(self, sub: str, *, dead_retention_ms: int, max_items: int = 1000) -> int:
-        """Give back claims whose visibility deadline passed (their worker died)."""
+    def _lost_keys(self, sub: str) -> list[str]:  # sweep.lua's and reclaim.lua's
         k = self._keys
-        return int(
-            await self._sweep(
-                keys=[k.due(sub), k.inflight(sub), k.dead(sub), k.parked(sub)],
-                args=[k.record_prefix(sub), max_items, dead_retention_ms],
-            )
-        )
+        return [k.due(sub), k.inflight(sub), k.dead(sub), k.parked(sub), k.endpoint(sub),
+                k.chain(sub), k.ops(sub)]  # fmt: skip
+
+    async def sweep(
+        self, sub: str, *, dead_retention_ms: int, max_items: int = 1000,
+        retries: int | None = None, history_max: int = 20,
+    ) -> int:  # fmt: skip
+        """Give back claims whose visibility deadline passed (their worker died). With
+        `retries` (the retry schedule's length) each is a failed attempt, dead-lettered
+        once the schedule is used up (sweep.lua, _lost.lua)."""
+        args: list[Any] = [self._keys.record_prefix(sub), max_items, dead_retention_ms]
+        if retries is not None:
+            args += [retries, history_max]
+        return int(await self._sweep(keys=self._lost_keys(sub), args=args))
 
     async def promote(self, sub: str, *, page: int = 1000) -> tuple[int, bool]:
         """One page of the promotion that follows a recovery (promote.lua): how many
@@ -285,15 +293,16 @@ class DeliveryQueue:
         if stream_ids:
             await self._redis.xdel(self._keys.ops(sub), *stream_ids)
 
-    async def reclaim_own(self, sub: str, replica: str, current: str) -> int:
-        """Give back claims of `replica`'s earlier processes (all but `current`)."""
-        k = self._keys
-        return int(
-            await self._reclaim(
-                keys=[k.due(sub), k.inflight(sub)],
-                args=[k.record_prefix(sub), f"{replica}:", f"{current}:"],
-            )
-        )
+    async def reclaim_own(
+        self, sub: str, replica: str, current: str, *, retries: int | None = None,
+        history_max: int = 20, dead_retention_ms: int = 0,
+    ) -> int:  # fmt: skip
+        """Give back claims of `replica`'s earlier processes (all but `current`); with
+        `retries`, each one counts as a failed attempt (as in `sweep`)."""
+        args: list[Any] = [self._keys.record_prefix(sub), f"{replica}:", f"{current}:"]
+        if retries is not None:
+            args += [retries, history_max, dead_retention_ms]
+        return int(await self._reclaim(keys=self._lost_keys(sub), args=args))
 
     # -- inspection and operator actions --------------------------------------
 
@@ -339,18 +348,9 @@ class DeliveryQueue:
             # Re-enabling also closes the breaker (and forgets the failure window): the
             # operator says the endpoint is back.
             await self._redis.hdel(key, *(f"w{c}{i}" for c in "bof" for i in range(3)))
-            await self._redis.hset(
-                key,
-                mapping={
-                    "disabled": "0",
-                    "failures": 0,
-                    "conn_failures": 0,
-                    "open_until": 0,
-                    "opens": 0,
-                    "failing_since": 0,
-                    "probing_until": 0,
-                },
-            )
+            fields = ("failures", "conn_failures", "open_until", "opens", "failing_since",
+                      "probing_until")  # fmt: skip
+            await self._redis.hset(key, mapping={"disabled": "0", **dict.fromkeys(fields, 0)})
         else:
             await self._redis.hset(key, mapping={"disabled": "1", "disabled_reason": reason})
 
@@ -380,12 +380,15 @@ class DeliveryQueue:
     async def dead_count(self, sub: str) -> int:
         return int(await self._redis.zcard(self._keys.dead(sub)))
 
-    async def requeue(self, sub: str, event_id: str, *, reset_attempts: bool) -> bool:
-        """Make a dead or delivered delivery due again now (replay / redeliver)."""
+    async def requeue(
+        self, sub: str, event_id: str, *, reset_attempts: bool, only_dead: bool = False,
+        max_backlog: int = 0,
+    ) -> int:  # fmt: skip
+        """Make a dead (or delivered) delivery due now: 1 done, 0 not, 2 on its way
+        already, -1 the backlog (`max_backlog`, 0: unbounded) is full; see requeue.lua."""
         k = self._keys
-        return bool(
-            await self._requeue(
-                keys=[k.due(sub), k.dead(sub), k.delivery(sub, event_id), k.parked(sub)],
-                args=[event_id, "1" if reset_attempts else "0"],
-            )
-        )
+        return int(await self._requeue(
+            keys=[k.due(sub), k.dead(sub), k.delivery(sub, event_id), k.parked(sub),
+                  k.inflight(sub)],
+            args=[event_id, int(reset_attempts), "dead" if only_dead else "", max_backlog],
+        ))  # fmt: skip

@@ -194,8 +194,10 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
   -- A failure reads the endpoint's state: earlier successes count first.
   flush()
   w[#w + 1] = 'failed_ms'; w[#w + 1] = now
-  if kind == 'expired' then
-    -- Dead-lettered by age while the breaker was open (claim.lua): not a request.
+  if kind == 'expired' or kind == 'lost' then
+    -- Dead-lettered by age while the breaker was open (claim.lua), or an attempt
+    -- without an answer because our side failed (_lost.lua, a crash): not the
+    -- endpoint's doing.
   elseif kind == 'paced' then
     -- 429 with Retry-After: the endpoint asks us to slow down, it is not down. Until
     -- the time given it gets half its requests at once (this delivery itself waits

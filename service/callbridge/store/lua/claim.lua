@@ -32,8 +32,10 @@
 --                        a hung request must not hold a slot the backlog needs);
 --                        0: every claim counts until its outcome
 --
--- Reply: {applied, claimed}: per outcome what applied (as complete.lua replies), and a
--- flat list, four per claimed delivery: id, attempts so far, body, observed_ms.
+-- Reply: {applied, claimed, now}: per outcome what applied (as complete.lua replies), a
+-- flat list, four per claimed delivery: id, attempts so far, body, observed_ms, and,
+-- when something was claimed, the Redis time of the claim (ms; observed_ms is on the
+-- same clock, so the delivery lag never mixes it with a replica's wall clock).
 -- Nothing is claimed while the endpoint is disabled or its breaker is open; one probe
 -- at a time while the breaker is half-open (marked: the record's `probe` holds the
 -- claim token, see _outcomes.lua); half of max_in_flight while a 429's Retry-After
@@ -72,7 +74,7 @@ local function reply_for(ids)
 end
 if limit <= 0 then return {applied, {}} end
 local earlier = redis.call('GET', receipt)
-if earlier then return {applied, reply_for(cjson.decode(earlier))} end
+if earlier then return {applied, reply_for(cjson.decode(earlier)), now} end
 local ep = redis.call('HMGET', endpoint, 'disabled', 'open_until', 'paced_until',
                      'probing_until')
 if ep[1] == '1' then return {applied, {}} end
@@ -174,4 +176,4 @@ if #claimed > 0 then
   redis.call('ZADD', inflight, unpack(scored))
   redis.call('SET', receipt, cjson.encode(claimed), 'PX', math.max(1, visibility))
 end
-return {applied, out}
+return {applied, out, now}

@@ -14,7 +14,9 @@
 --           pace_ms], ...]
 --         outcome: success | retry | dead | disable | release
 --         kind: ok | fail | conn (no connection: refused, DNS, TLS) | paced (429:
---         half the endpoint's requests at once for pace_ms; not a breaker failure)
+--         half the endpoint's requests at once for pace_ms; not a breaker failure) |
+--         lost (no answer because our side failed: a crashed attempt; not the
+--         endpoint's doing, the breaker is left alone)
 -- ARGV[8] failure_ratio  ARGV[9] min_attempts  ARGV[10] window_ms
 -- ARGV[11] prefix        the prefix of the delivery record keys: prefix .. <id> (`Keys.record_prefix`)
 --         the breaker opens when at least failure_ratio of at least min_attempts

@@ -5,26 +5,47 @@
 -- upgrade, does not know about parking).
 --
 -- KEYS[1] due  KEYS[2] inflight  KEYS[3] dead  KEYS[4] parked (optional)
+-- KEYS[5] endpoint (optional)  hash: its `parked_cursor` is where the next look at the
+--                               parked set starts (without it: the oldest, as before)
+-- KEYS[6] chain  KEYS[7] ops   (as in complete.lua; required with ARGV[4])
 --
 -- ARGV[1] prefix             the prefix of the delivery record keys: prefix .. <id> (`Keys.record_prefix`)
 -- ARGV[2] max                at most this many claims given back per call
 -- ARGV[3] dead_retention_ms  dead letters older than this are dropped from the index
+--                            (and a claim dead-lettered here is kept this long)
+-- ARGV[4] retries (optional) the retry schedule's length: each claim given back is a
+--                            failed attempt, dead-lettered once attempts exceed it
+--                            (_lost.lua); without it, given back uncounted
+-- ARGV[5] history_max (optional, with ARGV[4])  attempts kept in a record's history
 --
 -- Reply: how many claims were given back.
 --#include now
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[3]))
-local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[2], id)
-  local rec = ARGV[1] .. id
-  if redis.call('EXISTS', rec) == 1 then
-    redis.call('HSET', rec, 'state', 'pending', 'claim', '')
-    redis.call('ZADD', KEYS[1], now, id)
-  end
-end
+local due, inflight, dead, parked = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local endpoint, chain, ops, prefix = KEYS[5], KEYS[6], KEYS[7], ARGV[1]
+local dead_retention, retries = tonumber(ARGV[3]), tonumber(ARGV[4] or '-1')
+local history_max = tonumber(ARGV[5] or '20')
+-- The outcome snippet's breaker knobs: a lost claim never reaches them.
+local retention, threshold, cooloff, cooloff_max = 0, 0, 0, 0
+local ratio, min_attempts, bucket_ms = 1, 0, 1
+
+--#include outcomes
+--#include lost
+
+redis.call('ZREMRANGEBYSCORE', dead, '-inf', now - dead_retention)
+local ids = redis.call('ZRANGEBYSCORE', inflight, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do give_back(id) end
+flush()
 if KEYS[4] then
-  -- The oldest parked deliveries, a few per call: O(1) work per sweep.
-  for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, 19)) do
+  -- A few parked deliveries per call (O(1) work per sweep), from a cursor that walks
+  -- the whole set round after round: from the oldest each time, one stuck behind 20
+  -- rightly waiting ones was never looked at. A rank, not a score: one enqueue parks
+  -- many with the same score. Ranks shift as others come and go; the walk only has
+  -- to reach every member eventually.
+  local cursor = 0
+  if KEYS[5] then cursor = tonumber(redis.call('HGET', KEYS[5], 'parked_cursor') or '0') end
+  local page = redis.call('ZRANGE', KEYS[4], cursor, cursor + 19)
+  local freed = 0
+  for _, id in ipairs(page) do
     local rec = ARGV[1] .. id
     local f = redis.call('HMGET', rec, 'state', 'prev')
     local free = f[1] ~= 'waiting'
@@ -35,11 +56,17 @@ if KEYS[4] then
     end
     if free then
       redis.call('ZREM', KEYS[4], id)
+      freed = freed + 1
       if f[1] == 'waiting' then
         redis.call('HSET', rec, 'state', 'pending')
         redis.call('ZADD', KEYS[1], now, id)
       end
     end
+  end
+  if KEYS[5] then
+    local nxt = cursor + #page - freed
+    if #page < 20 then nxt = 0 end  -- the end of the set: start over
+    redis.call('HSET', KEYS[5], 'parked_cursor', nxt)
   end
 end
 return #ids
