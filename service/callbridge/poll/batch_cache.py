@@ -52,6 +52,8 @@ class BatchCache:
     next_due: float = 0.0
     last_started: float | None = None
     task: asyncio.Task[None] | None = None
+    # Held for the length of a cycle (`Poller.poll_once`): one cycle of a batch at a time.
+    cycle_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def committed(
         self,

@@ -127,11 +127,20 @@ class Poller:
     # -- one cycle ---------------------------------------------------------------
 
     async def poll_once(self, batch_id: str, *, backfill: bool | None = None) -> PollOutcome:
-        """Poll one batch now: scan, diff, commit, fan out. Safe to call from tests."""
+        """Poll one batch now: scan, diff, commit, fan out. Safe to call from tests.
+
+        One cycle of a batch at a time on this replica: a second call (a test, an
+        operator action) waits for the running one instead of racing it over the same
+        cache and lease (it then found the lease it had just checked given up)."""
         rt = self.batches.get(batch_id)
         if rt is None:
             rt = BatchCache(batch_id, self._p.backfill if backfill is None else backfill)
             self.batches[batch_id] = rt
+        async with rt.cycle_lock:
+            return await self._locked_cycle(rt)
+
+    async def _locked_cycle(self, rt: BatchCache) -> PollOutcome:
+        batch_id = rt.batch_id
         started = time.perf_counter()
         try:
             outcome = await self._cycle(rt)
