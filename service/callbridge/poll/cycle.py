@@ -45,6 +45,7 @@ from callbridge.poll.second_look import (
     restored_suspects,
     stored_suspects,
     suspects_from,
+    unsettled,
 )
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UpstreamHealth
@@ -238,6 +239,7 @@ class Poller:
             scan=ScanFacts(
                 complete=final is not None and final.complete,
                 total=final.total if final is not None else None,
+                unsettled=unsettled(rt.suspects, cands) if final is not None else 0,
             ),
             confirmed=confirmed,
             raws=cands.raws,

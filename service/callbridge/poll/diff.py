@@ -61,6 +61,10 @@ class ScanFacts:
     complete: bool = True
     # The batch's size as the platform reported it (``total``); None when unknown.
     total: int | None = None
+    # Calls an earlier look saw going back to a non-terminal status, not confirmed
+    # yet and not in this diff's items: each may be dialling again (a redial of a
+    # finished call), so the batch may not complete before its second look.
+    unsettled: int = 0
 
 
 @dataclass(slots=True)
@@ -248,8 +252,12 @@ def diff(
     total = sum(out.counts.values())
     all_terminal = total > 0 and all(s in TERMINAL_STATUSES for s in out.counts)
     # Completion needs a scan that saw the whole batch: every page arrived and we
-    # know of at least as many calls as the platform says it has.
+    # know of at least as many calls as the platform says it has. And no call seen
+    # going back to a non-terminal status may await its second look: it counts as
+    # finished until confirmed, but may be dialling again.
     whole = scan.complete and (scan.total is None or total >= scan.total)
+    if scan.unsettled or any(not is_terminal(s) for s in out.unconfirmed.values()):
+        whole = False
     if all_terminal and not batch.completed and whole:
         out.completed = True
         out.completions = batch.completions + 1

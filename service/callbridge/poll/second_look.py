@@ -182,6 +182,22 @@ def suspects_from(
     return out
 
 
+def unsettled(suspects: Mapping[str, Suspect], candidates: Candidates) -> int:
+    """Calls seen going back to a non-terminal status by an earlier look, unconfirmed,
+    that `candidates` do not judge again (the diff judges those it holds): each may
+    be dialling again, so the batch may not complete yet (`diff.ScanFacts`)."""
+    if not suspects:
+        return 0
+    seen = {item["call_id"] for item in candidates.items}
+    return sum(
+        1
+        for call_id, suspect in suspects.items()
+        if not is_terminal(suspect.status)
+        and call_id not in seen
+        and call_id not in candidates.unchanged
+    )
+
+
 # Suspects kept with the snapshot at most: a platform serving every call backwards
 # must not make each commit carry megabytes (the rest are still kept in memory).
 MAX_STORED_SUSPECTS = 1000

@@ -1,0 +1,80 @@
+"""Defects found by reading the poll path (issue 23, items 0-9), each pinned by a test
+that failed before its fix: real Redis, real simulator, real receivers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from callbridge.app import Bridge
+from callbridge.simulator import Simulator
+from tests.support.bridges import MakeService, sim_config
+
+T1 = "2026-01-01T10:00:00Z"
+T2 = "2026-01-01T10:05:00Z"
+ENDED = {"started_at": T1, "ended_at": T2, "duration_seconds": 300}
+REDIALLED = {"started_at": None, "ended_at": None, "duration_seconds": None}
+
+
+async def _events(svc: Bridge, batch: str, call: str) -> list[tuple[str, int]]:
+    return [
+        (e["event_type"], e["sequence"])
+        for e in await svc.store.timeline(batch, call)
+        if e["event_type"] is not None
+    ]
+
+
+async def _two_calls(make_service: MakeService, **sections: Any) -> tuple[Bridge, Simulator]:
+    """A batch of two calls that move only when the test says so."""
+    svc, sim, _ = await make_service(sim_config(batches=1, calls_per_batch=2), **sections)
+    return svc, sim
+
+
+# -- item 1 -------------------------------------------------------------------------
+
+
+async def test_a_full_scan_does_not_complete_a_batch_while_a_redial_awaits_its_second_look(
+    make_service: MakeService,
+) -> None:
+    """A completed, B in progress; the next scan shows A queued (a redial: one look) and
+    B completed. Every stored status is terminal then, but A may be dialling again:
+    `batch.completed` waits for A's second look."""
+    svc, sim = await _two_calls(make_service, poller={"scan": "full"})
+    batch = sim.batch_ids[0]
+    a, b = (c["call_id"] for c in sim.calls(batch))
+    sim.set_call(batch, a, status="completed", **ENDED)
+    sim.set_call(batch, b, status="in_progress", started_at=T1)
+    assert await svc.poller.poll_once(batch) == "committed"
+    sim.set_call(batch, a, status="queued", **REDIALLED)
+    sim.set_call(batch, b, status="completed", **ENDED)
+    await svc.poller.poll_once(batch)
+    meta = await svc.store.load_meta(batch)
+    assert (meta.completed, meta.completions) == (False, 0)
+    # The second look confirms the redial; the batch completes once A ends again.
+    await svc.poller.poll_once(batch)
+    assert await _events(svc, batch, a) == [("call.completed", 1), ("call.queued", 2)]
+    assert (await svc.store.load_meta(batch)).completions == 0
+    sim.set_call(batch, a, status="completed", started_at=T2, ended_at=T2)
+    await svc.poller.poll_once(batch)
+    meta = await svc.store.load_meta(batch)
+    assert (meta.completed, meta.completions) == (True, 1)
+
+
+async def test_a_stale_copy_of_a_finished_call_only_delays_completion_by_a_scan(
+    make_service: MakeService,
+) -> None:
+    """The backward copy was stale (the next scan serves A as it was): the batch then
+    completes, once, and A gets no event."""
+    svc, sim = await _two_calls(make_service, poller={"scan": "full"})
+    batch = sim.batch_ids[0]
+    a, b = (c["call_id"] for c in sim.calls(batch))
+    sim.set_call(batch, a, status="completed", **ENDED)
+    sim.set_call(batch, b, status="in_progress", started_at=T1)
+    await svc.poller.poll_once(batch)
+    sim.set_call(batch, a, status="queued", **REDIALLED)
+    sim.set_call(batch, b, status="completed", **ENDED)
+    await svc.poller.poll_once(batch)
+    sim.set_call(batch, a, status="completed", **ENDED)
+    await svc.poller.poll_once(batch)
+    meta = await svc.store.load_meta(batch)
+    assert (meta.completed, meta.completions) == (True, 1)
+    assert await _events(svc, batch, a) == [("call.completed", 1)]
