@@ -3,10 +3,15 @@ that failed before its fix: real Redis, real simulator, real receivers."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
 
 from callbridge.app import Bridge
 from callbridge.simulator import Simulator
+from callbridge.store.keys import Keys
 from tests.support.bridges import MakeService, sim_config
 
 T1 = "2026-01-01T10:00:00Z"
@@ -78,3 +83,29 @@ async def test_a_stale_copy_of_a_finished_call_only_delays_completion_by_a_scan(
     meta = await svc.store.load_meta(batch)
     assert (meta.completed, meta.completions) == (True, 1)
     assert await _events(svc, batch, a) == [("call.completed", 1)]
+
+
+# -- item 2 -------------------------------------------------------------------------
+
+
+async def test_a_failed_fan_out_after_a_good_commit_settles_the_plan(
+    make_service: MakeService, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first cycle's commit stands and its fan-out fails (the subscription's queue is
+    broken): the cycle is committed, not crashed, its events wait in the outbox, and the
+    planner learnt from it, so the next cycle is not a cold full read again."""
+    svc, sim, _ = await make_service(
+        sim_config(batches=1, calls_per_batch=30), upstream={"page_size": 2}
+    )
+    batch = sim.batch_ids[0]
+    sim.advance(2)  # calls past pending: the first cycle has events to fan out
+    due = Keys().due("crm")
+    await redis_client.set(due, "not a sorted set")
+    with caplog.at_level(logging.WARNING):
+        assert await svc.poller.poll_once(batch) == "committed"
+    assert [r.action for r in caplog.records if hasattr(r, "action")] == ["fanout_failed"]
+    assert await redis_client.xlen(Keys().outbox(batch)) > 0
+    await redis_client.delete(due)
+    await svc.poller.poll_once(batch)
+    assert (await svc.store.load_meta(batch)).scan_reason != "cold"
+    assert await redis_client.xlen(Keys().outbox(batch)) == 0
