@@ -7,7 +7,9 @@ never a crash.
 
 from __future__ import annotations
 
+import email.utils
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -194,14 +196,24 @@ class TimelineEntry:
 # --- headers -------------------------------------------------------------------
 
 
-def parse_retry_after(value: str | None, *, cap_s: float = RETRY_AFTER_MAX_S) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds form); None when absent or odd."""
+def parse_retry_after(
+    value: str | None, *, cap_s: float = RETRY_AFTER_MAX_S, now: float | None = None
+) -> float | None:
+    """Seconds from a Retry-After header, delta-seconds or HTTP-date (RFC 9110 §10.2.3;
+    a date in the past is 0); None when absent or odd. `now`: unix time (default the
+    wall clock), which an HTTP-date is counted from."""
     if not value:
         return None
     try:
         seconds = float(value.strip())
     except ValueError:
-        return None
+        try:
+            when = email.utils.parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # a date without a zone: HTTP-dates are GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = max(0.0, when.timestamp() - (time.time() if now is None else now))
     if not math.isfinite(seconds) or seconds < 0:
         return None
     return min(seconds, cap_s)

@@ -3,16 +3,27 @@ that failed before its fix: real Redis, real simulator, real receivers."""
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import logging
+import time
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from callbridge.app import Bridge
-from callbridge.simulator import Simulator
+from callbridge.errors import RateLimitedError
+from callbridge.metrics import Metrics
+from callbridge.poll.upstream import UpstreamClient
+from callbridge.poll.upstream_health import UNREACHABLE_AFTER_SCANS
+from callbridge.simulator import FaultConfig, Simulator
 from callbridge.store.keys import Keys
+from callbridge.store.ratelimit import RedisRateLimiter
 from tests.support.bridges import MakeService, sim_config
+from tests.support.settings import make_settings
 
 T1 = "2026-01-01T10:00:00Z"
 T2 = "2026-01-01T10:05:00Z"
@@ -109,3 +120,65 @@ async def test_a_failed_fan_out_after_a_good_commit_settles_the_plan(
     await svc.poller.poll_once(batch)
     assert (await svc.store.load_meta(batch)).scan_reason != "cold"
     assert await redis_client.xlen(Keys().outbox(batch)) == 0
+
+
+# -- item 3 -------------------------------------------------------------------------
+
+
+async def test_a_fleet_wide_429_is_not_being_cut_off(make_service: MakeService) -> None:
+    """Scans answered 429 with a Retry-After longer than the interval: the platform
+    answers, it asks us to slow down. The replica must not step aside (hand its
+    batches to replicas that start cold) as if it could not reach the platform."""
+    svc, sim, _ = await make_service(
+        sim_config(
+            batches=1,
+            calls_per_batch=3,
+            faults=FaultConfig(rate_limit_ratio=1.0, retry_after_seconds=0.5),
+        ),
+        poller={"interval_seconds": 0.2},
+    )
+    batch = sim.batch_ids[0]
+    for _ in range(UNREACHABLE_AFTER_SCANS):
+        assert await svc.poller.poll_once(batch) == "failed"
+    assert svc.poller.reach.can_poll
+
+
+async def test_an_http_date_retry_after_is_honoured(
+    aiohttp_server: Any, redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    """``Retry-After: <HTTP-date>`` 30 s ahead was read as absent: a 1 s penalty."""
+    retry_at = email.utils.formatdate(time.time() + 30, usegmt=True)
+
+    async def limited(request: web.Request) -> web.Response:
+        return web.json_response({}, status=429, headers={"Retry-After": retry_at})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/public/call-batches/{batch}/calls", limited)
+    server = await aiohttp_server(app)
+    settings = make_settings(str(server.make_url("")), redis_url)
+    limiter = RedisRateLimiter(redis_client, Keys().upstream_budget(), 10)
+    async with aiohttp.ClientSession() as session:
+        client = UpstreamClient(settings.upstream, session, limiter, Metrics())
+        with pytest.raises(RateLimitedError) as rl:
+            await client.fetch_page("sched_x", 1, retry_within_s=0.1)
+    assert rl.value.retry_after_s is not None
+    assert 28 <= rl.value.retry_after_s <= 30
+    await asyncio.gather(*limiter._pending)
+    seconds, micros = await redis_client.time()
+    tat_ms = float(await redis_client.get(Keys().upstream_budget()))
+    assert tat_ms - (seconds * 1000 + micros / 1000) >= 27_000
+
+
+async def test_a_penalty_takes_back_a_slot_already_handed_out(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A request waiting for its slot when a 429 arrives must wait out the penalty too
+    (before, it went out at its slot's time, into the platform's Retry-After)."""
+    limiter = RedisRateLimiter(redis_client, Keys().upstream_budget(), 2)
+    await limiter.acquire()
+    started = time.monotonic()
+    waiting = asyncio.create_task(limiter.acquire())  # its slot is ~0.5 s ahead
+    await asyncio.sleep(0.1)
+    limiter.penalize(1.5)
+    await waiting
+    assert time.monotonic() - started >= 1.5

@@ -23,6 +23,7 @@ from callbridge.config import Settings
 from callbridge.errors import (
     BatchNotFoundError,
     LeaseLostError,
+    RateLimitedError,
     UpstreamAuthError,
     UpstreamError,
 )
@@ -367,7 +368,10 @@ class Poller:
             self.reach.answered()
             return NothingRead(await self._mark_not_found(rt))
         except UpstreamError as exc:
-            self.reach.unreachable()
+            if isinstance(exc, RateLimitedError):
+                self.reach.rate_limited()
+            else:
+                self.reach.unreachable()
             log.warning(
                 "poll of batch %s failed, nothing written: %s",
                 rt.batch_id,
