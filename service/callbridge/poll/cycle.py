@@ -176,7 +176,10 @@ class Poller:
                     # A full read's pages went to groups; an active plan's come now.
                     last = [p.raws for p in rest] if read.pages is not None else read.groups
                     changed = await self._commit(rt, last, lookups, commits, final=read)
-            await self._fanned_out(rt, fanout)
+            # A failed fan-out (logged) leaves its events in the outbox: the cycle
+            # still settles its plan, its commits stand.
+            if await fanout.succeeded():
+                rt.outbox_dirty = False  # every event committed in this cycle is queued
         finally:
             await fanout.settle()
             rt.fanout = None
@@ -186,24 +189,6 @@ class Poller:
         if read.partial:
             return "partial"
         return "committed" if changed or groups.changed else "unchanged"
-
-    async def _fanned_out(self, rt: BatchCache, fanout: FanOut) -> None:
-        """Wait for the cycle's fan-outs. One that fails does not undo the commits
-        before it: their events wait in the outbox (drained first next cycle), and the
-        cycle goes on to settle its plan as committed; raising here would leave the
-        planner unsettled (a cold full read next) and log a crash that was none."""
-        try:
-            await fanout.wait()
-        except Exception as exc:
-            log.warning(
-                "batch %s: committed, but handing its events on failed; they wait in the "
-                "outbox for the next cycle: %r",
-                rt.batch_id,
-                exc,
-                extra={"action": "fanout_failed", "batch_id": rt.batch_id},
-            )
-            return
-        rt.outbox_dirty = False  # every event committed in this cycle is queued
 
     async def _load(self, rt: BatchCache) -> None:
         """The batch's snapshot, once per lease; then what a previous owner (or a
