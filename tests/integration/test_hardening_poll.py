@@ -7,12 +7,15 @@ import asyncio
 import email.utils
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from callbridge.app import Bridge
 from callbridge.errors import RateLimitedError
@@ -22,7 +25,9 @@ from callbridge.poll.upstream_health import UNREACHABLE_AFTER_SCANS
 from callbridge.simulator import FaultConfig, Simulator
 from callbridge.store.keys import Keys
 from callbridge.store.ratelimit import RedisRateLimiter
+from tests.integration import test_planner_plans as plans
 from tests.support.bridges import MakeService, sim_config
+from tests.support.metrics import sample
 from tests.support.settings import make_settings
 
 T1 = "2026-01-01T10:00:00Z"
@@ -182,3 +187,53 @@ async def test_a_penalty_takes_back_a_slot_already_handed_out(
     limiter.penalize(1.5)
     await waiting
     assert time.monotonic() - started >= 1.5
+
+
+# -- item 4 -------------------------------------------------------------------------
+
+
+def one_call_left_the_list() -> Callable[..., Any]:
+    """Once, a filtered page lacks its last item while ``total`` and ``has_more`` still
+    count it: a call left the list between the server's count and its query."""
+    raced: list[bool] = []
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if raced or "status" not in request.query or request.query["status"] == "pending":
+            return response
+        assert isinstance(response, web.Response)
+        assert response.body is not None
+        doc = orjson.loads(bytes(response.body))  # type: ignore[arg-type]
+        if not doc["data"]["items"]:
+            return response
+        doc["data"]["items"].pop()
+        raced.append(True)
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    return middleware
+
+
+async def test_a_filtered_page_off_by_one_does_not_cost_an_hour_of_full_scans(
+    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> None:
+    sim = plans.simulator()
+    clock = plans.Clock()
+    svc, poller, _ = await plans.bridge(
+        aiohttp_server, redis_url, sim, middleware=one_call_left_the_list(), clock=clock
+    )
+    try:
+        assert await plans.plan_of(poller) == "full:cold"
+        sim.advance(3)
+        clock.now += 2
+        # That cycle cannot trust its counts: it reads every page, nothing is lost...
+        assert await plans.plan_of(poller) == "full:anomaly"
+        plans.assert_in_step(poller, sim)
+        # ...and the next one reads actively again: a race is not a broken filter.
+        sim.advance()
+        clock.now += 2
+        assert await plans.plan_of(poller) == "active:cheaper"
+        plans.assert_in_step(poller, sim)
+        assert sample(svc.metrics, "upstream_anomalies_total", kind="status_filter_race") == 1
+    finally:
+        await svc.close()

@@ -68,6 +68,8 @@ class CycleRead:
     requests: Counter[str] = field(default_factory=Counter)
     resolve_requests: int = 0
     anomaly: str | None = None
+    # The anomaly made the planner distrust the status filter (`PlanState.misbehaved`).
+    distrust: bool = False
     # The planner's `gone` set once this cycle is committed.
     gone: set[str] = field(default_factory=set)
     # Backward moves the reads themselves confirmed (`ActiveRead.confirmed`).
@@ -144,6 +146,7 @@ class BatchReader:
         full_pages = full_cost(meta.counts, page_size)
         requests: Counter[str] = Counter()
         anomaly = None
+        distrust = False
         if plan.kind == "active":
             active = ActiveRead(
                 self._upstream,
@@ -165,7 +168,7 @@ class BatchReader:
                 plan = Plan("full", cast(PlanReason, fallback.reason))
                 anomaly = fallback.anomaly
                 if anomaly is not None:
-                    state.distrust_until = now + FILTER_DISTRUST_S
+                    distrust = state.misbehaved(anomaly, now)
                 elif on_held is not None and (held := active.held()):
                     await on_held(held)
             except UpstreamAuthError:
@@ -182,6 +185,7 @@ class BatchReader:
                 )
                 return _active(plan, active, now, full_pages, partial=True)
             else:
+                state.filter_races = 0
                 out = _active(plan, active, now, full_pages, partial=False)
                 out.confirmed = active.confirmed(known)
                 return out
@@ -201,6 +205,7 @@ class BatchReader:
             page_size=page_size,
             requests=requests,
             anomaly=anomaly,
+            distrust=distrust,
             # A complete scan served every call there is; one still missing is looked up
             # again (once) by the next active cycle.
             gone=set() if scan.complete else set(state.gone),
@@ -236,10 +241,12 @@ def record(metrics: Metrics, batch_id: str, scan: CycleRead) -> None:
     if scan.anomaly is not None:
         metrics.upstream_anomalies.labels(scan.anomaly).inc()
         log.warning(
-            "batch %s: the status filter misbehaved (%s); full scans for %.0fs",
+            "batch %s: the status filter misbehaved (%s); %s",
             batch_id,
             scan.anomaly,
-            FILTER_DISTRUST_S,
+            f"full scans for {FILTER_DISTRUST_S:.0f}s"
+            if scan.distrust
+            else "this cycle reads every page",
             extra={"action": "upstream_anomaly", "batch_id": batch_id},
         )
 
