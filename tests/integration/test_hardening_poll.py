@@ -237,3 +237,52 @@ async def test_a_filtered_page_off_by_one_does_not_cost_an_hour_of_full_scans(
         assert sample(svc.metrics, "upstream_anomalies_total", kind="status_filter_race") == 1
     finally:
         await svc.close()
+
+
+# -- item 5 -------------------------------------------------------------------------
+
+
+def short_pages(*, at_most: int, times: int | None = None) -> Callable[..., Any]:
+    """Unfiltered pages that hold at most `at_most` items (`times`: only that many
+    times) while they echo the limit asked for and say ``has_more``: the next page
+    number starts a whole limit further on."""
+    served: list[bool] = []
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if "status" in request.query or "external_id" in request.query:
+            return response
+        if times is not None and len(served) >= times:
+            return response
+        assert isinstance(response, web.Response)
+        assert response.body is not None
+        doc = orjson.loads(bytes(response.body))  # type: ignore[arg-type]
+        if not doc["data"]["has_more"] or len(doc["data"]["items"]) <= at_most:
+            return response
+        doc["data"]["items"] = doc["data"]["items"][:at_most]
+        served.append(True)
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    return middleware
+
+
+@pytest.mark.parametrize(("at_most", "times"), [(3, None), (4, 1)], ids=["always", "once (a race)"])
+async def test_short_pages_skip_no_call(
+    make_service: MakeService, at_most: int, times: int | None
+) -> None:
+    """A platform serving 3 items a page while it echoes ``limit=5`` (or one page one
+    item short, once): the calls in the gap were never seen, scan after scan."""
+    svc, sim, _ = await make_service(
+        sim_config(batches=1, calls_per_batch=20),
+        upstream={"page_size": 5},
+        upstream_middlewares=[short_pages(at_most=at_most, times=times)],
+        poller={"scan": "full"},
+    )
+    batch = sim.batch_ids[0]
+    await svc.poller.poll_once(batch)
+    rt = svc.poller.runtime(batch)
+    assert rt is not None
+    assert rt.states is not None
+    assert sorted(rt.states) == sorted(c["call_id"] for c in sim.calls(batch))
+    assert (await svc.store.load_meta(batch)).counts == {"pending": 20}
