@@ -43,7 +43,13 @@ KNOWN_STATUSES: tuple[str, ...] = (
     BUSY,
     CANCELLED,
 )
-TERMINAL_STATUSES: frozenset[str] = frozenset({COMPLETED, FAILED, NO_ANSWER, BUSY, CANCELLED})
+# Not a status the API serves: what the bridge stores for a call the platform stopped
+# listing (`poll.batch_end`). Finished like a terminal status; a call served again
+# after it comes back as a redial does.
+REMOVED = "removed"
+TERMINAL_STATUSES: frozenset[str] = frozenset(
+    {COMPLETED, FAILED, NO_ANSWER, BUSY, CANCELLED, REMOVED}
+)
 
 # The normal path that leads to each status; used to name what a poll missed.
 # failed can happen anywhere, so nothing is "skipped" on the way to it.

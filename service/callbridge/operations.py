@@ -102,6 +102,7 @@ class Operations:
                     not_found=meta.not_found_since_ms > 0,
                     now_ms=self._wall_ms(),
                     settings=self._settings.poller,
+                    ended=bool(meta.ended),
                 )
             )
             out.append(

@@ -20,15 +20,18 @@ from aiohttp.typedefs import Handler
 from callbridge.app import Bridge
 from callbridge.errors import RateLimitedError
 from callbridge.metrics import Metrics
+from callbridge.poll.cycle import Poller
+from callbridge.poll.scheduler import Scheduler
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UNREACHABLE_AFTER_SCANS
 from callbridge.simulator import FaultConfig, Simulator
 from callbridge.store.keys import Keys
 from callbridge.store.ratelimit import RedisRateLimiter
+from callbridge.store.snapshots import BatchMeta
 from tests.integration import test_planner_plans as plans
 from tests.support.bridges import MakeService, sim_config
 from tests.support.metrics import sample
-from tests.support.settings import make_settings
+from tests.support.settings import SECRET, make_settings
 
 T1 = "2026-01-01T10:00:00Z"
 T2 = "2026-01-01T10:05:00Z"
@@ -286,3 +289,196 @@ async def test_short_pages_skip_no_call(
     assert rt.states is not None
     assert sorted(rt.states) == sorted(c["call_id"] for c in sim.calls(batch))
     assert (await svc.store.load_meta(batch)).counts == {"pending": 20}
+
+
+# -- item 6 -------------------------------------------------------------------------
+
+
+class WallClock:
+    """The wall clock (ms) the test moves: the batch's lifetime rules."""
+
+    def __init__(self) -> None:
+        self.ms = 1_800_000_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def clocked_poller(svc: Bridge, clock: WallClock) -> Poller:
+    return Poller(
+        svc.settings, svc.store, svc.leases, svc.upstream, svc.relay, svc.metrics,
+        replica_id="clocked", wall_ms=clock,
+    )  # fmt: skip
+
+
+def hidden_by(call_ids: set[str]) -> Callable[..., Any]:
+    """The platform does not list the calls in `call_ids` (deleted on its side) while
+    they are in it."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if not call_ids:
+            return response
+        assert isinstance(response, web.Response)
+        assert response.body is not None
+        doc = orjson.loads(bytes(response.body))  # type: ignore[arg-type]
+        if doc.get("data") is None:
+            return response
+        items = doc["data"]["items"]
+        doc["data"]["items"] = [i for i in items if i["call_id"] not in call_ids]
+        doc["data"]["total"] -= len(items) - len(doc["data"]["items"])
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    return middleware
+
+
+async def test_a_call_the_platform_stops_listing_does_not_hold_its_batch_open(
+    make_service: MakeService,
+) -> None:
+    """A ringing call vanishes from every page: it kept its batch open forever. Missing
+    from every full scan for `vanished_call_seconds`, it is reported once, removed."""
+    gone: set[str] = set()
+    svc, sim, receiver = await make_service(
+        sim_config(batches=1, calls_per_batch=3),
+        poller={"scan": "full", "vanished_call_seconds": 600},
+        upstream_middlewares=[hidden_by(gone)],
+    )
+    batch = sim.batch_ids[0]
+    a, b, c = (item["call_id"] for item in sim.calls(batch))
+    clock = WallClock()
+    poller = clocked_poller(svc, clock)
+    sim.set_call(batch, a, status="completed", **ENDED)
+    sim.set_call(batch, b, status="completed", **ENDED)
+    sim.set_call(batch, c, status="ringing", started_at=T1)
+    await poller.poll_once(batch)
+    gone.add(c)
+    for _ in range(4):  # a scan misses it, the next ones read every page: still gone
+        clock.ms += 300_000
+        await poller.poll_once(batch)
+    meta = await svc.store.load_meta(batch)
+    assert meta.counts == {"completed": 2, "removed": 1}
+    assert (meta.completed, meta.completions) == (True, 1)
+    for _ in range(2):
+        clock.ms += 300_000
+        await poller.poll_once(batch)
+    await svc.deliverer.drain()
+    updates = [
+        p["data"]
+        for p in receiver.verify_all(SECRET)
+        if p["type"] == "call.updated" and p["data"]["call_id"] == c
+    ]
+    assert len(updates) == 1
+    assert {k: updates[0][k] for k in ("status", "removed", "call")} == {
+        "status": "ringing",
+        "removed": True,
+        "call": None,
+    }
+    assert [p["type"] for p in receiver.verify_all(SECRET)].count("batch.completed") == 1
+
+
+async def test_a_call_missing_from_one_scan_is_not_removed(make_service: MakeService) -> None:
+    gone: set[str] = set()
+    svc, sim, _ = await make_service(
+        sim_config(batches=1, calls_per_batch=3),
+        poller={"scan": "full", "vanished_call_seconds": 600},
+        upstream_middlewares=[hidden_by(gone)],
+    )
+    batch = sim.batch_ids[0]
+    c = sim.calls(batch)[2]["call_id"]
+    clock = WallClock()
+    poller = clocked_poller(svc, clock)
+    sim.set_call(batch, c, status="ringing", started_at=T1)
+    await poller.poll_once(batch)
+    gone.add(c)
+    for _ in range(2):
+        clock.ms += 400_000
+        await poller.poll_once(batch)
+    gone.clear()  # served again before its time was up
+    clock.ms += 400_000
+    await poller.poll_once(batch)
+    gone.add(c)
+    for _ in range(2):
+        clock.ms += 400_000
+        await poller.poll_once(batch)
+    meta = await svc.store.load_meta(batch)
+    assert meta.counts == {"pending": 2, "ringing": 1}
+
+
+async def test_an_undocumented_status_that_stays_put_lets_the_batch_complete(
+    make_service: MakeService,
+) -> None:
+    svc, sim = await _two_calls(
+        make_service, poller={"scan": "full", "unknown_status_final_seconds": 600}
+    )
+    batch = sim.batch_ids[0]
+    a, b = (item["call_id"] for item in sim.calls(batch))
+    clock = WallClock()
+    poller = clocked_poller(svc, clock)
+    sim.set_call(batch, a, status="completed", **ENDED)
+    sim.set_call(batch, b, status="voicemail")
+    await poller.poll_once(batch)
+    clock.ms += 300_000
+    await poller.poll_once(batch)
+    assert not (await svc.store.load_meta(batch)).completed  # still moving lately
+    clock.ms += 300_000
+    await poller.poll_once(batch)
+    meta = await svc.store.load_meta(batch)
+    assert (meta.completed, meta.completions) == (True, 1)
+    # An edit of a finished call afterwards does not reopen it.
+    sim.set_call(batch, a, metadata={"note": "called back"})
+    await poller.poll_once(batch)
+    assert (await svc.store.load_meta(batch)).completed
+    # A documented status again does.
+    sim.set_call(batch, b, status="in_progress")
+    await poller.poll_once(batch)
+    assert not (await svc.store.load_meta(batch)).completed
+
+
+async def test_a_batch_answering_404_for_good_retires_with_an_event(
+    make_service: MakeService, redis_client: aioredis.Redis
+) -> None:
+    svc, _, receiver = await make_service(
+        sim_config(batches=1, calls_per_batch=1), poller={"not_found_retire_seconds": 3600}
+    )
+    batch = "sched_deleted"
+    await svc.operations.add_batch(batch)
+    clock = WallClock()
+    poller = clocked_poller(svc, clock)
+    scheduler = Scheduler(
+        svc.settings, poller, svc.store, svc.leases, svc.registry, svc.relay, svc.metrics,
+        wall_ms=clock,
+    )  # fmt: skip
+    await scheduler.sync()
+    rt = poller.runtime(batch)
+    assert rt is not None
+    sem = asyncio.Semaphore(1)
+    await scheduler.run_cycle(rt, sem)
+    assert poller.lifecycle_of(rt) == "not_found"
+    clock.ms += 1_800_000
+    await scheduler.run_cycle(rt, sem)
+    assert poller.runtime(batch) is not None  # not yet
+    clock.ms += 1_800_000
+    await scheduler.run_cycle(rt, sem)
+    assert poller.runtime(batch) is None
+    registration = await svc.registry.get(batch)
+    assert registration is not None
+    assert registration.retired
+    assert await redis_client.pttl(Keys().batch_meta(batch)) > 0
+    await svc.deliverer.drain()
+    retired = [p for p in receiver.verify_all(SECRET) if p["type"] == "batch.retired"]
+    assert [p["data"]["reason"] for p in retired] == ["not_found"]
+
+
+def test_a_batch_meta_of_the_previous_release_reads_as_nothing_vanished_or_ended() -> None:
+    """Replicas are upgraded one at a time: the meta an older release wrote has neither
+    `vanished` nor `ended`."""
+    meta = BatchMeta.from_redis({b"version": b"7", b"not_found_since_ms": b"5"})
+    assert (meta.version, meta.vanished, meta.ended) == (7, {}, "")
+    fields = meta.to_fields("c1")
+    assert (
+        BatchMeta.from_redis(
+            {k.encode(): v.encode() for k, v in {**fields, "version": "7"}.items()}
+        )
+        == meta
+    )

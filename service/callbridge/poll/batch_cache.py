@@ -37,6 +37,9 @@ class BatchCache:
     pages: dict[int, RawPage] = field(default_factory=dict)
     not_found: bool = False
     retired: bool = False
+    # The last complete full scan served fewer calls than the snapshot holds: the next
+    # full scan reads every page and names those it does not serve (`batch_end`).
+    census: bool = False
     # Set while committed events may still sit in the outbox un-fanned-out
     # (after a take-over, or a fan-out that failed): drained before anything else.
     outbox_dirty: bool = False
@@ -81,6 +84,7 @@ class BatchCache:
 
     def drop_cache(self) -> None:
         self.states = None
+        self.census = False
         self.signatures = ItemSignatures()
         self.pages = {}
         self.suspects = {}
@@ -93,6 +97,8 @@ class CycleCommits:
 
     items: list[dict[str, Any]] = field(default_factory=list)
     moved: int = 0
+    # Every call the cycle's groups served, while it is a census (`BatchCache.census`).
+    served: set[str] | None = None
 
 
 def meta_after(
@@ -111,6 +117,7 @@ def meta_after(
         completions=result.completions,
         last_poll_ms=now_ms,
         not_found_since_ms=0,
+        ended="",
         suspects=suspects,
     )
     if plan is not None:

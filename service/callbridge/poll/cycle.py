@@ -10,12 +10,10 @@ after a commit and dropped whenever the lease is lost.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
@@ -30,7 +28,13 @@ from callbridge.errors import (
 from callbridge.metrics import Metrics
 from callbridge.models import Event, PollOutcome, iso_ms
 from callbridge.poll.batch_cache import BatchCache, CycleCommits, meta_after
-from callbridge.poll.candidates import Candidates, select_candidates
+from callbridge.poll.batch_end import (
+    after_census,
+    needs_census,
+    not_found_step,
+    unknown_statuses_final,
+)
+from callbridge.poll.candidates import select_candidates
 from callbridge.poll.cycle_metrics import count_odd_items, note_unreadable, record_diff
 from callbridge.poll.diff import BatchView, ScanFacts, diff
 from callbridge.poll.fanout import EventSink, FanOut
@@ -50,7 +54,6 @@ from callbridge.poll.second_look import (
 )
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UpstreamHealth
-from callbridge.store.callstate import CallState
 from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import SnapshotStore
 
@@ -114,6 +117,7 @@ class Poller:
             not_found=rt.not_found,
             now_ms=self._wall_ms(),
             settings=self._p,
+            ended=bool(rt.meta.ended),
         )
 
     async def release(self, rt: BatchCache) -> None:
@@ -155,7 +159,7 @@ class Poller:
         await self._load(rt)
         assert rt.token is not None
         lookups = LookupBudget(MAX_LOOKUPS_PER_CYCLE)
-        commits = CycleCommits()
+        commits = CycleCommits(served=set() if rt.census else None)
         groups = rt.group = GroupCommit(
             lambda pages: self._commit(rt, [p.raws for p in pages], lookups, commits)
         )
@@ -221,6 +225,9 @@ class Poller:
         assert rt.states is not None
         assert rt.token is not None
         cands = select_candidates(groups, rt.signatures)
+        if commits.served is not None:
+            commits.served.update(c["call_id"] for c in cands.items)
+            commits.served |= cands.unchanged
         if final is None and not cands.items:
             count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
             return False
@@ -228,14 +235,31 @@ class Poller:
         previous = {
             c["call_id"]: st for c in cands.items if (st := rt.states.get(c["call_id"])) is not None
         }
-        confirmed, moved_on = await self._second_looks(rt, previous, cands, lookups, final)
+        # Second looks at calls seen going back, and what the active plan's reads confirmed.
+        confirmed, moved_on = await confirm_backward_moves(
+            self._upstream,
+            batch_id,
+            previous,
+            rt.suspects,
+            cands,
+            self._p.interval_seconds,
+            lookups,
+            final.twice if final is not None else (),
+        )
+        if final is not None:
+            confirmed |= final.confirmed
         commits.items += cands.items
         now_ms = self._wall_ms()
+        # A census (`batch_end`) names the calls no page served: gone for long, removed.
+        census = commits.served if final is not None and final.whole_pages is not None else None
+        vanished, removed = after_census(rt.states, census, rt.meta.vanished, now_ms, self._p)
+        previous.update((c, st) for c in removed if (st := rt.states.get(c)) is not None)
+        unknown_final = unknown_statuses_final(rt.meta, now_ms, self._p)
         result = diff(
             batch_id,
             previous,
             cands.items,
-            BatchView(rt.meta.counts, rt.meta.completed, rt.meta.completions),
+            BatchView(rt.meta.counts, rt.meta.completed, rt.meta.completions, unknown_final),
             now_ms=now_ms,
             timestamp=iso_ms(now_ms),
             backfill=rt.backfill,
@@ -247,6 +271,7 @@ class Poller:
             confirmed=confirmed,
             raws=cands.raws,
             replays=replays_for(cands, confirmed, rt.suspects, moved_on),
+            removed=removed,
         )
         note_unreadable(batch_id, rt.states)
         for call_id in result.unconfirmed:
@@ -256,6 +281,7 @@ class Poller:
         meta = meta_after(
             rt.meta, result, stored_suspects(suspects), final.plan if final else None, now_ms
         )
+        meta.vanished = vanished
         commits.moved += len(result.transitions)
         encoded = {call_id: state.encode() for call_id, state in result.states.items()}
         meta.version, stream_ids = await self._store.commit(
@@ -272,35 +298,13 @@ class Poller:
         # Committed: only now may the caches move forward.
         digests = final.whole_pages if final is not None else None
         rt.committed(meta, result.states, encoded, cands.signatures, suspects, digests)
+        if final is not None and final.whole_pages is not None:
+            rt.census = needs_census(len(rt.states), meta.counts, final.total)
         record_diff(self._metrics, batch_id, result)
         count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
         if result.events:
             self._hand_on(rt, result.events, stream_ids, len(result.states), final is not None)
         return result.changed
-
-    async def _second_looks(
-        self,
-        rt: BatchCache,
-        previous: Mapping[str, CallState],
-        cands: Candidates,
-        lookups: LookupBudget,
-        final: CycleRead | None,
-    ) -> tuple[set[str], dict[str, dict[str, Any]]]:
-        """The backward moves a second look confirms (`second_look`), with those the
-        active plan's own reads confirmed; and what the look-ups found moved on since."""
-        confirmed, moved_on = await confirm_backward_moves(
-            self._upstream,
-            rt.batch_id,
-            previous,
-            rt.suspects,
-            cands,
-            self._p.interval_seconds,
-            lookups,
-            final.twice if final is not None else (),
-        )
-        if final is not None:
-            confirmed |= final.confirmed
-        return confirmed, moved_on
 
     def _hand_on(
         self,
@@ -341,7 +345,7 @@ class Poller:
                 rt.plan,
                 rt.states,
                 rt.meta,
-                rt.pages,
+                {} if rt.census else rt.pages,  # a census reads every page
                 rt.signatures.by_call,
                 groups.add,
                 on_held,
@@ -368,27 +372,25 @@ class Poller:
         return read
 
     async def _mark_not_found(self, rt: BatchCache) -> PollOutcome:
-        if not rt.not_found:
-            log.warning(
-                "batch %s not found upstream; rechecking every %.0fs",
-                rt.batch_id,
-                self._p.not_found_recheck_seconds,
-                extra={"action": "batch_not_found", "batch_id": rt.batch_id},
-            )
-            meta = dataclasses.replace(rt.meta, not_found_since_ms=self._wall_ms())
+        """Note that the batch answered 404, and retire it once it has for long
+        enough (`batch_end.not_found_step`)."""
+        meta, events = not_found_step(rt.batch_id, rt.meta, self._wall_ms(), self._p)
+        if meta is not None:
             assert rt.token is not None
-            meta.version, _ = await self._store.commit(
+            meta.version, stream_ids = await self._store.commit(
                 rt.batch_id,
                 token=rt.token,
                 expected_version=rt.meta.version,
                 lease_ttl_ms=self.ttl_ms,
                 states={},
-                events=[],
+                events=events,
                 timeline=[],
                 timeline_max=self._p.timeline_max_entries,
                 meta=meta,
             )
             rt.meta = meta
+            if events:
+                self._hand_on(rt, events, stream_ids, 0, last_group=True)
         rt.not_found = True
         return "not_found"
 

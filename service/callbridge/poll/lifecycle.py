@@ -5,7 +5,9 @@ active     some call is not terminal, or the batch completed less than
 lingering  completed and quiet          -> polled every `linger_interval`, to
                                            catch redials, for `linger` seconds
 retired    lingering time is over        -> not polled (re-add it to watch again)
-not_found  the API answered 404          -> rechecked every `not_found_recheck`
+not_found  the API answered 404          -> rechecked every `not_found_recheck`,
+                                           retired once a cycle `ended` it (after
+                                           `not_found_retire`, `batch_end`)
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ def lifecycle(
     not_found: bool,
     now_ms: int,
     settings: PollerSettings,
+    ended: bool = False,
 ) -> BatchLifecycle:
     if not_found:
-        return "not_found"
+        return "retired" if ended else "not_found"
     if not completed:
         return "active"
     quiet_ms = now_ms - last_change_ms

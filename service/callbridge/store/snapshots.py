@@ -50,6 +50,11 @@ class BatchMeta:
     # The plan the last cycle read with (full, active) and why; "" before any.
     scan_plan: str = ""
     scan_reason: str = ""
+    # Calls the last full scans that read every page did not serve: call_id -> when
+    # first missed (ms); reported removed after `vanished_call_seconds` (`batch_end`).
+    vanished: dict[str, int] = field(default_factory=dict)
+    # Why the batch ended without completing ("not_found"); "" while it has not.
+    ended: str = ""
 
     @classmethod
     def from_redis(cls, raw: Mapping[bytes, bytes]) -> BatchMeta:
@@ -77,6 +82,8 @@ class BatchMeta:
             suspects=suspects,
             scan_plan=raw.get(b"scan_plan", b"").decode(),
             scan_reason=raw.get(b"scan_reason", b"").decode(),
+            vanished=orjson.loads(vanished_raw) if (vanished_raw := raw.get(b"vanished")) else {},
+            ended=raw.get(b"ended", b"").decode(),
         )
 
     def to_fields(self, commit_id: str) -> dict[str, str]:
@@ -95,6 +102,8 @@ class BatchMeta:
             else "",
             "scan_plan": self.scan_plan,
             "scan_reason": self.scan_reason,
+            "vanished": orjson.dumps(self.vanished).decode() if self.vanished else "",
+            "ended": self.ended,
         }
 
 
