@@ -87,7 +87,9 @@ class Operations:
 
     async def list_batches(self) -> list[dict[str, Any]]:
         out = []
-        registered = sorted((await self._registry.all()).items())
+        registered = sorted(
+            (b, reg) for b, reg in (await self._registry.all()).items() if not reg.removed
+        )
         ids = [batch_id for batch_id, _ in registered]
         metas = await self._store.load_metas(ids)
         owners = await self._leases.owners(ids)
@@ -152,7 +154,7 @@ class Operations:
         None when the batch is neither registered nor has a snapshot.
         """
         _, states = await self._store.load(batch_id)
-        if not states and await self._registry.get(batch_id) is None:
+        if not states and ((reg := await self._registry.get(batch_id)) is None or reg.removed):
             return None
         ids = sorted(c for c in states if status is None or states.status(c) == status)
         return {

@@ -8,6 +8,7 @@ import email.utils
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,19 +20,25 @@ from aiohttp.typedefs import Handler
 
 from callbridge.app import Bridge
 from callbridge.errors import RateLimitedError
+from callbridge.janitor import Janitor
 from callbridge.metrics import Metrics
 from callbridge.poll.cycle import Poller
 from callbridge.poll.scheduler import Scheduler
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UNREACHABLE_AFTER_SCANS
-from callbridge.simulator import FaultConfig, Simulator
+from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
 from callbridge.store.keys import Keys
 from callbridge.store.ratelimit import RedisRateLimiter
 from callbridge.store.snapshots import BatchMeta
 from tests.integration import test_planner_plans as plans
+from tests.support.bridge import write_config
 from tests.support.bridges import MakeService, sim_config
 from tests.support.metrics import sample
-from tests.support.settings import SECRET, make_settings
+from tests.support.prometheus import wait_for
+from tests.support.proxy import ReplyDropper
+from tests.support.receivers import Receiver
+from tests.support.replicas import Replica
+from tests.support.settings import API_KEY, SECRET, make_settings
 
 T1 = "2026-01-01T10:00:00Z"
 T2 = "2026-01-01T10:05:00Z"
@@ -482,3 +489,69 @@ def test_a_batch_meta_of_the_previous_release_reads_as_nothing_vanished_or_ended
         )
         == meta
     )
+
+
+# -- item 7 -------------------------------------------------------------------------
+
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+
+
+@pytest.mark.parametrize("stop", ["retired", "removed"])
+async def test_a_batch_stopped_by_a_process_killed_before_its_expiry_still_expires(
+    stop: str, tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> None:
+    """`callbridge run` is SIGKILLed between marking a batch stopped (retired, or
+    removed by DELETE) and setting its keys' expiry: the PEXPIRE never reaches Redis
+    (held by a proxy). Nobody polls a stopped batch, so nobody retried: its keys stayed
+    for good. Any replica's janitor now gives them their expiry."""
+    sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=5, batches=1, calls_per_batch=2))
+    batch = sim.batch_ids[0]
+    for item in sim.calls(batch):
+        sim.set_call(batch, item["call_id"], status="completed", **ENDED)
+    upstream = await aiohttp_server(make_app(sim))
+    hook = await aiohttp_server(Receiver().app())
+    proxy = ReplyDropper(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    via = f"redis://127.0.0.1:{await proxy.start()}/0"
+    snapshot = Keys().snapshot(batch).encode()
+    proxy.hold(b"PEXPIRE\r\n$%d\r\n%s" % (len(snapshot), snapshot))
+    quick = {"quiet_period_seconds": 0.1, "linger_seconds": 0.1, "linger_interval_seconds": 0.1}
+    config = write_config(
+        tmp_path / "config.yaml",
+        str(upstream.make_url("")),
+        via,
+        str(hook.make_url("/hook")),
+        [batch],
+        poller=quick if stop == "retired" else {},
+        admin={"token": ADMIN_TOKEN},
+    )
+    replica = Replica(config, tmp_path / "replica.log")
+    try:
+        await replica.start()
+        async with aiohttp.ClientSession() as session:
+            await replica.wait_healthy(session)
+            if stop == "removed":
+                # Once it polled the batch (its state exists), an operator removes it.
+                await wait_for(
+                    lambda: redis_client.hget(Keys().batch_meta(batch), "last_poll_ms"),
+                    timeout_s=20,
+                    what="the first poll",
+                    every_s=0.05,
+                )
+                headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+                removal = asyncio.create_task(
+                    session.delete(f"{replica.url}/v1/batches/{batch}", headers=headers)
+                )
+            await asyncio.wait_for(proxy.held.wait(), 20)
+            await replica.kill()
+            if stop == "removed":
+                removal.cancel()
+                await asyncio.gather(removal, return_exceptions=True)
+    finally:
+        await replica.stop()
+        await proxy.close()
+    assert await redis_client.pttl(snapshot) == -1  # what the kill left
+    settings = make_settings(str(upstream.make_url("")), redis_url, batches=[batch])
+    await Janitor(settings, redis_client, Keys(), Metrics()).run_once()
+    retention_ms = settings.poller.retired_retention_seconds * 1000
+    for key in (Keys().snapshot(batch), Keys().batch_meta(batch), Keys().timeline(batch)):
+        assert 0 < await redis_client.pttl(key) <= retention_ms, key

@@ -271,12 +271,32 @@ class SnapshotStore:
 
         Its outbox goes too: it was drained before, and an empty stream would stay.
         """
+        for key in self._batch_keys(batch_id):
+            await self._redis.pexpire(key, after_ms)
+
+    async def expire_unset(self, batch_id: str, after_ms: int) -> int:
+        """Give the batch's keys that have no expiry one, `after_ms` from now (deleted
+        when that is not in the future); how many had none. For a batch retired or
+        removed whose `expire_batch` never ran (a crash in between) or was undone (a
+        commit by an owner that had not heard of it yet)."""
+        keys = self._batch_keys(batch_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pttl(key)
+            ttls = await pipe.execute()
+        unset = [key for key, ttl in zip(keys, ttls, strict=True) if ttl == -1]
+        for key in unset:
+            if after_ms > 0:
+                await self._redis.pexpire(key, after_ms)
+            else:
+                await self._redis.unlink(key)
+        return len(unset)
+
+    def _batch_keys(self, batch_id: str) -> tuple[str, ...]:
         k = self._keys
-        keys = (
+        return (
             k.snapshot(batch_id),
             k.batch_meta(batch_id),
             k.timeline(batch_id),
             k.outbox(batch_id),
         )
-        for key in keys:
-            await self._redis.pexpire(key, after_ms)
