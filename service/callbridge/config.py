@@ -318,7 +318,8 @@ class ServerSettings(_Model):
     # This replica's name, the same across its restarts (default: hostname:port, which
     # a Kubernetes pod keeps when its container restarts). A restarted replica takes
     # its predecessor's batch leases over at once instead of waiting them out; two
-    # live replicas must never share one.
+    # live replicas must never share one (a second process refuses to start:
+    # `store.presence`).
     replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 

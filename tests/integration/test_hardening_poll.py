@@ -19,15 +19,18 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from callbridge.app import Bridge
-from callbridge.errors import RateLimitedError
+from callbridge.errors import DuplicateReplicaError, RateLimitedError
 from callbridge.janitor import Janitor
 from callbridge.metrics import Metrics
+from callbridge.poll.batch_cache import BatchCache
 from callbridge.poll.cycle import Poller
 from callbridge.poll.scheduler import Scheduler
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UNREACHABLE_AFTER_SCANS
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
 from callbridge.store.keys import Keys
+from callbridge.store.leases import LeaseStore
+from callbridge.store.presence import WINDOW_MS, Presence
 from callbridge.store.ratelimit import RedisRateLimiter
 from callbridge.store.snapshots import BatchMeta
 from tests.integration import test_planner_plans as plans
@@ -555,3 +558,100 @@ async def test_a_batch_stopped_by_a_process_killed_before_its_expiry_still_expir
     retention_ms = settings.poller.retired_retention_seconds * 1000
     for key in (Keys().snapshot(batch), Keys().batch_meta(batch), Keys().timeline(batch)):
         assert 0 < await redis_client.pttl(key) <= retention_ms, key
+
+
+# -- item 8 -------------------------------------------------------------------------
+
+
+async def test_a_scheduling_round_is_linear_in_the_batches(make_service: MakeService) -> None:
+    """`owned()` (a sort of every batch) ran once per due batch another replica holds:
+    O(n^2) per round, seconds of CPU at thousands of batches."""
+    svc, _, _ = await make_service(sim_config(batches=1, calls_per_batch=1))
+    poller = svc.poller
+    for i in range(10_000):
+        rt = BatchCache(f"sched_{i:05d}", True, next_due=0.0)
+        if i % 2:
+            rt.token, rt.next_due = "ours", 1e12  # held, not due
+        poller.batches[rt.batch_id] = rt
+    started = time.process_time()
+    assert svc.scheduler.start_due(1.0, 1, asyncio.Semaphore(1), 5.0) == []
+    assert time.process_time() - started < 0.5
+
+
+async def test_a_second_process_under_a_live_replica_id_refuses_to_start(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> None:
+    """Two `callbridge run` under one server.replica_id took each other's leases every
+    cycle (a token of the same replica id is taken over at once, as a restarted
+    replica's). The second now exits 3 with one line naming the key; the first keeps
+    its batches."""
+    sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=5, batches=2, calls_per_batch=5))
+    upstream = await aiohttp_server(make_app(sim))
+    hook = await aiohttp_server(Receiver().app())
+    config = write_config(
+        tmp_path / "config.yaml",
+        str(upstream.make_url("")),
+        redis_url,
+        str(hook.make_url("/hook")),
+        sim.batch_ids,
+    )
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Replica(config, tmp_path / "a" / "twin.log")
+    second = Replica(config, tmp_path / "b" / "twin.log")
+    try:
+        await first.start()
+        async with aiohttp.ClientSession() as session:
+            await first.wait_healthy(session)
+        owners = {b: await redis_client.get(Keys().lease(b)) for b in sim.batch_ids}
+        assert all(owners.values())
+        started = time.monotonic()
+        await second.start()
+        assert second.proc is not None
+        assert await asyncio.wait_for(second.proc.wait(), 15) == 3
+        assert time.monotonic() - started < 10
+        lines = (tmp_path / "b" / "twin.log").read_text().strip().splitlines()
+        assert len(lines) == 2, lines  # "starting", then why it cannot
+        assert lines[1].startswith("callbridge: cannot start: ")
+        assert "server.replica_id" in lines[1]
+        assert "'twin'" in lines[1]
+        assert first.alive
+        assert {b: await redis_client.get(Keys().lease(b)) for b in sim.batch_ids} == owners
+    finally:
+        await second.stop()
+        await first.stop()
+
+
+async def test_a_process_restarted_after_a_sigkill_takes_over_at_once(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The predecessor's last beat is fresh but it does not beat again: no refusal."""
+    keys = Keys()
+    killed = Presence(redis_client, keys, "pod-1")
+    await killed.beat()  # then SIGKILLed: it never beats again
+    restarted = Presence(redis_client, keys, "pod-1")
+    started = time.monotonic()
+    await restarted.claim()
+    assert time.monotonic() - started <= WINDOW_MS / 1000 + 0.5
+    # A live one is told apart: it keeps beating.
+    live = Presence(redis_client, keys, "pod-2")
+    await live.beat()
+    twin = Presence(redis_client, keys, "pod-2")
+
+    async def beat_on(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await live.beat()
+
+    with pytest.raises(DuplicateReplicaError, match=r"server\.replica_id"):
+        await twin.claim(sleep=beat_on)
+
+
+async def test_a_replica_takes_over_only_its_own_predecessors_leases(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A token's replica part was matched as a prefix: replica "a" took the leases of
+    live replica "a:x" as if they were its own predecessor's."""
+    leases = LeaseStore(redis_client, Keys())
+    assert await leases.acquire("sched_1", "a:x:1f2e3d4c5b6a", 10_000)
+    assert not await leases.acquire("sched_1", "a:0a1b2c3d4e5f", 10_000)
+    assert await leases.acquire("sched_1", "a:x:999999999999", 10_000)  # its own successor

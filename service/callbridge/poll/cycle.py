@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import msgspec
 
@@ -41,7 +40,7 @@ from callbridge.poll.fanout import EventSink, FanOut
 from callbridge.poll.group_commit import GroupCommit
 from callbridge.poll.lifecycle import BatchLifecycle, lifecycle
 from callbridge.poll.ownership import Ownership
-from callbridge.poll.reader import BatchReader, CycleRead, OnHeld, settle_plan
+from callbridge.poll.reader import BatchReader, CycleRead, NothingRead, OnHeld, settle_plan
 from callbridge.poll.second_look import (
     MAX_LOOKUPS_PER_CYCLE,
     LookupBudget,
@@ -58,13 +57,6 @@ from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class NothingRead:
-    """A cycle that got nothing usable from the platform, and how it ends."""
-
-    outcome: PollOutcome
 
 
 class Poller:
@@ -107,6 +99,10 @@ class Poller:
     def owned(self) -> list[str]:
         return sorted(b for b, rt in self.batches.items() if rt.token is not None)
 
+    def owns(self, batch_id: str) -> bool:
+        rt = self.batches.get(batch_id)
+        return rt is not None and rt.token is not None
+
     def runtime(self, batch_id: str) -> BatchCache | None:
         return self.batches.get(batch_id)
 
@@ -148,7 +144,6 @@ class Poller:
             outcome = "fenced"
         self._metrics.poll_cycles.labels(batch_id, outcome).inc()
         self._metrics.poll_cycle_duration.observe(time.perf_counter() - started)
-        self._metrics.leases_held.set(len(self.owned()))
         return outcome
 
     async def _cycle(self, rt: BatchCache) -> PollOutcome:

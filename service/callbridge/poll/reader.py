@@ -23,6 +23,7 @@ import msgspec
 from callbridge.config import Settings
 from callbridge.errors import FullReadNeeded, UpstreamAuthError, UpstreamError
 from callbridge.metrics import Metrics
+from callbridge.models import PollOutcome
 from callbridge.poll.active_read import ActiveRead
 from callbridge.poll.full_read import read_pages
 from callbridge.poll.pages import RawPage
@@ -82,6 +83,13 @@ class CycleRead:
         """Every page of the batch, when a full scan read them all (their digests let
         the next full scan skip pages that did not change); else None."""
         return self.pages if self.complete else None
+
+
+@dataclass(frozen=True, slots=True)
+class NothingRead:
+    """A cycle that got nothing usable from the platform, and how it ends."""
+
+    outcome: PollOutcome
 
 
 class BatchReader:
