@@ -33,7 +33,7 @@ from callbridge.operations import Operations
 from callbridge.poll.cycle import Poller
 from callbridge.poll.scheduler import Scheduler
 from callbridge.poll.upstream import UpstreamClient
-from callbridge.store.connection import Redis, connect, persistence_problems
+from callbridge.store.connection import Redis, check_reachable, connect, persistence_problems
 from callbridge.store.embedded import EmbeddedRedis
 from callbridge.store.keys import Keys
 from callbridge.store.leases import LeaseStore
@@ -111,6 +111,14 @@ class Bridge:
             embedded = EmbeddedRedis(settings.redis.data_dir)
             url = await embedded.start()
             metrics.embedded_redis.set(1)
+        try:
+            # Before anything else: a bad URL, password or certificate is reported in
+            # one line within seconds (`check_reachable`), not after minutes of retries.
+            await check_reachable(url, settings.redis)
+        except BaseException:
+            if embedded is not None:
+                await embedded.stop()
+            raise
         redis = connect(url, settings.redis)
         keys = Keys(settings.redis.key_prefix)
         session = aiohttp.ClientSession(

@@ -4,8 +4,12 @@ that failed before its fix: real Redis, real simulator, real receivers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +18,16 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis
 import redis.asyncio as aioredis
+import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from callbridge.app import Bridge
+from callbridge.config import RedisSettings
 from callbridge.errors import DuplicateReplicaError, RateLimitedError
 from callbridge.janitor import Janitor
 from callbridge.metrics import Metrics
@@ -28,6 +37,8 @@ from callbridge.poll.scheduler import Scheduler
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UNREACHABLE_AFTER_SCANS
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
+from callbridge.store.connection import check_reachable, connect, persistence_problems
+from callbridge.store.embedded import EmbeddedRedis, find_server_binary
 from callbridge.store.keys import Keys
 from callbridge.store.leases import LeaseStore
 from callbridge.store.presence import WINDOW_MS, Presence
@@ -41,7 +52,9 @@ from tests.support.prometheus import wait_for
 from tests.support.proxy import ReplyDropper
 from tests.support.receivers import Receiver
 from tests.support.replicas import Replica
+from tests.support.servers import free_port
 from tests.support.settings import API_KEY, SECRET, make_settings
+from tests.support.tls import TlsFront, make_certificates
 
 T1 = "2026-01-01T10:00:00Z"
 T2 = "2026-01-01T10:05:00Z"
@@ -655,3 +668,130 @@ async def test_a_replica_takes_over_only_its_own_predecessors_leases(
     assert await leases.acquire("sched_1", "a:x:1f2e3d4c5b6a", 10_000)
     assert not await leases.acquire("sched_1", "a:0a1b2c3d4e5f", 10_000)
     assert await leases.acquire("sched_1", "a:x:999999999999", 10_000)  # its own successor
+
+
+# -- item 9 -------------------------------------------------------------------------
+
+
+async def cannot_start(tmp_path: Path, redis_url: str) -> tuple[int, float, list[str]]:
+    """`callbridge run` (no batches, no subscriptions) against `redis_url`: its exit
+    code, how long it took, what it printed."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "upstream": {"base_url": "http://127.0.0.1:1", "api_key": "${KEY}"},
+                "redis": {"url": redis_url},
+                "server": {"host": "127.0.0.1", "port": 0},
+            }
+        )
+    )
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "callbridge", "run", "--config", str(config),
+        env={**os.environ, "KEY": API_KEY},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, time.monotonic() - started, out.decode().strip().splitlines()
+
+
+def assert_one_line(lines: list[str], cause: str) -> None:
+    assert "Traceback" not in "\n".join(lines), lines
+    assert [line for line in lines if "starting" not in line] == [
+        line for line in lines if line.startswith("callbridge: cannot start: Redis at ")
+    ], lines
+    (line,) = [line for line in lines if "cannot start" in line]
+    assert "(redis.url)" in line, line
+    assert cause in line, line
+    assert "s3cret" not in line, line
+
+
+def password_protected_valkey(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    cmd = EmbeddedRedis(tmp_path / "pw").command(find_server_binary(), port)
+    (tmp_path / "pw").mkdir()
+    proc = subprocess.Popen(
+        [*cmd, "--requirepass", "right-pass"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    client = redis.Redis(port=port, password="right-pass", retry=Retry(NoBackoff(), 0))
+    for _ in range(200):
+        with contextlib.suppress(redis.ConnectionError):
+            if client.ping():
+                break
+        time.sleep(0.025)
+    client.close()
+    return proc, port
+
+
+@pytest.mark.parametrize("cause", ["unreachable", "password", "certificate"])
+async def test_a_redis_that_cannot_be_used_at_start_is_one_line_and_exit_3(
+    cause: str, tmp_path: Path, redis_url: str
+) -> None:
+    """Nothing listening, a wrong password, a certificate the CA does not sign: a raw
+    traceback and exit 1 after 19 s of hidden retries (a config without batches and
+    subscriptions never exited when the retries did not give up)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    front: TlsFront | None = None
+    try:
+        if cause == "unreachable":
+            url, says = f"redis://:s3cret@127.0.0.1:{free_port()}/0", "cannot connect"
+        elif cause == "password":
+            proc, port = password_protected_valkey(tmp_path)
+            procs.append(proc)
+            url, says = f"redis://:s3cret@127.0.0.1:{port}/0", "refused the password"
+        else:
+            certs = make_certificates(tmp_path / "tls")
+            front = TlsFront(certs, int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+            port = await front.start()
+            # The certificate is sound: with the CA that signed it, Redis answers...
+            await check_reachable(
+                f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs.ca}", RedisSettings()
+            )
+            # ...with another CA it is refused.
+            url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs.other_ca}"
+            says = "TLS certificate is not signed by a CA we trust"
+        code, seconds, lines = await cannot_start(tmp_path, url)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        if front is not None:
+            await front.close()
+    assert code == 3, lines
+    assert seconds < 10
+    assert_one_line(lines, says)
+
+
+@pytest.mark.slow
+async def test_a_redis_that_never_answers_at_start_is_one_line_within_ten_seconds(
+    tmp_path: Path,
+) -> None:
+    """Packets dropped: the connection (or its first answer) never comes."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        code, seconds, lines = await cannot_start(tmp_path, f"redis://127.0.0.1:{port}/0")
+    finally:
+        silent.close()
+    assert code == 3, lines
+    assert seconds < 10
+    assert_one_line(lines, "no answer within")
+
+
+async def test_the_persistence_check_does_not_call_an_unreachable_redis_durable() -> None:
+    """It read any error as "CONFIG refused" (a managed service): nothing reported,
+    `callbridge_redis_persistence_ok 1`, for a Redis it could not reach at all."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    client = connect(url, RedisSettings(url=url), retries=False)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            await persistence_problems(client)
+    finally:
+        await client.aclose()
