@@ -15,7 +15,7 @@ from callbridge.config import Settings
 from callbridge.errors import CallbridgeError
 from callbridge.models import KNOWN_STATUSES, PENDING, TERMINAL_STATUSES
 from callbridge.poll.diff import event_id
-from callbridge.poll.lifecycle import interval_s, lifecycle
+from callbridge.poll.lifecycle import batch_lifecycle, interval_s
 from callbridge.store.leases import LeaseStore
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.registry import BatchRegistry
@@ -98,14 +98,7 @@ class Operations:
             state = (
                 "retired"
                 if reg.retired
-                else lifecycle(
-                    completed=meta.completed,
-                    last_change_ms=meta.last_change_ms,
-                    not_found=meta.not_found_since_ms > 0,
-                    now_ms=self._wall_ms(),
-                    settings=self._settings.poller,
-                    ended=bool(meta.ended),
-                )
+                else batch_lifecycle(meta, self._wall_ms(), self._settings.poller)
             )
             out.append(
                 {

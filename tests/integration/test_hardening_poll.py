@@ -34,6 +34,7 @@ from callbridge.metrics import Metrics
 from callbridge.poll.batch_cache import BatchCache
 from callbridge.poll.cycle import Poller
 from callbridge.poll.scheduler import Scheduler
+from callbridge.poll.second_look import restored_suspects
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UNREACHABLE_AFTER_SCANS
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
@@ -47,6 +48,7 @@ from callbridge.store.snapshots import BatchMeta
 from tests.integration import test_planner_plans as plans
 from tests.support.bridge import write_config
 from tests.support.bridges import MakeService, sim_config
+from tests.support.gates import after_unfiltered_page
 from tests.support.metrics import sample
 from tests.support.prometheus import wait_for
 from tests.support.proxy import ReplyDropper
@@ -494,14 +496,27 @@ async def test_a_batch_answering_404_for_good_retires_with_an_event(
 
 
 def test_a_batch_meta_of_the_previous_release_reads_as_nothing_vanished_or_ended() -> None:
-    """Replicas are upgraded one at a time: the meta an older release wrote has neither
-    `vanished` nor `ended`."""
-    meta = BatchMeta.from_redis({b"version": b"7", b"not_found_since_ms": b"5"})
+    """Replicas are upgraded one at a time: the meta an older release wrote has no
+    `vanished`, `ended` nor `suspects_twice` (its first looks were each served once)."""
+    suspect = b'{"call_id":"c1","status":"queued"}'
+    meta = BatchMeta.from_redis(
+        {
+            b"version": b"7",
+            b"not_found_since_ms": b"5",
+            b"commit_id": b"c0",
+            b"suspects": b"c0\n[" + suspect + b"]",
+        }
+    )
     assert (meta.version, meta.vanished, meta.ended) == (7, {}, "")
+    assert (meta.suspects, meta.suspects_twice) == ([suspect], [])
+    assert not restored_suspects(meta.suspects, meta.suspects_twice)["c1"].twice
     fields = meta.to_fields("c1")
     assert (
         BatchMeta.from_redis(
-            {k.encode(): v.encode() for k, v in {**fields, "version": "7"}.items()}
+            {
+                k.encode(): v.encode()
+                for k, v in {**fields, "version": "7", "commit_id": "c1"}.items()
+            }
         )
         == meta
     )
@@ -795,3 +810,101 @@ async def test_the_persistence_check_does_not_call_an_unreachable_redis_durable(
             await persistence_problems(client)
     finally:
         await client.aclose()
+
+
+# -- item 0 -------------------------------------------------------------------------
+
+
+async def test_a_redial_served_twice_is_reported_though_it_came_back_to_the_item_we_knew(
+    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> None:
+    """Issue 23's loss in one cycle: seen ringing; no_answer unseen, redialled: its list
+    and the page at the dialler's frontier serve it queued; then it rings again as the
+    very item we knew (no field tells the attempts apart) before the look-up that was
+    to be the second look. The look-up took it for a stale copy: the redial vanished.
+    Served twice, it is reported, with ``missed_terminal``."""
+    rig = await plans.frontier_rig(aiohttp_server, redis_url)
+    sim, x, y, fields = rig.sim, rig.x, rig.y, rig.after_frontier
+    svc, poller, receiver = rig.svc, rig.poller, rig.receiver
+    try:
+        assert await plans.plan_of(poller) == "full:cold"
+        sim.set_call(plans.BATCH, x, status="ringing")
+        sim.set_call(plans.BATCH, y, status="ringing")
+        assert await plans.plan_of(poller) == "active:configured"
+        ringing = next(c for c in sim.calls(plans.BATCH) if c["call_id"] == x)
+        sim.set_call(plans.BATCH, x, status="no_answer")
+        sim.set_call(plans.BATCH, x, status="queued")
+        sim.set_call(plans.BATCH, y, status="no_answer")  # vanishes: the frontier is read
+        fields.update(status="ringing")  # once the frontier page served x queued
+        assert await plans.plan_of(poller) == "active:configured"
+        assert not fields, "the frontier page was read"
+        assert next(c for c in sim.calls(plans.BATCH) if c["call_id"] == x) == ringing
+        assert await plans.plan_of(poller) == "active:configured"
+        await svc.deliverer.drain()
+        assert plans.events_of(receiver, x) == [
+            ("call.ringing", "pending", False),
+            ("call.queued", "ringing", True),
+            ("call.ringing", "queued", False),
+        ]
+    finally:
+        await svc.close()
+
+
+@pytest.mark.parametrize("taken_over", [False, True], ids=["same owner", "taken over"])
+async def test_a_redial_served_twice_survives_a_fall_back_to_a_full_scan(
+    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any, taken_over: bool
+) -> None:
+    """The active reads serve a call queued twice (its list, the frontier page), then
+    the cycle falls back to a full scan (resolving would cost more), whose page serves
+    it ringing as we knew it. The backward copies were left to the full scan's second
+    looks, which never saw them: the redial vanished. What the reads served going back
+    is committed first, as a first look served twice, which the next cycle confirms
+    whatever it sees (also after a take-over: it is stored with the commit)."""
+    sim = plans.simulator(40)
+    calls = [c["call_id"] for c in sim.calls(plans.BATCH)]
+    x, far = calls[3], calls[30:33]
+    for call in calls[:3]:  # the frontier page ends at the first call still pending
+        sim.set_call(plans.BATCH, call, status="completed")
+    fields: dict[str, Any] = {}
+    clock = plans.Clock()
+    svc, poller, receiver = await plans.bridge(
+        aiohttp_server,
+        redis_url,
+        sim,
+        clock=clock,
+        middleware=after_unfiltered_page(sim, plans.BATCH, x, fields),
+    )
+    try:
+        assert await plans.plan_of(poller) == "full:cold"
+        sim.set_call(plans.BATCH, x, status="ringing")
+        for call in far:
+            sim.set_call(plans.BATCH, call, status="ringing")
+        clock.now += 2
+        assert await plans.plan_of(poller) == "active:cheaper"
+        ringing = next(c for c in sim.calls(plans.BATCH) if c["call_id"] == x)
+        # Three calls vanish far from the frontier: more look-ups than the budget
+        # leaves after the lists and the frontier page: the cycle falls back.
+        for call in far:
+            sim.set_call(plans.BATCH, call, status="completed")
+        sim.set_call(plans.BATCH, x, status="no_answer")
+        sim.set_call(plans.BATCH, x, status="queued")
+        fields.update(status="ringing")
+        clock.now += 2
+        assert await plans.plan_of(poller) == "full:costly"
+        assert not fields, "the frontier page was read"
+        assert next(c for c in sim.calls(plans.BATCH) if c["call_id"] == x) == ringing
+        rt = poller.runtime(plans.BATCH)
+        assert rt is not None
+        assert (rt.suspects[x].status, rt.suspects[x].twice) == ("queued", True)
+        if taken_over:
+            rt.drop_cache()  # the next owner loads what the commit stored
+        clock.now += 2
+        await plans.plan_of(poller)  # the second look, whatever the call shows
+        await svc.deliverer.drain()
+        assert plans.events_of(receiver, x) == [
+            ("call.ringing", "pending", False),
+            ("call.queued", "ringing", True),
+            ("call.ringing", "queued", False),
+        ]
+    finally:
+        await svc.close()

@@ -52,6 +52,8 @@ class BatchCache:
     group: GroupCommit | None = None
     # ...and its fan-outs, run in the background in commit order (`fanout.FanOut`).
     fanout: FanOut | None = None
+    # Cycles run since the batch was loaded (`second_look.Suspect.cycle`).
+    cycle: int = 0
     next_due: float = 0.0
     last_started: float | None = None
     task: asyncio.Task[None] | None = None
@@ -104,7 +106,7 @@ class CycleCommits:
 def meta_after(
     meta: BatchMeta,
     result: DiffResult,
-    suspects: list[bytes],
+    suspects: tuple[list[bytes], list[str]],
     plan: Plan | None,
     now_ms: int,
 ) -> BatchMeta:
@@ -118,7 +120,8 @@ def meta_after(
         last_poll_ms=now_ms,
         not_found_since_ms=0,
         ended="",
-        suspects=suspects,
+        suspects=suspects[0],
+        suspects_twice=suspects[1],
     )
     if plan is not None:
         out.scan_plan, out.scan_reason = plan.kind, plan.reason

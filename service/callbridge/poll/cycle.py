@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import msgspec
 
@@ -38,13 +38,14 @@ from callbridge.poll.cycle_metrics import count_odd_items, note_unreadable, reco
 from callbridge.poll.diff import BatchView, ScanFacts, diff
 from callbridge.poll.fanout import EventSink, FanOut
 from callbridge.poll.group_commit import GroupCommit
-from callbridge.poll.lifecycle import BatchLifecycle, lifecycle
+from callbridge.poll.lifecycle import BatchLifecycle, batch_lifecycle
 from callbridge.poll.ownership import Ownership
 from callbridge.poll.reader import BatchReader, CycleRead, NothingRead, OnHeld, settle_plan
 from callbridge.poll.second_look import (
     MAX_LOOKUPS_PER_CYCLE,
     LookupBudget,
     confirm_backward_moves,
+    must_judge,
     replays_for,
     restored_suspects,
     stored_suspects,
@@ -107,14 +108,7 @@ class Poller:
         return self.batches.get(batch_id)
 
     def lifecycle_of(self, rt: BatchCache) -> BatchLifecycle:
-        return lifecycle(
-            completed=rt.meta.completed,
-            last_change_ms=rt.meta.last_change_ms,
-            not_found=rt.not_found,
-            now_ms=self._wall_ms(),
-            settings=self._p,
-            ended=bool(rt.meta.ended),
-        )
+        return batch_lifecycle(rt.meta, self._wall_ms(), self._p, not_found=rt.not_found)
 
     async def release(self, rt: BatchCache) -> None:
         """Hand a lease back so another replica can take it at once (`Ownership`)."""
@@ -152,6 +146,7 @@ class Poller:
         if not await self.ownership.hold(rt):
             return "not_owner"
         await self._load(rt)
+        rt.cycle += 1
         assert rt.token is not None
         lookups = LookupBudget(MAX_LOOKUPS_PER_CYCLE)
         commits = CycleCommits(served=set() if rt.census else None)
@@ -159,8 +154,8 @@ class Poller:
             lambda pages: self._commit(rt, [p.raws for p in pages], lookups, commits)
         )
 
-        async def commit_held(raws: list[bytes]) -> None:
-            groups.changed |= await self._commit(rt, [raws], lookups, commits)
+        async def commit_held(raws: list[bytes], twice: set[str]) -> None:
+            groups.changed |= await self._commit(rt, [raws], lookups, commits, twice=twice)
 
         fanout = rt.fanout = FanOut(self._sink, rt.batch_id)
         try:
@@ -196,7 +191,7 @@ class Poller:
         if rt.states is None:
             rt.meta, rt.states = await self._store.load(rt.batch_id)
             rt.not_found = rt.meta.not_found_since_ms > 0
-            rt.suspects = restored_suspects(rt.meta.suspects)
+            rt.suspects = restored_suspects(rt.meta.suspects, rt.meta.suspects_twice)
             # A previous owner may have committed events it never fanned out.
             rt.outbox_dirty = True
         if rt.outbox_dirty:
@@ -211,15 +206,19 @@ class Poller:
         commits: CycleCommits,
         *,
         final: CycleRead | None = None,
+        twice: Collection[str] = (),
     ) -> bool:
         """Diff the raw items of `groups` against what is committed and commit what
         changed; whether anything did. `final` (the read) for its last group, which
         commits even when nothing changed (the poll time, batch-level facts, the plan);
-        the others commit only changes. `commits` adds up what the planner learns from."""
+        the others commit only changes. `commits` adds up what the planner learns from;
+        `twice`: calls the reads served twice (an active plan's, before a fall-back)."""
         batch_id = rt.batch_id
         assert rt.states is not None
         assert rt.token is not None
-        cands = select_candidates(groups, rt.signatures)
+        cands = select_candidates(groups, rt.signatures, must_judge(rt.suspects, rt.cycle))
+        # Calls the reads served twice: a backward one is confirmed (`second_look`).
+        cands.twice.update(final.twice if final is not None else twice)
         if commits.served is not None:
             commits.served.update(c["call_id"] for c in cands.items)
             commits.served |= cands.unchanged
@@ -239,7 +238,7 @@ class Poller:
             cands,
             self._p.interval_seconds,
             lookups,
-            final.twice if final is not None else (),
+            rt.cycle,
         )
         if final is not None:
             confirmed |= final.confirmed
@@ -272,7 +271,7 @@ class Poller:
         for call_id in result.unconfirmed:
             # Seen again next cycle as a candidate, and confirmed if still backwards.
             cands.signatures.pop(call_id, None)
-        suspects = suspects_from(cands, result.unconfirmed, rt.suspects)
+        suspects = suspects_from(cands, result.unconfirmed, rt.suspects, rt.cycle)
         meta = meta_after(
             rt.meta, result, stored_suspects(suspects), final.plan if final else None, now_ms
         )

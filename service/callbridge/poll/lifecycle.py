@@ -16,6 +16,7 @@ import random
 from typing import Literal
 
 from callbridge.config import PollerSettings
+from callbridge.store.snapshots import BatchMeta
 
 BatchLifecycle = Literal["active", "lingering", "retired", "not_found"]
 
@@ -39,6 +40,21 @@ def lifecycle(
     if quiet_ms < (settings.quiet_period_seconds + settings.linger_seconds) * 1000:
         return "lingering"
     return "retired"
+
+
+def batch_lifecycle(
+    meta: BatchMeta, now_ms: int, settings: PollerSettings, *, not_found: bool | None = None
+) -> BatchLifecycle:
+    """`lifecycle` of a batch from its meta (`not_found`: the polling replica's own
+    view, else the meta's)."""
+    return lifecycle(
+        completed=meta.completed,
+        last_change_ms=meta.last_change_ms,
+        not_found=meta.not_found_since_ms > 0 if not_found is None else not_found,
+        now_ms=now_ms,
+        settings=settings,
+        ended=bool(meta.ended),
+    )
 
 
 def interval_s(state: BatchLifecycle, settings: PollerSettings) -> float | None:

@@ -44,8 +44,9 @@ from callbridge.store.snapshots import BatchMeta
 
 log = logging.getLogger(__name__)
 
-# Commits what an active plan's reads served twice, before its cycle falls back.
-OnHeld = Callable[[list[bytes]], Awaitable[object]]
+# Commits what an active plan's reads hold (`ActiveRead.held`: their raw items, and the
+# calls of those the reads served twice), before its cycle falls back.
+OnHeld = Callable[[list[bytes], set[str]], Awaitable[object]]
 
 
 @dataclass(slots=True)
@@ -126,8 +127,8 @@ class BatchReader:
         active plan that cannot stand for a full scan falls back to one in the same
         cycle. The cycle's requests and plan are counted. A full scan hands each page
         to `on_page` as it arrives (the group commit). Before falling back, what the
-        active reads served twice moving forward (`ActiveRead.held`) goes to `on_held`,
-        to commit at once.
+        active reads served twice, and what they saw going back (`ActiveRead.held`),
+        goes to `on_held`, to commit at once.
 
         Raises the upstream error when nothing at all could be read.
         """
@@ -177,8 +178,8 @@ class BatchReader:
                 anomaly = fallback.anomaly
                 if anomaly is not None:
                     distrust = state.misbehaved(anomaly, now)
-                elif on_held is not None and (held := active.held()):
-                    await on_held(held)
+                elif on_held is not None and (held := active.held())[0]:
+                    await on_held(*held)
             except UpstreamAuthError:
                 raise
             except UpstreamError as exc:

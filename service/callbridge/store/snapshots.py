@@ -47,6 +47,9 @@ class BatchMeta:
     # that wrote them is the last one (a replica of an older release commits without
     # them, and what they said may no longer hold).
     suspects: list[bytes] = field(default_factory=list)
+    # Those of them the platform served twice (call ids), stored the same way
+    # (``<commit_id>\n<JSON array>``; none from an older release).
+    suspects_twice: list[str] = field(default_factory=list)
     # The plan the last cycle read with (full, active) and why; "" before any.
     scan_plan: str = ""
     scan_reason: str = ""
@@ -65,10 +68,14 @@ class BatchMeta:
         counts_raw = raw.get(b"counts")
         tag, _, stored = (raw.get(b"suspects") or b"").partition(b"\n")
         suspects: list[bytes] = []
+        twice: list[str] = []
         if stored and tag == raw.get(b"commit_id"):
             try:
                 suspects = [bytes(r) for r in _RAW_LIST.decode(stored)]
-            except msgspec.DecodeError:
+                tag, _, stored = (raw.get(b"suspects_twice") or b"").partition(b"\n")
+                if stored and tag == raw.get(b"commit_id"):
+                    twice = [str(c) for c in orjson.loads(stored)]
+            except (msgspec.DecodeError, orjson.JSONDecodeError):
                 log.warning("unreadable suspects in a batch's meta; ignored")
         return cls(
             version=num("version"),
@@ -80,6 +87,7 @@ class BatchMeta:
             completed_at_ms=num("completed_at_ms"),
             not_found_since_ms=num("not_found_since_ms"),
             suspects=suspects,
+            suspects_twice=twice,
             scan_plan=raw.get(b"scan_plan", b"").decode(),
             scan_reason=raw.get(b"scan_reason", b"").decode(),
             vanished=orjson.loads(vanished_raw) if (vanished_raw := raw.get(b"vanished")) else {},
@@ -99,6 +107,9 @@ class BatchMeta:
             "not_found_since_ms": str(self.not_found_since_ms),
             "suspects": f"{commit_id}\n[{','.join(r.decode() for r in self.suspects)}]"
             if self.suspects
+            else "",
+            "suspects_twice": f"{commit_id}\n{orjson.dumps(self.suspects_twice).decode()}"
+            if self.suspects_twice
             else "",
             "scan_plan": self.scan_plan,
             "scan_reason": self.scan_reason,
