@@ -667,8 +667,7 @@ async def test_a_process_restarted_after_a_sigkill_takes_over_at_once(
     twin = Presence(redis_client, keys, "pod-2")
 
     async def beat_on(seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        await live.beat()
+        await live.beat()  # the live twin beats while the newcomer waits to tell
 
     with pytest.raises(DuplicateReplicaError, match=r"server\.replica_id"):
         await twin.claim(sleep=beat_on)
