@@ -33,10 +33,11 @@ from callbridge.operations import Operations
 from callbridge.poll.cycle import Poller
 from callbridge.poll.scheduler import Scheduler
 from callbridge.poll.upstream import UpstreamClient
-from callbridge.store.connection import Redis, connect, persistence_problems
+from callbridge.store.connection import Redis, check_reachable, connect, persistence_problems
 from callbridge.store.embedded import EmbeddedRedis
 from callbridge.store.keys import Keys
 from callbridge.store.leases import LeaseStore
+from callbridge.store.presence import BEAT_EVERY_S, Presence
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.ratelimit import RedisRateLimiter
 from callbridge.store.recovery import RecoveryJobs
@@ -88,6 +89,7 @@ class Bridge:
     deliverer: Deliverer
     janitor: Janitor
     operations: Operations
+    presence: Presence
     embedded: EmbeddedRedis | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -110,6 +112,14 @@ class Bridge:
             embedded = EmbeddedRedis(settings.redis.data_dir)
             url = await embedded.start()
             metrics.embedded_redis.set(1)
+        try:
+            # Before anything else: a bad URL, password or certificate is reported in
+            # one line within seconds (`check_reachable`), not after minutes of retries.
+            await check_reachable(url, settings.redis)
+        except BaseException:
+            if embedded is not None:
+                await embedded.stop()
+            raise
         redis = connect(url, settings.redis)
         keys = Keys(settings.redis.key_prefix)
         session = aiohttp.ClientSession(
@@ -154,7 +164,7 @@ class Bridge:
             leases,
             registry,
             queue,
-            owns=lambda batch_id: batch_id in poller.owned(),
+            owns=poller.owns,
             poll_periods_s=lambda: _owned_periods(metrics, poller),
             on_batches_changed=scheduler.wake,
             jobs=jobs,
@@ -176,12 +186,15 @@ class Bridge:
             deliverer=deliverer,
             janitor=Janitor(settings, redis, keys, metrics),
             operations=operations,
+            presence=Presence(redis, keys, replica_id),
             embedded=embedded,
         )
 
     async def start(self) -> None:
         """Register config batches and start the loops."""
         await self.check_redis()
+        # Before any lease is taken: another live process under our replica id?
+        await self.presence.claim()
         await self.registry.register_config(self.settings.batches)
         for sub in self.settings.subscriptions:
             # This replica restarted (SIGKILL, OOM): its previous process's claims go
@@ -204,6 +217,7 @@ class Bridge:
             ("poller", self.scheduler.run(self.stopping)),
             ("delivery", self.deliverer.run(self.stopping)),
             ("janitor", self._janitor_loop()),
+            ("presence", self._presence_loop()),
         ):
             task = asyncio.create_task(coro, name=name)
             task.add_done_callback(self._on_task_done)
@@ -218,6 +232,32 @@ class Bridge:
             every_s = min(_JANITOR_EVERY_S, self.settings.delivery.orphan_retention_seconds / 10)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), every_s)
+
+    async def _presence_loop(self) -> None:
+        """Beat under our replica id; stop if another live process that started first
+        runs under it too (it goes on; an orchestrator restarting us then sees the
+        start refused with the reason)."""
+        warned = False
+        while not self.stopping.is_set():
+            try:
+                beat = await self.presence.beat()
+            except Exception:
+                log.warning("presence beat failed", exc_info=True, extra={"action": "beat_failed"})
+            else:
+                if beat.second:
+                    self.crashed = str(self.presence.duplicate())
+                    log.critical("%s", self.crashed, extra={"action": "duplicate_replica"})
+                    self.stopping.set()  # the loops stop; liveness says why
+                    return
+                if beat.conflict and not warned:
+                    warned = True
+                    log.error(
+                        "a second process started as replica %s; it stops itself",
+                        self.presence.replica_id,
+                        extra={"action": "duplicate_replica"},
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), BEAT_EVERY_S)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self.stopping.is_set():
@@ -246,6 +286,8 @@ class Bridge:
                 t.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.scheduler.leave()
+        with contextlib.suppress(Exception):
+            await self.presence.leave()
         await self.poller.release_all()
         await self.close()
 

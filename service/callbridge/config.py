@@ -138,6 +138,14 @@ class PollerSettings(_Model):
     # A retired batch's snapshot and timeline are kept this long, then expire.
     retired_retention_seconds: PositiveSeconds = 7 * 86400.0
     not_found_recheck_seconds: PositiveSeconds = 300.0
+    # A batch answering 404 this long is retired (a batch.retired event says so).
+    not_found_retire_seconds: PositiveSeconds = 86400.0
+    # A call missing from every full scan this long is reported removed (call.updated
+    # with removed: true) and no longer keeps its batch open.
+    vanished_call_seconds: PositiveSeconds = 3600.0
+    # Calls in statuses the API does not document keep a batch open while it moves;
+    # once nothing changed this long they count as finished (the batch can complete).
+    unknown_status_final_seconds: PositiveSeconds = 3600.0
     auth_backoff_max_seconds: PositiveSeconds = 300.0
     lease_ttl_seconds: PositiveSeconds = 15.0
     backfill: bool = True
@@ -318,7 +326,8 @@ class ServerSettings(_Model):
     # This replica's name, the same across its restarts (default: hostname:port, which
     # a Kubernetes pod keeps when its container restarts). A restarted replica takes
     # its predecessor's batch leases over at once instead of waiting them out; two
-    # live replicas must never share one.
+    # live replicas must never share one (a second process refuses to start:
+    # `store.presence`).
     replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 

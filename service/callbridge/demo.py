@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import secrets
 import signal
 import sys
@@ -78,6 +79,52 @@ class DemoReceiver:
         return web.Response(status=204)
 
 
+# The loggers whose `upstream_anomaly` warnings tell of what the simulator does on
+# purpose (redials going back, fields reset to null: see docs/turbulence.md).
+_ANOMALY_LOGGERS = (
+    "callbridge.poll.cycle_metrics",
+    "callbridge.poll.upstream",
+    "callbridge.poll.reader",
+)
+
+
+class _QuietOddities(logging.Filter):
+    """In the demo the platform's oddities are counted in the summary line instead of
+    printed as warnings: the simulator makes them on purpose, and a first look at the
+    product should show the flow. Real runs keep the warnings (only the demo installs
+    this, and only while it runs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "action", None) != "upstream_anomaly"
+
+    def __enter__(self) -> _QuietOddities:
+        for name in _ANOMALY_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in _ANOMALY_LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
+def _oddities(service: Bridge) -> str:
+    """The summary line's account of the oddities tolerated (the anomaly counter)."""
+    kinds = {
+        s.labels["kind"]: int(s.value)
+        for family in service.metrics.registry.collect()
+        if family.name == "callbridge_upstream_anomalies"
+        for s in family.samples
+        if s.name.endswith("_total") and s.value
+    }
+    if not kinds:
+        return ""
+    listed = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+    return (
+        f"; {sum(kinds.values())} oddities of the simulated platform tolerated ({listed}:"
+        " redials and reset fields it makes on purpose)"
+    )
+
+
 async def _finished(service: Bridge, receiver: DemoReceiver) -> bool:
     """The batch completed and nothing is left to deliver."""
     if not receiver.done.is_set():
@@ -126,11 +173,17 @@ async def run_demo(
     timeout_s: float = 600,
     on_ready: Callable[[dict[str, Any]], None] | None = None,
     keep_open: bool = False,
+    seed: int | None = None,
 ) -> int:
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     token = secrets.token_urlsafe(24)
     sim = Simulator(
-        SimulatorConfig(batches=1, calls_per_batch=calls, api_key="sk_demo", seed=int(time.time()))
+        SimulatorConfig(
+            batches=1,
+            calls_per_batch=calls,
+            api_key="sk_demo",
+            seed=int(time.time()) if seed is None else seed,
+        )
     )
     batch_id = sim.batch_ids[0]
     receiver = DemoReceiver(secret, out)
@@ -140,7 +193,7 @@ async def run_demo(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    with tempfile.TemporaryDirectory(prefix="callbridge-demo-") as data_dir:
+    with tempfile.TemporaryDirectory(prefix="callbridge-demo-") as data_dir, _QuietOddities():
         try:
             sim_runner, sim_port = await _start_site(make_app(sim))
             runners.append(sim_runner)
@@ -203,7 +256,7 @@ async def run_demo(
             print(
                 f"\ndone: {total} webhooks delivered and verified"
                 f" ({', '.join(f'{t} {n}' for t, n in sorted(receiver.counts.items()))}),"
-                f" {receiver.rejected} rejected",
+                f" {receiver.rejected} rejected{_oddities(service)}",
                 file=out,
             )
             if keep_open and not stop.is_set():

@@ -24,7 +24,11 @@
     │                                (also a ValueError: `callbridge verify`, receivers)
     ├── FullReadNeeded               the active plan cannot stand for a full read this cycle
     │                                (control flow inside the poll stage, never escapes it)
-    └── EmbeddedRedisError           the embedded server could not be started
+    ├── EmbeddedRedisError           the embedded server could not be started
+    └── StartupError                 `callbridge run` cannot start (the CLI exits 3, one line)
+        ├── RedisUnavailableError    Redis (`redis.url`) unreachable, refusing the password,
+        │                            or presenting a certificate the CA does not sign
+        └── DuplicateReplicaError    another live process runs under this server.replica_id
 
 Each exception reads well on one line, carries the context needed to act on it,
 and never contains a secret.
@@ -174,3 +178,16 @@ class FullReadNeeded(CallbridgeError):
 
 class EmbeddedRedisError(CallbridgeError):
     """The embedded Redis-compatible server could not be started."""
+
+
+class StartupError(CallbridgeError):
+    """`callbridge run` cannot start; the message names the cause and the config key."""
+
+
+class RedisUnavailableError(StartupError):
+    """Redis cannot be used at start-up: unreachable, the password refused, or its TLS
+    certificate not signed by the configured CA (``redis.url``)."""
+
+
+class DuplicateReplicaError(StartupError):
+    """Another live process already runs under this ``server.replica_id``."""

@@ -34,6 +34,7 @@ _EVENT_LABELS: tuple[str, ...] = (
     *(f"call.{s}" for s in KNOWN_STATUSES),
     "call.updated",
     "batch.completed",
+    "batch.retired",
     "other",
 )
 # Outcomes the upstream client counts under one fixed code; 5xx codes vary, so not these.

@@ -15,7 +15,7 @@ from callbridge.config import Settings
 from callbridge.errors import CallbridgeError
 from callbridge.models import KNOWN_STATUSES, PENDING, TERMINAL_STATUSES
 from callbridge.poll.diff import event_id
-from callbridge.poll.lifecycle import interval_s, lifecycle
+from callbridge.poll.lifecycle import batch_lifecycle, interval_s
 from callbridge.store.leases import LeaseStore
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.recovery import RecoveryJobs
@@ -96,7 +96,9 @@ class Operations:
 
     async def list_batches(self) -> list[dict[str, Any]]:
         out = []
-        registered = sorted((await self._registry.all()).items())
+        registered = sorted(
+            (b, reg) for b, reg in (await self._registry.all()).items() if not reg.removed
+        )
         ids = [batch_id for batch_id, _ in registered]
         metas = await self._store.load_metas(ids)
         owners = await self._leases.owners(ids)
@@ -105,13 +107,7 @@ class Operations:
             state = (
                 "retired"
                 if reg.retired
-                else lifecycle(
-                    completed=meta.completed,
-                    last_change_ms=meta.last_change_ms,
-                    not_found=meta.not_found_since_ms > 0,
-                    now_ms=self._wall_ms(),
-                    settings=self._settings.poller,
-                )
+                else batch_lifecycle(meta, self._wall_ms(), self._settings.poller)
             )
             out.append(
                 {
@@ -160,7 +156,7 @@ class Operations:
         None when the batch is neither registered nor has a snapshot.
         """
         _, states = await self._store.load(batch_id)
-        if not states and await self._registry.get(batch_id) is None:
+        if not states and ((reg := await self._registry.get(batch_id)) is None or reg.removed):
             return None
         ids = sorted(c for c in states if status is None or states.status(c) == status)
         return {

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from callbridge.app import Bridge
 from callbridge.simulator import Simulator
@@ -89,7 +87,7 @@ async def test_a_failed_fan_out_stops_the_later_groups_and_the_next_cycle_drains
 ) -> None:
     """Groups are fanned out in the background, in commit order (`fanout.FanOut`): when
     the first group's fan-out fails, the later groups still commit, but none of their
-    events is queued ahead of the first group's; the cycle reports the failure, and the
+    events is queued ahead of the first group's; the cycle logs the failure, and the
     next one queues everything from the outbox, each call's events in order."""
     gate = PageGate()
     svc, sim, batch, receiver = await rig(make_service, gate)
@@ -102,8 +100,7 @@ async def test_a_failed_fan_out_stops_the_later_groups_and_the_next_cycle_drains
     await gate.asked.wait()
     await settled(svc, batch)  # page 1's group committed, its fan-out failing
     gate.release()
-    with pytest.raises(ResponseError):
-        await cycle
+    assert await cycle == "committed"  # the failed fan-out is logged, not raised
     # Every group committed; nothing was taken from the outbox.
     assert await redis_client.xlen(Keys().outbox(batch)) == 6
     for item in sim.calls(batch):

@@ -47,8 +47,8 @@ async def test_failed_takeover_drain_is_retried_and_nothing_is_stranded(
     due = Keys().due("crm")
     # The subscription's queue is broken: the fan-out after the commit fails.
     await redis_client.set(due, "not a sorted set")
-    with pytest.raises(ResponseError):
-        await first.poller.poll_once(batch)
+    # Committed; its fan-out failed (logged), the events wait in the outbox.
+    assert await first.poller.poll_once(batch) == "committed"
     assert await redis_client.xlen(Keys().outbox(batch)) > 0
     await first.poller.release_all()
 
@@ -85,8 +85,7 @@ async def test_a_removed_batch_fans_out_what_it_committed_then_expires(
     sim.advance(3)
     k = Keys()
     await redis_client.set(k.due("crm"), "not a sorted set")
-    with pytest.raises(ResponseError):
-        await svc.poller.poll_once(batch)
+    assert await svc.poller.poll_once(batch) == "committed"  # its fan-out failed
     await redis_client.delete(k.due("crm"))
     committed = await redis_client.xlen(k.outbox(batch))
     assert committed > 0

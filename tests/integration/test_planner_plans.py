@@ -317,13 +317,16 @@ async def test_a_status_served_twice_in_one_cycle_is_reported_though_it_moved_on
         await svc.close()
 
 
-@pytest.mark.parametrize("redial", [True, False], ids=["redial", "stale"])
+@pytest.mark.parametrize("redial", [True, False], ids=["ended anew", "ended as before"])
 async def test_a_call_served_back_twice_then_ended_again_in_one_cycle(
     redis_url: str, redis_client: Any, aiohttp_server: Any, redial: bool
 ) -> None:
     """A finished call served twice in an active list, then finished again later in the
-    same cycle: redialled, and ended while we read (as the same item: the backward
-    copies were stale, nothing is reported)."""
+    same cycle: redialled, and ended while we read. The status served twice is
+    reported by the next cycle (its second look), even when the call ended as the very
+    same item (issue 23: under a slow budget a redial comes round to the item we knew;
+    taking the two answers for stale copies lost it). Only a copy served once is
+    taken for stale."""
     rig = await frontier_rig(aiohttp_server, redis_url)
     sim, x, y, after_frontier = rig.sim, rig.x, rig.y, rig.after_frontier
     svc, poller, receiver = rig.svc, rig.poller, rig.receiver
@@ -342,17 +345,22 @@ async def test_a_call_served_back_twice_then_ended_again_in_one_cycle(
         assert not after_frontier, "the frontier page was read"
         now = next(c for c in sim.calls(BATCH) if c["call_id"] == x)
         assert (now == ended) is not redial
-        assert statuses(poller)[x] == ("ringing" if redial else "no_answer")
+        rt = poller.runtime(BATCH)
+        assert rt is not None
+        if redial:
+            # Seen elsewhere as a new item after the two answers: confirmed at once.
+            assert statuses(poller)[x] == "ringing"
+        else:
+            # One cycle's reads are one look, as a full scan's are: the next judges.
+            assert (rt.suspects[x].status, rt.suspects[x].twice) == ("ringing", True)
+            assert statuses(poller)[x] == "no_answer"
         assert await plan_of(poller) == "active:configured"
         assert statuses(poller)[x] == "no_answer"
         await svc.deliverer.drain()
-        reported = [
-            ("call.ringing", "no_answer", False),
-            ("call.no_answer", "ringing", False),
-        ]
         assert events_of(receiver, x) == [
             ("call.no_answer", "pending", False),
-            *(reported if redial else []),
+            ("call.ringing", "no_answer", False),
+            ("call.no_answer", "ringing", False),
         ]
     finally:
         await svc.close()

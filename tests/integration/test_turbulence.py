@@ -71,6 +71,35 @@ D = Scenario(
 )
 D_PAGES = 8 * 20  # 10,000 calls at the default page_size of 500
 D_BUDGET = 10  # the default max_requests_per_second
+# Issue 23, item 0: cycles as slow as the statuses. D's economics (20 pages a batch, 80
+# pages a round: 16 s at the budget; the planner's active plans falling back to full
+# scans) on a quarter of its calls (4 batches of 2,500 at 125 a page, 5 requests/s),
+# 2 % platform faults, a receiver that never fails, and statuses lasting up to 18 s:
+# a redial's statuses are served again and again within one cycle, or across two,
+# while the call comes round to the item the bridge knew (issue 23's losses).
+F = Scenario(
+    "F: cycles as slow as the statuses (4 x 2,500 calls, 125 a page, 5 requests/s)",
+    batches=4,
+    calls_per_batch=2_500,
+    concurrency=250,
+    redial_probability=0.5,
+    timing=Timing(
+        step_seconds=0.25,
+        dwell_seconds={
+            "queued": (1.2, 12.0),
+            "ringing": (0.4, 18.0),
+            "answered": (0.4, 4.5),
+            "no_answer": (3.0, 18.0),
+            "busy": (3.0, 18.0),
+        },
+    ),
+    faults=FaultConfig(server_error_ratio=0.02),
+    receiver_fail_share=0.0,
+    poll_interval_s=None,  # the default, 5 s
+    sections={"upstream": {"max_requests_per_second": 5, "page_size": 125}},
+    max_world_s=900,
+    settle_s=150,
+)
 
 
 async def scenario(sc: Scenario, tmp_path: Path, redis_url: str, server: Any) -> Outcome:
@@ -150,6 +179,21 @@ async def test_d_large_campaign_on_the_default_config(
     assert len(r.invented) == len(r.out_of_order) == 0, str(r)
     assert not r.two_bodies, str(r)
     assert_bodies_match_their_schemas(out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+async def test_f_cycles_as_slow_as_statuses_lose_no_redial(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any
+) -> None:
+    out = await scenario(F, tmp_path, redis_url, aiohttp_server)
+    r = out.report
+    assert r.required > 10_000, str(r)
+    assert len(r.missing) == 0, str(r)
+    assert len(r.invented) == len(r.out_of_order) == 0, str(r)
+    assert len(r.broken_chains) == len(r.false_markers) == 0, str(r)
+    assert r.batch_completed_exact, str(r)
+    assert not r.two_bodies, str(r)
 
 
 @pytest.mark.timeout(180)

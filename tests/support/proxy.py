@@ -3,7 +3,9 @@
 The client's request reaches Redis and runs; the reply never comes back and the
 connection drops, so the client (redis-py with callbridge's retry policy) sends
 the same command again on a new connection. It can also hold back the replies to
-some requests a while (a slow link): what a caller does meanwhile is then seen.
+some requests a while (a slow link): what a caller does meanwhile is then seen; or
+keep one request from Redis for good, so that its sender can be killed right
+before that step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ class ReplyDropper:
         self._armed_times = 0
         self._lose_request = False
         self._slow: tuple[bytes, float] | None = None
+        self._held: bytes | None = None
+        # Set once a request that `hold` names arrived (and was kept from Redis).
+        self.held = asyncio.Event()
         self._pumps: set[asyncio.Task[None]] = set()
         self.dropped = 0
         # Set once a request whose reply is held back (`slow`) went through.
@@ -49,6 +54,11 @@ class ReplyDropper:
     def disarm(self) -> None:
         self._armed = None
 
+    def hold(self, marker: bytes) -> None:
+        """Keep the next request containing `marker` from Redis, and everything after
+        it on that connection: it never runs (its sender may then be killed)."""
+        self._held = marker
+
     def slow(self, marker: bytes, seconds: float) -> None:
         """Hold back the reply to every request containing `marker` for `seconds`."""
         self._slow = (marker, seconds)
@@ -60,6 +70,10 @@ class ReplyDropper:
 
         async def client_to_redis() -> None:
             while data := await creader.read(65536):
+                if self._held is not None and self._held in data:
+                    self._held = None
+                    self.held.set()
+                    await asyncio.Event().wait()  # until the proxy closes
                 if self._armed is not None and self._armed in data:
                     self._armed_times -= 1
                     if self._armed_times <= 0:

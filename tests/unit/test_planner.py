@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from callbridge.config import PollerSettings
 from callbridge.poll.pages import RawPage
 from callbridge.poll.planner import (
+    FILTER_DISTRUST_S,
     Books,
     Plan,
     PlanState,
@@ -180,12 +181,35 @@ def items(status: str, n: int) -> list[dict[str, object]]:
             1,
             "status_filter_total",
         ),
+        # A call left (or joined) the list between the count and the query: a race.
+        (page(items("queued", 2), total=3, page_no=1, limit=5), "queued", 1, "status_filter_race"),
+        (page(items("queued", 4), total=3, page_no=1, limit=5), "queued", 1, "status_filter_race"),
+        (page(items("queued", 3), total=9, page_no=2, limit=5), "queued", 2, "status_filter_race"),
+        # The last page of 10 (has_more false): one more call joined after the count.
+        (
+            dataclasses.replace(
+                page(items("queued", 5), total=11, page_no=2, limit=5), has_more=False
+            ),
+            "queued",
+            2,
+            "status_filter_race",
+        ),
     ],
 )
 def test_filtered_page_problems(
     raw: RawPage, status: str, page_no: int, problem: str | None
 ) -> None:
     assert filtered_page_problem(raw, raw.entries, status, page_no) == problem
+
+
+def test_a_race_is_distrusted_only_when_it_keeps_happening() -> None:
+    state = PlanState()
+    assert not state.misbehaved("status_filter_race", 10.0)
+    assert not state.misbehaved("status_filter_race", 11.0)
+    assert state.distrust_until == 0.0
+    assert state.misbehaved("status_filter_race", 12.0)
+    assert state.distrust_until == 12.0 + FILTER_DISTRUST_S
+    assert PlanState().misbehaved("status_filter_total", 1.0)
 
 
 def test_books_follow_observations() -> None:

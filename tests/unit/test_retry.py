@@ -55,3 +55,18 @@ def test_redirect_reason_is_explicit() -> None:
 )
 def test_parse_retry_after(raw: str | None, expected: float | None) -> None:
     assert parse_retry_after(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),
+        ("Wednesday, 21-Oct-15 07:28:30 GMT", 30.0),  # RFC 850, still to be accepted
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # in the past: at once
+        ("Wed, 99 Oct 2015 07:28:30 GMT", None),
+    ],
+)
+def test_parse_retry_after_http_date(raw: str, expected: float | None) -> None:
+    """The HTTP-date form was read as absent (a 429 then paced for 1 s)."""
+    now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert parse_retry_after(raw, now=now) == expected

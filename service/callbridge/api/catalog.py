@@ -18,6 +18,7 @@ from pydantic.json_schema import GenerateJsonSchema
 
 from callbridge.models.events import (
     BATCH_COMPLETED,
+    BATCH_RETIRED,
     CALL_OTHER_STATUS,
     CALL_UPDATED,
     DELIVERY_DEAD_LETTERED,
@@ -121,6 +122,11 @@ _DATA: dict[str, dict[str, Any]] = {
         "batch_id": _BATCH,
         "total": 1200,
         "counts": {"busy": 60, "cancelled": 12, "completed": 900, "failed": 48, "no_answer": 180},
+    },
+    BATCH_RETIRED: {
+        "batch_id": _BATCH,
+        "reason": "not_found",
+        "not_found_since": "2026-11-27T10:00:05.123Z",
     },
     SUBSCRIPTION_BREAKER_OPENED: _subscription("10 of 20 attempts in 30 s failed", True),
     SUBSCRIPTION_RECOVERED: _subscription(None, False),

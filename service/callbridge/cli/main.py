@@ -1,6 +1,8 @@
 """The ``callbridge`` command: builds settings, configures logging, runs things.
 
-Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage
+Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage, 3 `run` cannot
+start (Redis unreachable or refusing, or another live process under this
+``server.replica_id``; one line names the cause and the key)
 (`callbridge admin` adds 1 not found, 3 auth, 4 unreachable: see `cli.admin`).
 """
 
@@ -23,11 +25,11 @@ from callbridge import __version__
 from callbridge.cli.admin import add_admin_parser
 from callbridge.cli.event_schemas import add_event_schemas_parser
 from callbridge.cli.simulate import add_turbulence_flags, turbulence_options
-from callbridge.errors import CallbridgeError, ConfigError
+from callbridge.errors import CallbridgeError, ConfigError, StartupError
 
 log = logging.getLogger("callbridge.cli.main")
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_CANNOT_START = 0, 1, 2, 3
 
 # Extra fields our log records may carry; JSON logs include them when present.
 _LOG_FIELDS = ("action", "batch_id", "call_id", "subscription", "event_id")
@@ -323,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_CONFIG
+    except StartupError as exc:
+        print(f"callbridge: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
     except CallbridgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

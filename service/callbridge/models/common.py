@@ -7,7 +7,9 @@ never a crash.
 
 from __future__ import annotations
 
+import email.utils
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -41,7 +43,13 @@ KNOWN_STATUSES: tuple[str, ...] = (
     BUSY,
     CANCELLED,
 )
-TERMINAL_STATUSES: frozenset[str] = frozenset({COMPLETED, FAILED, NO_ANSWER, BUSY, CANCELLED})
+# Not a status the API serves: what the bridge stores for a call the platform stopped
+# listing (`poll.batch_end`). Finished like a terminal status; a call served again
+# after it comes back as a redial does.
+REMOVED = "removed"
+TERMINAL_STATUSES: frozenset[str] = frozenset(
+    {COMPLETED, FAILED, NO_ANSWER, BUSY, CANCELLED, REMOVED}
+)
 
 # The normal path that leads to each status; used to name what a poll missed.
 # failed can happen anywhere, so nothing is "skipped" on the way to it.
@@ -198,14 +206,24 @@ class TimelineEntry:
 # --- headers -------------------------------------------------------------------
 
 
-def parse_retry_after(value: str | None, *, cap_s: float = RETRY_AFTER_MAX_S) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds form); None when absent or odd."""
+def parse_retry_after(
+    value: str | None, *, cap_s: float = RETRY_AFTER_MAX_S, now: float | None = None
+) -> float | None:
+    """Seconds from a Retry-After header, delta-seconds or HTTP-date (RFC 9110 §10.2.3;
+    a date in the past is 0); None when absent or odd. `now`: unix time (default the
+    wall clock), which an HTTP-date is counted from."""
     if not value:
         return None
     try:
         seconds = float(value.strip())
     except ValueError:
-        return None
+        try:
+            when = email.utils.parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # a date without a zone: HTTP-dates are GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = max(0.0, when.timestamp() - (time.time() if now is None else now))
     if not math.isfinite(seconds) or seconds < 0:
         return None
     return min(seconds, cap_s)

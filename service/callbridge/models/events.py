@@ -25,6 +25,7 @@ from callbridge.models import KNOWN_STATUSES, TERMINAL_STATUSES, CallItem
 
 CALL_UPDATED = "call.updated"
 BATCH_COMPLETED = "batch.completed"
+BATCH_RETIRED = "batch.retired"
 # The catalog's name for `call.<status>` with a status the platform's docs do not list.
 CALL_OTHER_STATUS = "call.{status}"
 SUBSCRIPTION_BREAKER_OPENED = "subscription.breaker_opened"
@@ -53,7 +54,9 @@ DocumentedStatus = Literal[
     "cancelled",
 ]
 # `models.TERMINAL_STATUSES`, checked by a test.
-TerminalStatus = Literal["completed", "failed", "no_answer", "busy", "cancelled"]
+# `removed`: a call the platform stopped listing, reported once by `call.updated` with
+# `removed: true`, then counted as finished.
+TerminalStatus = Literal["completed", "failed", "no_answer", "busy", "cancelled", "removed"]
 
 Group = Literal["call", "batch", "operational"]
 
@@ -108,11 +111,29 @@ class CallUpdatedData(_CallFields):
     skipped_statuses: list[DocumentedStatus] = Field(max_length=0, description="Always empty.")
     missed_terminal: Literal[False] = Field(description="Always false.")
     changed_fields: list[str] = Field(
-        min_length=1,
         description="Names of the fields of `call` that changed, sorted. A field that "
-        "went back to null or disappeared is not a change (an upstream glitch).",
+        "went back to null or disappeared is not a change (an upstream glitch). Empty only "
+        "with `removed`.",
     )
-    call: CallItem = Field(description="The call exactly as the platform served it.")
+    removed: Literal[True] | None = Field(
+        default=None,
+        description="Present (true) only when the platform stopped listing the call for "
+        "`poller.vanished_call_seconds`: reported once, `status` the last one seen, `call` "
+        "null; the call then counts as finished (status `removed` in `batch.completed`).",
+    )
+    call: CallItem | None = Field(
+        description="The call exactly as the platform served it; null only with `removed`."
+    )
+
+
+class BatchRetiredData(_Exact):
+    """The bridge stopped watching the batch without it completing."""
+
+    batch_id: str = Field(description="The batch.")
+    reason: Literal["not_found"] = Field(
+        description="not_found: the API answered 404 for `poller.not_found_retire_seconds`."
+    )
+    not_found_since: Timestamp = Field(description="Since when the API answered 404.")
 
 
 class BatchCompletedData(_Exact):
@@ -244,6 +265,13 @@ EVENT_TYPES: tuple[EventType, ...] = (
         BatchCompletedData,
         "Every call of the batch is in a final status, as seen by a scan that read the whole "
         "batch. Sent again if a redial reopens the batch and it completes again.",
+    ),
+    _entry(
+        BATCH_RETIRED,
+        "batch",
+        BatchRetiredData,
+        "The batch ended without completing: the API answered 404 for it for "
+        "`poller.not_found_retire_seconds` (1 day). The bridge stops polling it.",
     ),
     _entry(
         SUBSCRIPTION_BREAKER_OPENED,

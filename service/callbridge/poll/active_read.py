@@ -17,11 +17,13 @@
    still unseen is read up to two pages further back.
 
 Backward moves go through the same second look as a full scan's
-(`second_look.confirm_backward_moves`), but for what only reads within a cycle can see: a
-call served twice going back, then elsewhere as a new item (`ActiveRead.confirmed`),
-or found elsewhere as a new item by the look-up that follows (`served_twice`). What
-the reads served twice moving forward is reported even when the cycle falls back to a
-full scan (`held`: `reader.BatchReader.read` commits it first).
+(`second_look.confirm_backward_moves`), but for what only reads within a cycle can
+see: a call served twice going back (`served_twice`) is a first look that must end as
+a reported redial (confirmed next cycle, whatever the call shows then: `second_look`);
+served twice going back, then elsewhere as a new item, it is confirmed at once
+(`ActiveRead.confirmed`). What the reads served twice, and what they saw going back,
+survives a fall-back to a full scan (`held`: `reader.BatchReader.read` commits it
+first).
 
 The platform moves while we read. Calls that leave ``pending`` during the reads may
 be found or not; when more are found than the first probe allows, a second probe
@@ -350,17 +352,20 @@ class ActiveRead:
         status_of = self._states.status
         return {c for c, (s, n) in self._kept.items() if n >= 2 and s != status_of(c)}
 
-    def held(self) -> list[bytes]:
-        """What a cycle falling back to a full scan commits first: the copies the reads
-        served twice moving forward (the full scan may find those calls moved on, and
-        never reports what it does not see). Backward ones are left to the full scan
-        and its second looks, which take a cycle's look-ups in the pages' order."""
+    def held(self) -> tuple[list[bytes], set[str]]:
+        """What a cycle falling back to a full scan commits first, and which of it the
+        reads served twice: the copies served twice (the full scan may find those calls
+        moved on, or back where we knew them after a redial, and never reports what it
+        does not see; a backward one is confirmed), and every backward one (a first
+        look, so that the full scan serving it again is the second)."""
+        twice = self.served_twice()
         status_of = self._states.status
-        return [
-            self.items[c].raw
-            for c in self.served_twice()
-            if not is_backward(status_of(c) or PENDING, self._kept[c][0])
+        raws = [
+            e.raw
+            for c, e in self.items.items()
+            if c in twice or is_backward(status_of(c) or PENDING, self._kept[c][0])
         ]
+        return raws, twice
 
     def confirmed(self, known: Mapping[str, int]) -> set[str]:
         """Backward moves this cycle's reads confirm (`known`: each call's item

@@ -37,6 +37,9 @@ class BatchCache:
     pages: dict[int, RawPage] = field(default_factory=dict)
     not_found: bool = False
     retired: bool = False
+    # The last complete full scan served fewer calls than the snapshot holds: the next
+    # full scan reads every page and names those it does not serve (`batch_end`).
+    census: bool = False
     # Set while committed events may still sit in the outbox un-fanned-out
     # (after a take-over, or a fan-out that failed): drained before anything else.
     outbox_dirty: bool = False
@@ -49,6 +52,8 @@ class BatchCache:
     group: GroupCommit | None = None
     # ...and its fan-outs, run in the background in commit order (`fanout.FanOut`).
     fanout: FanOut | None = None
+    # Cycles run since the batch was loaded (`second_look.Suspect.cycle`).
+    cycle: int = 0
     next_due: float = 0.0
     last_started: float | None = None
     task: asyncio.Task[None] | None = None
@@ -83,6 +88,7 @@ class BatchCache:
 
     def drop_cache(self) -> None:
         self.states = None
+        self.census = False
         self.signatures = ItemSignatures()
         self.pages = {}
         self.suspects = {}
@@ -95,12 +101,14 @@ class CycleCommits:
 
     items: list[dict[str, Any]] = field(default_factory=list)
     moved: int = 0
+    # Every call the cycle's groups served, while it is a census (`BatchCache.census`).
+    served: set[str] | None = None
 
 
 def meta_after(
     meta: BatchMeta,
     result: DiffResult,
-    suspects: list[bytes],
+    suspects: tuple[list[bytes], list[str]],
     plan: Plan | None,
     now_ms: int,
 ) -> BatchMeta:
@@ -113,7 +121,9 @@ def meta_after(
         completions=result.completions,
         last_poll_ms=now_ms,
         not_found_since_ms=0,
-        suspects=suspects,
+        ended="",
+        suspects=suspects[0],
+        suspects_twice=suspects[1],
     )
     if plan is not None:
         out.scan_plan, out.scan_reason = plan.kind, plan.reason

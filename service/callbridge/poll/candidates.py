@@ -7,7 +7,7 @@ decoded. Only the others are checked and decoded, and go to the diff.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,14 +26,20 @@ class Candidates:
     signatures: dict[str, int] = field(default_factory=dict)
     # Calls served exactly as the last committed scan saw them.
     unchanged: set[str] = field(default_factory=set)
+    # Calls whose status in `items` the reads behind them served at least twice (a
+    # backward one is then confirmed: `second_look`).
+    twice: set[str] = field(default_factory=set)
     duplicates: int = 0
     invalid: int = 0
 
 
 def select_candidates(
-    pages: Iterable[Iterable[bytes | msgspec.Raw]], known: ItemSignatures
+    pages: Iterable[Iterable[bytes | msgspec.Raw]],
+    known: ItemSignatures,
+    judge: Collection[str] = (),
 ) -> Candidates:
-    """Items that differ from the last committed scan.
+    """Items that differ from the last committed scan, and those of the calls in
+    `judge` (`second_look.must_judge`) whatever they show.
 
     An item whose bytes hash to a signature the last committed scan saw is
     unchanged and costs nothing more: not even its call_id is decoded. The others
@@ -51,7 +57,7 @@ def select_candidates(
             data = bytes(raw)  # kept for the event bodies if the item changed
             sig = hash(data)
             call_id = owners.get(sig)
-            if call_id is not None:
+            if call_id is not None and call_id not in judge:
                 if call_id in unchanged:
                     out.duplicates += 1
                 elif call_id in fresh:
@@ -68,6 +74,8 @@ def select_candidates(
             call_id = item["call_id"]
             if call_id in fresh or call_id in unchanged:
                 out.duplicates += 1
+                if call_id in fresh and fresh[call_id][1]["status"] == item["status"]:
+                    out.twice.add(call_id)  # served twice (pages shifting): both count
             fresh[call_id] = (sig, item, data)
     items, raws_out, sigs = out.items, out.raws, out.signatures
     for call_id, (sig, item, data) in fresh.items():

@@ -10,12 +10,9 @@ after a commit and dropped whenever the lease is lost.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
 
 import msgspec
 
@@ -23,43 +20,44 @@ from callbridge.config import Settings
 from callbridge.errors import (
     BatchNotFoundError,
     LeaseLostError,
+    RateLimitedError,
     UpstreamAuthError,
     UpstreamError,
 )
 from callbridge.metrics import Metrics
 from callbridge.models import Event, PollOutcome, iso_ms
 from callbridge.poll.batch_cache import BatchCache, CycleCommits, meta_after
-from callbridge.poll.candidates import Candidates, select_candidates
+from callbridge.poll.batch_end import (
+    after_census,
+    needs_census,
+    not_found_step,
+    unknown_statuses_final,
+)
+from callbridge.poll.candidates import select_candidates
 from callbridge.poll.cycle_metrics import count_odd_items, note_unreadable, record_diff
 from callbridge.poll.diff import BatchView, ScanFacts, diff
 from callbridge.poll.fanout import EventSink, FanOut
 from callbridge.poll.group_commit import GroupCommit
-from callbridge.poll.lifecycle import BatchLifecycle, lifecycle
+from callbridge.poll.lifecycle import BatchLifecycle, batch_lifecycle
 from callbridge.poll.ownership import Ownership
-from callbridge.poll.reader import BatchReader, CycleRead, OnHeld, settle_plan
+from callbridge.poll.reader import BatchReader, CycleRead, NothingRead, OnHeld, settle_plan
 from callbridge.poll.second_look import (
     MAX_LOOKUPS_PER_CYCLE,
     LookupBudget,
     confirm_backward_moves,
+    must_judge,
     replays_for,
     restored_suspects,
     stored_suspects,
     suspects_from,
+    unsettled,
 )
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UpstreamHealth
-from callbridge.store.callstate import CallState
 from callbridge.store.leases import LeaseKeeper, LeaseStore
 from callbridge.store.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class NothingRead:
-    """A cycle that got nothing usable from the platform, and how it ends."""
-
-    outcome: PollOutcome
 
 
 class Poller:
@@ -102,17 +100,15 @@ class Poller:
     def owned(self) -> list[str]:
         return sorted(b for b, rt in self.batches.items() if rt.token is not None)
 
+    def owns(self, batch_id: str) -> bool:
+        rt = self.batches.get(batch_id)
+        return rt is not None and rt.token is not None
+
     def runtime(self, batch_id: str) -> BatchCache | None:
         return self.batches.get(batch_id)
 
     def lifecycle_of(self, rt: BatchCache) -> BatchLifecycle:
-        return lifecycle(
-            completed=rt.meta.completed,
-            last_change_ms=rt.meta.last_change_ms,
-            not_found=rt.not_found,
-            now_ms=self._wall_ms(),
-            settings=self._p,
-        )
+        return batch_lifecycle(rt.meta, self._wall_ms(), self._p, not_found=rt.not_found)
 
     async def release(self, rt: BatchCache) -> None:
         """Hand a lease back so another replica can take it at once (`Ownership`)."""
@@ -129,19 +125,17 @@ class Poller:
     async def poll_once(self, batch_id: str, *, backfill: bool | None = None) -> PollOutcome:
         """Poll one batch now: scan, diff, commit, fan out. Safe to call from tests.
 
-        One cycle of a batch at a time on this replica: a second call (a test, an
-        operator action) waits for the running one instead of racing it over the same
-        cache and lease (it then found the lease it had just checked given up)."""
+        One cycle of a batch at a time on this replica: a second call waits for the
+        running one instead of racing it over the same cache and lease."""
         rt = self.batches.get(batch_id)
         if rt is None:
             rt = BatchCache(batch_id, self._p.backfill if backfill is None else backfill)
             self.batches[batch_id] = rt
         async with rt.cycle_lock:
-            return await self._locked_cycle(rt)
+            return await self._timed_cycle(rt)
 
-    async def _locked_cycle(self, rt: BatchCache) -> PollOutcome:
-        batch_id = rt.batch_id
-        started = time.perf_counter()
+    async def _timed_cycle(self, rt: BatchCache) -> PollOutcome:
+        batch_id, started = rt.batch_id, time.perf_counter()
         try:
             outcome = await self._cycle(rt)
         except LeaseLostError as exc:
@@ -151,7 +145,6 @@ class Poller:
             outcome = "fenced"
         self._metrics.poll_cycles.labels(batch_id, outcome).inc()
         self._metrics.poll_cycle_duration.observe(time.perf_counter() - started)
-        self._metrics.leases_held.set(len(self.owned()))
         return outcome
 
     async def _cycle(self, rt: BatchCache) -> PollOutcome:
@@ -160,15 +153,16 @@ class Poller:
         if not await self.ownership.hold(rt):
             return "not_owner"
         await self._load(rt)
+        rt.cycle += 1
         assert rt.token is not None
         lookups = LookupBudget(MAX_LOOKUPS_PER_CYCLE)
-        commits = CycleCommits()
+        commits = CycleCommits(served=set() if rt.census else None)
         groups = rt.group = GroupCommit(
             lambda pages: self._commit(rt, [p.raws for p in pages], lookups, commits)
         )
 
-        async def commit_held(raws: list[bytes]) -> None:
-            groups.changed |= await self._commit(rt, [raws], lookups, commits)
+        async def commit_held(raws: list[bytes], twice: set[str]) -> None:
+            groups.changed |= await self._commit(rt, [raws], lookups, commits, twice=twice)
 
         fanout = rt.fanout = FanOut(self._sink, rt.batch_id)
         try:
@@ -183,8 +177,10 @@ class Poller:
                     # A full read's pages went to groups; an active plan's come now.
                     last = [p.raws for p in rest] if read.pages is not None else read.groups
                     changed = await self._commit(rt, last, lookups, commits, final=read)
-            await fanout.wait()
-            rt.outbox_dirty = False  # every event committed in this cycle is queued
+            # A failed fan-out (logged) leaves its events in the outbox: the cycle
+            # still settles its plan, its commits stand.
+            if await fanout.succeeded():
+                rt.outbox_dirty = False  # every event committed in this cycle is queued
         finally:
             await fanout.settle()
             rt.fanout = None
@@ -202,7 +198,7 @@ class Poller:
         if rt.states is None:
             rt.meta, rt.states = await self._store.load(rt.batch_id)
             rt.not_found = rt.meta.not_found_since_ms > 0
-            rt.suspects = restored_suspects(rt.meta.suspects)
+            rt.suspects = restored_suspects(rt.meta.suspects, rt.meta.suspects_twice)
             # A previous owner may have committed events it never fanned out.
             rt.outbox_dirty = True
         if rt.outbox_dirty:
@@ -217,15 +213,22 @@ class Poller:
         commits: CycleCommits,
         *,
         final: CycleRead | None = None,
+        twice: Collection[str] = (),
     ) -> bool:
         """Diff the raw items of `groups` against what is committed and commit what
         changed; whether anything did. `final` (the read) for its last group, which
         commits even when nothing changed (the poll time, batch-level facts, the plan);
-        the others commit only changes. `commits` adds up what the planner learns from."""
+        the others commit only changes. `commits` adds up what the planner learns from;
+        `twice`: calls the reads served twice (an active plan's, before a fall-back)."""
         batch_id = rt.batch_id
         assert rt.states is not None
         assert rt.token is not None
-        cands = select_candidates(groups, rt.signatures)
+        cands = select_candidates(groups, rt.signatures, must_judge(rt.suspects, rt.cycle))
+        # Calls the reads served twice: a backward one is confirmed (`second_look`).
+        cands.twice.update(final.twice if final is not None else twice)
+        if commits.served is not None:
+            commits.served.update(c["call_id"] for c in cands.items)
+            commits.served |= cands.unchanged
         if final is None and not cands.items:
             count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
             return False
@@ -233,33 +236,53 @@ class Poller:
         previous = {
             c["call_id"]: st for c in cands.items if (st := rt.states.get(c["call_id"])) is not None
         }
-        confirmed, moved_on = await self._second_looks(rt, previous, cands, lookups, final)
+        # Second looks at calls seen going back, and what the active plan's reads confirmed.
+        confirmed, moved_on = await confirm_backward_moves(
+            self._upstream,
+            batch_id,
+            previous,
+            rt.suspects,
+            cands,
+            self._p.interval_seconds,
+            lookups,
+            rt.cycle,
+        )
+        if final is not None:
+            confirmed |= final.confirmed
         commits.items += cands.items
         now_ms = self._wall_ms()
+        # A census (`batch_end`) names the calls no page served: gone for long, removed.
+        census = commits.served if final is not None and final.whole_pages is not None else None
+        vanished, removed = after_census(rt.states, census, rt.meta.vanished, now_ms, self._p)
+        previous.update((c, st) for c in removed if (st := rt.states.get(c)) is not None)
+        unknown_final = unknown_statuses_final(rt.meta, now_ms, self._p)
         result = diff(
             batch_id,
             previous,
             cands.items,
-            BatchView(rt.meta.counts, rt.meta.completed, rt.meta.completions),
+            BatchView(rt.meta.counts, rt.meta.completed, rt.meta.completions, unknown_final),
             now_ms=now_ms,
             timestamp=iso_ms(now_ms),
             backfill=rt.backfill,
             scan=ScanFacts(
                 complete=final is not None and final.complete,
                 total=final.total if final is not None else None,
+                unsettled=unsettled(rt.suspects, cands) if final is not None else 0,
             ),
             confirmed=confirmed,
             raws=cands.raws,
             replays=replays_for(cands, confirmed, rt.suspects, moved_on),
+            removed=removed,
         )
         note_unreadable(batch_id, rt.states)
         for call_id in result.unconfirmed:
             # Seen again next cycle as a candidate, and confirmed if still backwards.
             cands.signatures.pop(call_id, None)
-        suspects = suspects_from(cands, result.unconfirmed, rt.suspects)
+        suspects = suspects_from(cands, result.unconfirmed, rt.suspects, rt.cycle)
         meta = meta_after(
             rt.meta, result, stored_suspects(suspects), final.plan if final else None, now_ms
         )
+        meta.vanished = vanished
         commits.moved += len(result.transitions)
         encoded = {call_id: state.encode() for call_id, state in result.states.items()}
         meta.version, stream_ids = await self._store.commit(
@@ -276,35 +299,13 @@ class Poller:
         # Committed: only now may the caches move forward.
         digests = final.whole_pages if final is not None else None
         rt.committed(meta, result.states, encoded, cands.signatures, suspects, digests)
+        if final is not None and final.whole_pages is not None:
+            rt.census = needs_census(len(rt.states), meta.counts, final.total)
         record_diff(self._metrics, batch_id, result)
         count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
         if result.events:
             self._hand_on(rt, result.events, stream_ids, len(result.states), final is not None)
         return result.changed
-
-    async def _second_looks(
-        self,
-        rt: BatchCache,
-        previous: Mapping[str, CallState],
-        cands: Candidates,
-        lookups: LookupBudget,
-        final: CycleRead | None,
-    ) -> tuple[set[str], dict[str, dict[str, Any]]]:
-        """The backward moves a second look confirms (`second_look`), with those the
-        active plan's own reads confirmed; and what the look-ups found moved on since."""
-        confirmed, moved_on = await confirm_backward_moves(
-            self._upstream,
-            rt.batch_id,
-            previous,
-            rt.suspects,
-            cands,
-            self._p.interval_seconds,
-            lookups,
-            final.twice if final is not None else (),
-        )
-        if final is not None:
-            confirmed |= final.confirmed
-        return confirmed, moved_on
 
     def _hand_on(
         self,
@@ -345,7 +346,7 @@ class Poller:
                 rt.plan,
                 rt.states,
                 rt.meta,
-                rt.pages,
+                {} if rt.census else rt.pages,  # a census reads every page
                 rt.signatures.by_call,
                 groups.add,
                 on_held,
@@ -357,7 +358,10 @@ class Poller:
             self.reach.answered()
             return NothingRead(await self._mark_not_found(rt))
         except UpstreamError as exc:
-            self.reach.unreachable()
+            if isinstance(exc, RateLimitedError):
+                self.reach.rate_limited()
+            else:
+                self.reach.unreachable()
             log.warning(
                 "poll of batch %s failed, nothing written: %s",
                 rt.batch_id,
@@ -369,31 +373,28 @@ class Poller:
         return read
 
     async def _mark_not_found(self, rt: BatchCache) -> PollOutcome:
-        if not rt.not_found:
-            log.warning(
-                "batch %s not found upstream; rechecking every %.0fs",
-                rt.batch_id,
-                self._p.not_found_recheck_seconds,
-                extra={"action": "batch_not_found", "batch_id": rt.batch_id},
-            )
-            meta = dataclasses.replace(rt.meta, not_found_since_ms=self._wall_ms())
+        """Note that the batch answered 404, and retire it once it has for long
+        enough (`batch_end.not_found_step`)."""
+        meta, events = not_found_step(rt.batch_id, rt.meta, self._wall_ms(), self._p)
+        if meta is not None:
             assert rt.token is not None
-            meta.version, _ = await self._store.commit(
+            meta.version, stream_ids = await self._store.commit(
                 rt.batch_id,
                 token=rt.token,
                 expected_version=rt.meta.version,
                 lease_ttl_ms=self.ttl_ms,
                 states={},
-                events=[],
+                events=events,
                 timeline=[],
                 timeline_max=self._p.timeline_max_entries,
                 meta=meta,
             )
             rt.meta = meta
+            if events:
+                self._hand_on(rt, events, stream_ids, 0, last_group=True)
         rt.not_found = True
         return "not_found"
 
     async def probe(self, batch_id: str) -> None:
-        """One small request to learn whether this replica reaches the platform again
-        (while it stepped aside it owns no batch, so no cycle would tell it)."""
+        """Whether this replica reaches the platform again (`UpstreamHealth.probe`)."""
         await self.reach.probe(self._upstream, batch_id)

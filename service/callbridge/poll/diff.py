@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 
 from callbridge.models import (
+    KNOWN_STATUSES,
     PENDING,
+    REMOVED,
     TERMINAL_STATUSES,
     Event,
     TimelineEntry,
@@ -47,6 +49,9 @@ class BatchView:
     counts: Mapping[str, int]
     completed: bool = False
     completions: int = 0
+    # Calls in statuses the API does not document count as finished, unless this
+    # diff changes something in a batch not completed yet (`batch_end`).
+    unknown_final: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,10 @@ class ScanFacts:
     complete: bool = True
     # The batch's size as the platform reported it (``total``); None when unknown.
     total: int | None = None
+    # Calls an earlier look saw going back to a non-terminal status, not confirmed
+    # yet and not in this diff's items: each may be dialling again (a redial of a
+    # finished call), so the batch may not complete before its second look.
+    unsettled: int = 0
 
 
 @dataclass(slots=True)
@@ -136,6 +145,7 @@ def diff(
     confirmed: Collection[str] = (),
     raws: Mapping[str, bytes] | None = None,
     replays: Mapping[str, Mapping[str, Any]] | None = None,
+    removed: Iterable[str] = (),
 ) -> DiffResult:
     """Events for the scanned `items` given what was known before.
 
@@ -156,6 +166,9 @@ def diff(
 
     `raws` holds items' exact bytes as served: event bodies embed them as they are
     instead of serialising the decoded item again.
+
+    `removed`: calls the platform stopped listing (their state in `previous`), each
+    reported once as ``call.updated`` with ``removed: true`` and stored as `REMOVED`.
     """
     out = DiffResult()
     counts = Counter(batch.counts)
@@ -243,13 +256,31 @@ def diff(
             )
             out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
 
+    for call_id in removed:
+        prev = previous.get(call_id)
+        if prev is None or prev.status == REMOVED:
+            continue
+        counts[prev.status] -= 1
+        counts[REMOVED] += 1
+        seq = prev.seq + 1
+        states[call_id] = CallState(REMOVED, seq, prev.fingerprint)
+        out.events.append(_removed_event(batch_id, call_id, prev.status, seq, timestamp))
+        timeline.append(TimelineEntry(call_id, now_ms, REMOVED, seq, "call.updated"))
+
     out.counts = {s: n for s, n in counts.items() if n > 0}
     out.completed, out.completions = batch.completed, batch.completions
     total = sum(out.counts.values())
-    all_terminal = total > 0 and all(s in TERMINAL_STATUSES for s in out.counts)
+    unknown_final = batch.unknown_final and (batch.completed or not out.changed)
+    all_terminal = total > 0 and all(
+        s in TERMINAL_STATUSES or (unknown_final and s not in KNOWN_STATUSES) for s in out.counts
+    )
     # Completion needs a scan that saw the whole batch: every page arrived and we
-    # know of at least as many calls as the platform says it has.
+    # know of at least as many calls as the platform says it has. And no call seen
+    # going back to a non-terminal status may await its second look: it counts as
+    # finished until confirmed, but may be dialling again.
     whole = scan.complete and (scan.total is None or total >= scan.total)
+    if scan.unsettled or any(not is_terminal(s) for s in out.unconfirmed.values()):
+        whole = False
     if all_terminal and not batch.completed and whole:
         out.completed = True
         out.completions = batch.completions + 1
@@ -285,6 +316,32 @@ def _observations(
         if replay is not None and call_id in confirmed:
             yield replay, None
         yield item, raw_of(call_id)
+
+
+def _removed_event(batch_id: str, call_id: str, status: str, seq: int, timestamp: str) -> Event:
+    """The platform stopped listing the call (`batch_end`): reported once, with the
+    status it last had; no item to embed."""
+    return Event.build(
+        event_id=event_id(batch_id, call_id, seq, "call.updated"),
+        type="call.updated",
+        timestamp=timestamp,
+        batch_id=batch_id,
+        call_id=call_id,
+        data={
+            "batch_id": batch_id,
+            "call_id": call_id,
+            "external_id": None,
+            "status": status,
+            "previous_status": status,
+            "sequence": seq,
+            "initial": False,
+            "skipped_statuses": [],
+            "missed_terminal": False,
+            "changed_fields": [],
+            "removed": True,
+            "call": None,
+        },
+    )
 
 
 def _call_event(

@@ -8,10 +8,13 @@ the contract between the two; the sink only moves what it holds on, idempotently
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from callbridge.models import Event
+
+log = logging.getLogger(__name__)
 
 
 class EventSink(Protocol):
@@ -55,6 +58,23 @@ class FanOut:
         """Until every fan-out handed over has ended; raises the first one's error."""
         if self._last is not None:
             await asyncio.shield(self._last)
+
+    async def succeeded(self) -> bool:
+        """`wait`, logging a failure instead of raising it: whether every fan-out
+        succeeded. A failed one does not undo the commits before it: their events wait
+        in the outbox for the next cycle, which drains it first, in order."""
+        try:
+            await self.wait()
+        except Exception as exc:
+            log.warning(
+                "batch %s: committed, but handing its events on failed; they wait in the "
+                "outbox for the next cycle: %r",
+                self._batch_id,
+                exc,
+                extra={"action": "fanout_failed", "batch_id": self._batch_id},
+            )
+            return False
+        return True
 
     async def settle(self) -> None:
         """`wait`, keeping quiet about an error (on the way out of a cycle that failed:

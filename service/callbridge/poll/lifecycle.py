@@ -5,7 +5,9 @@ active     some call is not terminal, or the batch completed less than
 lingering  completed and quiet          -> polled every `linger_interval`, to
                                            catch redials, for `linger` seconds
 retired    lingering time is over        -> not polled (re-add it to watch again)
-not_found  the API answered 404          -> rechecked every `not_found_recheck`
+not_found  the API answered 404          -> rechecked every `not_found_recheck`,
+                                           retired once a cycle `ended` it (after
+                                           `not_found_retire`, `batch_end`)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import random
 from typing import Literal
 
 from callbridge.config import PollerSettings
+from callbridge.store.snapshots import BatchMeta
 
 BatchLifecycle = Literal["active", "lingering", "retired", "not_found"]
 
@@ -25,9 +28,10 @@ def lifecycle(
     not_found: bool,
     now_ms: int,
     settings: PollerSettings,
+    ended: bool = False,
 ) -> BatchLifecycle:
     if not_found:
-        return "not_found"
+        return "retired" if ended else "not_found"
     if not completed:
         return "active"
     quiet_ms = now_ms - last_change_ms
@@ -36,6 +40,21 @@ def lifecycle(
     if quiet_ms < (settings.quiet_period_seconds + settings.linger_seconds) * 1000:
         return "lingering"
     return "retired"
+
+
+def batch_lifecycle(
+    meta: BatchMeta, now_ms: int, settings: PollerSettings, *, not_found: bool | None = None
+) -> BatchLifecycle:
+    """`lifecycle` of a batch from its meta (`not_found`: the polling replica's own
+    view, else the meta's)."""
+    return lifecycle(
+        completed=meta.completed,
+        last_change_ms=meta.last_change_ms,
+        not_found=meta.not_found_since_ms > 0 if not_found is None else not_found,
+        now_ms=now_ms,
+        settings=settings,
+        ended=bool(meta.ended),
+    )
 
 
 def interval_s(state: BatchLifecycle, settings: PollerSettings) -> float | None:

@@ -68,6 +68,13 @@ ACTIVE_STATUSES: tuple[str, ...] = (QUEUED, RINGING, ANSWERED, IN_PROGRESS)
 TERMINAL_ORDER: tuple[str, ...] = tuple(s for s in KNOWN_STATUSES if s in TERMINAL_STATUSES)
 # After the status filter misbehaved, full scans only for this long.
 FILTER_DISTRUST_S = 3600.0
+# A filtered page whose item count misses what its `total` implies by at most this
+# many: a call moved in or out of the list between the server's count and its query.
+# A race, not a broken filter: that cycle reads every page, nothing more...
+FILTER_RACE_ITEMS = 1
+# ...unless it happens in this many active cycles in a row (a filter that is off by
+# one for good is distrusted like any other misbehaving one).
+FILTER_RACES_TO_DISTRUST = 3
 # Weight of the last cycle in the estimate of what resolving costs.
 _EWMA = 0.3
 # `auto` reads actively when that is expected to cost at most this share of a full scan.
@@ -104,7 +111,20 @@ class PlanState:
     # them where they were seen (a redial that ends before the second look is found
     # in its new terminal status, as a full scan would find it).
     backward: dict[str, str] = field(default_factory=dict)
+    # Active cycles in a row whose filtered lists raced with their counts.
+    filter_races: int = 0
     last: Plan | None = None
+
+    def misbehaved(self, anomaly: str, now: float) -> bool:
+        """Note that the status filter misbehaved this cycle (`anomaly`, a kind of
+        `filtered_page_problem`); whether it is distrusted from now on (full scans
+        only for `FILTER_DISTRUST_S`). A race is, only when it keeps happening."""
+        if anomaly == "status_filter_race":
+            self.filter_races += 1
+            if self.filter_races < FILTER_RACES_TO_DISTRUST:
+                return False
+        self.distrust_until = now + FILTER_DISTRUST_S
+        return True
 
     def place(self, pages: Iterable[RawPage], owners: Mapping[int, str]) -> None:
         """Note where the calls of a full scan's pages sit in the list (pages skipped
@@ -269,15 +289,22 @@ def filtered_page_problem(
     ``status_filter_ignored``: an item of another status came back.
     ``status_filter_total``: the page's items, ``has_more`` and ``total`` disagree
     (e.g. the unfiltered total reported with filtered items).
+    ``status_filter_race``: they disagree by `FILTER_RACE_ITEMS` (a call left or
+    joined the list between the server's count and its query).
     """
     if any(normalise_status(e.status) != status for e in entries):
         return "status_filter_ignored"
     served = max(1, page.limit)
     got = len(page.raws)
     want = max(0, min(served, page.total - (page_no - 1) * served))
-    if got != want or page.has_more != (page_no * served < page.total):
-        return "status_filter_total"
-    return None
+    more = page_no * served < page.total
+    if got == want and page.has_more == more:
+        return None
+    if abs(got - want) <= FILTER_RACE_ITEMS and (
+        page.has_more == more or abs(page_no * served - page.total) <= FILTER_RACE_ITEMS
+    ):
+        return "status_filter_race"
+    return "status_filter_total"
 
 
 def stored_status(states: Mapping[str, CallState]) -> Callable[[str], str | None]:

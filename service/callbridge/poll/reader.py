@@ -23,6 +23,7 @@ import msgspec
 from callbridge.config import Settings
 from callbridge.errors import FullReadNeeded, UpstreamAuthError, UpstreamError
 from callbridge.metrics import Metrics
+from callbridge.models import PollOutcome
 from callbridge.poll.active_read import ActiveRead
 from callbridge.poll.full_read import read_pages
 from callbridge.poll.pages import RawPage
@@ -43,8 +44,9 @@ from callbridge.store.snapshots import BatchMeta
 
 log = logging.getLogger(__name__)
 
-# Commits what an active plan's reads served twice, before its cycle falls back.
-OnHeld = Callable[[list[bytes]], Awaitable[object]]
+# Commits what an active plan's reads hold (`ActiveRead.held`: their raw items, and the
+# calls of those the reads served twice), before its cycle falls back.
+OnHeld = Callable[[list[bytes], set[str]], Awaitable[object]]
 
 
 @dataclass(slots=True)
@@ -68,6 +70,8 @@ class CycleRead:
     requests: Counter[str] = field(default_factory=Counter)
     resolve_requests: int = 0
     anomaly: str | None = None
+    # The anomaly made the planner distrust the status filter (`PlanState.misbehaved`).
+    distrust: bool = False
     # The planner's `gone` set once this cycle is committed.
     gone: set[str] = field(default_factory=set)
     # Backward moves the reads themselves confirmed (`ActiveRead.confirmed`).
@@ -80,6 +84,13 @@ class CycleRead:
         """Every page of the batch, when a full scan read them all (their digests let
         the next full scan skip pages that did not change); else None."""
         return self.pages if self.complete else None
+
+
+@dataclass(frozen=True, slots=True)
+class NothingRead:
+    """A cycle that got nothing usable from the platform, and how it ends."""
+
+    outcome: PollOutcome
 
 
 class BatchReader:
@@ -116,8 +127,8 @@ class BatchReader:
         active plan that cannot stand for a full scan falls back to one in the same
         cycle. The cycle's requests and plan are counted. A full scan hands each page
         to `on_page` as it arrives (the group commit). Before falling back, what the
-        active reads served twice moving forward (`ActiveRead.held`) goes to `on_held`,
-        to commit at once.
+        active reads served twice, and what they saw going back (`ActiveRead.held`),
+        goes to `on_held`, to commit at once.
 
         Raises the upstream error when nothing at all could be read.
         """
@@ -144,6 +155,7 @@ class BatchReader:
         full_pages = full_cost(meta.counts, page_size)
         requests: Counter[str] = Counter()
         anomaly = None
+        distrust = False
         if plan.kind == "active":
             active = ActiveRead(
                 self._upstream,
@@ -165,9 +177,9 @@ class BatchReader:
                 plan = Plan("full", cast(PlanReason, fallback.reason))
                 anomaly = fallback.anomaly
                 if anomaly is not None:
-                    state.distrust_until = now + FILTER_DISTRUST_S
-                elif on_held is not None and (held := active.held()):
-                    await on_held(held)
+                    distrust = state.misbehaved(anomaly, now)
+                elif on_held is not None and (held := active.held())[0]:
+                    await on_held(*held)
             except UpstreamAuthError:
                 raise
             except UpstreamError as exc:
@@ -182,6 +194,7 @@ class BatchReader:
                 )
                 return _active(plan, active, now, full_pages, partial=True)
             else:
+                state.filter_races = 0
                 out = _active(plan, active, now, full_pages, partial=False)
                 out.confirmed = active.confirmed(known)
                 return out
@@ -201,6 +214,7 @@ class BatchReader:
             page_size=page_size,
             requests=requests,
             anomaly=anomaly,
+            distrust=distrust,
             # A complete scan served every call there is; one still missing is looked up
             # again (once) by the next active cycle.
             gone=set() if scan.complete else set(state.gone),
@@ -236,10 +250,12 @@ def record(metrics: Metrics, batch_id: str, scan: CycleRead) -> None:
     if scan.anomaly is not None:
         metrics.upstream_anomalies.labels(scan.anomaly).inc()
         log.warning(
-            "batch %s: the status filter misbehaved (%s); full scans for %.0fs",
+            "batch %s: the status filter misbehaved (%s); %s",
             batch_id,
             scan.anomaly,
-            FILTER_DISTRUST_S,
+            f"full scans for {FILTER_DISTRUST_S:.0f}s"
+            if scan.distrust
+            else "this cycle reads every page",
             extra={"action": "upstream_anomaly", "batch_id": batch_id},
         )
 

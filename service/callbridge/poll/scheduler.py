@@ -101,27 +101,7 @@ class Scheduler:
                         await self._probe()
                 paused_until = self._poller.reach.paused_until
                 if now >= paused_until:
-                    share = await self._fair_share()
-                    pages_running = sum(
-                        self._pages(r) for r in self._batches.values() if r.task is not None
-                    )
-                    # Active batches first, most overdue first: when the request
-                    # budget or the concurrency is short, lingering ones wait.
-                    for rt in sorted(self._batches.values(), key=self._schedule_key):
-                        if rt.task is not None or rt.retired or rt.next_due > now:
-                            continue
-                        if rt.token is None and len(self._poller.owned()) >= share:
-                            # Another replica's share: look again at the next sync,
-                            # not on every loop turn.
-                            rt.next_due = now + sync_every
-                            continue
-                        pages = self._pages(rt)
-                        if pages_running and pages_running + pages > self._page_budget():
-                            # Scans share the request budget: many at once would all
-                            # be slow and stale. Fewer at a time each finish quickly.
-                            break
-                        pages_running += pages
-                        rt.task = asyncio.create_task(self.run_cycle(rt, sem))
+                    self.start_due(now, await self._fair_share(), sem, sync_every)
                 wake_at = min(
                     [next_sync, paused_until or math.inf]
                     + [r.next_due for r in self._batches.values() if r.task is None]
@@ -131,6 +111,38 @@ class Scheduler:
                 await wait_any(stopping, self._wake, within_s=timeout)
         finally:
             await self._stop_cycles()
+
+    def start_due(
+        self, now: float, share: int, sem: asyncio.Semaphore, recheck_s: float
+    ) -> list[BatchCache]:
+        """Start a cycle of each batch due by `now`, within this replica's `share` of
+        the batches and its share of the request budget; those started. A batch of
+        another replica's share is looked at again `recheck_s` later."""
+        started: list[BatchCache] = []
+        # Counted once: nothing here awaits, so it cannot change during the round (a
+        # count per batch made a round O(n^2) at thousands of batches). Cycles started
+        # for batches we do not hold are not counted: any of them may find its batch
+        # taken, and the others must still be tried.
+        owned = len(self._poller.owned())
+        pages_running = sum(self._pages(r) for r in self._batches.values() if r.task is not None)
+        # Active batches first, most overdue first: when the request budget or the
+        # concurrency is short, lingering ones wait.
+        for rt in sorted(self._batches.values(), key=self._schedule_key):
+            if rt.task is not None or rt.retired or rt.next_due > now:
+                continue
+            if rt.token is None and owned >= share:
+                # Another replica's share: look again later, not on every loop turn.
+                rt.next_due = now + recheck_s
+                continue
+            pages = self._pages(rt)
+            if pages_running and pages_running + pages > self._page_budget():
+                # Scans share the request budget: many at once would all be slow and
+                # stale. Fewer at a time each finish quickly.
+                break
+            pages_running += pages
+            rt.task = asyncio.create_task(self.run_cycle(rt, sem))
+            started.append(rt)
+        return started
 
     async def run_cycle(self, rt: BatchCache, sem: asyncio.Semaphore) -> None:
         """One scheduled cycle of `rt`: poll, set its next due time, retire it when over."""

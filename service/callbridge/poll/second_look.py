@@ -10,7 +10,7 @@ look-up (`confirm_backward_moves`). Pure but for that look-up.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +31,19 @@ _ENDED_AT = FINGERPRINT_FIELDS.index("ended_at")
 
 @dataclass(frozen=True, slots=True)
 class Suspect:
-    """A call seen moving backwards by one scan, waiting for a second look."""
+    """A call seen moving backwards, waiting for a second look."""
 
     status: str
     item: dict[str, Any]
     raw: bytes
+    # The platform served it so twice already (two reads of the cycle that saw it):
+    # a second look must report it, whatever the call shows then.
+    twice: bool = False
+    # The cycle that saw it (`BatchCache.cycle`; -1: an earlier process's). Only a
+    # later cycle gives the second look: a scan sees each call once, and an active
+    # plan, whose reads may serve a call more than once, must report what a full scan
+    # reports, in the same cycle (`tests/integration/test_planner.py`).
+    cycle: int = -1
 
 
 @dataclass(slots=True)
@@ -43,6 +51,12 @@ class LookupBudget:
     """Look-ups a cycle may still make (its groups of pages share them)."""
 
     left: int
+
+
+def must_judge(suspects: Mapping[str, Suspect], cycle: int) -> set[str]:
+    """Calls whose second look is due whatever they show (served twice going back by
+    an earlier cycle): decoded even when served as the last commit saw them."""
+    return {c for c, s in suspects.items() if s.twice and s.cycle != cycle}
 
 
 async def confirm_backward_moves(
@@ -53,21 +67,21 @@ async def confirm_backward_moves(
     candidates: Candidates,
     retry_within_s: float,
     lookups: LookupBudget,
-    twice: Collection[str] = (),
+    cycle: int,
 ) -> tuple[set[str], dict[str, dict[str, Any]]]:
     """Call ids whose backward move a second observation confirms, and what the scan
     showed of those the look-up found moved on since (to report first, see `diff`).
 
-    The second observation is the previous scan (`suspects`: the call was seen
+    The second observation is an earlier cycle's (`suspects`: the call was seen
     backwards then too) or, at once, an ``external_id`` look-up of the call (for a
     call whose terminal status we never saw: a redial after a seen one waits a
-    scan). A look-up showing the call where we last saw it proves the scan's copy
-    stale: the look-up's item replaces it in `candidates` (so the diff sees the truth).
-    `twice`: calls whose copy this cycle's reads served twice (the active plan's
-    lists, frontier page, tails); a look-up showing such a call as a new item, not
-    going back, finds the redial moved on since those two answers (which the diff
-    then reports first): only a look-up showing the call as committed proves them
-    stale.
+    cycle). A look-up showing the call where we last saw it proves the scan's copy
+    stale (the look-up's item replaces it in `candidates`, so the diff sees the
+    truth) unless this cycle's reads served it twice (`candidates.twice`). A status
+    served twice is reported whatever the call did next: a cycle slower than the
+    call's statuses may next find it back in the very item we knew (a redial that
+    came round), so an earlier cycle's suspect served twice is confirmed by any
+    later sight of the call.
     """
     confirmed: set[str] = set()
     moved_on: dict[str, dict[str, Any]] = {}
@@ -77,16 +91,22 @@ async def confirm_backward_moves(
         if prev is None:
             continue
         status = normalise_status(item["status"])
+        earlier = suspects.get(call_id)  # a first look by an earlier cycle
+        if earlier is not None and earlier.cycle == cycle:
+            earlier = None
         if not is_backward(prev.status, status):
-            if call_id in suspects and (
-                _new_attempt(prev, item) or (is_terminal(prev.status) and status != prev.status)
+            if earlier is not None and (
+                earlier.twice
+                or _new_attempt(prev, item)
+                or (is_terminal(prev.status) and status != prev.status)
             ):
-                # Seen going back, now forward again in another attempt than the one
-                # we know, or ended otherwise than we saw it end (a finished call
-                # changes only when redialled): the backward status was a redial.
+                # Served twice going back; or seen going back, now forward again in
+                # another attempt than the one we know, or ended otherwise than we saw
+                # it end (a finished call changes only when redialled): the backward
+                # status was a redial.
                 confirmed.add(call_id)
             continue
-        if call_id in suspects:
+        if earlier is not None:
             confirmed.add(call_id)
             continue
         external_id = item.get("external_id")
@@ -101,19 +121,18 @@ async def confirm_backward_moves(
             continue  # the next scan confirms it, or not
         if fresh is None:
             continue
+        status = normalise_status(fresh.status)
+        backward = is_backward(prev.status, status)
+        if not backward and call_id in candidates.twice:
+            continue  # served twice going back: a first look all the same, kept as served
         candidates.items[i] = fresh.item
         candidates.raws[call_id] = fresh.raw
-        status = normalise_status(fresh.status)
-        if is_backward(prev.status, status):
+        if backward:
             confirmed.add(call_id)
-        elif (status == prev.status and _new_attempt(prev, fresh.item)) or (
-            call_id in twice
-            and (status != prev.status or Fingerprint.of(fresh.item) != prev.fingerprint)
-        ):
+        elif status == prev.status and _new_attempt(prev, fresh.item):
             # Back where we last saw it, but in a new attempt (it started ringing at
-            # another time), or elsewhere than the two answers going back: it was
-            # redialled and has come forward again since the scan. The scan's status
-            # was real.
+            # another time): it was redialled and has come forward again since the
+            # scan. The scan's status was real.
             confirmed.add(call_id)
             moved_on[call_id] = item
     return confirmed, moved_on
@@ -156,14 +175,19 @@ def replays_for(
 
 
 def suspects_from(
-    candidates: Candidates, unconfirmed: Mapping[str, str], before: Mapping[str, Suspect]
+    candidates: Candidates,
+    unconfirmed: Mapping[str, str],
+    before: Mapping[str, Suspect],
+    cycle: int,
 ) -> dict[str, Suspect]:
-    """The calls seen going back and not confirmed yet, for the next scan to judge.
+    """The calls seen going back and not confirmed yet, for the next cycle to judge.
 
-    Those this scan saw go back, with what it showed of them; and the earlier ones
-    this scan did not serve at all (a page that failed, items shifting between
-    pages): forgetting them would make a redial need two sightings in a row.
-    A call served as the last commit saw it is back where we knew it: forgotten.
+    Those this scan saw go back, with what it showed of them (served twice: by two
+    reads behind `candidates`, or again after a look of this same `cycle`); and the
+    earlier ones this scan did not serve at all (a page that failed, items shifting
+    between pages): forgetting them would make a redial need two sightings in a row.
+    A call served as the last commit saw it is back where we knew it: forgotten (one
+    served twice never is: it is decoded and judged, `must_judge`).
     """
     out: dict[str, Suspect] = {}
     if before:
@@ -171,15 +195,39 @@ def suspects_from(
         out = {
             call_id: suspect
             for call_id, suspect in before.items()
-            if call_id not in seen and call_id not in candidates.unchanged
+            # Served twice by this cycle: judged by the next, whatever this one saw after.
+            if (suspect.twice and suspect.cycle == cycle)
+            or (call_id not in seen and call_id not in candidates.unchanged)
         }
     if not unconfirmed:
         return out
     for item in candidates.items:
         status = unconfirmed.get(call_id := item["call_id"])
         if status is not None:
-            out[call_id] = Suspect(status, item, candidates.raws[call_id])
+            # Unconfirmed with a suspect already: one of this cycle (an earlier one
+            # would have confirmed it); in the same status, the platform served it twice.
+            last = before.get(call_id)
+            again = last is not None and last.status == status
+            twice = call_id in candidates.twice or again
+            raw = candidates.raws[call_id]
+            out[call_id] = Suspect(status, item, raw, twice, cycle if last is None else last.cycle)
     return out
+
+
+def unsettled(suspects: Mapping[str, Suspect], candidates: Candidates) -> int:
+    """Calls seen going back to a non-terminal status by an earlier look, unconfirmed,
+    that `candidates` do not judge again (the diff judges those it holds): each may
+    be dialling again, so the batch may not complete yet (`diff.ScanFacts`)."""
+    if not suspects:
+        return 0
+    seen = {item["call_id"] for item in candidates.items}
+    return sum(
+        1
+        for call_id, suspect in suspects.items()
+        if not is_terminal(suspect.status)
+        and call_id not in seen
+        and call_id not in candidates.unchanged
+    )
 
 
 # Suspects kept with the snapshot at most: a platform serving every call backwards
@@ -187,16 +235,22 @@ def suspects_from(
 MAX_STORED_SUSPECTS = 1000
 
 
-def stored_suspects(suspects: Mapping[str, Suspect]) -> list[bytes]:
-    """What the commit keeps of `suspects` (their items as served), so that a
-    replica taking over, or this one restarted, judges them on its first scan."""
-    return [s.raw for s in itertools.islice(suspects.values(), MAX_STORED_SUSPECTS)]
+def stored_suspects(suspects: Mapping[str, Suspect]) -> tuple[list[bytes], list[str]]:
+    """What the commit keeps of `suspects` (their items as served, and which were
+    served twice), so that a replica taking over, or this one restarted, judges them
+    on its first scan."""
+    kept = list(itertools.islice(suspects.items(), MAX_STORED_SUSPECTS))
+    return [s.raw for _, s in kept], [c for c, s in kept if s.twice]
 
 
-def restored_suspects(raws: Iterable[bytes]) -> dict[str, Suspect]:
+def restored_suspects(raws: Iterable[bytes], twice: Iterable[str] = ()) -> dict[str, Suspect]:
+    """`stored_suspects` read back (from an earlier cycle, as far as any cycle of this
+    process goes). An older release stored no `twice`: none then."""
+    served_twice = set(twice)
     out: dict[str, Suspect] = {}
     for raw in raws:
         e = entry(raw)
         if e is not None:
-            out[e.call_id] = Suspect(normalise_status(e.status), e.item, e.raw)
+            status = normalise_status(e.status)
+            out[e.call_id] = Suspect(status, e.item, e.raw, e.call_id in served_twice)
     return out

@@ -63,6 +63,18 @@ def _retry_after(state: RetryCallState) -> float:
     return 0.0
 
 
+def _short(page: RawPage, served: int) -> bool:
+    """The page holds fewer items than its size though more follow."""
+    return page.has_more and not page.unchanged and 0 < len(page.raws) < served
+
+
+def _described(page_no: int, page: RawPage) -> str:
+    return (
+        f"page {page_no} (page={page.page}, items={len(page.raws)}, "
+        f"limit={page.limit}, total={page.total})"
+    )
+
+
 class UpstreamClient:
     """Reads List Batch Calls pages within the request budget."""
 
@@ -192,19 +204,42 @@ class UpstreamClient:
         # Pages still to read, as far as we know: lets the budget reserve them together.
         left = len(previous) if previous else 1
         while True:
-            page = await self.fetch_page(
-                batch_id,
-                page_no,
-                limit,
-                previous=previous.get(page_no) if previous else None,
-                pages_left=max(1, left),
-                retry_within_s=retry_within_s,
-            )
+
+            async def fetch(
+                page_no: int = page_no, limit: int = limit, left: int = left
+            ) -> RawPage:
+                return await self.fetch_page(
+                    batch_id,
+                    page_no,
+                    limit,
+                    previous=previous.get(page_no) if previous else None,
+                    pages_left=max(1, left),
+                    retry_within_s=retry_within_s,
+                )
+
+            page = await fetch()
             # The server's own page size counts: it may serve fewer than we asked for.
             served = max(1, page.limit or limit)
-            left = math.ceil(page.total / served) - page_no
+            if _short(page, served):
+                # Fewer items than the page size it names, and more to come: the next
+                # page would start past calls nobody served. A call that left the list
+                # while the page was read heals on a second read...
+                page = await fetch()
+                served = max(1, page.limit or limit)
             if not page.unchanged:
-                self._check_page(batch_id, page_no, page, served)
+                self._check_page(batch_id, page_no, page)
+            if _short(page, served):
+                # ...a server that pages by fewer items than it says does not: read on
+                # by its real page size, so the next page starts where this one ended
+                # (unless this one ends off that grid: then it is left as served).
+                self._anomaly(batch_id, "short_page_has_more", _described(page_no, page))
+                end = (page_no - 1) * served + len(page.raws)
+                if end % len(page.raws) == 0:
+                    limit = served = len(page.raws)
+                    page_no = end // served
+                # Never skipped as unchanged: read again, and checked again, next scan.
+                page = dataclasses.replace(page, digest=b"")
+            left = math.ceil(page.total / served) - page_no
             yield page
             if not page.has_more:
                 return
@@ -223,20 +258,10 @@ class UpstreamClient:
 
     # -- internals -------------------------------------------------------------
 
-    def _check_page(self, batch_id: str, page_no: int, page: RawPage, served: int) -> None:
+    def _check_page(self, batch_id: str, page_no: int, page: RawPage) -> None:
         """Count and log what is odd but tolerated in a page."""
-        odd = []
         if page.page != page_no:
-            odd.append("page_mismatch")
-        if page.has_more and len(page.raws) < served:
-            odd.append("short_page_has_more")
-        for kind in odd:
-            self._anomaly(
-                batch_id,
-                kind,
-                f"page {page_no} (page={page.page}, items={len(page.raws)}, "
-                f"limit={page.limit}, total={page.total})",
-            )
+            self._anomaly(batch_id, "page_mismatch", _described(page_no, page))
 
     def _anomaly(self, batch_id: str, kind: str, detail: str) -> None:
         self._metrics.upstream_anomalies.labels(kind).inc()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from callbridge.config import PollerSettings
-from callbridge.errors import UpstreamAuthError, UpstreamError
+from callbridge.errors import RateLimitedError, UpstreamAuthError, UpstreamError
 from callbridge.poll.lifecycle import auth_backoff_s
 from callbridge.poll.upstream import UpstreamClient
 
@@ -67,12 +67,21 @@ class UpstreamHealth:
         """A scan got no page at all (network, platform down)."""
         self._unreachable += 1
 
+    def rate_limited(self) -> None:
+        """The platform answered 429: reachable, asking the whole account to slow down
+        (the request budget backs off). Not a reason to step aside: the replicas taking
+        over would start cold, a burst of full reads right after the platform asked
+        for fewer."""
+        self._unreachable = 0
+
     async def probe(self, upstream: UpstreamClient, batch_id: str) -> None:
         """One one-item request of `batch_id`, recorded like a scan's answer."""
         try:
             await upstream.fetch_page(batch_id, 1, 1)
         except UpstreamAuthError as exc:
             self.key_rejected(exc)
+        except RateLimitedError:
+            self.rate_limited()
         except UpstreamError:
             pass
         else:

@@ -8,18 +8,25 @@ the typed surface in our own store/queue classes instead.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import ssl
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from callbridge.config import RedisSettings
+from callbridge.errors import RedisUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,10 @@ Redis = Any
 # ever retried. A retried script may have run already (the reply was lost): every
 # script is idempotent for that reason (see store/lua/).
 _RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
+# At start-up, one PING within this long and without those retries: an unreachable
+# server, a refused password or an untrusted certificate is a configuration problem,
+# reported at once (`check_reachable`); once running, the retries stay.
+STARTUP_CHECK_S = 8.0
 
 
 class _HiredisPacking:
@@ -55,14 +66,15 @@ class _HiredisPacking:
             return packed
 
 
-def connect(url: str, settings: RedisSettings) -> Redis:
-    """A client for `url`: a cluster client when the settings ask for one."""
+def connect(url: str, settings: RedisSettings, *, retries: bool = True) -> Redis:
+    """A client for `url`: a cluster client when the settings ask for one (`retries`:
+    the client retries transient failures itself, as a running bridge wants)."""
     common: dict[str, Any] = {
         "decode_responses": False,
         "health_check_interval": 15,
         "socket_connect_timeout": 5,
         "socket_timeout": 30,
-        "retry": _RETRY,
+        "retry": _RETRY if retries else Retry(NoBackoff(), 0),
     }
     if settings.use_cluster:
         cluster_url = url.replace("redis+cluster://", "redis://").replace(
@@ -72,7 +84,7 @@ def connect(url: str, settings: RedisSettings) -> Redis:
         return RedisCluster.from_url(cluster_url, **common)
     client = aioredis.Redis.from_url(
         url,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=[RedisConnectionError, RedisTimeoutError] if retries else [],
         **common,
     )
     pool = client.connection_pool
@@ -81,6 +93,57 @@ def connect(url: str, settings: RedisSettings) -> Redis:
         pool.connection_class.__name__, (_HiredisPacking, pool.connection_class), {}
     )
     return client
+
+
+async def check_reachable(
+    url: str, settings: RedisSettings, timeout_s: float = STARTUP_CHECK_S
+) -> None:
+    """Whether Redis at `url` answers a PING now; `RedisUnavailableError` naming the
+    cause and ``redis.url`` (never the password) when it does not."""
+    client = connect(url, settings, retries=False)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.ping()
+    except Exception as exc:
+        raise RedisUnavailableError(
+            f"Redis at {_where(url)} (redis.url): {_cause(exc, timeout_s)}"
+        ) from None
+    finally:
+        # Closing what may never have opened: the cause, if any, is above.
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+def _where(url: str) -> str:
+    """Where `url` points, without its userinfo (a password) or query."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def _cause(exc: BaseException, timeout_s: float) -> str:
+    for e in _chain(exc):
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"its TLS certificate is not signed by a CA we trust ({e.verify_message})"
+        if isinstance(e, ssl.SSLError):
+            return f"TLS failed ({e.reason or e})"
+        if isinstance(e, AuthenticationError) or (
+            isinstance(e, ResponseError) and str(e).split(" ", 1)[0] in ("WRONGPASS", "NOAUTH")
+        ):
+            return f"it refused the password ({e})"
+    if any(isinstance(e, TimeoutError | RedisTimeoutError) for e in _chain(exc)):
+        return f"no answer within {timeout_s:.0f}s (unreachable, or packets dropped)"
+    if isinstance(exc, RedisConnectionError | OSError):
+        return f"cannot connect ({exc})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def persistence_problems(redis: Redis) -> list[str]:
@@ -93,7 +156,9 @@ async def persistence_problems(redis: Redis) -> list[str]:
         cfg = await redis.config_get("appendonly")
         cfg.update(await redis.config_get("save"))
         cfg.update(await redis.config_get("maxmemory-policy"))
-    except Exception:
+    except ResponseError:
+        # Refused (a managed service): unknown, not a problem. A Redis that cannot be
+        # reached is no answer either way: that error goes to the caller.
         log.info("cannot read Redis CONFIG; persistence settings not checked")
         return []
     values = {

@@ -38,6 +38,11 @@ class Keys:
         """Sorted set replica_id -> last heartbeat (ms)."""
         return f"{self.prefix}:replicas"
 
+    def replica_processes(self) -> str:
+        """Hash "<replica id>|<nonce>" -> "<first>|<last> beat (ms)" of every live
+        process (`presence`): two processes under one replica id are told apart."""
+        return f"{self.prefix}:replica_procs"
+
     def subscriptions(self) -> str:
         """Hash subscription name -> when a replica whose config has it last said so (ms)."""
         return f"{self.prefix}:subscriptions"

@@ -59,35 +59,50 @@ class RedisRateLimiter:
         self._max_block = max(1, min(max_block, int(rate / 4)))
         self._clock = clock
         self._slots: deque[float] = deque()
+        # Until then (our clock) no slot handed out may be used: the platform said 429.
+        self._paused_until = 0.0
         self._lock = asyncio.Lock()
         self._gcra = register(redis, "gcra")
         self._penalize = register(redis, "penalize")
         self._pending: set[asyncio.Task[Any]] = set()
 
     async def acquire(self, expected: int = 1) -> None:
-        """Wait for a request slot; `expected` hints how many more this caller needs."""
+        """Wait for a request slot; `expected` hints how many more this caller needs.
+
+        A penalty (`penalize`) that arrives while a caller waits for its slot takes
+        the slot back: the caller waits the penalty out, then takes a new one."""
+        while True:
+            start = await self._slot(expected)
+            delay = start - self._clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pause = self._paused_until - self._clock()
+            if pause <= 0:
+                return
+            await asyncio.sleep(pause)
+
+    async def _slot(self, expected: int) -> float:
+        """The start time of a slot of our own (reserved in blocks from Redis)."""
         async with self._lock:
             while True:
                 now = self._clock()
                 while self._slots and self._slots[0] < now - self._late_s:
                     self._slots.popleft()
                 if self._slots:
-                    start = self._slots.popleft()
-                    break
+                    return self._slots.popleft()
                 n = max(1, min(expected, self._max_block))
                 wait_ms = float(
                     await self._gcra(keys=[self._key], args=[self._interval_s * 1000, n])
                 )
                 first = self._clock() + wait_ms / 1000
                 self._slots.extend(first + i * self._interval_s for i in range(n))
-        delay = start - self._clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
 
     def penalize(self, seconds: float) -> None:
         if seconds <= 0:
             return
         self._slots.clear()
+        # Slots handed out already are taken back too (`acquire`).
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
         # Called from sync code paths: the write runs as its own task.
         task = asyncio.ensure_future(self._penalize(keys=[self._key], args=[int(seconds * 1000)]))
         self._pending.add(task)

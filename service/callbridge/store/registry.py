@@ -27,6 +27,10 @@ class Registration:
     # config batch again after its state expired (it would be "seen" afresh).
     retired: bool = False
     retired_ms: int = 0
+    # Removed by an operator (DELETE): a tombstone too, so that whatever a crash left
+    # of its state is still found and let expire (`Janitor`); a config batch's is
+    # registered again at start, as the config still lists it.
+    removed: bool = False
 
 
 class BatchRegistry:
@@ -35,9 +39,14 @@ class BatchRegistry:
         self._key = keys.batches()
 
     async def register_config(self, batches: Iterable[BatchSettings]) -> None:
-        """Add the config's batches; an existing registration is left as it is."""
+        """Add the config's batches; an existing registration is left as it is, but
+        for a removed one (the config still lists it: watched again)."""
         for b in batches:
-            await self._redis.hsetnx(self._key, b.id, self._encode(b.id, b.backfill, "config"))
+            entry = self._encode(b.id, b.backfill, "config")
+            if not await self._redis.hsetnx(self._key, b.id, entry):
+                current = await self.get(b.id)
+                if current is not None and current.removed:
+                    await self._redis.hset(self._key, b.id, entry)
 
     async def add(self, batch_id: str, backfill: bool | None = None) -> bool:
         """Register a batch (or watch a retired one again); False when already watched."""
@@ -53,31 +62,35 @@ class BatchRegistry:
             return True
         return False
 
-    async def retire(self, batch_id: str) -> None:
-        """Mark a batch as no longer polled, keeping it registered as a tombstone."""
+    async def retire(self, batch_id: str, *, removed: bool = False) -> bool:
+        """Mark a batch as no longer polled, keeping it registered as a tombstone
+        (`removed`: by an operator); whether it was registered."""
         current = await self.get(batch_id)
         if current is None:
-            return
+            return False
         doc = {
             "backfill": current.backfill,
             "source": current.source,
             "added_ms": current.added_ms,
             "retired": True,
             "retired_ms": int(time.time() * 1000),
+            "removed": removed or current.removed,
         }
         await self._redis.hset(self._key, batch_id, orjson.dumps(doc))
+        return True
 
     async def prune(self, older_than_ms: int) -> int:
-        """Drop tombstones of batches added through the API and retired long ago.
+        """Drop tombstones of batches added through the API or removed, retired long ago.
 
-        Their state has expired by then. Tombstones of config batches stay (as many
-        as the config lists): without them a restart would watch the batch afresh.
+        Their state has expired by then. Tombstones of config batches that retired
+        stay (as many as the config lists): without them a restart would watch the
+        batch afresh.
         """
         cutoff = int(time.time() * 1000) - older_than_ms
         gone = [
             b
             for b, reg in (await self.all()).items()
-            if reg.retired and reg.source == "api" and 0 < reg.retired_ms < cutoff
+            if reg.retired and (reg.source == "api" or reg.removed) and 0 < reg.retired_ms < cutoff
         ]
         if gone:
             await self._redis.hdel(self._key, *gone)
@@ -88,7 +101,12 @@ class BatchRegistry:
         return self._decode(batch_id, raw) if raw else None
 
     async def remove(self, batch_id: str) -> bool:
-        return bool(await self._redis.hdel(self._key, batch_id))
+        """Stop watching a batch (an operator's DELETE): a tombstone marked removed;
+        whether it was registered (and not removed already)."""
+        current = await self.get(batch_id)
+        if current is None or current.removed:
+            return False
+        return await self.retire(batch_id, removed=True)
 
     async def all(self) -> dict[str, Registration]:
         raw = await self._redis.hgetall(self._key)
@@ -107,6 +125,7 @@ class BatchRegistry:
             added_ms=int(doc.get("added_ms", 0)),
             retired=bool(doc.get("retired", False)),
             retired_ms=int(doc.get("retired_ms", 0)),
+            removed=bool(doc.get("removed", False)),
         )
 
     @staticmethod

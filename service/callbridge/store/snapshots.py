@@ -47,9 +47,17 @@ class BatchMeta:
     # that wrote them is the last one (a replica of an older release commits without
     # them, and what they said may no longer hold).
     suspects: list[bytes] = field(default_factory=list)
+    # Those of them the platform served twice (call ids), stored the same way
+    # (``<commit_id>\n<JSON array>``; none from an older release).
+    suspects_twice: list[str] = field(default_factory=list)
     # The plan the last cycle read with (full, active) and why; "" before any.
     scan_plan: str = ""
     scan_reason: str = ""
+    # Calls the last full scans that read every page did not serve: call_id -> when
+    # first missed (ms); reported removed after `vanished_call_seconds` (`batch_end`).
+    vanished: dict[str, int] = field(default_factory=dict)
+    # Why the batch ended without completing ("not_found"); "" while it has not.
+    ended: str = ""
 
     @classmethod
     def from_redis(cls, raw: Mapping[bytes, bytes]) -> BatchMeta:
@@ -60,10 +68,14 @@ class BatchMeta:
         counts_raw = raw.get(b"counts")
         tag, _, stored = (raw.get(b"suspects") or b"").partition(b"\n")
         suspects: list[bytes] = []
+        twice: list[str] = []
         if stored and tag == raw.get(b"commit_id"):
             try:
                 suspects = [bytes(r) for r in _RAW_LIST.decode(stored)]
-            except msgspec.DecodeError:
+                tag, _, stored = (raw.get(b"suspects_twice") or b"").partition(b"\n")
+                if stored and tag == raw.get(b"commit_id"):
+                    twice = [str(c) for c in orjson.loads(stored)]
+            except (msgspec.DecodeError, orjson.JSONDecodeError):
                 log.warning("unreadable suspects in a batch's meta; ignored")
         return cls(
             version=num("version"),
@@ -75,8 +87,11 @@ class BatchMeta:
             completed_at_ms=num("completed_at_ms"),
             not_found_since_ms=num("not_found_since_ms"),
             suspects=suspects,
+            suspects_twice=twice,
             scan_plan=raw.get(b"scan_plan", b"").decode(),
             scan_reason=raw.get(b"scan_reason", b"").decode(),
+            vanished=orjson.loads(vanished_raw) if (vanished_raw := raw.get(b"vanished")) else {},
+            ended=raw.get(b"ended", b"").decode(),
         )
 
     def to_fields(self, commit_id: str) -> dict[str, str]:
@@ -93,8 +108,13 @@ class BatchMeta:
             "suspects": f"{commit_id}\n[{','.join(r.decode() for r in self.suspects)}]"
             if self.suspects
             else "",
+            "suspects_twice": f"{commit_id}\n{orjson.dumps(self.suspects_twice).decode()}"
+            if self.suspects_twice
+            else "",
             "scan_plan": self.scan_plan,
             "scan_reason": self.scan_reason,
+            "vanished": orjson.dumps(self.vanished).decode() if self.vanished else "",
+            "ended": self.ended,
         }
 
 
@@ -262,12 +282,32 @@ class SnapshotStore:
 
         Its outbox goes too: it was drained before, and an empty stream would stay.
         """
+        for key in self._batch_keys(batch_id):
+            await self._redis.pexpire(key, after_ms)
+
+    async def expire_unset(self, batch_id: str, after_ms: int) -> int:
+        """Give the batch's keys that have no expiry one, `after_ms` from now (deleted
+        when that is not in the future); how many had none. For a batch retired or
+        removed whose `expire_batch` never ran (a crash in between) or was undone (a
+        commit by an owner that had not heard of it yet)."""
+        keys = self._batch_keys(batch_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pttl(key)
+            ttls = await pipe.execute()
+        unset = [key for key, ttl in zip(keys, ttls, strict=True) if ttl == -1]
+        for key in unset:
+            if after_ms > 0:
+                await self._redis.pexpire(key, after_ms)
+            else:
+                await self._redis.unlink(key)
+        return len(unset)
+
+    def _batch_keys(self, batch_id: str) -> tuple[str, ...]:
         k = self._keys
-        keys = (
+        return (
             k.snapshot(batch_id),
             k.batch_meta(batch_id),
             k.timeline(batch_id),
             k.outbox(batch_id),
         )
-        for key in keys:
-            await self._redis.pexpire(key, after_ms)

@@ -8,7 +8,11 @@
 --
 -- Reply: 1 when the lease is now the caller's, 0 when another replica holds it.
 local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] and string.sub(current, 1, #ARGV[3]) ~= ARGV[3] then
+-- Ours only when the rest of the token is a process part (no ':'): replica "a" must
+-- not take the leases of replica "a:x".
+local ours = current and string.sub(current, 1, #ARGV[3]) == ARGV[3]
+  and not string.find(current, ':', #ARGV[3] + 1, true)
+if current and current ~= ARGV[1] and not ours then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
