@@ -188,3 +188,17 @@ async def test_liveness_fails_when_a_loop_is_stuck(running: Any) -> None:
     ok, why = svc.alive(now=time.monotonic() + 120)
     assert not ok
     assert "has not run" in why
+
+
+async def test_a_replay_naming_more_than_a_thousand_ids_is_refused(running: Any) -> None:
+    client, _, _, _ = running
+    ids = [f"evt_{i}" for i in range(1001)]
+    resp = await client.post(
+        "/v1/subscriptions/crm/dead-letters/replay", json={"ids": ids}, headers=auth()
+    )
+    assert resp.status == 400
+    assert "at most 1000 ids" in (await resp.json())["message"]
+    resp = await client.post(
+        "/v1/subscriptions/crm/dead-letters/replay", json={"ids": ids[:1000]}, headers=auth()
+    )
+    assert resp.status == 200

@@ -24,6 +24,9 @@ from callbridge.api.recent import RECENT
 from callbridge.config import BatchSettings
 from callbridge.operations import Operations, UnknownSubscriptionError
 
+# Event ids one replay request may name.
+MAX_REPLAY_IDS = 1000
+
 
 class BadRequest(Exception):
     """A request the admin API cannot act on; answered 400 with this message."""
@@ -167,6 +170,13 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     ids = doc.get("ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         return envelope(400, "ids must be a list of event ids", code="VALIDATION_ERROR")
+    if ids is not None and len(ids) > MAX_REPLAY_IDS:
+        # One request stays one bounded piece of work; a whole window is a recovery job.
+        return envelope(
+            400,
+            f"at most {MAX_REPLAY_IDS} ids per request (POST .../recover re-sends a window)",
+            code="VALIDATION_ERROR",
+        )
     n = await _ops(request).replay(name, ids)
     return envelope(200, "Dead letters replayed", {"replayed": n})
 
