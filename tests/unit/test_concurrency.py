@@ -10,7 +10,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from callbridge.config import SubscriptionSettings
 from callbridge.deliver.concurrency import AdaptiveLimit
+from callbridge.deliver.lane import Lane
+from tests.support.settings import SECRET
 
 
 def latency_at(limit: int, capacity: int, service_s: float) -> float:
@@ -127,3 +130,19 @@ def test_no_detach_while_the_receiver_is_slow_across_the_board() -> None:
         now += 0.1
         limiter.observe(latency_s=0.3, ok=True, overloaded=False, now=now)
     assert limiter.detach_after_s(timeout_s=5) is None
+
+
+def test_a_cut_limit_is_held_while_work_is_due() -> None:
+    # 8 in flight, 4 of them just written, the limit cut to 2: the step claims none
+    # back (6 are still in flight), and never more than the limit allows.
+    sub = SubscriptionSettings.model_validate(
+        {"name": "crm", "url": "http://127.0.0.1:1/h", "secret": SECRET, "max_in_flight": 64}
+    )
+    lane = Lane.of(sub)
+    lane.inflight, lane.limiter.value = 8, 2
+    assert lane.claimable(held=4, free=100) == (0, 0)
+    lane.inflight = 4
+    assert lane.claimable(held=4, free=100) == (2, 0)
+    lane.inflight, lane.limiter.value = 1, 16
+    assert lane.claimable(held=1, free=100) == (1, 15)
+    assert lane.claimable(held=1, free=3) == (1, 3)

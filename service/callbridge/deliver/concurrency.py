@@ -75,6 +75,7 @@ class AdaptiveLimit:
     _answers: int = 0
     _errors: int = 0
     _window_started: float | None = None
+    _cut_at: float = float("-inf")
     # The last windows' medians (the unloaded latency is their minimum).
     recent: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=_HORIZON)
@@ -115,6 +116,10 @@ class AdaptiveLimit:
         throttle a receiver that keeps up). Returns why the limit moved, when a window
         closed and moved it."""
         latency_s = max(0.0, latency_s - own_delay_s) if ok else latency_s
+        if now - latency_s < self._cut_at:
+            # Sent before the last cut, at the old concurrency: judged by it, the window
+            # after a cut would cut again, all the way down to the floor.
+            return None
         if self._window_started is None:
             self._window_started = now
         self._answers += 1
@@ -165,10 +170,10 @@ class AdaptiveLimit:
             self.unloaded_s = min(self.recent)
         if self.error_share > _ERROR_SHARE:
             self.value = max(self.floor, self.value * 0.75)
-            self.slow_start, moved = False, "errors"
+            self.slow_start, moved, self._cut_at = False, "errors", now
         elif median is not None and median > self._slow_above(self.unloaded_s or median):
             self.value = max(self.floor, self.value * 0.5)
-            self.slow_start, moved = False, "latency"
+            self.slow_start, moved, self._cut_at = False, "latency", now
         elif self.value < self.ceiling:
             if self.slow_start and median is not None and self.unloaded_s is not None:
                 # Doubling stops as soon as answers slow down at all (before the

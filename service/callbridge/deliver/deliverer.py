@@ -179,21 +179,21 @@ class Deliverer:
         # A step that failed may have claimed all the same (only its reply was lost):
         # its claim token sent again returns those claims (claim.lua's receipt), into
         # the slots it still holds.
+        # Detached attempts gave their slots back already.
+        held = sum(1 for f in batch if not f.detached)
         call, kept = sub.take_lost_claim() if claim else ("", 0)
         if call:
             extra, want = kept, kept + len(batch)
         # While another subscription waits for a replica slot, this call claims
         # nothing: the batch's slots go back to the pool for it.
         elif claim and s.enabled and not self._starving:
-            extra = max(0, min(sub.limiter.limit - sub.inflight, self._free))
-            want = extra + len(batch)
+            reuse, extra = sub.claimable(held, self._free)
+            want = reuse + extra
             self._free -= extra
             sub.inflight += extra
         if not batch and want == 0:
             return []
         call = call or f"{self.token}:{uuid.uuid4().hex[:12]}"
-        # Detached attempts gave their slots back already.
-        held = sum(1 for f in batch if not f.detached)
         try:
             visibility_ms = int((s.timeout_seconds + self._d.visibility_margin_seconds) * 1000)
             detach_s = sub.limiter.detach_after_s(s.timeout_seconds)

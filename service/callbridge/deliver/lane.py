@@ -81,6 +81,15 @@ class Lane:
             own_delay_s=own_delay_s,
         )
 
+    def claimable(self, held: int, free: int) -> tuple[int, int]:
+        """How many a step may claim: of the `held` slots its written outcomes free, and
+        of the replica's `free` ones. Never more in flight than the limit as it is now
+        (it may have been cut since these slots were taken; claiming one per outcome
+        written kept a receiver at the old concurrency)."""
+        room = max(0, self.limiter.limit - (self.inflight - held))
+        reuse = min(held, room)
+        return reuse, max(0, min(room - reuse, free))
+
     def start(self, key: AttemptKey, now: float) -> None:
         self.running[key] = now
 

@@ -81,6 +81,10 @@ class LeaseStore:
         return int(await self._live(keys=[self._keys.replicas()], args=[ttl_ms]))
 
 
+# How long leaving a LeaseKeeper waits for its renewal task to end.
+_STOP_WAIT_S = 1.0
+
+
 class LeaseKeeper:
     """Keeps a batch lease alive while a long cycle runs (``async with``).
 
@@ -98,24 +102,32 @@ class LeaseKeeper:
         self._ttl_ms = ttl_ms
         self._lost = False
         self._task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
 
     async def __aenter__(self) -> LeaseKeeper:
         self._task = asyncio.create_task(self._renew_forever())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # Asked to stop, then cancelled, then waited for a little only: a Redis call
+        # may swallow the cancellation (seen with redis-py 8.2 on Python 3.11: the
+        # task slept on as if nothing happened, and a cycle awaiting it never ended,
+        # its batch never polled again). The loop sees `_stopped` at its next turn.
+        self._stopped.set()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=_STOP_WAIT_S)
 
     def check(self) -> None:
         if self._lost:
             raise LeaseLostError(f"lease on batch {self._batch_id} lost during the scan")
 
     async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._ttl_ms / 3000)
+        while not self._stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self._ttl_ms / 3000)
+            if self._stopped.is_set():
+                return
             try:
                 if not await self._leases.renew(self._batch_id, self._token, self._ttl_ms):
                     self._lost = True
