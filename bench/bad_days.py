@@ -205,7 +205,10 @@ def outage_rows(r: dict[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 f"outage/{label}: on-call heard",
-                ", ".join(f"{k} @{t:+.0f}s" for t, k in run["ops_relative"]) or "nothing",
+                ", ".join(
+                    f"{k.replace('subscription.', '')} {t:+.0f} s" for t, k in run["ops_relative"]
+                )
+                or "nothing",
                 "",
                 "",
                 "",

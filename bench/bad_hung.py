@@ -278,7 +278,7 @@ def plot(result: dict[str, Any]) -> None:
     axes[0].set_title(
         f"{result['batches']} x {result['calls_per_batch']:,} calls, default config, timeout "
         f"{result['timeout_s']:.0f} s; hung: 2 % of first attempts hang "
-        f"{result['hang_s']:.0f} s (both: 5 % fail)"
+        f"{result['hang_s']:.0f} s (control and hung: 5 % fail)"
     )
     axes[0].legend()
     axes[1].set_ylabel("queued deliveries")
