@@ -142,16 +142,22 @@ def _merge(total: Report, part: Report) -> None:
 
 
 async def _ground_truth(
-    session: aiohttp.ClientSession, sim_url: str, receiver_url: str, batch_ids: list[str]
+    session: aiohttp.ClientSession,
+    sim_url: str,
+    receiver_url: str,
+    batch_ids: list[str],
+    interval_s: float = INTERVAL_S,
 ) -> Report:
-    """`tests.support.turbulence.check` over the whole campaign, one batch at a time."""
+    """`tests.support.turbulence.check` over the whole campaign, one batch at a time
+    (`interval_s`: the bridge's poll interval, which the checker's rule for
+    batch.completed reads)."""
     hooks = await _get_json(session, receiver_url + "/_hooks")
     by_batch: dict[str, list[HookRequest]] = defaultdict(list)
     for event_id, received, doc in hooks:
         request = HookRequest(event_id, orjson.dumps(doc), float(received), 1, "200", True, {})
         by_batch[doc["data"].get("batch_id")].append(request)
     del hooks
-    total = Report(INTERVAL_S)
+    total = Report(interval_s)
     for batch_id in batch_ids:
         raw = await _get_json(session, sim_url + "/_campaign/spans", batch=batch_id)
         spans = [StatusSpan(batch_id, c, status, a, b) for c, status, a, b in raw]
@@ -159,7 +165,7 @@ async def _ground_truth(
         served = {(batch_id, c): times for c, times in answers}
         requests = by_batch.pop(batch_id, [])
         now = time.time()
-        part = check(spans, requests, poll_interval_s=INTERVAL_S, now=now, served=served)
+        part = check(spans, requests, poll_interval_s=interval_s, now=now, served=served)
         _merge(total, part)
     # Events of batches the campaign never had: the checker counts them invented.
     _merge(
@@ -167,7 +173,7 @@ async def _ground_truth(
         check(
             [],
             [r for rs in by_batch.values() for r in rs],
-            poll_interval_s=INTERVAL_S,
+            poll_interval_s=interval_s,
             now=time.time(),
         ),
     )
