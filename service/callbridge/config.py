@@ -296,7 +296,7 @@ class DeliverySettings(_Model):
     # delivery it carried no attempt; its success makes every delivery the outage
     # held back due at once).
     breaker_cooloff_seconds: PositiveSeconds = 1.0
-    breaker_cooloff_max_seconds: PositiveSeconds = 5.0
+    breaker_cooloff_max_seconds: PositiveSeconds = 2.0
     # Undelivered deliveries one subscription may hold (its endpoint down or disabled
     # for long): further ones go straight to its dead letters, counted and
     # replayable, so Redis stays bounded.
