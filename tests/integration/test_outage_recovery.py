@@ -147,7 +147,7 @@ async def _settled(
         done = {r.payload()["data"]["batch_id"] for r in receiver.delivered
                 if r.payload()["type"] == "batch.completed"}  # fmt: skip
         depths = await queue.depths("crm")
-        if len(done) == batches and depths["dead"] + sum(depths.values()) == 2 * depths["dead"]:
+        if len(done) == batches and not any(n for s, n in depths.items() if s != "dead"):
             return True
         await asyncio.sleep(0.5)
     return False
