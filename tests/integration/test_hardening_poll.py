@@ -631,8 +631,16 @@ async def test_a_second_process_under_a_live_replica_id_refuses_to_start(
         await first.start()
         async with aiohttp.ClientSession() as session:
             await first.wait_healthy(session)
-        owners = {b: await redis_client.get(Keys().lease(b)) for b in sim.batch_ids}
-        assert all(owners.values())
+        # The first replica takes its batches' leases over its first cycles (starts are
+        # spread), not all before /healthz answers: wait for both, bounded.
+        owners: dict[str, bytes | None] = {}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            owners = {b: await redis_client.get(Keys().lease(b)) for b in sim.batch_ids}
+            if all(owners.values()):
+                break
+            await asyncio.sleep(0.1)
+        assert all(owners.values()), owners
         started = time.monotonic()
         await second.start()
         assert second.proc is not None
