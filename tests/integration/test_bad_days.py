@@ -9,6 +9,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import redis.asyncio as aioredis
+
+from callbridge.store.keys import Keys
 from tests.support.deliveries import MakeRig, Rig, event
 from tests.support.event_schemas import violations
 from tests.support.metrics import sample
@@ -271,3 +274,45 @@ async def test_the_outage_leaves_the_failure_window_with_the_recovery(make_rig: 
     await rig.deliverer.run_once("crm")
     assert rec.received[-1].id == "evt_after_7"
     assert (await rig.queue.endpoint("crm")).breaker == "closed"
+
+
+async def test_a_promoted_delivery_failing_again_retries_at_the_first_delay(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    # Promoted at the return, a delivery that failed during the outage fails once more:
+    # scheduled by its attempt count it waited the schedule's later tier (300 s by
+    # default; an hour here) although the endpoint had just come back. Once per
+    # recovery it takes the first delay instead.
+    rig = await make_rig(
+        {"crm": {"max_in_flight": 3, "adaptive_concurrency": False,
+                 "retry_schedule_seconds": [1, 3600, 3600]}},
+        **BREAKER,
+    )  # fmt: skip
+    await open_the_breaker(rig, "crm")  # each of the three failed once
+    rec = rig.receivers["crm"]
+    rec.default = 200
+    rec.answers.extend([200, 500])  # the probe answers, the first promoted one fails
+    await rig.enqueue("crm", event(3, "c3"))  # due now: the probe (the rest wait 1 s)
+    await until(lambda: half_open(rig, "crm"))
+    await rig.deliverer.run_once("crm")  # the probe: recovered, the others promoted
+    for _ in range(5):  # promotion, then the promoted three
+        if len(rec.received) == 7:
+            break
+        await rig.deliverer.run_once("crm")
+    assert len(rec.received) == 7
+    (refailed,) = {r.id for r in rec.received} - {r.id for r in rec.delivered}
+    record = await rig.queue.record("crm", refailed)
+    assert record is not None
+    assert record["attempts"] == 2
+    assert record["state"] == "pending"
+    now_ms = (await rig.queue.endpoint("crm")).now_ms
+    assert record["next_attempt_ms"] is not None
+    assert record["next_attempt_ms"] - now_ms <= 1200  # the first delay (+-20%), not 3600 s
+    # Only once per recovery: failing again without a new outage, it is on its tier.
+    await redis_client.zadd(Keys().due("crm"), {refailed: 0})
+    rec.answers.append(500)
+    await rig.deliverer.run_once("crm")
+    record = await rig.queue.record("crm", refailed)
+    assert record is not None
+    assert record["attempts"] == 3
+    assert record["next_attempt_ms"] - (await rig.queue.endpoint("crm")).now_ms > 3000_000

@@ -78,6 +78,7 @@ class OutcomeBook:
             attempt=entry,
             kind=d.kind,
             pace_ms=int(d.pace_s * 1000),
+            first_delay_ms=int(d.first_delay_s * 1000),
         )
         return Finished(claimed, completion, result, d, now_ms)
 
@@ -163,19 +164,20 @@ class OutcomeBook:
                 extra = {"subscription": name, "event_id": claimed.event_id}
                 log.debug("delivered %s to %s", claimed.event_id, name, extra=extra)
         else:
-            self._failed(sub, f, d)
+            self._failed(sub, f, d, soon=applied == "retry_soon")
 
-    def _failed(self, sub: SubscriptionSettings, f: Finished, d: Decision) -> None:
+    def _failed(self, sub: SubscriptionSettings, f: Finished, d: Decision, soon: bool) -> None:
         name, event_id = sub.name, f.claimed.event_id
         extra = {"subscription": name, "event_id": event_id}
         if d.outcome == "retry":
             log.warning(
-                "delivery %s to %s failed (%s); attempt %d, retry in %.1fs",
+                "delivery %s to %s failed (%s); attempt %d, retry in %.1fs%s",
                 event_id,
                 name,
                 d.reason,
                 f.claimed.attempts + 1,
-                d.delay_s,
+                d.first_delay_s if soon else d.delay_s,
+                " (first delay: it failed again just after its endpoint recovered)" if soon else "",
                 extra={"action": "delivery_retry", **extra},
             )
         elif d.outcome == "dead":

@@ -72,6 +72,8 @@ class Decision:
     kind: FailureKind = "fail"
     # With kind "paced": half the endpoint's requests at once for this long.
     pace_s: float = 0.0
+    # A retry's delay had this been its first attempt (same jitter and hint).
+    first_delay_s: float = 0.0
 
 
 def failure_reason(result: AttemptResult) -> str:
@@ -112,7 +114,9 @@ def classify(
             pace_s=pace,
         )
     jitter = (rng or random).uniform(1 - RETRY_JITTER_RATIO, 1 + RETRY_JITTER_RATIO)
-    delay = schedule[attempts_done - 1] * jitter
+    delay, first = schedule[attempts_done - 1] * jitter, schedule[0] * jitter
     if hinted is not None:
-        delay = max(delay, hinted)
-    return Decision("retry", delay_s=delay, reason=reason, kind=kind, pace_s=pace)
+        delay, first = max(delay, hinted), max(first, hinted)
+    return Decision(
+        "retry", delay_s=delay, reason=reason, kind=kind, pace_s=pace, first_delay_s=first
+    )

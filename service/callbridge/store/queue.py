@@ -55,6 +55,9 @@ class Completion:
     # How it counts for the breaker: ok | fail | conn | paced (see complete.lua).
     kind: str = "fail"
     pace_ms: int = 0
+    # A retry's delay had it been its first failure: what a delivery promoted after a
+    # recovery waits when it fails again (see _outcomes.lua). 0: its own delay.
+    first_delay_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,7 @@ def _outcomes_arg(outcomes: Sequence[Completion]) -> bytes:
                 orjson.dumps(o.attempt).decode(),
                 o.kind,
                 o.pace_ms,
+                o.first_delay_ms,
             ]
             for o in outcomes
         ]
@@ -356,16 +360,22 @@ class DeliveryQueue:
 
     async def record(self, sub: str, event_id: str) -> dict[str, Any] | None:
         """A delivery's state and attempt history (payload excluded)."""
-        raw = await self._redis.hgetall(self._keys.delivery(sub, event_id))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._keys.delivery(sub, event_id))
+            pipe.zscore(self._keys.due(sub), event_id)
+            raw, due = await pipe.execute()
         if not raw:
             return None
+        state = raw[b"state"].decode()
         return {
             "event_id": event_id,
             "type": raw[b"type"].decode(),
-            "state": raw[b"state"].decode(),
+            "state": state,
             "attempts": int(raw[b"attempts"]),
             "created_ms": int(raw[b"created_ms"]),
             "history": orjson.loads(raw[b"history"]),
+            # When its next attempt is due (Redis clock); None unless it waits for one.
+            "next_attempt_ms": int(due) if due is not None and state == "pending" else None,
         }
 
     async def body(self, sub: str, event_id: str) -> bytes | None:

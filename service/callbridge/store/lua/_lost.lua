@@ -20,7 +20,7 @@ local function give_back(id)
     if tonumber(f[3] or '0') + 1 > retries then outcome = 'dead' end
     redis.call('HDEL', rec, 'probe')
     local entry = cjson.encode({at_ms = now, error = lost_error, outcome = outcome})
-    complete(rec, id, f[2], outcome, 0, entry, 'lost', 0)
+    complete(rec, id, f[2], outcome, 0, entry, 'lost', 0, 0)
     -- A late answer of that worker reads as stale (its claim moved on), not as what
     -- applied here.
     redis.call('HDEL', rec, 'done', 'done_outcome')

@@ -1,6 +1,6 @@
 -- _outcomes.lua: shared snippet, included with `--#include outcomes` (after `now`).
 -- Records the outcome of one attempt: `complete(rec, id, token, outcome, delay_ms,
--- history entry JSON, kind, pace_ms)`. Expects these locals: due, inflight, dead,
+-- history entry JSON, kind, pace_ms, first_delay_ms)`. Expects these locals: due, inflight, dead,
 -- endpoint, chain, parked, ops (keys), prefix, retention, dead_retention, threshold,
 -- cooloff, cooloff_max, history_max, ratio, min_attempts, bucket_ms (see complete.lua).
 --
@@ -91,9 +91,9 @@ local function flush()
   end
 end
 
-local function complete(rec, id, token, outcome, delay, entry, kind, pace)
+local function complete(rec, id, token, outcome, delay, entry, kind, pace, first)
   local f = redis.call('HMGET', rec, 'state', 'claim', 'done', 'done_outcome', 'history',
-                       'attempts', 'next', 'callkey', 'probe', 'type')
+                       'attempts', 'next', 'callkey', 'probe', 'type', 'failed_ms')
   local probe = f[9] == token
   local state = f[1]
   if not state then return 'gone' end
@@ -244,6 +244,14 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace)
     op('delivery.dead_lettered', 'event_id', id, 'event_type', f[10] or '',
        'attempts', attempts, 'last_error', e.error or '')
   else
+    local before = tonumber(f[11] or '0')
+    if first > 0 and first < delay and before > 0
+       and before < tonumber(redis.call('HGET', endpoint, 'recovered_ms') or '0') then
+      -- It failed during the outage, was promoted at the return and failed again:
+      -- its attempt count says a later tier (minutes), but the endpoint has just come
+      -- back. The first delay instead, once per recovery (failed_ms is now past it).
+      delay, outcome = first, 'retry_soon'
+    end
     redis.call('HSET', rec, 'state', 'pending', unpack(w))
     redis.call('ZADD', due, now + delay, id)
   end
@@ -255,7 +263,7 @@ local function complete_all(items, rec_of)
   local out = {}
   for j, o in ipairs(items) do
     out[#out + 1] = complete(rec_of(j, o[1]), o[1], o[2], o[3], tonumber(o[4]), o[5],
-                             o[6] or 'fail', tonumber(o[7] or '0'))
+                             o[6] or 'fail', tonumber(o[7] or '0'), tonumber(o[8] or '0'))
   end
   flush()
   return out

@@ -91,7 +91,7 @@ if open_until > now then
         redis.call('HSET', rec, 'state', 'inflight', 'claim', token)
         local entry = cjson.encode({at_ms = now, error = 'endpoint down for longer than '
                                     .. 'the retry schedule', outcome = 'dead'})
-        complete(rec, id, token, 'dead', 0, entry, 'expired', 0)
+        complete(rec, id, token, 'dead', 0, entry, 'expired', 0, 0)
         expired[#expired + 1] = id
       end
     end
