@@ -167,7 +167,7 @@ class DeliveryQueue:
         keys = [k.due(sub), k.chain(sub), k.parked(sub), k.inflight(sub), k.dead(sub), k.ops(sub)]
         args: list[Any] = [k.record_prefix(sub), max_backlog, dead_retention_ms]
         for ev, observed_ms in events:
-            args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms)
+            args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms, ev.batch_id)
         added, overflow = await self._enqueue(keys=keys, args=args)
         return int(added), int(overflow)
 
@@ -268,14 +268,14 @@ class DeliveryQueue:
 
     async def sweep(
         self, sub: str, *, dead_retention_ms: int, max_items: int = 1000,
-        retries: int | None = None, history_max: int = 20,
+        retries: int | None = None, history_max: int = 20, hold_max_ms: int = 600_000,
     ) -> int:  # fmt: skip
         """Give back claims whose visibility deadline passed (their worker died). With
         `retries` (the retry schedule's length) each is a failed attempt, dead-lettered
-        once the schedule is used up (sweep.lua, _lost.lua)."""
+        once the schedule is used up (sweep.lua, _lost.lua). A batch event held longer
+        than `hold_max_ms` for its batch's call events is freed (enqueue.lua)."""
         args: list[Any] = [self._keys.record_prefix(sub), max_items, dead_retention_ms]
-        if retries is not None:
-            args += [retries, history_max]
+        args += [-1 if retries is None else retries, history_max, hold_max_ms]
         return int(await self._sweep(keys=self._lost_keys(sub), args=args))
 
     async def promote(self, sub: str, *, page: int = 1000) -> tuple[int, bool]:

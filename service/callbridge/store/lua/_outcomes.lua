@@ -91,9 +91,28 @@ local function flush()
   end
 end
 
+-- A call delivery of `batch` had its first attempt: one fewer for the batch's events
+-- to wait for (enqueue.lua); at none, they become due.
+local function gate_passed(batch)
+  if redis.call('HINCRBY', chain, '#' .. batch, -1) > 0 then return end
+  redis.call('HDEL', chain, '#' .. batch)
+  local w = redis.call('HGET', chain, '=' .. batch)
+  if not w then return end
+  redis.call('HDEL', chain, '=' .. batch)
+  for _, hid in ipairs(cjson.decode(w)) do
+    -- One the sweep freed already (held past its bound) is left where it is.
+    if redis.call('HGET', prefix .. hid, 'state') == 'waiting' then
+      redis.call('HSET', prefix .. hid, 'state', 'pending')
+      redis.call('ZADD', due, now, hid)
+      redis.call('ZREM', parked, hid)
+    end
+  end
+end
+
 local function complete(rec, id, token, outcome, delay, entry, kind, pace, first)
   local f = redis.call('HMGET', rec, 'state', 'claim', 'done', 'done_outcome', 'history',
-                       'attempts', 'next', 'callkey', 'probe', 'type', 'failed_ms')
+                       'attempts', 'next', 'callkey', 'probe', 'type', 'failed_ms',
+                       'gate')
   local probe = f[9] == token
   local state = f[1]
   if not state then return 'gone' end
@@ -162,6 +181,7 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace, first
     redis.call('ZREM', parked, nxt)
     w[#w + 1] = 'next'; w[#w + 1] = ''
   end
+  if attempts == 1 and f[12] and f[12] ~= '' then gate_passed(f[12]) end
   local function release_chain()
     local callkey = f[8]
     if callkey and callkey ~= '' then

@@ -47,6 +47,8 @@ for i = 1, #taken, 2 do
         redis.call('ZREM', dead, id)
         redis.call('PERSIST', rec)
         redis.call('HSET', rec, 'state', 'pending', 'attempts', 0, 'prev', '', 'claim', '')
+        -- Its batch's count (enqueue.lua) took its first attempt already: not again.
+        redis.call('HDEL', rec, 'gate')
         redis.call('ZADD', due, observed, id)
         requeued = requeued + 1
       end

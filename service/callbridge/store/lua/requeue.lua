@@ -32,6 +32,10 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('PERSIST', KEYS[3])
 redis.call('HSET', KEYS[3], 'state', 'pending', 'prev', '')
-if ARGV[2] == '1' then redis.call('HSET', KEYS[3], 'attempts', 0) end
+-- Its batch's count (enqueue.lua) took its first attempt already: not again.
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[3], 'attempts', 0)
+  redis.call('HDEL', KEYS[3], 'gate')
+end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 return 1

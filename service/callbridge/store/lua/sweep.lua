@@ -17,6 +17,8 @@
 --                            failed attempt, dead-lettered once attempts exceed it
 --                            (_lost.lua); without it, given back uncounted
 -- ARGV[5] history_max (optional, with ARGV[4])  attempts kept in a record's history
+-- ARGV[6] hold_max_ms (optional)  a batch event held this long for its batch's call
+--                            events (enqueue.lua) is freed anyway (default 10 min)
 --
 -- Reply: how many claims were given back.
 --#include now
@@ -24,6 +26,7 @@ local due, inflight, dead, parked = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local endpoint, chain, ops, prefix = KEYS[5], KEYS[6], KEYS[7], ARGV[1]
 local dead_retention, retries = tonumber(ARGV[3]), tonumber(ARGV[4] or '-1')
 local history_max = tonumber(ARGV[5] or '20')
+local hold_max = tonumber(ARGV[6] or '600000')
 -- The outcome snippet's breaker knobs: a lost claim never reaches them.
 local retention, threshold, cooloff, cooloff_max = 0, 0, 0, 0
 local ratio, min_attempts, bucket_ms = 1, 0, 1
@@ -43,13 +46,21 @@ if KEYS[4] then
   -- to reach every member eventually.
   local cursor = 0
   if KEYS[5] then cursor = tonumber(redis.call('HGET', KEYS[5], 'parked_cursor') or '0') end
-  local page = redis.call('ZRANGE', KEYS[4], cursor, cursor + 19)
-  local freed = 0
-  for _, id in ipairs(page) do
+  local page = redis.call('ZRANGE', KEYS[4], cursor, cursor + 19, 'WITHSCORES')
+  local freed, seen = 0, #page / 2
+  for i = 1, #page, 2 do
+    local id, parked_ms = page[i], tonumber(page[i + 1])
     local rec = ARGV[1] .. id
-    local f = redis.call('HMGET', rec, 'state', 'prev')
+    local f = redis.call('HMGET', rec, 'state', 'prev', 'hold')
     local free = f[1] ~= 'waiting'
-    if not free then
+    if not free and f[3] and f[3] ~= '' then
+      -- A batch event held for its batch's call events: free once none is left, or
+      -- after its bound (a replica of the previous release attempted some without
+      -- counting them down: the count never reaches 0).
+      local left = tonumber(redis.call('HGET', chain, '#' .. f[3]) or '0')
+      free = left <= 0 or now - parked_ms >= hold_max
+      if left <= 0 then redis.call('HDEL', chain, '#' .. f[3], '=' .. f[3]) end
+    elseif not free then
       local p = redis.call('HMGET', ARGV[1] .. (f[2] or ''), 'state', 'attempts')
       free = not p[1] or p[2] ~= '0' or (p[1] ~= 'pending' and p[1] ~= 'inflight'
                                           and p[1] ~= 'waiting')
@@ -64,8 +75,8 @@ if KEYS[4] then
     end
   end
   if KEYS[5] then
-    local nxt = cursor + #page - freed
-    if #page < 20 then nxt = 0 end  -- the end of the set: start over
+    local nxt = cursor + seen - freed
+    if seen < 20 then nxt = 0 end  -- the end of the set: start over
     redis.call('HSET', KEYS[5], 'parked_cursor', nxt)
   end
 end
