@@ -129,7 +129,7 @@ class Bridge:
         )
         store = SnapshotStore(redis, keys)
         leases = LeaseStore(redis, keys)
-        queue = DeliveryQueue(redis, keys)
+        queue = DeliveryQueue(redis, keys, on_dead=metrics.count_dead_letters)
         registry = BatchRegistry(redis, keys)
         limiter = RedisRateLimiter(
             redis, keys.upstream_budget(), settings.upstream.max_requests_per_second
@@ -146,7 +146,6 @@ class Bridge:
             on_enqueued=deliverer.wake,
             max_backlog=settings.delivery.max_backlog,
             dead_retention_ms=int(settings.delivery.dead_letter_retention_seconds * 1000),
-            metrics=metrics,
         )
         poller = Poller(
             settings,

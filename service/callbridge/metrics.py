@@ -342,6 +342,10 @@ class Metrics:
         self.concurrency_limit.labels(name).set(limit)
         self.concurrency_changes.labels(name, reason).inc()
 
+    def count_dead_letters(self, name: str, n: int) -> None:
+        """`DeliveryQueue`'s on_dead: every dead letter, whichever path made it."""
+        self.dead_letters.labels(name).inc(n)
+
     def set_breaker(self, name: str, state: str) -> None:
         """A subscription's breaker state: closed, open or half_open."""
         self.breaker_open.labels(name).set(0 if state == "closed" else 1)

@@ -139,6 +139,8 @@ async def test_claims_given_back_by_the_sweep_count_as_attempts_and_end_dead(
     assert (record["state"], record["attempts"]) == ("dead", schedule + 1)
     assert record["history"][-1]["error"].startswith("no outcome")
     assert (await rig.queue.depths("crm"))["dead"] == 1
+    # Counted like any other dead letter (item 13: only an attempt's own outcome was).
+    assert sample(rig.metrics, "dead_letters_total", subscription="crm") == 1
 
 
 async def test_claims_of_a_dead_process_given_back_at_start_count_as_attempts(

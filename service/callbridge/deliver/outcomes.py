@@ -181,7 +181,7 @@ class OutcomeBook:
                 extra={"action": "delivery_retry", **extra},
             )
         elif d.outcome == "dead":
-            self._metrics.dead_letters.labels(name).inc()
+            # Counted by the queue (DeliveryQueue's on_dead), with every other path.
             log.error(
                 "delivery %s to %s dead-lettered: %s",
                 event_id,

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Sequence
 
 from callbridge.config import SubscriptionSettings
-from callbridge.metrics import Metrics
 from callbridge.models import Event
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.snapshots import SnapshotStore
@@ -42,7 +41,6 @@ class Relay:
         chunk: int = 500,
         max_backlog: int = 2**62,
         dead_retention_ms: int = 14 * 86_400_000,
-        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._queue = queue
@@ -52,7 +50,6 @@ class Relay:
         self._max_backlog = max_backlog
         self._backlogs = {s.name: s.max_backlog for s in self._subs}
         self._dead_retention_ms = dead_retention_ms
-        self._metrics = metrics
         # (event type, batch id) -> names of the subscriptions that want it: asked per
         # event of a flood, answered once (the subscriptions are fixed for a process).
         self._wants: dict[tuple[str, str], list[str]] = {}
@@ -70,8 +67,7 @@ class Relay:
         return names
 
     def _on_overflow(self, name: str, n: int) -> None:
-        if self._metrics is not None:
-            self._metrics.dead_letters.labels(name).inc(n)
+        # Counted in dead_letters_total by the queue (DeliveryQueue's on_dead).
         log.error(
             "subscription %s holds %d undelivered deliveries (its max_backlog): "
             "%d new ones went to its dead letters, replayable once it catches up",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -137,9 +137,15 @@ def call_key(event: Event) -> str:
 class DeliveryQueue:
     """Enqueue, claim, complete and inspect deliveries of every subscription."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, on_dead: Callable[[str, int], None] | None = None
+    ) -> None:
         self._redis = redis
         self._keys = keys
+        # Told of every dead letter the scripts make, whichever path made it (an
+        # attempt's outcome, the backlog bound, age while the breaker is open, a claim
+        # given back past its schedule): `callbridge_dead_letters_total`.
+        self._on_dead = on_dead
         self._enqueue = register(redis, "enqueue")
         self._claim = register(redis, "claim")
         self._complete = register(redis, "complete")
@@ -169,7 +175,12 @@ class DeliveryQueue:
         for ev, observed_ms in events:
             args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms, ev.batch_id)
         added, overflow = await self._enqueue(keys=keys, args=args)
+        self._dead(sub, int(overflow))
         return int(added), int(overflow)
+
+    def _dead(self, sub: str, n: int) -> None:
+        if n and self._on_dead is not None:
+            self._on_dead(sub, n)
 
     async def claim(
         self, sub: str, *, max_in_flight: int, limit: int, visibility_ms: int, token: str
@@ -230,7 +241,11 @@ class DeliveryQueue:
             )
             for i in range(0, len(raw), 4)
         ]
-        return [_text(r) for r in applied], claimed
+        if len(now) > 1:  # the breaker is open: deliveries dead-lettered by age
+            self._dead(sub, int(now[1]))
+        texts = [_text(r) for r in applied]
+        self._dead(sub, texts.count("dead"))
+        return texts, claimed
 
     async def complete(
         self, sub: str, outcomes: Sequence[Completion], policy: CompletionPolicy
@@ -259,7 +274,9 @@ class DeliveryQueue:
             k.record_prefix(sub),
         ]
         result = await self._complete(keys=keys, args=args)
-        return [_text(r) for r in result]
+        texts = [_text(r) for r in result]
+        self._dead(sub, texts.count("dead"))
+        return texts
 
     def _lost_keys(self, sub: str) -> list[str]:  # sweep.lua's and reclaim.lua's
         k = self._keys
@@ -276,7 +293,9 @@ class DeliveryQueue:
         than `hold_max_ms` for its batch's call events is freed (enqueue.lua)."""
         args: list[Any] = [self._keys.record_prefix(sub), max_items, dead_retention_ms]
         args += [-1 if retries is None else retries, history_max, hold_max_ms]
-        return int(await self._sweep(keys=self._lost_keys(sub), args=args))
+        given_back, dead = await self._sweep(keys=self._lost_keys(sub), args=args)
+        self._dead(sub, int(dead))
+        return int(given_back)
 
     async def promote(self, sub: str, *, page: int = 1000) -> tuple[int, bool]:
         """One page of the promotion that follows a recovery (promote.lua): how many
@@ -306,7 +325,9 @@ class DeliveryQueue:
         args: list[Any] = [self._keys.record_prefix(sub), f"{replica}:", f"{current}:"]
         if retries is not None:
             args += [retries, history_max, dead_retention_ms]
-        return int(await self._reclaim(keys=self._lost_keys(sub), args=args))
+        given_back, dead = await self._reclaim(keys=self._lost_keys(sub), args=args)
+        self._dead(sub, int(dead))
+        return int(given_back)
 
     # -- inspection and operator actions --------------------------------------
 

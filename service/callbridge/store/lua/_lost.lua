@@ -11,13 +11,19 @@
 local lost_error = 'no outcome before the claim was given back: its worker died or '
                    .. 'its attempt crashed'
 
+-- Claims given back as dead letters (their schedule used up), for the caller's reply.
+local lost_dead = 0
+
 local function give_back(id)
   local rec = prefix .. id
   redis.call('ZREM', inflight, id)
   local f = redis.call('HMGET', rec, 'state', 'claim', 'attempts')
   if f[1] == 'inflight' and retries >= 0 then
     local outcome = 'retry'
-    if tonumber(f[3] or '0') + 1 > retries then outcome = 'dead' end
+    if tonumber(f[3] or '0') + 1 > retries then
+      outcome = 'dead'
+      lost_dead = lost_dead + 1
+    end
     redis.call('HDEL', rec, 'probe')
     local entry = cjson.encode({at_ms = now, error = lost_error, outcome = outcome})
     complete(rec, id, f[2], outcome, 0, entry, 'lost', 0, 0)

@@ -35,7 +35,8 @@
 -- Reply: {applied, claimed, now}: per outcome what applied (as complete.lua replies), a
 -- flat list, four per claimed delivery: id, attempts so far, body, observed_ms, and,
 -- when something was claimed, the Redis time of the claim (ms; observed_ms is on the
--- same clock, so the delivery lag never mixes it with a replica's wall clock).
+-- same clock, so the delivery lag never mixes it with a replica's wall clock). While
+-- the breaker is open: {applied, {}, now, deliveries dead-lettered by age}.
 -- Nothing is claimed while the endpoint is disabled or its breaker is open; one probe
 -- at a time while the breaker is half-open (marked: the record's `probe` holds the
 -- claim token, see _outcomes.lua); half of max_in_flight while a 429's Retry-After
@@ -99,6 +100,7 @@ if open_until > now then
       redis.call('ZREM', due, unpack(expired))
       flush()
     end
+    return {applied, {}, now, #expired}
   end
   return {applied, {}}
 end

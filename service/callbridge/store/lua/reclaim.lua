@@ -15,7 +15,7 @@
 -- only a token whose rest after ARGV[2] is exactly "<process>:<call>" is this
 -- replica's. A prefix match alone took replica `a:x`'s live claims for `a`'s.
 --
--- Reply: how many claims were given back.
+-- Reply: {claims given back, of which dead-lettered}.
 --#include now
 local due, inflight, dead, parked = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local endpoint, chain, ops, prefix = KEYS[5], KEYS[6], KEYS[7], ARGV[1]
@@ -39,4 +39,4 @@ for _, id in ipairs(ids) do
   end
 end
 flush()
-return n
+return {n, lost_dead}

@@ -20,7 +20,7 @@
 -- ARGV[6] hold_max_ms (optional)  a batch event held this long for its batch's call
 --                            events (enqueue.lua) is freed anyway (default 10 min)
 --
--- Reply: how many claims were given back.
+-- Reply: {claims given back, of which dead-lettered}.
 --#include now
 local due, inflight, dead, parked = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local endpoint, chain, ops, prefix = KEYS[5], KEYS[6], KEYS[7], ARGV[1]
@@ -80,4 +80,4 @@ if KEYS[4] then
     redis.call('HSET', KEYS[5], 'parked_cursor', nxt)
   end
 end
-return #ids
+return {#ids, lost_dead}
