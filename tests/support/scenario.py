@@ -160,9 +160,16 @@ def write_config(path: Path, upstream: str, redis_url: str, hook: str, sc: Scena
 
 
 async def run_scenario(
-    sc: Scenario, *, tmp_path: Path, redis_url: str, aiohttp_server: ServerFactory
+    sc: Scenario,
+    *,
+    tmp_path: Path,
+    redis_url: str,
+    aiohttp_server: ServerFactory,
+    during: Callable[[float], Awaitable[None]] | None = None,
 ) -> Outcome:
-    """Run `sc` to the end and judge it; prints and returns the figures."""
+    """Run `sc` to the end and judge it; prints and returns the figures. `during` is
+    awaited every 0.1 s of the campaign with the seconds since it started (a test's
+    own turbulence: a Redis primary killed, say)."""
     clock = time.monotonic
     rng = random.Random(f"kills:{sc.seed}")
     sim = Simulator(sc.simulator_config(), clock=clock)
@@ -199,6 +206,8 @@ async def run_scenario(
         try:
             while not sim.is_finished() or kill_at:
                 await asyncio.sleep(0.1)
+                if during is not None:
+                    await during(clock() - started)
                 if kill_at and clock() - started >= kill_at[0]:
                     kill_at.pop(0)
                     victim = replicas[rng.randrange(len(replicas))]
