@@ -18,7 +18,8 @@ from playwright.async_api import Browser, Page, expect
 from callbridge.app import RUNNING, build_app
 from callbridge.models import Event
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
-from callbridge.store.queue import Completion, CompletionPolicy, DeliveryQueue
+from callbridge.store.queue import DeliveryQueue
+from callbridge.store.records import Completion, CompletionPolicy
 from tests.support.bridge import pause_loops
 from tests.support.browser import launch, watched_page
 from tests.support.receivers import Receiver

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from callbridge.store.keys import Keys
-from callbridge.store.queue import Completion, CompletionPolicy
+from callbridge.store.records import Completion, CompletionPolicy
 from tests.support.deliveries import MakeRig, Rig, event
 from tests.support.metrics import sample
 from tests.support.servers import free_port

@@ -24,7 +24,8 @@ from callbridge.poll.scheduler import Scheduler
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.connection import connect
 from callbridge.store.keys import Keys
-from callbridge.store.queue import Completion, CompletionPolicy, DeliveryQueue
+from callbridge.store.queue import DeliveryQueue
+from callbridge.store.records import Completion, CompletionPolicy
 from callbridge.store.scripts import source
 from tests.support.bridges import MakeService, sim_config
 from tests.support.deliveries import MakeRig, event

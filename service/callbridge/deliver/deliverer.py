@@ -6,10 +6,9 @@ share of this replica's ``global_max_in_flight``. A turn of the loop is one scri
 call: it records the outcomes of the attempts that finished since the last turn
 and claims due deliveries into the slots they free, so a busy subscription costs
 one round trip per turn, not a claim and a completion per delivery. Attempts run
-in the subscription's workers (`workers.py`), not a task each. An attempt keeps
-its slots until its outcome is written; outcome writes are shielded from
-cancellation: a worker cancelled mid-request hands its claim back, and one killed
-outright is reclaimed (a failed attempt) after the visibility deadline.
+in the subscription's workers (`workers.py`), not a task each. An attempt keeps its
+slots until its outcome is written; outcome writes are shielded from cancellation (a
+worker cancelled mid-request hands its claim back; one killed is reclaimed later).
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from callbridge.deliver.sender import WebhookSender
 from callbridge.deliver.upkeep import Upkeep
 from callbridge.deliver.workers import Workers
 from callbridge.metrics import Metrics
-from callbridge.store.queue import Claimed, CompletionPolicy, DeliveryQueue
+from callbridge.store.queue import DeliveryQueue
+from callbridge.store.records import Claimed, CompletionPolicy
 from callbridge.store.recovery import RecoveryJobs
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from prometheus_client import Counter, Histogram
 from callbridge.config import SubscriptionSettings
 from callbridge.deliver.retry import AttemptResult, Decision, classify, failure_reason
 from callbridge.metrics import Metrics, status_class
-from callbridge.store.queue import Claimed, Completion
+from callbridge.store.records import Claimed, Completion
 
 log = logging.getLogger("callbridge.deliver.deliverer")
 

@@ -14,7 +14,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from callbridge.store.queue import Claimed
+from callbridge.store.records import Claimed
 
 
 class Workers:

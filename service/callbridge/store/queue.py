@@ -16,113 +16,24 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
 from callbridge.models import Event
 from callbridge.store.connection import Redis
 from callbridge.store.keys import Keys
+from callbridge.store.records import (
+    NO_POLICY,
+    Claimed,
+    Completion,
+    CompletionPolicy,
+    EndpointState,
+    outcomes_arg,
+)
 from callbridge.store.scripts import register
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """A delivery handed to this worker until its visibility deadline."""
-
-    event_id: str
-    attempts: int  # completed attempts before this one
-    body: bytes
-    observed_ms: int
-    # This claim's token: its outcome is recorded under it (see claim.lua).
-    token: str = ""
-    # When it was claimed, on the Redis clock (as observed_ms); 0: not known.
-    claimed_ms: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """What one attempt of a claimed delivery came to."""
-
-    event_id: str
-    token: str
-    outcome: str  # success | retry | dead | disable | release
-    delay_ms: int = 0
-    attempt: dict[str, Any] = field(default_factory=dict)
-    # How it counts for the breaker: ok | fail | conn | paced (see complete.lua).
-    kind: str = "fail"
-    pace_ms: int = 0
-    # A retry's delay had it been its first failure: what a delivery promoted after a
-    # recovery waits when it fails again (see _outcomes.lua). 0: its own delay.
-    first_delay_ms: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CompletionPolicy:
-    """Subscription-independent knobs the completion script applies."""
-
-    retention_ms: int
-    dead_retention_ms: int
-    # Consecutive connection failures that open the breaker.
-    breaker_threshold: int
-    cooloff_ms: int
-    cooloff_max_ms: int
-    history_max: int = 20
-    # ...or this share of failed attempts, once there were this many in the window.
-    breaker_failure_ratio: float = 0.5
-    breaker_min_attempts: int = 20
-    breaker_window_ms: int = 30_000
-
-
-BreakerState = Literal["closed", "open", "half_open"]
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointState:
-    disabled: bool
-    disabled_reason: str
-    failures: int
-    open_until_ms: int
-    paced_until_ms: int = 0
-    # Read with the state, on the Redis clock every script uses.
-    now_ms: int = 0
-    failing_since_ms: int = 0
-    # A promotion after a recovery is still running (promote.lua).
-    promoting: bool = False
-
-    @property
-    def breaker(self) -> BreakerState:
-        if self.open_until_ms == 0:
-            return "closed"
-        return "open" if self.open_until_ms > self.now_ms else "half_open"
-
-
-# Sent with claims that record no outcome (the script then reads none of it).
-_NO_POLICY = CompletionPolicy(
-    retention_ms=0, dead_retention_ms=0, breaker_threshold=0, cooloff_ms=0, cooloff_max_ms=0
-)
-
-
-def _outcomes_arg(outcomes: Sequence[Completion]) -> bytes:
-    """The one JSON argument carrying every outcome (see complete.lua's ARGV[7])."""
-    return orjson.dumps(
-        [
-            [
-                o.event_id,
-                o.token,
-                o.outcome,
-                o.delay_ms,
-                orjson.dumps(o.attempt).decode(),
-                o.kind,
-                o.pace_ms,
-                o.first_delay_ms,
-            ]
-            for o in outcomes
-        ]
-    )
 
 
 def _text(value: Any) -> str:
@@ -218,13 +129,13 @@ class DeliveryQueue:
         """
         k = self._keys
         claim_token = call or f"{token}:{uuid.uuid4().hex[:12]}"
-        p = policy or _NO_POLICY
+        p = policy or NO_POLICY
         applied, raw, *now = await self._claim(
             keys=[k.due(sub), k.inflight(sub), k.endpoint(sub), k.dead(sub), k.chain(sub),
                   k.parked(sub), k.claim_receipt(sub, claim_token), k.ops(sub)],
             args=[
                 k.record_prefix(sub), max_in_flight, limit, visibility_ms, claim_token,
-                _outcomes_arg(outcomes) if outcomes else b"",
+                outcomes_arg(outcomes) if outcomes else b"",
                 p.retention_ms, p.dead_retention_ms, p.breaker_threshold, p.cooloff_ms,
                 p.cooloff_max_ms, p.history_max, p.breaker_failure_ratio,
                 p.breaker_min_attempts, p.breaker_window_ms, expire_ms, detach_ms,
@@ -267,7 +178,7 @@ class DeliveryQueue:
             policy.cooloff_ms,
             policy.cooloff_max_ms,
             policy.history_max,
-            _outcomes_arg(outcomes),
+            outcomes_arg(outcomes),
             policy.breaker_failure_ratio,
             policy.breaker_min_attempts,
             policy.breaker_window_ms,
