@@ -39,10 +39,6 @@ class UnknownSubscriptionError(CallbridgeError):
     """No subscription with that name is configured."""
 
 
-# Dead letters read per round trip while replaying them all.
-_PAGE = 1000
-
-
 def progress(counts: Mapping[str, int]) -> dict[str, Any]:
     """A batch's calls for a progress bar: pending, active (anything between), each ending.
 
@@ -86,6 +82,11 @@ class Operations:
         self._wall_ms = wall_ms
         self._jobs = jobs
         self._on_recovery_started = on_recovery_started
+
+    def _recovery_jobs(self) -> RecoveryJobs:
+        if self._jobs is None:
+            raise CallbridgeError("recovery jobs are not available in this process")
+        return self._jobs
 
     def _sub(self, name: str) -> str:
         if self._settings.subscription(name) is None:
@@ -240,27 +241,34 @@ class Operations:
     async def dead_letter_count(self, name: str) -> int:
         return await self._queue.dead_count(self._sub(name))
 
-    async def replay(self, name: str, ids: list[str] | None = None) -> int:
-        """Make dead letters due again with a fresh attempt budget; all when `ids` is
-        None, a page at a time. Each is checked and requeued in one script (a letter
-        delivered meanwhile is not sent again), and none once the subscription holds
-        its `max_backlog` undelivered: the rest stay dead, replayable later."""
+    async def replay(self, name: str, ids: list[str]) -> int:
+        """Make these dead letters due again with a fresh attempt budget; how many.
+        Each is checked and requeued in one script (a letter delivered meanwhile is not
+        sent again), and none once the subscription holds its `max_backlog`
+        undelivered: the rest stay dead, replayable later."""
         sub = self._settings.subscription(self._sub(name))
         assert sub is not None
         bound = sub.max_backlog or self._settings.delivery.max_backlog
-        n, offset = 0, 0
-        while True:
-            page = ids if ids is not None else await self._queue.dead_letters(name, _PAGE, offset)
-            for i in page:
-                done = await self._queue.requeue(
-                    name, i, reset_attempts=True, only_dead=True, max_backlog=bound
-                )
-                if done < 0:
-                    return n
-                n += done == 1
-                offset += done != 1  # a requeued one leaves the dead set; the others stay
-            if ids is not None or not page:
-                return n
+        n = 0
+        for i in ids:
+            done = await self._queue.requeue(
+                name, i, reset_attempts=True, only_dead=True, max_backlog=bound
+            )
+            if done < 0:
+                break
+            n += done == 1
+        return n
+
+    async def replay_all(self, name: str) -> dict[str, Any]:
+        """Start a recovery job of scope ``dead`` over every letter dead now (taken in
+        one script, `store.recovery`): the replicas' upkeep makes them due again a page
+        at a time, at the pace the endpoint takes them and within `max_backlog`. Each
+        call is a new job (until: now), so one asked later picks up newer letters; a
+        request sent twice is harmless (a letter no longer dead is skipped)."""
+        self._sub(name)
+        job, _ = await self._recovery_jobs().start(name, 0, self._wall_ms(), scope="dead")
+        self._on_recovery_started(name)
+        return job.as_dict()
 
     async def recover(
         self, name: str, since_ms: int, until_ms: int = 0
@@ -269,9 +277,7 @@ class Operations:
         in [since, until) (`store.recovery`); the job, and whether it is new (the same
         window asked again is the same job)."""
         self._sub(name)
-        if self._jobs is None:
-            raise CallbridgeError("recovery jobs are not available in this process")
-        job, created = await self._jobs.start(name, since_ms, until_ms)
+        job, created = await self._recovery_jobs().start(name, since_ms, until_ms)
         # This replica starts on it at once; the others find it within seconds.
         self._on_recovery_started(name)
         return job.as_dict(), created

@@ -165,8 +165,21 @@ async def test_dead_letters_list_and_replay(running: Running) -> None:
 
     one = await running.admin("dead-letters", "replay", "legacy", "--id", items[0]["event_id"])
     assert (one.code, one.out) == (0, "1 dead letter(s) of legacy due again\n")
-    rest = await running.admin("--json", "dead-letters", "replay", "legacy")
-    assert rest.json() == {"replayed": len(items) - 1}
+    # Every one: a background job (issue 23 item 11), its id and how to follow it.
+    rest = await running.admin("dead-letters", "replay", "legacy")
+    assert rest.code == 0, rest.err
+    found = re.fullmatch(
+        r"replay job (\w+) of legacy: (\d+) dead letter\(s\) to look at, made due again in "
+        r"the background \(follow it: callbridge admin recoveries legacy\)\n",
+        rest.out,
+    )
+    assert found, rest.out
+    assert int(found[2]) == len(items) - 1
+    jobs = (await running.admin("--json", "recoveries", "legacy")).json()
+    assert [(j["id"], j["scope"], j["total"]) for j in jobs] == [(found[1], "dead", len(items) - 1)]
+    table = (await running.admin("recoveries", "legacy")).out.splitlines()
+    assert table[0].split()[:4] == ["JOB", "SCOPE", "STATE", "PHASE"]
+    assert table[1].split()[:2] == [found[1], "dead"]
     assert (await running.admin("dead-letters", "list", "nope")).code == 1
     assert (await running.admin("dead-letters", "replay", "nope")).code == 1
 
@@ -247,7 +260,10 @@ async def test_every_subcommand_answers_json_and_exits_3_on_a_wrong_token(
     assert answers[("batches", "add")]["id"] == "sched_json"
     assert answers[("batches", "remove")]["id"] == "sched_json"
     assert answers[("subscriptions", "enable")]["name"] == "crm"
-    assert answers[("dead-letters", "replay")] == {"replayed": dead_before}
+    # Replay of every one answers with its job; `replayed` is kept for older CLIs.
+    replay = answers[("dead-letters", "replay")]
+    assert (replay["replayed"], replay["job"]["scope"]) == (0, "dead")
+    assert replay["job"]["total"] == dead_before
     assert "crm" in answers[("redeliver", commands[-1][1])]["subscriptions"]
 
 

@@ -6,6 +6,7 @@ loose on purpose (a shared 2-core CI machine); the README quotes typical figures
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -18,8 +19,10 @@ from playwright.async_api import Browser, Page, expect
 from callbridge.app import RUNNING, build_app
 from callbridge.models import Event
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from callbridge.store.keys import Keys
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.records import Completion, CompletionPolicy
+from callbridge.store.recovery import RecoveryJobs
 from tests.support.bridge import pause_loops
 from tests.support.browser import launch, watched_page
 from tests.support.receivers import Receiver
@@ -125,7 +128,7 @@ async def forget_refresh(page: Page) -> None:
 
 
 async def test_console_stays_usable_with_100_batches_and_10000_dead_letters(
-    crowded: tuple[str, list[str]], browser: Browser
+    crowded: tuple[str, list[str]], browser: Browser, redis_client: aioredis.Redis
 ) -> None:
     base_url, batch_ids = crowded
     w = await watched_page(browser)
@@ -187,16 +190,27 @@ async def test_console_stays_usable_with_100_batches_and_10000_dead_letters(
     for label, times in api.items():
         figures[f"api: {label}, median (ms)"] = statistics.median(times) * 1000
 
-    # Replay all 10,000 from the page: every one goes back to the queue.
+    # Replay all 10,000 from the page: the answer is a background job (it was the whole
+    # replay, 2.4-3.0 s, and grew with the count), whose step sends every one back.
     started = time.perf_counter()
     await page.get_by_test_id("replay-all").click()
     await page.get_by_test_id("confirm-replay-all").click()
-    await expect(page.locator("#flash")).to_have_text(f"Replayed {DEAD} dead letters.")
+    await expect(page.locator("#flash")).to_have_text(re.compile(rf"job \w+, {DEAD} to look at\.$"))
     figures["dead letters: replay all 10,000 from the page (s)"] = time.perf_counter() - started
+    progress = page.get_by_test_id("replay-job")
+    await expect(progress).to_contain_text(f"running: 0 of {DEAD} looked at")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    [job] = (
+        await (
+            await page.request.get(f"{base_url}/v1/subscriptions/bulk/recover", headers=auth)
+        ).json()
+    )["data"]
+    # The loops are paused: one step of the whole job, as a replica's upkeep would take.
+    jobs = RecoveryJobs(redis_client, Keys())
+    assert await jobs.step("bulk", job["id"], page=DEAD, ready_max=DEAD) == ("done", DEAD)
+    await expect(progress).to_contain_text(f"done: {DEAD} of {DEAD} looked at, {DEAD} due again")
     await expect(page.get_by_test_id("dead-summary")).to_contain_text("0 dead letters")
-    resp = await page.request.get(
-        f"{base_url}/v1/subscriptions", headers={"Authorization": f"Bearer {TOKEN}"}
-    )
+    resp = await page.request.get(f"{base_url}/v1/subscriptions", headers=auth)
     [bulk] = (await resp.json())["data"]
     assert (bulk["queue"]["dead"], bulk["queue"]["ready"]) == (0, DEAD)
 
@@ -207,5 +221,5 @@ async def test_console_stays_usable_with_100_batches_and_10000_dead_letters(
     assert figures["batches: last page shown (s)"] < 5
     assert figures["dead letters: first page of 10,000 shown (s)"] < 5
     assert figures["dead letters: jump to the last page (s)"] < 5
-    assert figures["dead letters: replay all 10,000 from the page (s)"] < 20
+    assert figures["dead letters: replay all 10,000 from the page (s)"] < 5
     w.assert_clean()

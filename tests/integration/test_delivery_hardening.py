@@ -25,9 +25,11 @@ from callbridge.metrics import Metrics
 from callbridge.operations import Operations
 from callbridge.store.keys import Keys
 from callbridge.store.queue import DeliveryQueue
+from callbridge.store.recovery import RecoveryJobs
 from callbridge.store.scripts import source
 from tests.support.bridges import MakeService, sim_config
 from tests.support.deliveries import MakeRig, event
+from tests.support.jobs import finish
 from tests.support.metrics import sample
 from tests.support.proxy import ReplyDropper
 
@@ -320,16 +322,25 @@ async def test_replay_of_every_dead_letter_stops_at_the_backlog_bound(
     make_service: MakeService, redis_client: aioredis.Redis
 ) -> None:
     """Item 11: replay ignored max_backlog: replaying 50,000 dead letters into a
-    subscription bounded at 100,000 undelivered could put 150,000 in Redis."""
-    svc, _, _ = await make_service(
+    subscription bounded at 100,000 undelivered could put 150,000 in Redis. Replay of
+    every one is a job now (test_replay_job.py): its steps make no more due than the
+    bound leaves room for, and the rest follow as the backlog drains."""
+    svc, _, receiver = await make_service(
         sim_config(batches=1, calls_per_batch=1), delivery={"max_backlog": 5}
     )
     # Eight dead letters (the backlog was full when they came) and three pending.
     await svc.queue.enqueue("crm", [(event(1, f"d{i}"), 1) for i in range(8)], max_backlog=0)
     await svc.queue.enqueue("crm", [(event(1, f"p{i}"), 1) for i in range(3)])
-    assert await svc.operations.replay("crm") == 2
-    depth = await svc.queue.depths("crm")
-    assert (depth["ready"], depth["dead"]) == (5, 6)
+    job = await svc.operations.replay_all("crm")
+    # One turn of the upkeep: two made due (5 - 3 pending), then the job waits.
+    await svc.deliverer.run_once()
+    assert await svc.queue.dead_count("crm") == 6
+    mid = await RecoveryJobs(svc.redis, Keys()).get("crm", job["id"])
+    assert mid is not None
+    assert (mid.state, mid.requeued) == ("running", 2)
+    await finish(svc, job["id"])
+    assert len({r.id for r in receiver.delivered}) == 11
+    assert await svc.queue.dead_count("crm") == 0
 
 
 async def test_replay_does_not_resend_a_letter_delivered_while_it_checked(

@@ -177,6 +177,11 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
             f"at most {MAX_REPLAY_IDS} ids per request (POST .../recover re-sends a window)",
             code="VALIDATION_ERROR",
         )
+    if ids is None:
+        # Every dead letter: a background job over what is dead now, whatever its size.
+        # `replayed` stays for a previous release's CLI: none yet, the job does it.
+        job = await _ops(request).replay_all(name)
+        return envelope(202, "Replay of every dead letter started", {"job": job, "replayed": 0})
     n = await _ops(request).replay(name, ids)
     return envelope(200, "Dead letters replayed", {"replayed": n})
 

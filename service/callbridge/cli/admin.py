@@ -141,10 +141,7 @@ def plan(args: argparse.Namespace) -> tuple[Request, Render]:
             params = {"limit": str(args.limit), "offset": str(args.offset)}
             return Request("GET", base, params=params), tables.dead_letters
         body = {"ids": args.ids} if args.ids else {}
-        return (
-            Request("POST", base + "/replay", body),
-            lambda d: f"{d['replayed']} dead letter(s) of {args.name} due again",
-        )
+        return Request("POST", base + "/replay", body), _replayed(args.name)
     if what == "recover":
         now = time.time()
         body = {"since": instant(args.since, now)}
@@ -163,6 +160,19 @@ def plan(args: argparse.Namespace) -> tuple[Request, Render]:
         Request("POST", f"/events/{_seg(args.event)}/redeliver"),
         lambda d: f"event {d['event_id']} due again for: {', '.join(d['subscriptions'])}",
     )
+
+
+def _replayed(name: str) -> Render:
+    def render(d: dict[str, Any]) -> str:
+        job = d.get("job")
+        if job is None:  # by ids (or all, from a bridge of a previous release)
+            return f"{d['replayed']} dead letter(s) of {name} due again"
+        return (
+            f"replay job {job['id']} of {name}: {job['total']} dead letter(s) to look at, "
+            f"made due again in the background (follow it: callbridge admin recoveries {name})"
+        )
+
+    return render
 
 
 def _seg(value: str) -> str:
@@ -273,10 +283,18 @@ def add_admin_parser(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
     p.add_argument("--offset", type=int, default=0, help="skip this many")
-    p = actions.add_parser("replay", parents=[common], help="make dead letters due again")
+    p = actions.add_parser(
+        "replay",
+        parents=[common],
+        help="make dead letters due again (all: a background job, see recoveries)",
+    )
     p.add_argument("name")
     p.add_argument(
-        "--id", dest="ids", action="append", metavar="EVENT", help="only this event (repeatable)"
+        "--id",
+        dest="ids",
+        action="append",
+        metavar="EVENT",
+        help="only this event (repeatable, up to 1000); without: every dead letter",
     )
 
     p = commands.add_parser(

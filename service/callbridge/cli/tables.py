@@ -103,6 +103,8 @@ def jobs(data: list[dict[str, Any]]) -> str:
     rows = [
         (
             j["id"],
+            # Absent from a bridge of a previous release: its jobs are all windows.
+            j.get("scope", "all"),
             j["state"],
             j["phase"],
             when(j["since_ms"]),
@@ -113,5 +115,15 @@ def jobs(data: list[dict[str, Any]]) -> str:
         )
         for j in data
     ]
-    headers = ("JOB", "STATE", "PHASE", "SINCE", "UNTIL", "LOOKED AT", "DUE AGAIN", "FINISHED")
+    headers = (
+        "JOB",
+        "SCOPE",
+        "STATE",
+        "PHASE",
+        "SINCE",
+        "UNTIL",
+        "LOOKED AT",
+        "DUE AGAIN",
+        "FINISHED",
+    )
     return table(headers, rows) if rows else "no recovery jobs"

@@ -97,6 +97,10 @@ class OperationalEvents:
         self._dead_retention_ms = dead_retention_ms
         self._on_enqueued = on_enqueued
 
+    def backlog_bound(self, sub: SubscriptionSettings) -> int:
+        """The undelivered deliveries `sub` may hold (its own bound, or the default)."""
+        return sub.max_backlog or self._max_backlog
+
     async def hand_on(self, about: str) -> int:
         """Move what `about`'s ``ops`` stream holds (a page) into the queues of the
         subscriptions that want it; how many events were handed on."""
@@ -125,7 +129,7 @@ class OperationalEvents:
             added, _ = await self._queue.enqueue(
                 name,
                 events,
-                max_backlog=sub.max_backlog or self._max_backlog,
+                max_backlog=self.backlog_bound(sub),
                 dead_retention_ms=self._dead_retention_ms,
             )
             if added:

@@ -6,7 +6,8 @@
 * after a recovery, the promotion of what the outage held back (promote.lua), also
   when the recovery was recorded by another replica or before a restart;
 * operators' recovery jobs (`store.recovery`), a page per step, at the pace the
-  endpoint takes them (no step while plenty is due already).
+  endpoint takes them (no step while plenty is due already, nor dead letters made due
+  past the subscription's backlog bound).
 
 Each runs at most every so often; `run` is called before every claim step.
 """
@@ -115,12 +116,13 @@ class Upkeep:
         sub.next_job_step = now + _JOB_STEP_EVERY_S
         # Enough due already to keep the endpoint busy for a while at its ceiling.
         ready_max = max(1000, 8 * sub.settings.max_in_flight)
+        bound = self._ops.backlog_bound(sub.settings)
         for jid in list(sub.jobs):
             # A few pages at once: a small job is over in one go, a large one leaves
             # room for the deliveries between its turns.
             for _ in range(_JOB_PAGES_PER_TURN):
                 phase, requeued = await self._jobs.step(
-                    name, jid, page=_JOB_PAGE, ready_max=ready_max
+                    name, jid, page=_JOB_PAGE, ready_max=ready_max, max_backlog=bound
                 )
                 if requeued:
                     sub.maybe_due = True

@@ -6,6 +6,10 @@ page per step (recover.lua), so a job survives the death of any replica and two
 replicas stepping the same job never re-send a delivery twice (each step moves the
 job's cursor in the same atomic script as its requeues). The same window asked twice
 is the same job.
+
+A job's scope: ``all`` (a window: dead letters and deliveries waiting for a later
+retry) or ``dead`` (only what was dead when it started: the replay of every dead
+letter). A job hash without ``scope`` was written by a previous release: ``all``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from callbridge.store.scripts import register
 # A finished job (and the index entry of any job) is kept this long.
 JOB_KEEP_MS = 7 * 86_400_000
 
+SCOPES = ("all", "dead")
+
 
 @dataclass(frozen=True, slots=True)
 class RecoveryJob:
@@ -35,6 +41,7 @@ class RecoveryJob:
     scanned: int
     requeued: int
     finished_ms: int
+    scope: str = "all"  # all | dead
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -49,11 +56,15 @@ class RecoveryJob:
             "scanned": self.scanned,
             "requeued": self.requeued,
             "finished_ms": self.finished_ms or None,
+            "scope": self.scope,
         }
 
 
-def job_id(subscription: str, since_ms: int, until_ms: int) -> str:
-    return hashlib.sha256(f"{subscription}\0{since_ms}\0{until_ms}".encode()).hexdigest()[:16]
+def job_id(subscription: str, since_ms: int, until_ms: int, scope: str = "all") -> str:
+    """Derived from what the job covers. The scope is part of it only when it is not
+    ``all``: the ids of window jobs stay those of the releases before scopes."""
+    text = f"{subscription}\0{since_ms}\0{until_ms}" + ("" if scope == "all" else f"\0{scope}")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class RecoveryJobs:
@@ -65,16 +76,21 @@ class RecoveryJobs:
         self._start = register(redis, "start_recover")
         self._step = register(redis, "recover")
 
-    async def start(self, sub: str, since_ms: int, until_ms: int = 0) -> tuple[RecoveryJob, bool]:
-        """The job of this window, created unless it exists; whether it was created."""
-        jid = job_id(sub, since_ms, until_ms)
+    async def start(
+        self, sub: str, since_ms: int, until_ms: int = 0, *, scope: str = "all"
+    ) -> tuple[RecoveryJob, bool]:
+        """The job of this window and scope, created unless it exists; whether it was
+        created."""
+        if scope not in SCOPES:
+            raise ValueError(f"unknown recovery job scope {scope!r}")
+        jid = job_id(sub, since_ms, until_ms, scope)
         k = self._keys
         created = await self._start(
             keys=[
                 k.recover_job(sub, jid), k.recover_jobs(sub), k.dead(sub), k.due(sub),
                 k.recover_list(sub, jid, "dead"), k.recover_list(sub, jid, "due"),
             ],
-            args=[jid, since_ms, until_ms, JOB_KEEP_MS],
+            args=[jid, since_ms, until_ms, JOB_KEEP_MS, scope],
         )  # fmt: skip
         job = await self.get(sub, jid)
         assert job is not None
@@ -97,6 +113,7 @@ class RecoveryJobs:
             scanned=int(f.get("scanned") or 0),
             requeued=int(f.get("requeued") or 0),
             finished_ms=int(f.get("finished_ms") or 0),
+            scope=f.get("scope") or "all",
         )
 
     async def all(self, sub: str) -> list[RecoveryJob]:
@@ -117,16 +134,21 @@ class RecoveryJobs:
             states = await pipe.execute()
         return [jid for jid, state in zip(ids, states, strict=True) if state == b"running"]
 
-    async def step(self, sub: str, jid: str, *, page: int, ready_max: int) -> tuple[str, int]:
+    async def step(
+        self, sub: str, jid: str, *, page: int, ready_max: int, max_backlog: int = 0
+    ) -> tuple[str, int]:
         """One page of a job: (its phase after the step, deliveries made due). Phase
-        ``waiting``: nothing done, more than `ready_max` deliveries are due already."""
+        ``waiting``: nothing done, more than `ready_max` deliveries are due already, or
+        (while it makes dead letters due) the subscription holds `max_backlog`
+        undelivered deliveries (0: no bound)."""
         k = self._keys
         phase, requeued = await self._step(
             keys=[
                 k.due(sub), k.dead(sub), k.recover_job(sub, jid),
                 k.recover_list(sub, jid, "dead"), k.recover_list(sub, jid, "due"),
+                k.parked(sub), k.inflight(sub),
             ],
-            args=[k.record_prefix(sub), page, ready_max, JOB_KEEP_MS],
+            args=[k.record_prefix(sub), page, ready_max, JOB_KEEP_MS, max_backlog],
         )  # fmt: skip
         text = phase.decode() if isinstance(phase, bytes) else str(phase)
         return text, int(requeued)

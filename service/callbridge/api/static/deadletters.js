@@ -1,4 +1,6 @@
 // Dead letters of one subscription: attempt history, body, replay, redeliver.
+// Replay of a few (by id) happens in the request; replay of all starts a background
+// job (a recovery job of scope "dead"), whose progress the page follows.
 
 import { api, seg } from "./api.js";
 import { badge, clock, empty, h, href, pager, table } from "./dom.js";
@@ -90,7 +92,7 @@ export function deadLettersView(root, route, ctx) {
           ctx.act(null, async () => {
             const r = await api("POST", `/subscriptions/${seg(name)}/dead-letters/replay`, {});
             selected.clear();
-            return `Replayed ${r.replayed} dead letters.`;
+            return `Replaying every dead letter of ${name} in the background: job ${r.job.id}, ${r.job.total} to look at.`;
           });
         },
       },
@@ -99,6 +101,9 @@ export function deadLettersView(root, route, ctx) {
     " ",
     h("button", { type: "button", onclick: () => { confirm.hidden = true; } }, "Cancel"),
   );
+  // The newest replay-all job of this subscription, as its last refresh found it.
+  const replayJob = h("p", { class: "muted", "data-testid": "replay-job", hidden: true });
+  let job = null;
   const columns = ["", "Event", "Type", "Attempts", "Last attempt", "Result", "", ""];
   const [grid, rows] = table(columns, "dead-letters");
   const pages = h("div");
@@ -122,6 +127,7 @@ export function deadLettersView(root, route, ctx) {
     h("h1", {}, "Dead letters"),
     tabs, summary,
     name ? h("div", { class: "actions" }, replaySelected, " ", replayAll, " ", confirm) : null,
+    replayJob,
     name ? grid : null, pages,
   );
   sync();
@@ -187,12 +193,23 @@ export function deadLettersView(root, route, ctx) {
       return;
     }
     const qs = new URLSearchParams({ limit: PAGE, offset });
-    page = await api("GET", `/subscriptions/${seg(name)}/dead-letters?${qs}`);
+    const [found, jobs] = await Promise.all([
+      api("GET", `/subscriptions/${seg(name)}/dead-letters?${qs}`),
+      api("GET", `/subscriptions/${seg(name)}/recover`),
+    ]);
     if (!ctx.alive()) return;
+    page = found;
+    job = jobs.find((j) => j.scope === "dead") ?? null;
     draw();
   };
 
   function draw() {
+    replayJob.hidden = !job;
+    if (job) {
+      replayJob.title = `job ${job.id}, asked at ${new Date(job.created_ms).toISOString()}`;
+      replayJob.textContent =
+        `Replay of every dead letter ${job.state}: ${job.scanned} of ${job.total} looked at, ${job.requeued} due again`;
+    }
     summary.replaceChildren(`${page.total} dead letter${page.total === 1 ? "" : "s"} for `, h("strong", {}, name), ", oldest first.");
     rows.replaceChildren(...page.items.flatMap(row));
     if (!page.items.length) rows.append(empty(columns.length, "Nothing here: every delivery arrived or is still being tried."));

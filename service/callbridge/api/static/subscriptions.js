@@ -51,6 +51,12 @@ function queue(sub) {
 
 const WINDOWS = [["1 h", 3600], ["6 h", 6 * 3600], ["24 h", 86400], ["7 days", 7 * 86400]];
 
+// A job of scope "dead" replays every dead letter (dead-letters page); "all", a window.
+const about = (job) =>
+  job.scope === "dead"
+    ? `job ${job.id}: every dead letter as of ${new Date(job.created_ms).toISOString()}`
+    : `job ${job.id} since ${new Date(job.since_ms).toISOString()}`;
+
 function recovery(sub, jobs, ctx) {
   const choice = h(
     "select", { "aria-label": `Window to recover for ${sub.name}`, "data-testid": "recover-window" },
@@ -69,8 +75,9 @@ function recovery(sub, jobs, ctx) {
     h("div", {}, choice, " ", h("button", { type: "button", "data-testid": "recover", onclick: start }, "Recover")),
     latest
       ? h(
-        "div", { class: "muted", "data-testid": "recovery", title: `job ${latest.id} since ${new Date(latest.since_ms).toISOString()}` },
-        `${latest.state}: ${latest.scanned} of ${latest.total} looked at, ${latest.requeued} due again`,
+        "div", { class: "muted", "data-testid": "recovery", title: about(latest) },
+        `${latest.scope === "dead" ? "replay of every dead letter " : ""}${latest.state}: ` +
+          `${latest.scanned} of ${latest.total} looked at, ${latest.requeued} due again`,
       )
       : null,
   );
