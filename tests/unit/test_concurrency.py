@@ -146,3 +146,21 @@ def test_a_cut_limit_is_held_while_work_is_due() -> None:
     lane.inflight, lane.limiter.value = 1, 16
     assert lane.claimable(held=1, free=100) == (1, 15)
     assert lane.claimable(held=1, free=3) == (1, 3)
+
+
+def test_detached_slots_let_a_short_claim_try_again() -> None:
+    # A claim came back short (the endpoint paced by a 429: half its slots, all held by
+    # hung requests): the loop stopped claiming until its idle period passed, with a
+    # backlog due. Detaching those requests frees their slots here and in the claim
+    # script: the lane may claim again at once.
+    sub = SubscriptionSettings.model_validate(
+        {"name": "crm", "url": "http://127.0.0.1:1/h", "secret": SECRET, "timeout_seconds": 5}
+    )
+    lane = Lane.of(sub)
+    run(lane.limiter, capacity=100, service_s=0.02, answers=50)
+    lane.start(("evt_1", "t"), now=10.0)
+    lane.maybe_due = False
+    assert lane.detach_due(now=10.2)[0] == 0  # not yet: nothing changes
+    assert lane.maybe_due is False
+    assert lane.detach_due(now=10.6) == (1, None)
+    assert lane.maybe_due is True

@@ -107,7 +107,14 @@ class Lane:
         after = self.limiter.detach_after_s(s.timeout_seconds)
         if after is None:
             return 0, None
-        return self.detach_overdue(after, now, cap=_MAX_DETACHED_FACTOR * s.max_in_flight)
+        n, wait = self.detach_overdue(after, now, cap=_MAX_DETACHED_FACTOR * s.max_in_flight)
+        if n:
+            # Their slots are free here and no longer counted by the claim script: a
+            # claim that came back short while they held them (the fleet-wide bound,
+            # or half of it while the endpoint is paced) may find room now. Without
+            # this the loop waited out its idle period with deliveries due.
+            self.maybe_due = True
+        return n, wait
 
     def detach_overdue(self, after_s: float, now: float, *, cap: int) -> tuple[int, float | None]:
         """Detach the attempts running for `after_s` or more (at most `cap` detached at
