@@ -41,6 +41,8 @@ class Claimed:
     token: str = ""
     # When it was claimed, on the Redis clock (as observed_ms); 0: not known.
     claimed_ms: int = 0
+    # The event's trace context as stored with it; "" for none (`tracing.Tracing.restored`).
+    trace: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +165,7 @@ class DeliveryQueue:
         keys = [k.due(sub), k.chain(sub), k.parked(sub), k.inflight(sub), k.dead(sub), k.ops(sub)]
         args: list[Any] = [k.record_prefix(sub), max_backlog, dead_retention_ms]
         for ev, observed_ms in events:
-            args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms)
+            args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms, ev.trace)
         added, overflow = await self._enqueue(keys=keys, args=args)
         return int(added), int(overflow)
 
@@ -223,8 +225,9 @@ class DeliveryQueue:
                 observed_ms=int(raw[i + 3] or 0),
                 token=claim_token,
                 claimed_ms=int(now[0]) if now else 0,
+                trace=(raw[i + 4] or b"").decode(),
             )
-            for i in range(0, len(raw), 4)
+            for i in range(0, len(raw), 5)
         ]
         return [_text(r) for r in applied], claimed
 
