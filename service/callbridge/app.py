@@ -356,12 +356,16 @@ def build_app(
     metrics: Metrics | None = None,
     replica_id: str | None = None,
     on_started: Callable[[Bridge], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
-    """The aiohttp application: HTTP surface plus the bridge's lifecycle."""
+    """The aiohttp application: HTTP surface plus the bridge's lifecycle (`tracing`:
+    as `Bridge.create`'s)."""
     app = web.Application()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        bridge = await Bridge.create(settings, metrics=metrics, replica_id=replica_id)
+        bridge = await Bridge.create(
+            settings, metrics=metrics, replica_id=replica_id, tracing=tracing
+        )
         app[BRIDGE] = bridge
         app[RUNNING] = bridge
         try:

@@ -25,6 +25,7 @@ from callbridge.models import Event
 from callbridge.store.connection import Redis
 from callbridge.store.keys import Keys
 from callbridge.store.scripts import register
+from callbridge.tracing import trace_id_of
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +370,7 @@ class DeliveryQueue:
             "attempts": int(raw[b"attempts"]),
             "created_ms": int(raw[b"created_ms"]),
             "history": orjson.loads(raw[b"history"]),
+            "trace_id": trace_id_of(raw.get(b"trace", b"").decode()),
         }
 
     async def body(self, sub: str, event_id: str) -> bytes | None:

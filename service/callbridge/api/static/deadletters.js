@@ -1,7 +1,7 @@
 // Dead letters of one subscription: attempt history, body, replay, redeliver.
 
 import { api, seg } from "./api.js";
-import { badge, clock, empty, h, href, pager, table } from "./dom.js";
+import { badge, clock, empty, h, href, pager, table, traceRef } from "./dom.js";
 
 const PAGE = 50;
 
@@ -42,6 +42,7 @@ function details(record) {
   );
   return h(
     "div", { class: "details", "data-testid": "details" },
+    record.trace_id ? h("p", { class: "facts" }, traceRef(record)) : null,
     h("h3", {}, "Attempts"), history,
     h("h3", {}, "Body"), h("pre", { class: "body", "data-testid": "body" }, pretty(record.body)),
   );
