@@ -148,6 +148,29 @@ def announce_ready(url: str) -> None:
     sys.stdout.flush()
 
 
+async def serve_child(app: Any, port: int) -> None:
+    """A child server's life: serve `app` (an aiohttp application) on 127.0.0.1:`port`,
+    announce its URL once it listens, stop on SIGTERM or SIGINT."""
+    import asyncio
+    import signal
+
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        addresses: Any = runner.addresses
+        announce_ready(f"http://127.0.0.1:{addresses[0][1]}")
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def make_settings(
     base_url: str,
     redis_url: str,

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-from typing import Any
 
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -20,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from bench.common import announce_ready
+from bench.common import serve_child
 
 
 def build_app() -> web.Application:
@@ -45,23 +43,7 @@ def build_app() -> web.Application:
     return app
 
 
-async def main(port: int) -> None:
-    runner = web.AppRunner(build_app(), access_log=None)
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        addresses: Any = runner.addresses
-        announce_ready(f"http://127.0.0.1:{addresses[0][1]}")
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
-    asyncio.run(main(parser.parse_args().port))
+    asyncio.run(serve_child(build_app(), parser.parse_args().port))
