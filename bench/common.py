@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,29 @@ def announce_ready(url: str) -> None:
     sys.stdout.flush()
 
 
+async def serve_child(app: Any, port: int) -> None:
+    """A child server's life: serve `app` (an aiohttp application) on 127.0.0.1:`port`,
+    announce its URL once it listens, stop on SIGTERM or SIGINT."""
+    import asyncio
+    import signal
+
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        addresses: Any = runner.addresses
+        announce_ready(f"http://127.0.0.1:{addresses[0][1]}")
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def make_settings(
     base_url: str,
     redis_url: str,
@@ -255,12 +278,15 @@ def bridge_config(
 
 
 @contextlib.contextmanager
-def bridge_process(config: dict[str, Any], log_name: str) -> Iterator[Bridge]:
+def bridge_process(
+    config: dict[str, Any], log_name: str, env: Mapping[str, str] | None = None
+) -> Iterator[Bridge]:
     """``python -m callbridge run --config <file>`` (the ``callbridge run`` entry point).
 
     Ready once ``/readyz`` answers 200. Stopped with SIGTERM (then SIGKILL) in a
     ``finally``; a benchmark may SIGKILL it earlier itself. Logs go to
-    ``bench/results/<log_name>.log``.
+    ``bench/results/<log_name>.log``. `env`: added to the child's environment (e.g.
+    ``OTEL_*``, or a ``PYTHONPATH`` naming another checkout's code to compare with).
     """
     import urllib.request
 
@@ -269,7 +295,7 @@ def bridge_process(config: dict[str, Any], log_name: str) -> Iterator[Bridge]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     config = {**config, "server": {**config.get("server", {}), "port": free_port()}}
     url = f"http://127.0.0.1:{config['server']['port']}"
-    env = child_env()
+    env = {**child_env(), **(env or {})}
     with (
         tempfile.TemporaryDirectory(prefix="cb-bench-bridge-") as tmp,
         (RESULTS / f"{log_name}.log").open("wb") as log,

@@ -274,7 +274,10 @@ async def one_flood(
     profile: bool,
     sub_extra: dict[str, Any] | None = None,
     delivery: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    tracing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`env`: for the bridge process (`bridge_process`); `tracing`: its config section."""
     sub_extra = sub_extra or {}
     flush: Any = aioredis.Redis.from_url(valkey.url)
     try:
@@ -295,9 +298,10 @@ async def one_flood(
         subscriptions=[{"name": SUB, "url": receiver.url + "/hook", "secret": SECRET, **sub_extra}],
         poller={"interval_seconds": INTERVAL_S},
         delivery=delivery or {},
+        **({"tracing": tracing} if tracing else {}),
     )
     label = f"flood_{rep}" + ("_profiled" if profile else "")
-    with bridge_process(config, f"bridge_{label}") as bridge:
+    with bridge_process(config, f"bridge_{label}", env) as bridge:
         warmup_s = await _wait_steady(session, bridge, receiver)
         await _json(session, "POST", receiver.url + "/_reset")
         stats_client: Any = aioredis.Redis.from_url(valkey.url)

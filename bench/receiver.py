@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import time
 import zlib
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bench.common import SECRET, announce_ready
+from bench.common import SECRET, serve_child
 from callbridge.deliver.signing import SignatureError, verify
 
 
@@ -153,19 +152,7 @@ def build_app(counters: Counters) -> web.Application:
 
 
 async def main(port: int, verify_every: int, record: bool) -> None:
-    runner = web.AppRunner(build_app(Counters(verify_every, record)), access_log=None)
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        addresses: Any = runner.addresses
-        announce_ready(f"http://127.0.0.1:{addresses[0][1]}")
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_child(build_app(Counters(verify_every, record)), port)
 
 
 if __name__ == "__main__":

@@ -37,13 +37,11 @@ import argparse
 import asyncio
 import contextlib
 import random
-import signal
 import time
-from typing import Any
 
 from aiohttp import web
 
-from bench.common import API_KEY, announce_ready
+from bench.common import API_KEY, serve_child
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 
 NEXT_STATUS = {
@@ -246,20 +244,7 @@ async def main(port: int, calls: int, seed: int, layout: str | None) -> None:
     # Encode every item once now, as a long-running simulator would have.
     for batch_id in sim.batch_ids:
         sim.encoded_items(batch_id)
-    runner = web.AppRunner(build_app(sim, groups), access_log=None)
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", port)
-        await site.start()
-        addresses: Any = runner.addresses
-        announce_ready(f"http://127.0.0.1:{addresses[0][1]}")
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_child(build_app(sim, groups), port)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ Allowed imports (import-linter's contract in pyproject.toml, `lint-imports` in C
 
 `poll` and `deliver` never import each other: committed events leave the poll stage
 through `poll.fanout.EventSink`, which `app` fills with `deliver.relay.Relay`. The
-shared core (`config`, `metrics`, `catalog`, `events`, `models`, `constants`, `errors`)
-imports no stage: `events` models the webhook bodies, `catalog` publishes them (JSON
+shared core (`config`, `metrics`, `tracing`, `catalog`, `events`, `models`, `constants`,
+`errors`) imports no stage: `events` models the webhook bodies, `catalog` publishes them (JSON
 Schemas, examples; `api.webhooks` adds them to openapi.json as its `webhooks`).
 The platform simulator (`simulator/`) stands beside the pipeline and imports only
 `models`, `constants` and `errors`.

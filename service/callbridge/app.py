@@ -43,6 +43,7 @@ from callbridge.store.ratelimit import RedisRateLimiter
 from callbridge.store.recovery import RecoveryJobs
 from callbridge.store.registry import BatchRegistry
 from callbridge.store.snapshots import SnapshotStore
+from callbridge.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Bridge:
     operations: Operations
     presence: Presence
     embedded: EmbeddedRedis | None = None
+    tracing: Tracing = field(default_factory=Tracing.off)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     crashed: str | None = None
@@ -102,7 +104,10 @@ class Bridge:
         *,
         metrics: Metrics | None = None,
         replica_id: str | None = None,
+        tracing: Tracing | None = None,
     ) -> Bridge:
+        """Every part, built from `settings`. `tracing`: for tests (an exporter of
+        their choice); else `tracing.enabled` starts the SDK configured by OTEL_*."""
         metrics = metrics or Metrics()
         metrics.init_fixed_series()
         metrics.upstream_budget.set(settings.upstream.max_requests_per_second)
@@ -134,11 +139,16 @@ class Bridge:
         limiter = RedisRateLimiter(
             redis, keys.upstream_budget(), settings.upstream.max_requests_per_second
         )
-        upstream = UpstreamClient(settings.upstream, session, limiter, metrics)
         replica_id = replica_id or default_replica_id(settings)
+        if tracing is None:
+            enabled = settings.tracing.enabled
+            tracing = Tracing.start(instance=replica_id) if enabled else Tracing.off()
+        upstream = UpstreamClient(settings.upstream, session, limiter, metrics, tracing=tracing)
         sender = WebhookSender.for_settings(settings.delivery, session)
         jobs = RecoveryJobs(redis, keys)
-        deliverer = Deliverer(settings, queue, sender, metrics, replica_id=replica_id, jobs=jobs)
+        deliverer = Deliverer(
+            settings, queue, sender, metrics, replica_id=replica_id, jobs=jobs, tracing=tracing
+        )
         relay = Relay(
             store,
             queue,
@@ -155,6 +165,7 @@ class Bridge:
             relay,
             metrics,
             replica_id=replica_id,
+            tracing=tracing,
         )
         scheduler = Scheduler(settings, poller, store, leases, registry, relay, metrics)
         operations = Operations(
@@ -187,6 +198,7 @@ class Bridge:
             operations=operations,
             presence=Presence(redis, keys, replica_id),
             embedded=embedded,
+            tracing=tracing,
         )
 
     async def start(self) -> None:
@@ -296,6 +308,8 @@ class Bridge:
         await self.redis.aclose()
         if self.embedded is not None:
             await self.embedded.stop()
+        # Spans still buffered are exported (from a thread: the export blocks).
+        await asyncio.to_thread(self.tracing.shutdown)
 
     @property
     def metrics_registry(self) -> CollectorRegistry:
@@ -341,12 +355,16 @@ def build_app(
     metrics: Metrics | None = None,
     replica_id: str | None = None,
     on_started: Callable[[Bridge], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
-    """The aiohttp application: HTTP surface plus the bridge's lifecycle."""
+    """The aiohttp application: HTTP surface plus the bridge's lifecycle (`tracing`:
+    as `Bridge.create`'s)."""
     app = web.Application()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        bridge = await Bridge.create(settings, metrics=metrics, replica_id=replica_id)
+        bridge = await Bridge.create(
+            settings, metrics=metrics, replica_id=replica_id, tracing=tracing
+        )
         app[BRIDGE] = bridge
         app[RUNNING] = bridge
         try:

@@ -350,6 +350,29 @@ class LoggingSettings(_Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class TracingSettings(_Model):
+    """OpenTelemetry traces (README, Tracing). Where they go, the service name and the
+    sampler are the standard ``OTEL_*`` environment variables, read by the SDK itself
+    (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER``...)."""
+
+    # Off: no span, no trace context stored, nothing of OpenTelemetry even imported.
+    enabled: StrictBool = False
+    # The console links an event's trace id through this URL, ``{trace_id}`` replaced
+    # (e.g. ``https://jaeger.example.com/trace/{trace_id}``); empty: shown, not linked.
+    trace_url_template: str | None = None
+
+    @field_validator("trace_url_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if "{trace_id}" not in v:
+            raise ValueError("must contain {trace_id}")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+
 class Settings(_Model):
     """The whole configuration."""
 
@@ -362,6 +385,7 @@ class Settings(_Model):
     server: ServerSettings = Field(default_factory=lambda: ServerSettings())
     admin: AdminSettings = Field(default_factory=lambda: AdminSettings())
     logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
+    tracing: TracingSettings = Field(default_factory=lambda: TracingSettings())
 
     def subscription(self, name: str) -> SubscriptionSettings | None:
         return next((s for s in self.subscriptions if s.name == name), None)

@@ -198,8 +198,17 @@ class Operations:
         out = []
         for sub in self._settings.subscriptions:
             if (record := await self._queue.record(sub.name, event_id)) is not None:
-                out.append({"subscription": sub.name, **record})
+                out.append({"subscription": sub.name, **self._linked(record)})
         return out
+
+    def _linked(self, record: dict[str, Any]) -> dict[str, Any]:
+        """`record` with `trace_url`: its trace in the operator's tracing UI, when
+        `tracing.trace_url_template` is set and the event has a trace."""
+        template, trace_id = self._settings.tracing.trace_url_template, record["trace_id"]
+        record["trace_url"] = (
+            template.replace("{trace_id}", trace_id) if template and trace_id else None
+        )
+        return record
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -235,7 +244,7 @@ class Operations:
             body = await self._queue.body(name, i)
             if record is not None and body is not None:
                 record["body"] = body.decode("utf-8", "replace")
-                out.append(record)
+                out.append(self._linked(record))
         return out
 
     async def dead_letter_count(self, name: str) -> int:

@@ -19,18 +19,22 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from playwright.async_api import Browser, Page, expect
 from standardwebhooks.webhooks import Webhook
 
 from callbridge.app import RUNNING, Bridge, build_app
 from callbridge.models import PENDING, TERMINAL_STATUSES
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from callbridge.tracing import Tracing
 from tests.support.bridge import pause_loops
 from tests.support.browser import launch, screenshot, sign_in, watched_page
+from tests.support.otlp import OtlpReceiver, traceparent_ids
 from tests.support.receivers import Received, Receiver
 from tests.support.settings import API_KEY, SECRET, make_settings
 
 TOKEN = "console-token-0123456789"
+TRACE_URL = "https://tracing.example/trace/{trace_id}"
 XSS = "<img src=x onerror=alert(1)>"
 
 
@@ -65,7 +69,9 @@ async def browser() -> AsyncIterator[Browser]:
         yield b
 
 
-async def start_world(aiohttp_server: Any, redis_url: str, **delivery: Any) -> World:
+async def start_world(
+    aiohttp_server: Any, redis_url: str, *, tracing: Tracing | None = None, **delivery: Any
+) -> World:
     sim = Simulator(SimulatorConfig(api_key=API_KEY, seed=11, batches=2, calls_per_batch=12))
     upstream = await aiohttp_server(make_app(sim))
     crm, refusing, gone = Receiver(), Receiver(default=500), Receiver(default=410)
@@ -85,8 +91,9 @@ async def start_world(aiohttp_server: Any, redis_url: str, **delivery: Any) -> W
         ],
         admin={"token": TOKEN},
         delivery={"breaker_failure_threshold": 1000, "breaker_min_attempts": 1000, **delivery},
+        tracing={"enabled": tracing is not None, "trace_url_template": TRACE_URL},
     )
-    server = await aiohttp_server(build_app(settings, replica_id="console-test"))
+    server = await aiohttp_server(build_app(settings, replica_id="console-test", tracing=tracing))
     return World(
         str(server.make_url("")).rstrip("/"), sim, server.app[RUNNING], crm, refusing, gone
     )
@@ -361,6 +368,45 @@ async def test_a_disabled_subscription_is_enabled_from_the_page(
     await expect(page.locator("#flash")).to_have_text("Enabled gone.")
     await expect(row.locator(".badge").first).to_have_text("enabled")
     assert not (await world.bridge.queue.endpoint("gone")).disabled
+    w.assert_clean()
+
+
+async def test_an_events_trace_id_links_to_its_trace(
+    redis_url: str, redis_client: aioredis.Redis, aiohttp_server: Any, browser: Browser
+) -> None:
+    """Tracing on: an event's deliveries (call timeline, dead letters) show its trace id,
+    linked through `tracing.trace_url_template`; the id is the one the receiver got."""
+    collector = await aiohttp_server(OtlpReceiver().app())
+    exporter = OTLPSpanExporter(endpoint=str(collector.make_url("/v1/traces")))
+    world = await start_world(
+        aiohttp_server, redis_url, tracing=Tracing.start(instance="console", exporter=exporter)
+    )
+    await pause_loops(world.bridge)
+    world.sim.advance(3)
+    await world.settle()
+    received = next(r for r in world.crm.delivered if r.payload()["type"] == "call.queued")
+    trace_id, _ = traceparent_ids(received.headers["traceparent"])
+    data = received.payload()["data"]
+    batch_id, call_id = data["batch_id"], data["call_id"]
+    w = await watched_page(browser)
+    page = w.page
+    await sign_in(page, world.base_url, TOKEN)
+    await page.goto(f"{world.base_url}/ui/#/batches/{batch_id}/calls/{call_id}")
+    crm = page.locator('[data-testid=observation] [data-subscription="crm"]').last
+    link = crm.get_by_test_id("trace")
+    await expect(link).to_have_attribute("href", TRACE_URL.replace("{trace_id}", trace_id))
+    await expect(link).to_have_attribute("rel", "noopener noreferrer")
+    await expect(link).to_have_text(trace_id[:12])
+
+    dead = await world.bridge.operations.dead_letters("refusing", 1, 0)
+    dead_trace = dead[0]["trace_id"]
+    assert dead[0]["trace_url"] == TRACE_URL.replace("{trace_id}", dead_trace)
+    await page.goto(f"{world.base_url}/ui/#/dead-letters/refusing")
+    await page.get_by_test_id("dead-letter-row").first.get_by_test_id("toggle").click()
+    details_link = page.get_by_test_id("details").get_by_test_id("trace")
+    await expect(details_link).to_have_attribute(
+        "href", TRACE_URL.replace("{trace_id}", dead_trace)
+    )
     w.assert_clean()
 
 

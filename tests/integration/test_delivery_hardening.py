@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import aiohttp
 import pytest
@@ -164,11 +164,16 @@ class _PoisonedSender(WebhookSender):
     """The real sender, but a bug crashes it on one payload (a poison delivery)."""
 
     async def send(
-        self, sub: SubscriptionSettings, keys: list[bytes], event_id: str, body: bytes
+        self,
+        sub: SubscriptionSettings,
+        keys: list[bytes],
+        event_id: str,
+        body: bytes,
+        trace: Mapping[str, str] | None = None,
     ) -> AttemptResult:
         if event_id == "evt_poison_1":
             raise RuntimeError("a bug in the sender")
-        return await super().send(sub, keys, event_id, body)
+        return await super().send(sub, keys, event_id, body, trace)
 
 
 async def test_a_delivery_whose_attempt_crashes_is_counted_and_dead_lettered(

@@ -29,9 +29,10 @@ class Replica:
     stderr (JSON lines when the config says ``logging.format: json``).
     """
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log = log
+        self.env = env or {}  # beside the test's own environment (e.g. OTEL_*)
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self.starts = 0
@@ -45,7 +46,7 @@ class Replica:
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "callbridge", "run", "--config", str(own),
-                env={**os.environ, "KEY": API_KEY},
+                env={**os.environ, "KEY": API_KEY, **self.env},
                 stdout=asyncio.subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
         self.starts += 1

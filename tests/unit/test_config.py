@@ -96,6 +96,15 @@ def problems(raw: Any, env: dict[str, str] | None = None) -> list[str]:
             "poller.interval_seconds: Input should be greater",
         ),
         (lambda c: c.update(surprise=1), "surprise: unknown key"),
+        (
+            lambda c: c.update(tracing={"trace_url_template": "http://jaeger/trace/"}),
+            "tracing.trace_url_template: must contain {trace_id}",
+        ),
+        (
+            lambda c: c.update(tracing={"trace_url_template": "javascript:{trace_id}"}),
+            "tracing.trace_url_template: must be an http:// or https:// URL",
+        ),
+        (lambda c: c.update(tracing={"enabled": "yes"}), "tracing.enabled: Input should be"),
     ],
 )
 def test_bad_config_names_key_path(mutate: Any, expected: str) -> None:

@@ -29,6 +29,7 @@ TOP_LEVEL = {
     "errors",
     "metrics",
     "constants",
+    "tracing",
     # the wiring and operator actions
     "app",
     "demo",

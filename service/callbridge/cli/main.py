@@ -32,7 +32,7 @@ log = logging.getLogger("callbridge.cli.main")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_CANNOT_START = 0, 1, 2, 3
 
 # Extra fields our log records may carry; JSON logs include them when present.
-_LOG_FIELDS = ("action", "batch_id", "call_id", "subscription", "event_id")
+_LOG_FIELDS = ("action", "batch_id", "call_id", "subscription", "event_id", "trace_id", "span_id")
 
 
 class JsonFormatter(logging.Formatter):
@@ -65,8 +65,13 @@ class TextFormatter(logging.Formatter):
         return line.replace("\n", " | ")
 
 
-def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
+def configure_logging(fmt: str = "text", level: str = "INFO", *, trace_ids: bool = False) -> None:
+    """`trace_ids` (tracing on): records made in a span carry its `trace_id`/`span_id`."""
     handler = logging.StreamHandler(sys.stderr)
+    if trace_ids:
+        from callbridge.tracing import TraceIds
+
+        handler.addFilter(TraceIds())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -130,7 +135,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from callbridge.config import load_settings
 
     settings = load_settings(_config_path(args))
-    configure_logging(settings.logging.format, settings.logging.level)
+    configure_logging(
+        settings.logging.format, settings.logging.level, trace_ids=settings.tracing.enabled
+    )
     tune_gc()
     log.info(
         "callbridge %s starting: %d batches, %d subscriptions",

@@ -5,10 +5,11 @@ own slots (``max_in_flight``, enforced fleet-wide by the claim script) and its
 share of this replica's ``global_max_in_flight``. A turn of the loop is one script
 call: it records the outcomes of the attempts that finished since the last turn
 and claims due deliveries into the slots they free, so a busy subscription costs
-one round trip per turn, not a claim and a completion per delivery. Attempts run
-in the subscription's workers (`workers.py`), not a task each. An attempt keeps its
-slots until its outcome is written; outcome writes are shielded from cancellation (a
-worker cancelled mid-request hands its claim back; one killed is reclaimed later).
+one round trip per turn, not a claim and a completion per delivery. Attempts
+(`attempt.py`) run in the subscription's workers (`workers.py`), not a task each. An
+attempt keeps its slots until its outcome is written; outcome writes are shielded from
+cancellation: a worker cancelled mid-request hands its claim back, and one killed
+outright is reclaimed (a failed attempt) after the visibility deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import Callable
 
 from callbridge.config import Settings
+from callbridge.deliver.attempt import Attempts
 from callbridge.deliver.lane import Lane
 from callbridge.deliver.operational import OperationalEvents
 from callbridge.deliver.outcomes import OutcomeBook
@@ -32,6 +34,7 @@ from callbridge.metrics import Metrics
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.records import Claimed, CompletionPolicy
 from callbridge.store.recovery import RecoveryJobs
+from callbridge.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ class Deliverer:
         monotonic: Callable[[], float] = time.monotonic,
         replica_id: str = "",
         jobs: RecoveryJobs | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._settings = settings
         self._d = settings.delivery
@@ -112,6 +116,10 @@ class Deliverer:
         # claiming them again itself (see _step).
         self._starving: set[str] = set()
         self.last_loop_at = self._monotonic()
+        self._attempts = Attempts(
+            sender, self._book, metrics, tracing or Tracing.off(), wall=wall, monotonic=monotonic,
+            loop_delay_s=lambda: self._upkeep.loop_delay_s, steps_in_flight=_STEPS_IN_FLIGHT,
+        )  # fmt: skip
 
     async def close(self) -> None:
         """Close the connections of the lean HTTP client (once the loops have stopped)."""
@@ -156,7 +164,7 @@ class Deliverer:
         claimed = await self._step(sub)
         if claimed:
             try:
-                await asyncio.gather(*(self._attempt(sub, c) for c in claimed))
+                await asyncio.gather(*(self._attempts.run(sub, c) for c in claimed))
             finally:
                 # Even when cancelled: the outcomes, or the claims handed back.
                 await asyncio.shield(self._write(sub))
@@ -263,48 +271,6 @@ class Deliverer:
             for other in self._subs.values():
                 other.wake.set()
 
-    # -- one attempt ---------------------------------------------------------------
-
-    async def _attempt(self, sub: Lane, claimed: Claimed) -> None:
-        """One attempt of a claimed delivery. Its outcome (or, when cancelled, the
-        claim handed back) joins `sub.finished`, written by the next step, which
-        also frees the slots `_step` took for it."""
-        s = sub.settings
-        key = (claimed.event_id, claimed.token)
-        sub.start(key, self._monotonic())
-        try:
-            result = await self.sender.send(s, sub.keys, claimed.event_id, claimed.body)
-        except asyncio.CancelledError:
-            released = OutcomeBook.release(claimed)
-            released.detached = sub.finish(key)
-            sub.finished.append(released)
-            sub.wake.set()
-            raise
-        except Exception as exc:
-            # A bug, not a failed request (those are results): still a failed attempt,
-            # so a payload that crashes the sender every time ends as a dead letter.
-            log.exception(
-                "attempt of delivery %s to %s crashed",
-                claimed.event_id,
-                s.name,
-                extra={"action": "delivery_crashed", "subscription": s.name},
-            )
-            crashed = self._book.crashed(s, claimed, exc, int(self._wall() * 1000))
-            crashed.detached = sub.finish(key)
-            sub.finished.append(crashed)
-            sub.wake.set()
-            return
-        finished = self._book.attempt(s, claimed, result, int(self._wall() * 1000))
-        finished.detached = sub.finish(key)
-        sub.finished.append(finished)
-        moved = sub.observe(result, self._monotonic(), self._upkeep.loop_delay_s)
-        if moved is not None:
-            self._metrics.note_limit(s.name, sub.limiter.limit, moved)
-        if sub.steps < _STEPS_IN_FLIGHT:
-            # Else the loop could not start a step now: the running ones wake it
-            # when they end, and the next one writes this outcome.
-            sub.wake.set()
-
     # -- the loops -----------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -331,7 +297,7 @@ class Deliverer:
             sub.wake.set()
 
     async def _loop(self, sub: Lane, stopping: asyncio.Event) -> None:
-        workers = Workers(lambda claimed: self._attempt(sub, claimed))
+        workers = Workers(lambda claimed: self._attempts.run(sub, claimed))
         steps: set[asyncio.Task[None]] = set()
         try:
             while not stopping.is_set():
@@ -359,7 +325,7 @@ class Deliverer:
             if steps:
                 await asyncio.shield(asyncio.wait(set(steps)))
             # Requests running finish within the grace period; the rest are cancelled
-            # and hand their claims back (see _attempt), as do any never started.
+            # and hand their claims back (`Attempts.run`), as do any never started.
             unstarted = await workers.close(self._settings.server.shutdown_grace_seconds)
             sub.finished.extend(OutcomeBook.release(c) for c in unstarted)
             # Whatever finished last (and the claims handed back) is still written.

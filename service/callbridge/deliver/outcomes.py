@@ -35,6 +35,9 @@ class Finished:
     at_ms: int = 0
     # Its slot was given back while it ran (`Deliverer._detach_overdue`).
     detached: bool = False
+    # The attempt span's trace_id and span_id, for the outcome's log record (tracing
+    # on): it is logged after the span ended, outside its context.
+    log_ids: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -133,7 +136,7 @@ class OutcomeBook:
                 claimed.event_id,
                 name,
                 extra={"action": "delivery_stale", "subscription": name,
-                       "event_id": claimed.event_id},
+                       "event_id": claimed.event_id, **(f.log_ids or {})},
             )  # fmt: skip
         elif applied == "probe_failed":
             log.info(
@@ -142,7 +145,7 @@ class OutcomeBook:
                 name,
                 d.reason,
                 extra={"action": "probe_failed", "subscription": name,
-                       "event_id": claimed.event_id},
+                       "event_id": claimed.event_id, **(f.log_ids or {})},
             )  # fmt: skip
         elif applied == "gone":
             log.info(
@@ -151,7 +154,7 @@ class OutcomeBook:
                 name,
                 d.outcome,
                 extra={"action": "delivery_gone", "subscription": name,
-                       "event_id": claimed.event_id},
+                       "event_id": claimed.event_id, **(f.log_ids or {})},
             )  # fmt: skip
         elif d.outcome == "success":
             if claimed.observed_ms and claimed.claimed_ms:
@@ -161,14 +164,14 @@ class OutcomeBook:
                 waited_ms = max(0, claimed.claimed_ms - claimed.observed_ms)
                 series.lag.observe(waited_ms / 1000 + result.duration_s)
             if log.isEnabledFor(logging.DEBUG):
-                extra = {"subscription": name, "event_id": claimed.event_id}
+                extra = {"subscription": name, "event_id": claimed.event_id, **(f.log_ids or {})}
                 log.debug("delivered %s to %s", claimed.event_id, name, extra=extra)
         else:
             self._failed(sub, f, d, soon=applied == "retry_soon")
 
     def _failed(self, sub: SubscriptionSettings, f: Finished, d: Decision, soon: bool) -> None:
         name, event_id = sub.name, f.claimed.event_id
-        extra = {"subscription": name, "event_id": event_id}
+        extra = {"subscription": name, "event_id": event_id, **(f.log_ids or {})}
         if d.outcome == "retry":
             log.warning(
                 "delivery %s to %s failed (%s); attempt %d, retry in %.1fs%s",

@@ -97,6 +97,7 @@ class Relay:
                             batch_id=batch_id,
                             call_id=e.call_id or None,
                             body=e.body,
+                            trace=e.trace,
                         ),
                         e.stream_id,
                     )

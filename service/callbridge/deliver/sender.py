@@ -11,7 +11,7 @@ the lean HTTP/1.1 client (``delivery.http_client``); both classify alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -127,17 +127,24 @@ class WebhookSender:
         keys: list[bytes],
         event_id: str,
         body: bytes,
+        trace: Mapping[str, str] | None = None,
     ) -> AttemptResult:
-        """One signed POST; every failure becomes a classified AttemptResult."""
+        """One signed POST; every failure becomes a classified AttemptResult. `trace`:
+        the attempt span's `traceparent` (and `tracestate`), sent as they are; the
+        signature covers id, timestamp and body only, so it does not change."""
         target = self._target(sub)
         timestamp = int(self._wall())
         signature = sign(keys, event_id, timestamp, body)
         if self._pool is not None:
-            return await self._send_lean(self._pool, target, event_id, timestamp, signature, body)
+            return await self._send_lean(
+                self._pool, target, event_id, timestamp, signature, body, trace
+            )
         headers = target.headers.copy()
         headers[HEADER_WEBHOOK_ID] = event_id
         headers[HEADER_WEBHOOK_TIMESTAMP] = str(timestamp)
         headers[HEADER_WEBHOOK_SIGNATURE] = signature
+        if trace:
+            headers.update(trace)
         started = time.perf_counter()
         status: int | None = None
         error: str | None = None
@@ -197,17 +204,25 @@ class WebhookSender:
 
     @staticmethod
     async def _send_lean(
-        pool: Http1Pool, target: _Target, event_id: str, timestamp: int, signature: str, body: bytes
+        pool: Http1Pool,
+        target: _Target,
+        event_id: str,
+        timestamp: int,
+        signature: str,
+        body: bytes,
+        trace: Mapping[str, str] | None,
     ) -> AttemptResult:
         """The same POST through the lean client: the endpoint's head, the three
-        headers new per attempt, the length, the body, in one write."""
+        headers new per attempt (and the trace context's), the length, the body, in
+        one write."""
+        traced = "".join(f"{k}: {v}\r\n" for k, v in trace.items()) if trace else ""
         request = b"".join(
             (
                 target.endpoint.head,
                 (
                     f"{HEADER_WEBHOOK_ID}: {event_id}\r\n"
                     f"{HEADER_WEBHOOK_TIMESTAMP}: {timestamp}\r\n"
-                    f"{HEADER_WEBHOOK_SIGNATURE}: {signature}\r\n"
+                    f"{HEADER_WEBHOOK_SIGNATURE}: {signature}\r\n{traced}"
                     f"Content-Length: {len(body)}\r\n\r\n"
                 ).encode(),
                 body,

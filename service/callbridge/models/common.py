@@ -241,6 +241,9 @@ class Event:
     batch_id: str
     call_id: str | None
     body: bytes = field(repr=False)
+    # Its trace context as stored with it (`tracing.Tracing.stored`); "" when tracing
+    # is off, or for an event a previous release committed.
+    trace: str = ""
 
     @classmethod
     def build(

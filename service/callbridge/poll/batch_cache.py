@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from callbridge.poll.candidates import ItemSignatures
+from callbridge.poll.cycle_trace import CycleTrace
 from callbridge.poll.diff import DiffResult
 from callbridge.poll.fanout import FanOut
 from callbridge.poll.group_commit import GroupCommit
@@ -52,6 +53,8 @@ class BatchCache:
     group: GroupCommit | None = None
     # ...and its fan-outs, run in the background in commit order (`fanout.FanOut`).
     fanout: FanOut | None = None
+    # ...and its span, while tracing is on (`cycle_trace`).
+    trace: CycleTrace | None = None
     # Cycles run since the batch was loaded (`second_look.Suspect.cycle`).
     cycle: int = 0
     next_due: float = 0.0

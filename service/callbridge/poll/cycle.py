@@ -25,7 +25,7 @@ from callbridge.errors import (
     UpstreamError,
 )
 from callbridge.metrics import Metrics
-from callbridge.models import Event, PollOutcome, iso_ms
+from callbridge.models import Event, PollOutcome, TimelineEntry, iso_ms
 from callbridge.poll.batch_cache import BatchCache, CycleCommits, meta_after
 from callbridge.poll.batch_end import (
     after_census,
@@ -35,6 +35,7 @@ from callbridge.poll.batch_end import (
 )
 from callbridge.poll.candidates import select_candidates
 from callbridge.poll.cycle_metrics import count_odd_items, note_unreadable, record_diff
+from callbridge.poll.cycle_trace import CycleTracer
 from callbridge.poll.diff import BatchView, ScanFacts, diff
 from callbridge.poll.fanout import EventSink, FanOut
 from callbridge.poll.group_commit import GroupCommit
@@ -55,7 +56,8 @@ from callbridge.poll.second_look import (
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UpstreamHealth
 from callbridge.store.leases import LeaseKeeper, LeaseStore
-from callbridge.store.snapshots import SnapshotStore
+from callbridge.store.snapshots import BatchMeta, SnapshotStore
+from callbridge.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class Poller:
         replica_id: str,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         monotonic: Callable[[], float] = time.monotonic,
+        tracing: Tracing | None = None,
     ) -> None:
         self._p = settings.poller
         self._store = store
@@ -93,7 +96,8 @@ class Poller:
         self.ttl_ms = int(self._p.lease_ttl_seconds * 1000)
         self.ownership = Ownership(leases, metrics, replica_id=replica_id, ttl_ms=self.ttl_ms)
         self.reach = UpstreamHealth(self._p, monotonic=monotonic)
-        self._reader = BatchReader(upstream, settings, metrics, monotonic=monotonic)
+        self._trace = trace = CycleTracer(tracing or Tracing.off())
+        self._reader = BatchReader(upstream, settings, metrics, monotonic=monotonic, trace=trace)
 
     # -- state for health and admin ------------------------------------------
 
@@ -132,7 +136,7 @@ class Poller:
             rt = BatchCache(batch_id, self._p.backfill if backfill is None else backfill)
             self.batches[batch_id] = rt
         async with rt.cycle_lock:
-            return await self._timed_cycle(rt)
+            return await self._trace.cycle(rt, self._timed_cycle)  # in its span (tracing on)
 
     async def _timed_cycle(self, rt: BatchCache) -> PollOutcome:
         batch_id, started = rt.batch_id, time.perf_counter()
@@ -285,16 +289,8 @@ class Poller:
         meta.vanished = vanished
         commits.moved += len(result.transitions)
         encoded = {call_id: state.encode() for call_id, state in result.states.items()}
-        meta.version, stream_ids = await self._store.commit(
-            batch_id,
-            token=rt.token,
-            expected_version=rt.meta.version,
-            lease_ttl_ms=self.ttl_ms,
-            states=encoded,
-            events=result.events,
-            timeline=result.timeline,
-            timeline_max=self._p.timeline_max_entries,
-            meta=meta,
+        events, stream_ids = await self._write(
+            rt, encoded, result.events, result.timeline, meta, final is not None
         )
         # Committed: only now may the caches move forward.
         digests = final.whole_pages if final is not None else None
@@ -303,27 +299,41 @@ class Poller:
             rt.census = needs_census(len(rt.states), meta.counts, final.total)
         record_diff(self._metrics, batch_id, result)
         count_odd_items(self._metrics, batch_id, cands.duplicates, cands.invalid)
-        if result.events:
-            self._hand_on(rt, result.events, stream_ids, len(result.states), final is not None)
+        if events:
+            self._hand_on(rt, events, stream_ids, len(result.states), final is not None)
         return result.changed
 
+    async def _write(
+        self, rt: BatchCache, states: dict[str, str], found: list[Event],
+        timeline: list[TimelineEntry], meta: BatchMeta, final: bool,
+    ) -> tuple[list[Event], list[bytes] | None]:  # fmt: skip
+        """One fenced commit, in its span (tracing on): `meta.version` moves on; the
+        events as committed (with their trace contexts) and their outbox ids."""
+        assert rt.token is not None
+        with self._trace.commit(rt, found, final=final) as events:
+            meta.version, stream_ids = await self._store.commit(
+                rt.batch_id,
+                token=rt.token,
+                expected_version=rt.meta.version,
+                lease_ttl_ms=self.ttl_ms,
+                states=states,
+                events=events,
+                timeline=timeline,
+                timeline_max=self._p.timeline_max_entries,
+                meta=meta,
+            )
+        return events, stream_ids
+
     def _hand_on(
-        self,
-        rt: BatchCache,
-        events: list[Event],
-        stream_ids: list[bytes] | None,
-        calls: int,
+        self, rt: BatchCache, events: list[Event], stream_ids: list[bytes] | None, calls: int,
         last_group: bool,
-    ) -> None:
+    ) -> None:  # fmt: skip
         """Fan committed events out, in the background, after those committed before."""
         log.info(
-            "batch %s: %d events from %d changed calls%s",
-            rt.batch_id,
-            len(events),
-            calls,
+            "batch %s: %d events from %d changed calls%s", rt.batch_id, len(events), calls,
             "" if last_group else " (part of a scan)",
             extra={"action": "cycle_committed", "batch_id": rt.batch_id},
-        )
+        )  # fmt: skip
         # Committed, so never lost: a failed fan-out leaves them in the outbox,
         # drained first next cycle. In the background, in order (`FanOut`).
         rt.outbox_dirty = True
@@ -375,20 +385,9 @@ class Poller:
     async def _mark_not_found(self, rt: BatchCache) -> PollOutcome:
         """Note that the batch answered 404, and retire it once it has for long
         enough (`batch_end.not_found_step`)."""
-        meta, events = not_found_step(rt.batch_id, rt.meta, self._wall_ms(), self._p)
+        meta, found = not_found_step(rt.batch_id, rt.meta, self._wall_ms(), self._p)
         if meta is not None:
-            assert rt.token is not None
-            meta.version, stream_ids = await self._store.commit(
-                rt.batch_id,
-                token=rt.token,
-                expected_version=rt.meta.version,
-                lease_ttl_ms=self.ttl_ms,
-                states={},
-                events=events,
-                timeline=[],
-                timeline_max=self._p.timeline_max_entries,
-                meta=meta,
-            )
+            events, stream_ids = await self._write(rt, {}, found, [], meta, True)
             rt.meta = meta
             if events:
                 self._hand_on(rt, events, stream_ids, 0, last_group=True)

@@ -25,6 +25,7 @@ from callbridge.errors import FullReadNeeded, UpstreamAuthError, UpstreamError
 from callbridge.metrics import Metrics
 from callbridge.models import PollOutcome
 from callbridge.poll.active_read import ActiveRead
+from callbridge.poll.cycle_trace import CycleTracer
 from callbridge.poll.full_read import read_pages
 from callbridge.poll.pages import RawPage
 from callbridge.poll.planner import (
@@ -41,6 +42,7 @@ from callbridge.poll.upstream import UpstreamClient
 from callbridge.store.callstate import CallStates
 from callbridge.store.leases import LeaseKeeper
 from callbridge.store.snapshots import BatchMeta
+from callbridge.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,10 @@ class BatchReader:
         metrics: Metrics,
         *,
         monotonic: Callable[[], float] = time.monotonic,
+        trace: CycleTracer | None = None,
     ) -> None:
         self._upstream = upstream
+        self._trace = trace or CycleTracer(Tracing.off())
         self._p = settings.poller
         self._page_size = settings.upstream.page_size
         self._metrics = metrics
@@ -136,6 +140,9 @@ class BatchReader:
             batch_id, keeper, state, states, meta, previous_pages, known, on_page, on_held
         )
         record(self._metrics, batch_id, scan)
+        self._trace.read(
+            scan.plan.kind, scan.plan.reason, sum(scan.requests.values()), scan.partial
+        )
         return scan
 
     async def _read(

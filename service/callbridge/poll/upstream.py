@@ -26,6 +26,7 @@ from tenacity import (
     retry_if_exception_type,
     wait_random_exponential,
 )
+from yarl import URL
 
 from callbridge import __version__
 from callbridge.config import UpstreamSettings
@@ -44,6 +45,7 @@ from callbridge.metrics import Metrics
 from callbridge.models import CallsPage, parse_retry_after
 from callbridge.poll.pages import PageEntry, RawPage, body_digest, decode_page
 from callbridge.store.ratelimit import RateLimiter
+from callbridge.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,10 @@ class UpstreamClient:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        tracing: Tracing | None = None,
     ) -> None:
         self._settings = settings
+        self._tracing = tracing or Tracing.off()
         self._session = session
         self._limiter = limiter
         self._metrics = metrics
@@ -323,15 +327,30 @@ class UpstreamClient:
     async def _get(
         self, batch_id: str, params: dict[str, str], pages_left: int = 1
     ) -> tuple[str, bytes]:
-        """One request; maps every failure to the exception tree."""
+        """One request; maps every failure to the exception tree. With tracing on, a
+        CLIENT span of the cycle's (the budget's wait is not part of it)."""
         url = self._url(batch_id)
         await self._limiter.acquire(pages_left)
+        if not self._tracing.enabled:
+            return await self._request(batch_id, url, params, self._headers)
+        full = str(URL(url).with_query(params))
+        return await self._tracing.client_call(
+            "GET",
+            full,
+            self._headers,
+            lambda h: self._request(batch_id, url, params, h),
+            ok_status=200,
+        )
+
+    async def _request(
+        self, batch_id: str, url: str, params: dict[str, str], headers: Mapping[str, str]
+    ) -> tuple[str, bytes]:
         started = time.perf_counter()
         try:
             async with self._session.get(
                 url,
                 params=params,
-                headers=self._headers,
+                headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as resp:

@@ -32,6 +32,7 @@ from callbridge.store.records import (
     outcomes_arg,
 )
 from callbridge.store.scripts import register
+from callbridge.tracing import trace_id_of
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class DeliveryQueue:
         keys = [k.due(sub), k.chain(sub), k.parked(sub), k.inflight(sub), k.dead(sub), k.ops(sub)]
         args: list[Any] = [k.record_prefix(sub), max_backlog, dead_retention_ms]
         for ev, observed_ms in events:
-            args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms, ev.batch_id)
+            args += (call_key(ev), ev.id, ev.type, ev.body, observed_ms, ev.batch_id, ev.trace)
         added, overflow = await self._enqueue(keys=keys, args=args)
         self._dead(sub, int(overflow))
         return int(added), int(overflow)
@@ -149,8 +150,9 @@ class DeliveryQueue:
                 observed_ms=int(raw[i + 3] or 0),
                 token=claim_token,
                 claimed_ms=int(now[0]) if now else 0,
+                trace=(raw[i + 4] or b"").decode(),
             )
-            for i in range(0, len(raw), 4)
+            for i in range(0, len(raw), 5)
         ]
         if len(now) > 1:  # the breaker is open: deliveries dead-lettered by age
             self._dead(sub, int(now[1]))
@@ -308,6 +310,7 @@ class DeliveryQueue:
             "history": orjson.loads(raw[b"history"]),
             # When its next attempt is due (Redis clock); None unless it waits for one.
             "next_attempt_ms": int(due) if due is not None and state == "pending" else None,
+            "trace_id": trace_id_of(raw.get(b"trace", b"").decode()),
         }
 
     async def body(self, sub: str, event_id: str) -> bytes | None:

@@ -26,6 +26,8 @@ class Claimed:
     token: str = ""
     # When it was claimed, on the Redis clock (as observed_ms); 0: not known.
     claimed_ms: int = 0
+    # The event's trace context as stored with it; "" for none (`tracing.Tracing.restored`).
+    trace: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,6 +125,7 @@ class OutboxEntry:
     type: str
     call_id: str
     body: bytes
+    trace: str = ""  # absent from entries of tracing off, or of a previous release
 
 
 class SnapshotStore:
@@ -205,6 +206,8 @@ class SnapshotStore:
         events_arg: list[str] = []
         for ev in events:
             events_arg += (ev.id, ev.type, ev.call_id or "", ev.body.decode())
+        # Trace contexts, only when tracing is on (the script then stores them).
+        traces = [ev.trace for ev in events] if events and events[0].trace else None
         timeline_arg: list[str] = []
         for entry in timeline:
             timeline_arg += (entry.call_id, orjson.dumps(entry.as_list()).decode())
@@ -222,6 +225,8 @@ class SnapshotStore:
             orjson.dumps(timeline_arg),
             orjson.dumps(meta.to_fields(commit_id)),
         ]
+        if traces is not None:
+            args.append(orjson.dumps(traces))
         try:
             reply: list[Any] = await self._commit(
                 keys=[
@@ -254,6 +259,7 @@ class SnapshotStore:
                 type=f[b"type"].decode(),
                 call_id=f[b"call"].decode(),
                 body=f[b"body"],
+                trace=(f.get(b"trace") or b"").decode(),
             )
             for sid, f in rows
         ]

@@ -2,7 +2,7 @@
 
 import { api, seg } from "./api.js";
 import {
-  badge, bar, clock, duration, empty, h, href, legend, link, pager, table, when,
+  badge, bar, clock, duration, empty, h, href, legend, link, pager, table, traceRef, when,
 } from "./dom.js";
 
 const PAGE = 50;
@@ -172,6 +172,7 @@ function deliveryCell(event, ctx) {
         h("strong", {}, d.subscription), " ", badge(d.state),
         ` ${d.attempts} attempt${d.attempts === 1 ? "" : "s"}${result}`,
         d.state === "dead" ? [" ", link(["dead-letters", d.subscription], null, "dead letters")] : null,
+        d.trace_id ? [" · ", traceRef(d)] : null,
       );
     }),
   );

@@ -3,7 +3,7 @@
 // job (a recovery job of scope "dead"), whose progress the page follows.
 
 import { api, seg } from "./api.js";
-import { badge, clock, empty, h, href, pager, table } from "./dom.js";
+import { badge, clock, empty, h, href, pager, table, traceRef } from "./dom.js";
 
 const PAGE = 50;
 
@@ -44,6 +44,7 @@ function details(record) {
   );
   return h(
     "div", { class: "details", "data-testid": "details" },
+    record.trace_id ? h("p", { class: "facts" }, traceRef(record)) : null,
     h("h3", {}, "Attempts"), history,
     h("h3", {}, "Body"), h("pre", { class: "body", "data-testid": "body" }, pretty(record.body)),
   );

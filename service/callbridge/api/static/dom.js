@@ -34,6 +34,21 @@ export function href(segments, query) {
   return `#/${path}${qs ? `?${qs}` : ""}`;
 }
 
+/**
+ * An event's trace id: a link to it in the operator's tracing UI when the API gives
+ * its URL (`tracing.trace_url_template`, an http(s) URL the config checked), else the
+ * id as text; nothing for an event committed with tracing off.
+ */
+export function traceRef(record) {
+  if (!record.trace_id) return null;
+  const id = h("code", { class: "id", title: record.trace_id }, record.trace_id.slice(0, 12));
+  if (!/^https?:\/\//.test(record.trace_url ?? "")) return h("span", { class: "trace" }, "trace ", id);
+  return h(
+    "span", { class: "trace" }, "trace ",
+    h("a", { href: record.trace_url, target: "_blank", rel: "noopener noreferrer", "data-testid": "trace" }, id),
+  );
+}
+
 /** A CSS class suffix for a status: only plain names, anything else is "other". */
 export function statusClass(status) {
   return /^[a-z][a-z_]{0,30}$/.test(status) ? status : "other";

@@ -33,7 +33,8 @@
 --                        0: every claim counts until its outcome
 --
 -- Reply: {applied, claimed, now}: per outcome what applied (as complete.lua replies), a
--- flat list, four per claimed delivery: id, attempts so far, body, observed_ms, and,
+-- flat list, five per claimed delivery: id, attempts so far, body, observed_ms, trace
+-- context (nil when the record has none: tracing off, or a previous release), and,
 -- when something was claimed, the Redis time of the claim (ms; observed_ms is on the
 -- same clock, so the delivery lag never mixes it with a replica's wall clock). While
 -- the breaker is open: {applied, {}, now, deliveries dead-lettered by age}.
@@ -66,9 +67,10 @@ local function reply_for(ids)
   local out = {}
   for _, id in ipairs(ids) do
     local rec = prefix .. id
-    local f = redis.call('HMGET', rec, 'attempts', 'body', 'observed_ms', 'claim')
+    local f = redis.call('HMGET', rec, 'attempts', 'body', 'observed_ms', 'claim', 'trace')
     if f[4] == token then
       out[#out + 1] = id; out[#out + 1] = f[1]; out[#out + 1] = f[2]; out[#out + 1] = f[3]
+      out[#out + 1] = f[5]
     end
   end
   return out
@@ -134,7 +136,7 @@ while scanned < 2000 do
   scanned = scanned + #ids
   for _, id in ipairs(ids) do
     local rec = prefix .. id
-    local f = redis.call('HMGET', rec, 'prev', 'attempts', 'body', 'observed_ms')
+    local f = redis.call('HMGET', rec, 'prev', 'attempts', 'body', 'observed_ms', 'trace')
     local blocked = false
     if not f[3] then
       redis.call('ZREM', due, id)  -- record expired or deleted: nothing to send
@@ -160,6 +162,7 @@ while scanned < 2000 do
       out[#out + 1] = f[2]
       out[#out + 1] = f[3]
       out[#out + 1] = f[4]
+      out[#out + 1] = f[5]
       claimed[#claimed + 1] = id
       if #claimed >= free then break end
     end

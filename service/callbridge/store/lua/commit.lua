@@ -17,6 +17,8 @@
 -- ARGV[8] JSON [call_id, entry, ...]: each entry the JSON text
 --         [at_ms, status, sequence, event type or null], appended to the call's list
 -- ARGV[9] JSON {meta field: value}
+-- ARGV[10] (optional: tracing on) JSON [trace context per event, in ARGV[7]'s order],
+--         stored as the entry's `trace` field ('' stores none)
 -- (One packed argument per section: packing tens of thousands of separate
 -- arguments cost the client more CPU than the whole script costs the server; so did
 -- the bodies as separate arguments even with hiredis packing them.)
@@ -46,10 +48,18 @@ for s = 1, #states, 1000 do
   redis.call('HSET', calls, unpack(states, s, math.min(s + 999, #states)))
 end
 local stream_ids = {}
+local traces = ARGV[10] and cjson.decode(ARGV[10])
 for e = 1, #events, 4 do
-  stream_ids[#stream_ids + 1] = redis.call('XADD', outbox, '*', 'id', events[e], 'type',
-                                           events[e + 1], 'call', events[e + 2],
-                                           'body', events[e + 3])
+  local trace = traces and traces[(e + 3) / 4] or ''
+  if trace ~= '' then
+    stream_ids[#stream_ids + 1] = redis.call('XADD', outbox, '*', 'id', events[e], 'type',
+                                             events[e + 1], 'call', events[e + 2],
+                                             'body', events[e + 3], 'trace', trace)
+  else
+    stream_ids[#stream_ids + 1] = redis.call('XADD', outbox, '*', 'id', events[e], 'type',
+                                             events[e + 1], 'call', events[e + 2],
+                                             'body', events[e + 3])
+  end
 end
 for e = 1, #tl, 2 do
   local call_id, entry = tl[e], tl[e + 1]

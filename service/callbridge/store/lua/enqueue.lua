@@ -13,9 +13,11 @@
 -- ARGV[1] prefix   the prefix of the delivery record keys: prefix .. <id> (`Keys.record_prefix`)
 -- ARGV[2] max_backlog        deliveries a subscription may hold undelivered
 -- ARGV[3] dead_retention_ms  how long a dead letter is kept
--- then six per event, in KEYS order:
+-- then seven per event, in KEYS order:
 --   call key ('' for batch events), event id, event type, body,
---   observed_ms (when the change was committed), batch id ('' for operational events)
+--   observed_ms (when the change was committed), batch id ('' for operational events),
+--   trace context ('' for none: tracing off; stored as the record's `trace` field,
+--   which claim.lua hands back)
 --
 -- Per-call order: a delivery whose call's previous event has not had its first
 -- attempt yet is parked (state 'waiting', not due) and named in the predecessor's
@@ -44,13 +46,13 @@ local max_backlog, dead_retention = tonumber(ARGV[2]), tonumber(ARGV[3])
 local backlog = redis.call('ZCARD', due) + redis.call('ZCARD', parked)
                 + redis.call('ZCARD', inflight)
 local added, overflow = 0, 0
-local n = (#ARGV - 3) / 6
+local n = (#ARGV - 3) / 7
 -- The chain entries of every call named, read in one call (in slices: unpack() takes a
 -- few thousand values at most); the new ones, and the due and parked sets, are written
 -- once at the end. Per event that leaves the EXISTS and the record's HSET.
 local last, callkeys = {}, {}
 for j = 0, n - 1 do
-  local callkey = ARGV[4 + j * 6]
+  local callkey = ARGV[4 + j * 7]
   if callkey ~= '' and last[callkey] == nil then
     last[callkey] = false
     callkeys[#callkeys + 1] = callkey
@@ -76,10 +78,10 @@ local function add_all(cmd, key, pairs)
   end
 end
 for j = 0, n - 1 do
-  local a = 3 + j * 6
+  local a = 3 + j * 7
   local callkey, id, etype, body, observed = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4],
                                              ARGV[a+5]
-  local batch = ARGV[a+6]
+  local batch, trace = ARGV[a+6], ARGV[a+7]
   local rec = prefix .. id
   local exists = redis.call('EXISTS', rec) == 1
   if not exists and backlog >= max_backlog then
@@ -87,6 +89,7 @@ for j = 0, n - 1 do
     redis.call('HSET', rec, 'body', body, 'type', etype, 'state', 'dead', 'attempts', 0,
                'created_ms', now, 'observed_ms', observed, 'prev', '', 'callkey', callkey,
                'history', '[' .. entry .. ']', 'dead_ms', now)
+    if trace ~= '' then redis.call('HSET', rec, 'trace', trace) end
     redis.call('ZADD', dead, now, id)
     redis.call('PEXPIRE', rec, dead_retention)
     if KEYS[6] then
@@ -128,6 +131,7 @@ for j = 0, n - 1 do
     redis.call('HSET', rec, 'body', body, 'type', etype, 'state', state, 'attempts', 0,
                'created_ms', now, 'observed_ms', observed, 'prev', prev, 'callkey', callkey,
                'history', '[]', unpack(extra))
+    if trace ~= '' then redis.call('HSET', rec, 'trace', trace) end
     local into = state == 'waiting' and to_park or to_due
     into[#into + 1] = now
     into[#into + 1] = id
