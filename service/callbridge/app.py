@@ -33,10 +33,12 @@ from callbridge.operations import Operations
 from callbridge.poll.cycle import Poller
 from callbridge.poll.scheduler import Scheduler
 from callbridge.poll.upstream import UpstreamClient
-from callbridge.store.connection import Redis, check_reachable, connect, persistence_problems
+from callbridge.store.connection import Redis, connect, target_of
+from callbridge.store.durability import PrimaryWatch
 from callbridge.store.embedded import EmbeddedRedis
 from callbridge.store.keys import Keys
 from callbridge.store.leases import LeaseStore
+from callbridge.store.preflight import check_reachable
 from callbridge.store.presence import BEAT_EVERY_S, Presence
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.ratelimit import RedisRateLimiter
@@ -51,6 +53,8 @@ _STUCK_AFTER_S = 30.0
 # How often removed subscriptions are looked for (and configured ones re-announced):
 # at most this long, and a tenth of their retention when that is shorter.
 _JANITOR_EVERY_S = 600.0
+# How often the Sentinels are asked which primary we should write to.
+_PRIMARY_CHECK_S = 2.0
 
 
 def default_replica_id(settings: Settings) -> str:
@@ -90,6 +94,7 @@ class Bridge:
     janitor: Janitor
     operations: Operations
     presence: Presence
+    primary: PrimaryWatch
     embedded: EmbeddedRedis | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -187,6 +192,7 @@ class Bridge:
             janitor=Janitor(settings, redis, keys, metrics),
             operations=operations,
             presence=Presence(redis, keys, replica_id),
+            primary=PrimaryWatch(redis, target_of(url, settings.redis)),
             embedded=embedded,
         )
 
@@ -218,6 +224,7 @@ class Bridge:
             ("delivery", self.deliverer.run(self.stopping)),
             ("janitor", self._janitor_loop()),
             ("presence", self._presence_loop()),
+            *([("redis_primary", self._primary_loop())] if self.primary.follows_failovers else []),
         ):
             task = asyncio.create_task(coro, name=name)
             task.add_done_callback(self._on_task_done)
@@ -267,9 +274,22 @@ class Bridge:
         # Liveness fails from here on, so the orchestrator restarts us.
         log.critical("%s", self.crashed, exc_info=exc, extra={"action": "loop_crashed"})
 
+    async def _primary_loop(self) -> None:
+        """Under Sentinel: after a failover, check the new primary's persistence (a
+        promoted replica's configuration may differ from the old primary's)."""
+        while not self.stopping.is_set():
+            try:
+                if await self.primary.changed():
+                    await self.check_redis()
+            except Exception as exc:
+                log.warning("Sentinels: %r", exc, extra={"action": "sentinel_failed"})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), _PRIMARY_CHECK_S)
+
     async def check_redis(self) -> None:
-        """Warn when Redis may lose what we write: no persistence, or eviction allowed."""
-        problems = await persistence_problems(self.redis)
+        """Warn when the Redis primary may lose what we write: no persistence, or
+        eviction allowed (`PrimaryWatch` logs which primary it checked)."""
+        problems = await self.primary.problems()
         for problem in problems:
             log.warning("%s", problem, extra={"action": "redis_not_durable"})
         self.metrics.redis_persistence_ok.set(0 if problems else 1)

@@ -38,10 +38,12 @@ from callbridge.poll.second_look import restored_suspects
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UNREACHABLE_AFTER_SCANS
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
-from callbridge.store.connection import check_reachable, connect, persistence_problems
+from callbridge.store.connection import connect
+from callbridge.store.durability import persistence_problems
 from callbridge.store.embedded import EmbeddedRedis, find_server_binary
 from callbridge.store.keys import Keys
 from callbridge.store.leases import LeaseStore
+from callbridge.store.preflight import check_reachable
 from callbridge.store.presence import WINDOW_MS, Presence
 from callbridge.store.ratelimit import RedisRateLimiter
 from callbridge.store.snapshots import BatchMeta
@@ -767,7 +769,7 @@ async def test_a_redis_that_cannot_be_used_at_start_is_one_line_and_exit_3(
         elif cause == "password":
             proc, port = password_protected_valkey(tmp_path)
             procs.append(proc)
-            url, says = f"redis://:s3cret@127.0.0.1:{port}/0", "refused the password"
+            url, says = f"redis://:s3cret@127.0.0.1:{port}/0", "refused the user or password"
         else:
             certs = make_certificates(tmp_path / "tls")
             front = TlsFront(certs, int(redis_url.rsplit(":", 1)[1].split("/")[0]))
@@ -778,7 +780,7 @@ async def test_a_redis_that_cannot_be_used_at_start_is_one_line_and_exit_3(
             )
             # ...with another CA it is refused.
             url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs.other_ca}"
-            says = "TLS certificate is not signed by a CA we trust"
+            says = "TLS certificate is not trusted"
         code, seconds, lines = await cannot_start(tmp_path, url)
     finally:
         for proc in procs:
