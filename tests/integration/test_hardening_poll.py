@@ -7,9 +7,7 @@ import asyncio
 import contextlib
 import email.utils
 import logging
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,6 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.backoff import NoBackoff
@@ -58,6 +55,7 @@ from tests.support.receivers import Receiver
 from tests.support.replicas import Replica
 from tests.support.servers import free_port
 from tests.support.settings import API_KEY, SECRET, make_settings
+from tests.support.startup import assert_one_line, cannot_start
 from tests.support.tls import TlsFront, make_certificates
 
 T1 = "2026-01-01T10:00:00Z"
@@ -649,7 +647,9 @@ async def test_a_second_process_under_a_live_replica_id_refuses_to_start(
         assert await asyncio.wait_for(second.proc.wait(), 15) == 3
         assert time.monotonic() - started < 10
         lines = (tmp_path / "b" / "twin.log").read_text().strip().splitlines()
-        assert len(lines) == 2, lines  # "starting", then why it cannot
+        # "starting", the Redis primary it checked, then why it cannot.
+        lines = [line for line in lines if "action=redis_checked" not in line]
+        assert len(lines) == 2, lines
         assert lines[1].startswith("callbridge: cannot start: ")
         assert "server.replica_id" in lines[1]
         assert "'twin'" in lines[1]
@@ -695,46 +695,6 @@ async def test_a_replica_takes_over_only_its_own_predecessors_leases(
 
 
 # -- item 9 -------------------------------------------------------------------------
-
-
-async def cannot_start(tmp_path: Path, redis_url: str) -> tuple[int, float, list[str]]:
-    """`callbridge run` (no batches, no subscriptions) against `redis_url`: its exit
-    code, how long it took, what it printed."""
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "upstream": {"base_url": "http://127.0.0.1:1", "api_key": "${KEY}"},
-                "redis": {"url": redis_url},
-                "server": {"host": "127.0.0.1", "port": 0},
-            }
-        )
-    )
-    started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "callbridge", "run", "--config", str(config),
-        env={**os.environ, "KEY": API_KEY},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, time.monotonic() - started, out.decode().strip().splitlines()
-
-
-def assert_one_line(lines: list[str], cause: str) -> None:
-    assert "Traceback" not in "\n".join(lines), lines
-    assert [line for line in lines if "starting" not in line] == [
-        line for line in lines if line.startswith("callbridge: cannot start: Redis at ")
-    ], lines
-    (line,) = [line for line in lines if "cannot start" in line]
-    assert "(redis.url)" in line, line
-    assert cause in line, line
-    assert "s3cret" not in line, line
 
 
 def password_protected_valkey(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:

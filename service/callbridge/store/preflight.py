@@ -58,7 +58,7 @@ async def check_reachable(
         # Closing what may never have opened: the cause, if any, is above.
         with contextlib.suppress(Exception):
             await client.aclose()
-    needed = [name for name in refused if name not in _OPTIONAL_NAMES]
+    needed = list(dict.fromkeys(name for name in refused if name not in _OPTIONAL_NAMES))
     user = target.username or "default"
     if needed:
         raise RedisUnavailableError(
@@ -105,8 +105,11 @@ async def _refused_commands(client: Redis, target: RedisTarget, key_prefix: str)
         await conn.send_packed_command(conn.pack_commands([*commands, ("DISCARD",)]))
         refused = []
         for args in commands:
-            if _nopermission(await _reply(conn)):
-                refused.append(command_name(args))
+            reply = await _reply(conn)
+            if _nopermission(reply):
+                # A key outside the user's key patterns: the rule's ~prefix:* is wrong.
+                keys = "access a key" in str(reply)
+                refused.append(f"keys {key_prefix}:*" if keys else command_name(args))
         if _nopermission(await _reply(conn)):
             refused.append("DISCARD")
         return refused
@@ -171,7 +174,8 @@ def _cause(exc: BaseException, timeout_s: float, settings: RedisSettings) -> str
             "redis.tls.key_file"
         )
     if any(isinstance(e, TimeoutError | RedisTimeoutError) for e in _chain(exc)):
-        return f"no answer within {timeout_s:.0f}s (unreachable, or packets dropped)"
+        tls = ", or no TLS on that port" if (settings.target and settings.target.tls) else ""
+        return f"no answer within {timeout_s:.0f}s (unreachable, or packets dropped{tls})"
     if isinstance(exc, RedisConnectionError | OSError):
         return f"cannot connect ({exc})"
     return f"{type(exc).__name__}: {exc}"
