@@ -19,6 +19,7 @@ from callbridge.errors import RedisUnavailableError
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.permissions import acl_rule
 from callbridge.store.preflight import check_reachable
+from tests.support.bridges import run_to_the_end
 from tests.support.receivers import Receiver
 from tests.support.settings import API_KEY, SECRET, make_settings
 
@@ -69,17 +70,8 @@ async def test_the_readme_user_runs_the_bridge(
         await svc.check_redis()
         await svc.presence.claim()
         await svc.registry.register_config(settings.batches)
-        for _ in range(100):
-            for b in sim.batch_ids:
-                await svc.poller.poll_once(b)
-            await svc.deliverer.drain()
-            await svc.janitor.run_once()
-            if sim.is_finished():
-                break
-            sim.advance()
-        for b in sim.batch_ids:
-            await svc.poller.poll_once(b)
-        await svc.deliverer.drain()
+        await run_to_the_end(svc, sim, 100)
+        await svc.janitor.run_once()
         await svc.presence.leave()
     finally:
         await svc.close()

@@ -18,6 +18,7 @@ from callbridge.app import Bridge
 from callbridge.errors import RedisUnavailableError
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
 from callbridge.store.preflight import check_reachable
+from tests.support.bridges import run_to_the_end
 from tests.support.receivers import Receiver
 from tests.support.servers import free_port, start_server
 from tests.support.settings import API_KEY, SECRET, make_settings
@@ -89,16 +90,7 @@ async def test_poll_commit_deliver_over_tls(
     svc = await Bridge.create(settings, replica_id="tls")
     try:
         await svc.registry.register_config(settings.batches)
-        for _ in range(100):
-            for b in sim.batch_ids:
-                await svc.poller.poll_once(b)
-            await svc.deliverer.drain()
-            if sim.is_finished():
-                break
-            sim.advance()
-        for b in sim.batch_ids:
-            await svc.poller.poll_once(b)
-        await svc.deliverer.drain()
+        await run_to_the_end(svc, sim, 100)
     finally:
         await svc.close()
     payloads = receiver.verify_all(SECRET)
