@@ -118,15 +118,23 @@ class RedisTlsSettings(_Model):
 
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
-    def _readable(cls, v: str | None) -> str | None:
-        if v is None or v == "":
-            return None
-        try:
-            with open(v, "rb") as f:
-                f.read(1)
-        except OSError as exc:
-            raise ValueError(f"cannot read {v}: {exc.strerror}") from None
-        return v
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    def unreadable(self) -> list[str]:
+        """A `redis.tls.<key>: cannot read ...` problem per file this process cannot
+        read. Not a validation rule: a config is valid where its files are mounted
+        (check-config and the start-up check call this where it runs)."""
+        problems = []
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            try:
+                if path is not None:
+                    with open(path, "rb") as f:
+                        f.read(1)
+            except OSError as exc:
+                problems.append(f"redis.tls.{key}: cannot read {path}: {exc.strerror}")
+        return problems
 
     @model_validator(mode="after")
     def _pair(self) -> RedisTlsSettings:

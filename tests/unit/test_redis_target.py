@@ -119,14 +119,19 @@ def test_credentials_from_the_settings_or_secret_files(tmp_path: Path) -> None:
         ({"url": "redis://u@h", "username": "v"}, "keep one"),
         ({"url": "redis://h", "sentinel_password": "x"}, "only for redis+sentinel"),
         ({"url": "redis://h", "tls": {"verify": False}}, "does not use TLS"),
-        (
-            {"url": "rediss://h", "tls": {"ca_file": "/nonexistent/ca.pem"}},
-            "redis.tls.ca_file: cannot read",
-        ),
     ],
 )
 def test_bad_redis_settings_name_their_key(redis: dict[str, Any], says: str) -> None:
     assert any(says in p for p in problems(config(**redis))), problems(config(**redis))
+
+
+def test_check_config_names_a_tls_file_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config(url="rediss://h", tls={"ca_file": "/nonexistent/ca"})))
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "redis.tls.ca_file: cannot read /nonexistent/ca: No such file" in capsys.readouterr().err
 
 
 def test_mutual_tls_needs_both_files(tmp_path: Path) -> None:

@@ -96,6 +96,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from callbridge.config import load_settings
 
     settings = load_settings(_config_path(args))
+    if problems := settings.redis.tls.unreadable():
+        raise ConfigError(problems)
     subs = ", ".join(s.name for s in settings.subscriptions) or "none"
     target = settings.redis.target
     # Where it points, never the URL itself (it may carry a password).

@@ -43,6 +43,8 @@ async def check_reachable(
     bridge sends; `RedisUnavailableError` naming the cause and the setting (never a
     password) when not. A refused optional command is a warning."""
     target = target_of(url, settings)
+    if target.tls and (unreadable := settings.tls.unreadable()):
+        raise RedisUnavailableError(f"Redis at {target.where()}: {'; '.join(unreadable)}")
     client = connect(url, settings, retries=False)
     try:
         async with asyncio.timeout(timeout_s):
