@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,9 +160,15 @@ def write_config(path: Path, upstream: str, redis_url: str, hook: str, sc: Scena
 
 
 async def run_scenario(
-    sc: Scenario, *, tmp_path: Path, redis_url: str, aiohttp_server: ServerFactory
+    sc: Scenario,
+    *,
+    tmp_path: Path,
+    redis_url: str,
+    aiohttp_server: ServerFactory,
+    chaos: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> Outcome:
-    """Run `sc` to the end and judge it; prints and returns the figures."""
+    """Run `sc` to the end and judge it; prints and returns the figures. `chaos`, when
+    given, runs beside the world from its start (e.g. it kills the Redis primary)."""
     clock = time.monotonic
     rng = random.Random(f"kills:{sc.seed}")
     sim = Simulator(sc.simulator_config(), clock=clock)
@@ -194,6 +200,7 @@ async def run_scenario(
         tasks = [
             asyncio.create_task(run_clock(sim, sc.timing.step_seconds, stop_clock)),
             asyncio.create_task(watch.run(replicas, session, started)),
+            *([asyncio.create_task(chaos())] if chaos is not None else []),
         ]
         kill_at = sorted(rng.uniform(*sc.kill_window_s) for _ in range(sc.kills))
         try:

@@ -104,7 +104,8 @@ class SentinelGroup:
             if state["num-other-sentinels"] < 2 or state["num-slaves"] < 1:
                 return False
         with contextlib.suppress(redis.RedisError):
-            return self.client(self.ports[1]).info("replication")["master_link_status"] == "up"
+            link = self.client(self.ports[1]).info("replication")["master_link_status"]
+            return bool(link == "up")
         return False
 
     def kill(self, port: int) -> None:

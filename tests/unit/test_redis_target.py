@@ -13,6 +13,7 @@ import yaml
 from callbridge.cli.main import main
 from callbridge.config import ConfigError, parse_settings
 from callbridge.models.redis_target import RedisTarget, parse_redis_url
+from callbridge.store.permissions import acl_rule
 from tests.support.settings import SECRET
 
 PASSWORD = "pa55-w0rd-never-shown"
@@ -155,3 +156,10 @@ def test_check_config_exits_2_naming_redis_url_and_never_the_password(
     out = capsys.readouterr().out
     assert "redis: rediss+sentinel://s1:26379,s2:26379/mymaster" in out
     assert PASSWORD not in out
+
+
+def test_the_readme_gives_the_acl_rule_the_code_needs() -> None:
+    """The README's least-privileged user is `acl_rule()`, word for word (the ACL tests
+    create that user; the start-up probe checks the same list)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert acl_rule() in readme
