@@ -63,9 +63,12 @@ async def check_reachable(
     needed = list(dict.fromkeys(name for name in refused if name not in _OPTIONAL_NAMES))
     user = target.username or "default"
     if needed:
+        keys = [n for n in needed if n.startswith("keys ")]
+        what = ", ".join(n for n in needed if n not in keys)
+        what = " and ".join(p for p in (what and f"run {what}", keys and f"use {keys[0]}") if p)
         raise RedisUnavailableError(
-            f"Redis at {target.where()} (redis.url): user {user!r} may not run "
-            f"{', '.join(needed)} (NOPERM): add them to its ACL rule (README: ACL users)"
+            f"Redis at {target.where()} (redis.url): user {user!r} may not {what} "
+            "(NOPERM): add them to its ACL rule (README: ACL users)"
         )
     for name in refused:
         log.warning(
