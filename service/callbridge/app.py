@@ -33,10 +33,12 @@ from callbridge.operations import Operations
 from callbridge.poll.cycle import Poller
 from callbridge.poll.scheduler import Scheduler
 from callbridge.poll.upstream import UpstreamClient
-from callbridge.store.connection import Redis, check_reachable, connect, persistence_problems
+from callbridge.store.connection import Redis, connect, target_of
+from callbridge.store.durability import PrimaryWatch
 from callbridge.store.embedded import EmbeddedRedis
 from callbridge.store.keys import Keys
 from callbridge.store.leases import LeaseStore
+from callbridge.store.preflight import check_reachable
 from callbridge.store.presence import BEAT_EVERY_S, Presence
 from callbridge.store.queue import DeliveryQueue
 from callbridge.store.ratelimit import RedisRateLimiter
@@ -91,6 +93,7 @@ class Bridge:
     janitor: Janitor
     operations: Operations
     presence: Presence
+    primary: PrimaryWatch
     embedded: EmbeddedRedis | None = None
     tracing: Tracing = field(default_factory=Tracing.off)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -197,6 +200,7 @@ class Bridge:
             janitor=Janitor(settings, redis, keys, metrics),
             operations=operations,
             presence=Presence(redis, keys, replica_id),
+            primary=PrimaryWatch(redis, target_of(url, settings.redis)),
             embedded=embedded,
             tracing=tracing,
         )
@@ -229,6 +233,11 @@ class Bridge:
             ("delivery", self.deliverer.run(self.stopping)),
             ("janitor", self._janitor_loop()),
             ("presence", self._presence_loop()),
+            *(
+                [("redis_primary", self.primary.follow(self.stopping, self.check_redis))]
+                if self.primary.follows_failovers
+                else []
+            ),
         ):
             task = asyncio.create_task(coro, name=name)
             task.add_done_callback(self._on_task_done)
@@ -279,8 +288,9 @@ class Bridge:
         log.critical("%s", self.crashed, exc_info=exc, extra={"action": "loop_crashed"})
 
     async def check_redis(self) -> None:
-        """Warn when Redis may lose what we write: no persistence, or eviction allowed."""
-        problems = await persistence_problems(self.redis)
+        """Warn when the Redis primary may lose what we write: no persistence, or
+        eviction allowed (`PrimaryWatch` logs which primary it checked)."""
+        problems = await self.primary.problems()
         for problem in problems:
             log.warning("%s", problem, extra={"action": "redis_not_durable"})
         self.metrics.redis_persistence_ok.set(0 if problems else 1)

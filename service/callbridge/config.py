@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ from callbridge.constants import (
     UPSTREAM_MAX_PAGE_SIZE,
 )
 from callbridge.errors import ConfigError
+from callbridge.models.redis_target import RedisTarget, parse_redis_url
 
 _VAR = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -102,22 +104,112 @@ class UpstreamSettings(_Model):
         return v
 
 
+class RedisTlsSettings(_Model):
+    """TLS to Redis (a ``rediss://`` URL): the CA to trust, and a client certificate for
+    mutual TLS. Files, so a Kubernetes Secret mounted as files serves them."""
+
+    # PEM file of the CA(s) that sign the server's certificate. Unset: the system's.
+    ca_file: str | None = None
+    # Client certificate and its key (PEM), for servers that require one (mutual TLS).
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Verify the server's certificate and that it names the host. Off only for tests.
+    verify: bool = True
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    def unreadable(self) -> list[str]:
+        """A `redis.tls.<key>: cannot read ...` problem per file this process cannot
+        read. Not a validation rule: a config is valid where its files are mounted
+        (check-config and the start-up check call this where it runs)."""
+        problems = []
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            try:
+                if path is not None:
+                    with open(path, "rb") as f:
+                        f.read(1)
+            except OSError as exc:
+                problems.append(f"redis.tls.{key}: cannot read {path}: {exc.strerror}")
+        return problems
+
+    @model_validator(mode="after")
+    def _pair(self) -> RedisTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set cert_file and key_file together (mutual TLS)")
+        return self
+
+
 class RedisSettings(_Model):
-    """Where state lives. Without `url` an embedded server is started (single replica only)."""
+    """Where state lives. Without `url` an embedded server is started (single replica only).
+
+    `url` names one server, a Cluster or a primary behind Sentinels
+    (`models.redis_target`); credentials come from its userinfo or from `username` /
+    `password`, not both."""
 
     url: str | None = None
     cluster: bool = False
+    # The ACL user and password of the data nodes, instead of the URL's user:password@.
+    username: str | None = None
+    password: SecretStr | None = None
+    # The Sentinels' own password (requirepass of the Sentinels), when they need one.
+    sentinel_password: SecretStr | None = None
+    tls: RedisTlsSettings = Field(default_factory=lambda: RedisTlsSettings())
     key_prefix: str = Field(DEFAULT_KEY_PREFIX, pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     data_dir: str = ".callbridge/redis"
 
     @field_validator("url")
     @classmethod
-    def _url_scheme(cls, v: str | None) -> str | None:
+    def _url_shape(cls, v: str | None) -> str | None:
         if v is None or v == "":
             return None
-        if not re.match(r"^(redis|rediss|unix|redis\+cluster|rediss\+cluster)://", v):
-            raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
+        parse_redis_url(v)  # ValueError names the problem, never the URL
         return v
+
+    @field_validator("password", "sentinel_password")
+    @classmethod
+    def _empty_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        # ${VAR:-} left empty means "none", as for the URL.
+        return None if v is not None and not v.get_secret_value() else v
+
+    @field_validator("username")
+    @classmethod
+    def _empty_user_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @model_validator(mode="after")
+    def _one_credential_source(self) -> RedisSettings:
+        if not self.url:
+            return self
+        target = parse_redis_url(self.url)
+        if self.password is not None and target.password is not None:
+            raise ValueError("the password is in url and in password: keep one")
+        if self.username and target.username:
+            raise ValueError("the user is named in url and in username: keep one")
+        if self.sentinel_password is not None and target.kind != "sentinel":
+            raise ValueError("sentinel_password is only for redis+sentinel:// URLs")
+        if self.cluster and target.kind == "sentinel":
+            raise ValueError("cluster: true with a redis+sentinel:// URL: choose one")
+        if (self.tls.ca_file or self.tls.cert_file or not self.tls.verify) and not target.tls:
+            raise ValueError("tls is set but the url does not use TLS (rediss://...)")
+        return self
+
+    @property
+    def target(self) -> RedisTarget | None:
+        """The parsed URL, credentials from `username` / `password` filled in."""
+        if not self.url:
+            return None
+        target = parse_redis_url(self.url)
+        return dataclasses.replace(
+            target,
+            username=self.username or target.username,
+            password=(
+                self.password.get_secret_value() if self.password is not None else target.password
+            ),
+        )
 
     @property
     def use_cluster(self) -> bool:

@@ -26,8 +26,10 @@
     │                                (control flow inside the poll stage, never escapes it)
     ├── EmbeddedRedisError           the embedded server could not be started
     └── StartupError                 `callbridge run` cannot start (the CLI exits 3, one line)
-        ├── RedisUnavailableError    Redis (`redis.url`) unreachable, refusing the password,
-        │                            or presenting a certificate the CA does not sign
+        ├── RedisUnavailableError    Redis (`redis.url`) unreachable, no Sentinel naming a
+        │                            primary, refusing the password or our certificate,
+        │                            presenting one the CA does not sign (or expired), or
+        │                            refusing the ACL user a command it needs
         └── DuplicateReplicaError    another live process runs under this server.replica_id
 
 Each exception reads well on one line, carries the context needed to act on it,
@@ -185,8 +187,9 @@ class StartupError(CallbridgeError):
 
 
 class RedisUnavailableError(StartupError):
-    """Redis cannot be used at start-up: unreachable, the password refused, or its TLS
-    certificate not signed by the configured CA (``redis.url``)."""
+    """Redis cannot be used at start-up: unreachable, no Sentinel naming its primary, the
+    password or our client certificate refused, its TLS certificate not trusted
+    (``redis.tls.ca_file``), or the ACL user lacking a command (``redis.url``)."""
 
 
 class DuplicateReplicaError(StartupError):

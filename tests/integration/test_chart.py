@@ -121,6 +121,33 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "embedded": deep_merge(
         {k: v for k, v in REQUIRED_VALUES.items() if k != "redis"}, {"redis": {"embedded": True}}
     ),
+    # Bitnami-style Redis with Sentinel, TLS with mutual certificates from a Secret, the
+    # passwords from the Redis chart's Secret, a least-privileged ACL user.
+    "sentinel-tls": deep_merge(
+        {k: v for k, v in REQUIRED_VALUES.items() if k != "redis"},
+        {
+            "redis": {
+                "sentinel": {
+                    "hosts": [
+                        "redis-node-0.redis-headless:26379",
+                        "redis-node-1.redis-headless:26379",
+                    ],
+                    "serviceName": "mymaster",
+                    "existingSecret": "redis",
+                    "existingSecretPasswordKey": "sentinel-password",
+                },
+                "existingSecret": "redis",
+                "username": "callbridge",
+                "tls": {
+                    "enabled": True,
+                    "existingSecret": "redis-client-tls",
+                    "caFile": "ca.crt",
+                    "certFile": "tls.crt",
+                    "keyFile": "tls.key",
+                },
+            }
+        },
+    ),
 }
 
 
@@ -408,6 +435,38 @@ def test_embedded_dev_mode(chart: helm.Chart) -> None:
     assert "WARNING: redis.embedded is on" in rendered.files["callbridge/templates/NOTES.txt"]
 
 
+def test_sentinel_tls_and_passwords_from_secrets(chart: helm.Chart) -> None:
+    rendered = render(chart, SCENARIOS["sentinel-tls"])
+    assert "CALLBRIDGE_REDIS_URL" not in rendered.one("Secret")["data"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in rendered.container["env"]}
+    assert env == {
+        "CALLBRIDGE_REDIS_PASSWORD": {"name": "redis", "key": "redis-password"},
+        "CALLBRIDGE_REDIS_SENTINEL_PASSWORD": {"name": "redis", "key": "sentinel-password"},
+    }
+    mounts = {m["name"]: m for m in rendered.container["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.pod["volumes"]}
+    assert mounts["redis-tls"]["readOnly"] is True
+    assert volumes["redis-tls"]["secret"]["secretName"] == "redis-client-tls"
+    redis = rendered.settings().redis
+    assert redis.url == (
+        "rediss+sentinel://redis-node-0.redis-headless:26379,"
+        "redis-node-1.redis-headless:26379/mymaster/0"
+    )
+    target = redis.target
+    assert target is not None
+    assert (target.kind, target.tls, target.service_name) == ("sentinel", True, "mymaster")
+    assert (target.username, target.password) == ("callbridge", "sampleredispassword")
+    assert redis.sentinel_password is not None
+    assert redis.sentinel_password.get_secret_value() == "samplesentinelpassword"
+    tls_dir = mounts["redis-tls"]["mountPath"]
+    assert (redis.tls.ca_file, redis.tls.cert_file, redis.tls.key_file) == (
+        f"{tls_dir}/ca.crt",
+        f"{tls_dir}/tls.crt",
+        f"{tls_dir}/tls.key",
+    )
+    assert redis.tls.verify is True
+
+
 def test_redis_cluster_flag_reaches_the_config(chart: helm.Chart) -> None:
     rendered = render(chart, deep_merge(REQUIRED_VALUES, {"redis": {"cluster": True}}))
     assert rendered.settings().redis.use_cluster is True
@@ -454,6 +513,17 @@ def test_termination_grace_follows_the_config(
             deep_merge(REQUIRED_VALUES, {"secrets": {"webhookSecrets": {"no good": WHSEC}}}),
             "is not a valid name",
         ),
+        (
+            deep_merge(REQUIRED_VALUES, {"redis": {"sentinel": {"hosts": ["s:26379"]}}}),
+            "set either redis.url or redis.sentinel.hosts",
+        ),
+        (
+            deep_merge(
+                REQUIRED_VALUES,
+                {"redis": {"tls": {"existingSecret": "t", "certFile": "tls.crt"}}},
+            ),
+            "redis.tls.certFile and redis.tls.keyFile go together",
+        ),
     ],
     ids=[
         "base_url",
@@ -463,6 +533,8 @@ def test_termination_grace_follows_the_config(
         "embedded_and_url",
         "env_clash",
         "bad_name",
+        "url_and_sentinel",
+        "tls_half_pair",
     ],
 )
 def test_bad_values_fail_with_a_clear_message(
@@ -613,8 +685,12 @@ def test_chart_config_defaults_match_the_settings_model(chart: helm.Chart) -> No
         ("admin", "token"),
         ("logging", "format"),
     }
-    # Set by the templates from redis.cluster / redis.embedded, not spelled in config.
-    templated = {("redis", "cluster"), ("redis", "data_dir")}
+    # Set by the templates from redis.cluster / redis.embedded / redis.sentinel,
+    # redis.existingSecret, redis.username and redis.tls, not spelled in config.
+    templated = {
+        ("redis", key)
+        for key in ("cluster", "data_dir", "username", "password", "sentinel_password", "tls")
+    }
     drift = []
     for section, info in Settings.model_fields.items():
         model = info.annotation

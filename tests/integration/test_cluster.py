@@ -6,6 +6,7 @@ from typing import Any
 
 from callbridge.app import Bridge
 from callbridge.simulator import Simulator, SimulatorConfig, make_app
+from tests.support.bridges import run_to_the_end
 from tests.support.receivers import Receiver
 from tests.support.settings import API_KEY, SECRET, make_settings
 
@@ -32,16 +33,7 @@ async def test_poll_commit_fan_out_deliver_on_cluster(
     svc = await Bridge.create(settings, replica_id="cluster")
     try:
         await svc.registry.register_config(settings.batches)
-        for _ in range(200):
-            for b in sim.batch_ids:
-                await svc.poller.poll_once(b)
-            await svc.deliverer.drain()
-            if sim.is_finished():
-                break
-            sim.advance()
-        for b in sim.batch_ids:
-            await svc.poller.poll_once(b)
-        await svc.deliverer.drain()
+        await run_to_the_end(svc, sim, 200)
         # The snapshot survives a cold reload from the cluster.
         for b in sim.batch_ids:
             rt = svc.poller.runtime(b)

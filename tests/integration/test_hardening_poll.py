@@ -7,9 +7,7 @@ import asyncio
 import contextlib
 import email.utils
 import logging
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,6 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.backoff import NoBackoff
@@ -38,10 +35,12 @@ from callbridge.poll.second_look import restored_suspects
 from callbridge.poll.upstream import UpstreamClient
 from callbridge.poll.upstream_health import UNREACHABLE_AFTER_SCANS
 from callbridge.simulator import FaultConfig, Simulator, SimulatorConfig, make_app
-from callbridge.store.connection import check_reachable, connect, persistence_problems
+from callbridge.store.connection import connect
+from callbridge.store.durability import persistence_problems
 from callbridge.store.embedded import EmbeddedRedis, find_server_binary
 from callbridge.store.keys import Keys
 from callbridge.store.leases import LeaseStore
+from callbridge.store.preflight import check_reachable
 from callbridge.store.presence import WINDOW_MS, Presence
 from callbridge.store.ratelimit import RedisRateLimiter
 from callbridge.store.snapshots import BatchMeta
@@ -56,6 +55,7 @@ from tests.support.receivers import Receiver
 from tests.support.replicas import Replica
 from tests.support.servers import free_port
 from tests.support.settings import API_KEY, SECRET, make_settings
+from tests.support.startup import assert_one_line, cannot_start
 from tests.support.tls import TlsFront, make_certificates
 
 T1 = "2026-01-01T10:00:00Z"
@@ -647,7 +647,9 @@ async def test_a_second_process_under_a_live_replica_id_refuses_to_start(
         assert await asyncio.wait_for(second.proc.wait(), 15) == 3
         assert time.monotonic() - started < 10
         lines = (tmp_path / "b" / "twin.log").read_text().strip().splitlines()
-        assert len(lines) == 2, lines  # "starting", then why it cannot
+        # "starting", the Redis primary it checked, then why it cannot.
+        lines = [line for line in lines if "action=redis_checked" not in line]
+        assert len(lines) == 2, lines
         assert lines[1].startswith("callbridge: cannot start: ")
         assert "server.replica_id" in lines[1]
         assert "'twin'" in lines[1]
@@ -695,46 +697,6 @@ async def test_a_replica_takes_over_only_its_own_predecessors_leases(
 # -- item 9 -------------------------------------------------------------------------
 
 
-async def cannot_start(tmp_path: Path, redis_url: str) -> tuple[int, float, list[str]]:
-    """`callbridge run` (no batches, no subscriptions) against `redis_url`: its exit
-    code, how long it took, what it printed."""
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "upstream": {"base_url": "http://127.0.0.1:1", "api_key": "${KEY}"},
-                "redis": {"url": redis_url},
-                "server": {"host": "127.0.0.1", "port": 0},
-            }
-        )
-    )
-    started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "callbridge", "run", "--config", str(config),
-        env={**os.environ, "KEY": API_KEY},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, time.monotonic() - started, out.decode().strip().splitlines()
-
-
-def assert_one_line(lines: list[str], cause: str) -> None:
-    assert "Traceback" not in "\n".join(lines), lines
-    assert [line for line in lines if "starting" not in line] == [
-        line for line in lines if line.startswith("callbridge: cannot start: Redis at ")
-    ], lines
-    (line,) = [line for line in lines if "cannot start" in line]
-    assert "(redis.url)" in line, line
-    assert cause in line, line
-    assert "s3cret" not in line, line
-
-
 def password_protected_valkey(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cmd = EmbeddedRedis(tmp_path / "pw").command(find_server_binary(), port)
@@ -767,7 +729,7 @@ async def test_a_redis_that_cannot_be_used_at_start_is_one_line_and_exit_3(
         elif cause == "password":
             proc, port = password_protected_valkey(tmp_path)
             procs.append(proc)
-            url, says = f"redis://:s3cret@127.0.0.1:{port}/0", "refused the password"
+            url, says = f"redis://:s3cret@127.0.0.1:{port}/0", "refused the user or password"
         else:
             certs = make_certificates(tmp_path / "tls")
             front = TlsFront(certs, int(redis_url.rsplit(":", 1)[1].split("/")[0]))
@@ -778,7 +740,7 @@ async def test_a_redis_that_cannot_be_used_at_start_is_one_line_and_exit_3(
             )
             # ...with another CA it is refused.
             url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs.other_ca}"
-            says = "TLS certificate is not signed by a CA we trust"
+            says = "TLS certificate is not trusted"
         code, seconds, lines = await cannot_start(tmp_path, url)
     finally:
         for proc in procs:

@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,11 +165,10 @@ async def run_scenario(
     tmp_path: Path,
     redis_url: str,
     aiohttp_server: ServerFactory,
-    during: Callable[[float], Awaitable[None]] | None = None,
+    chaos: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> Outcome:
-    """Run `sc` to the end and judge it; prints and returns the figures. `during` is
-    awaited every 0.1 s of the campaign with the seconds since it started (a test's
-    own turbulence: a Redis primary killed, say)."""
+    """Run `sc` to the end and judge it; prints and returns the figures. `chaos`, when
+    given, runs beside the world from its start (e.g. it kills the Redis primary)."""
     clock = time.monotonic
     rng = random.Random(f"kills:{sc.seed}")
     sim = Simulator(sc.simulator_config(), clock=clock)
@@ -201,13 +200,12 @@ async def run_scenario(
         tasks = [
             asyncio.create_task(run_clock(sim, sc.timing.step_seconds, stop_clock)),
             asyncio.create_task(watch.run(replicas, session, started)),
+            *([asyncio.create_task(chaos())] if chaos is not None else []),
         ]
         kill_at = sorted(rng.uniform(*sc.kill_window_s) for _ in range(sc.kills))
         try:
             while not sim.is_finished() or kill_at:
                 await asyncio.sleep(0.1)
-                if during is not None:
-                    await during(clock() - started)
                 if kill_at and clock() - started >= kill_at[0]:
                     kill_at.pop(0)
                     victim = replicas[rng.randrange(len(replicas))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -21,28 +22,41 @@ def free_port() -> int:
         return port
 
 
-def wait_for_redis(port: int, seconds: float = 10.0) -> None:
-    """Block until a server answers PING on the port (it may be loading its AOF)."""
-    client = redis.Redis(
-        host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
-    )
+def wait_for_redis(
+    port: int, seconds: float = 10.0, client: Callable[[int], redis.Redis] | None = None
+) -> None:
+    """Block until a server answers PING on the port (it may be loading its AOF);
+    `client` makes the client to ask with (TLS, a password), plain by default."""
+    probe = (client or _plain)(port)
     try:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
-                if client.ping():
+                if probe.ping():
                     return
             except redis.ConnectionError:  # BusyLoadingError included
                 time.sleep(0.025)
         raise RuntimeError(f"no Redis answered on port {port}")
     finally:
-        client.close()
+        probe.close()
 
 
-def start_server(data: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    """A Valkey server persisting to `data` (AOF), ready when this returns."""
+def _plain(port: int) -> redis.Redis:
+    return redis.Redis(
+        host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+
+
+def start_server(
+    data: Path,
+    port: int,
+    *extra: str,
+    binary: str | None = None,
+    client: Callable[[int], redis.Redis] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A Valkey server (or `binary`) persisting to `data` (AOF), ready when this returns."""
     data.mkdir(parents=True, exist_ok=True)
-    cmd = [*EmbeddedRedis(data).command(find_server_binary(), port), *extra]
+    cmd = [*EmbeddedRedis(data).command(binary or find_server_binary(), port), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_redis(port)
+    wait_for_redis(port, client=client)
     return proc

@@ -111,7 +111,19 @@ combination stops the install with one clear message instead of a crash-looping 
 {{- end }}
 {{- $configUrl := toString (dig "redis" "url" "" $config) }}
 {{- $needsEnv := or (not $configUrl) (contains "CALLBRIDGE_REDIS_URL" $configUrl) }}
-{{- if and $needsEnv (not .Values.redis.url) (not .Values.secrets.existingSecret) (not $fromEnv) }}
+{{- if and .Values.redis.sentinel.hosts .Values.redis.url }}
+{{- fail "set either redis.url or redis.sentinel.hosts (the chart builds the URL from them), not both" }}
+{{- end }}
+{{- if and .Values.redis.sentinel.hosts .Values.redis.cluster }}
+{{- fail "redis.sentinel.hosts and redis.cluster: a Redis behind Sentinel is not a Cluster; choose one" }}
+{{- end }}
+{{- if and (or .Values.redis.tls.certFile .Values.redis.tls.keyFile) (not (and .Values.redis.tls.certFile .Values.redis.tls.keyFile)) }}
+{{- fail "redis.tls.certFile and redis.tls.keyFile go together (mutual TLS)" }}
+{{- end }}
+{{- if and .Values.redis.tls.certFile (not .Values.redis.tls.existingSecret) }}
+{{- fail "redis.tls.certFile needs redis.tls.existingSecret: the Secret the files are mounted from" }}
+{{- end }}
+{{- if and $needsEnv (not .Values.redis.sentinel.hosts) (not .Values.redis.url) (not .Values.secrets.existingSecret) (not $fromEnv) }}
 {{- fail "redis.url is required: callbridge keeps its state in an external Redis, e.g. --set redis.url=redis://:password@redis-master:6379/0 (stored in the chart's Secret as CALLBRIDGE_REDIS_URL). Alternatives: a CALLBRIDGE_REDIS_URL key in secrets.existingSecret, a CALLBRIDGE_REDIS_URL entry in extraEnv, or redis.embedded=true for a single-replica dev install" }}
 {{- end }}
 {{- end }}
@@ -134,6 +146,32 @@ at the pod's emptyDir).
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $redis := deepCopy (get $config "redis" | default dict) }}
 {{- $_ := set $redis "cluster" (.Values.redis.cluster | default false) }}
+{{- with .Values.redis.sentinel }}
+{{- if .hosts }}
+{{- $scheme := ternary "rediss+sentinel" "redis+sentinel" $.Values.redis.tls.enabled }}
+{{- $_ := set $redis "url" (printf "%s://%s/%s/%d" $scheme (join "," .hosts) .serviceName (int .db)) }}
+{{- end }}
+{{- if .existingSecret }}
+{{- $_ := set $redis "sentinel_password" "${CALLBRIDGE_REDIS_SENTINEL_PASSWORD}" }}
+{{- end }}
+{{- end }}
+{{- if .Values.redis.existingSecret }}
+{{- $_ := set $redis "password" "${CALLBRIDGE_REDIS_PASSWORD}" }}
+{{- end }}
+{{- with .Values.redis.username }}
+{{- $_ := set $redis "username" . }}
+{{- end }}
+{{- with .Values.redis.tls }}
+{{- $tls := dict "verify" .verify }}
+{{- if .existingSecret }}
+{{- $_ := set $tls "ca_file" (printf "%s/%s" (include "callbridge.redisTlsDir" $) .caFile) }}
+{{- if .certFile }}
+{{- $_ := set $tls "cert_file" (printf "%s/%s" (include "callbridge.redisTlsDir" $) .certFile) }}
+{{- $_ := set $tls "key_file" (printf "%s/%s" (include "callbridge.redisTlsDir" $) .keyFile) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $redis "tls" $tls }}
+{{- end }}
 {{- if .Values.redis.embedded }}
 {{- $_ := set $redis "url" "" }}
 {{- $_ := set $redis "data_dir" "/var/lib/callbridge/redis" }}
@@ -151,4 +189,11 @@ The label matchers that scope the alert expressions to this release's metrics.
 {{- else }}
 {{- printf "namespace=%q, job=%q" .Release.Namespace (include "callbridge.fullname" .) }}
 {{- end }}
+{{- end }}
+
+{{/*
+Where the Redis TLS Secret's files are mounted.
+*/}}
+{{- define "callbridge.redisTlsDir" -}}
+/etc/callbridge-redis-tls
 {{- end }}

@@ -101,8 +101,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from callbridge.config import load_settings
 
     settings = load_settings(_config_path(args))
+    if problems := settings.redis.tls.unreadable():
+        raise ConfigError(problems)
     subs = ", ".join(s.name for s in settings.subscriptions) or "none"
-    redis = "embedded" if settings.redis.url is None else "external"
+    target = settings.redis.target
+    # Where it points, never the URL itself (it may carry a password).
+    redis = "embedded" if target is None else target.where()
     print(
         f"config ok: {len(settings.batches)} batches, subscriptions: {subs}, redis: {redis}, "
         f"admin API: {'on' if settings.admin.token else 'off'}"

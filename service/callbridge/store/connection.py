@@ -1,47 +1,58 @@
-"""Connecting to Redis, a Redis Cluster, or the embedded server.
+"""Connecting to Redis: one server, a Redis Cluster, a primary behind Sentinels (it
+follows failovers), over TLS (mutual TLS too) and as an ACL user; or the embedded server.
 
 redis-py types most commands as ``Awaitable[Any] | Any`` so that one signature
 serves its sync and async clients; under ``mypy --strict`` every ``await`` of them
 would need a cast. We name the client type ``Redis`` here, as ``Any``, and keep
 the typed surface in our own store/queue classes instead.
+
+What is checked before the bridge starts (reachable, trusted, permitted) is in
+`store.preflight`; what may lose writes (persistence, eviction) in `store.durability`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import ssl
-from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from callbridge.config import RedisSettings
-from callbridge.errors import RedisUnavailableError
-
-log = logging.getLogger(__name__)
+from callbridge.config import RedisSettings, RedisTlsSettings
+from callbridge.models.redis_target import RedisTarget, parse_redis_url
 
 Redis = Any
 
 # Transient Redis failures (failover, restart, a dropped connection) are retried by
-# the client itself for a few seconds before an error reaches our code. It must be
-# the asyncio Retry: the sync one returns the coroutine unawaited, so nothing was
-# ever retried. A retried script may have run already (the reply was lost): every
+# the client itself before an error reaches our code: 8 retries with backoff, each
+# reconnecting (and under Sentinel, asking the Sentinels for the primary again), so a
+# failover that Sentinel settles within ~30 s is a slow command, not a failed one. It
+# must be the asyncio Retry: the sync one returns the coroutine unawaited, so nothing
+# was ever retried. A retried script may have run already (the reply was lost): every
 # script is idempotent for that reason (see store/lua/).
-_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
-# At start-up, one PING within this long and without those retries: an unreachable
-# server, a refused password or an untrusted certificate is a configuration problem,
-# reported at once (`check_reachable`); once running, the retries stay.
-STARTUP_CHECK_S = 8.0
+_RETRIES = 8
+_BACKOFF_CAP_S = 2.0
+# READONLY: a primary demoted to a replica (a failover) still holds our connection.
+# Under Sentinel redis-py turns it into a ConnectionError and asks the Sentinels
+# again; behind one address (a managed service's DNS name) the retry reconnects,
+# which resolves the name again. A write refused with READONLY ran nothing.
+_RETRIED = [RedisConnectionError, RedisTimeoutError, ReadOnlyError]
+_SENTINEL_TIMEOUT_S = 5.0
+# Under Sentinel, before the first connection asked the Sentinels.
+PRIMARY_UNKNOWN = "(primary not known yet)"
+
+
+def _retry(retries: bool) -> Retry:
+    # One per client: redis-py adds `retry_on_error` to the object it is given.
+    if not retries:
+        return Retry(NoBackoff(), 0)
+    return Retry(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.05), retries=_RETRIES)
 
 
 class _HiredisPacking:
@@ -66,16 +77,74 @@ class _HiredisPacking:
             return packed
 
 
+class _AsksSentinel:
+    """Reconnects to the primary the Sentinels name now, not the address it had.
+
+    redis-py (8.2) reconnects a Sentinel-managed connection inside a command's retry
+    through ``connect_check_health``, which its Sentinel connection does not override:
+    after a failover every retry went back to the demoted primary (READONLY again,
+    or refused if it died) until the retries ran out (`tests/integration/test_sentinel`).
+    """
+
+    connection_pool: Any
+    host: str
+    port: int
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and self.connection_pool.is_master:  # type: ignore[attr-defined]
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(check_health, retry_socket_connect)  # type: ignore[misc]
+
+
+class _SentinelPrimary(aioredis.Redis):
+    """The primary's client; closing it closes the Sentinels' clients too."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        await self.connection_pool.sentinel_manager.aclose()  # type: ignore[attr-defined]
+
+
+def tls_options(tls: RedisTlsSettings) -> dict[str, Any]:
+    """redis-py's ssl_* arguments for `tls` (used only with a TLS scheme)."""
+    options: dict[str, Any] = {
+        "ssl_cert_reqs": "required" if tls.verify else "none",
+        "ssl_check_hostname": tls.verify,
+    }
+    if tls.ca_file:
+        options["ssl_ca_certs"] = tls.ca_file
+    if tls.cert_file:
+        options["ssl_certfile"] = tls.cert_file
+        options["ssl_keyfile"] = tls.key_file
+    return options
+
+
+def target_of(url: str, settings: RedisSettings) -> RedisTarget:
+    """`url` (the settings' own, or the embedded server's) with the settings' credentials."""
+    if settings.url == url and settings.target is not None:
+        return settings.target
+    return parse_redis_url(url)
+
+
 def connect(url: str, settings: RedisSettings, *, retries: bool = True) -> Redis:
-    """A client for `url`: a cluster client when the settings ask for one (`retries`:
-    the client retries transient failures itself, as a running bridge wants)."""
+    """A client for `url`: one server, a Cluster or the primary Sentinels name
+    (`retries`: the client retries transient failures itself, as a running bridge
+    wants; off for the start-up checks, which report at once)."""
+    target = target_of(url, settings)
     common: dict[str, Any] = {
         "decode_responses": False,
         "health_check_interval": 15,
         "socket_connect_timeout": 5,
         "socket_timeout": 30,
-        "retry": _RETRY if retries else Retry(NoBackoff(), 0),
+        "retry": _retry(retries),
+        "username": target.username,
+        "password": target.password,
     }
+    if target.tls:
+        common.update(tls_options(settings.tls))
+    if target.kind == "sentinel":
+        return _sentinel_primary(target, settings, common, retries)
     if settings.use_cluster:
         cluster_url = url.replace("redis+cluster://", "redis://").replace(
             "rediss+cluster://", "rediss://"
@@ -83,95 +152,55 @@ def connect(url: str, settings: RedisSettings, *, retries: bool = True) -> Redis
         common.pop("health_check_interval")
         return RedisCluster.from_url(cluster_url, **common)
     client = aioredis.Redis.from_url(
-        url,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError] if retries else [],
-        **common,
+        url, retry_on_error=list(_RETRIED) if retries else [], **common
     )
-    pool = client.connection_pool
-    # Keeps the scheme's class (TCP, TLS or unix socket), with the C packer.
-    pool.connection_class = type(
-        pool.connection_class.__name__, (_HiredisPacking, pool.connection_class), {}
-    )
+    _pack_with_hiredis(client)
     return client
 
 
-async def check_reachable(
-    url: str, settings: RedisSettings, timeout_s: float = STARTUP_CHECK_S
-) -> None:
-    """Whether Redis at `url` answers a PING now; `RedisUnavailableError` naming the
-    cause and ``redis.url`` (never the password) when it does not."""
-    client = connect(url, settings, retries=False)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await client.ping()
-    except Exception as exc:
-        raise RedisUnavailableError(
-            f"Redis at {_where(url)} (redis.url): {_cause(exc, timeout_s)}"
-        ) from None
-    finally:
-        # Closing what may never have opened: the cause, if any, is above.
-        with contextlib.suppress(Exception):
-            await client.aclose()
-
-
-def _where(url: str) -> str:
-    """Where `url` points, without its userinfo (a password) or query."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: BaseException | None = exc
-    while seen is not None:
-        yield seen
-        seen = seen.__cause__ or seen.__context__
-
-
-def _cause(exc: BaseException, timeout_s: float) -> str:
-    for e in _chain(exc):
-        if isinstance(e, ssl.SSLCertVerificationError):
-            return f"its TLS certificate is not signed by a CA we trust ({e.verify_message})"
-        if isinstance(e, ssl.SSLError):
-            return f"TLS failed ({e.reason or e})"
-        if isinstance(e, AuthenticationError) or (
-            isinstance(e, ResponseError) and str(e).split(" ", 1)[0] in ("WRONGPASS", "NOAUTH")
-        ):
-            return f"it refused the password ({e})"
-    if any(isinstance(e, TimeoutError | RedisTimeoutError) for e in _chain(exc)):
-        return f"no answer within {timeout_s:.0f}s (unreachable, or packets dropped)"
-    if isinstance(exc, RedisConnectionError | OSError):
-        return f"cannot connect ({exc})"
-    return f"{type(exc).__name__}: {exc}"
-
-
-async def persistence_problems(redis: Redis) -> list[str]:
-    """What in the server's configuration may lose our writes; empty when nothing.
-
-    Managed services often forbid CONFIG: then nothing can be checked and nothing
-    is reported.
-    """
-    try:
-        cfg = await redis.config_get("appendonly")
-        cfg.update(await redis.config_get("save"))
-        cfg.update(await redis.config_get("maxmemory-policy"))
-    except ResponseError:
-        # Refused (a managed service): unknown, not a problem. A Redis that cannot be
-        # reached is no answer either way: that error goes to the caller.
-        log.info("cannot read Redis CONFIG; persistence settings not checked")
-        return []
-    values = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in cfg.items()
+def _sentinel_primary(
+    target: RedisTarget, settings: RedisSettings, common: dict[str, Any], retries: bool
+) -> Redis:
+    sentinel_options: dict[str, Any] = {
+        "socket_connect_timeout": _SENTINEL_TIMEOUT_S,
+        "socket_timeout": _SENTINEL_TIMEOUT_S,
+        "password": (
+            settings.sentinel_password.get_secret_value() if settings.sentinel_password else None
+        ),
     }
-    problems = []
-    if values.get("appendonly") != "yes" and not values.get("save"):
-        problems.append(
-            "Redis persistence is off (appendonly no, no save points): a Redis restart "
-            "loses snapshots and queued deliveries"
-        )
-    policy = values.get("maxmemory-policy", "noeviction")
-    if policy != "noeviction":
-        problems.append(f"Redis maxmemory-policy is {policy}: keys may be evicted; use noeviction")
-    return problems
+    if target.tls:
+        # TLS to the data nodes means TLS to the Sentinels too (one CA, one client
+        # certificate), as charts that enable TLS set both up.
+        sentinel_options.update(ssl=True, **tls_options(settings.tls))
+    sentinel = Sentinel(
+        list(target.hosts),
+        sentinel_kwargs=sentinel_options,
+        db=target.db,
+        ssl=target.tls,
+        retry_on_error=list(_RETRIED) if retries else [],
+        **common,
+    )
+    assert target.service_name is not None  # a sentinel URL names one (parse_redis_url)
+    client = sentinel.master_for(target.service_name, redis_class=_SentinelPrimary)
+    _pack_with_hiredis(client, _AsksSentinel)
+    return client
+
+
+def _pack_with_hiredis(client: aioredis.Redis, *mixins: type) -> None:
+    pool = client.connection_pool
+    # Keeps the scheme's class (TCP, TLS, unix socket, Sentinel-managed), with the C packer.
+    pool.connection_class = type(
+        pool.connection_class.__name__, (*mixins, _HiredisPacking, pool.connection_class), {}
+    )
+
+
+def primary_address(redis: Redis, target: RedisTarget) -> str:
+    """host:port of the primary `redis` writes to now (under Sentinel: the last one the
+    Sentinels named), for messages; no I/O."""
+    if target.kind == "sentinel":
+        address = redis.connection_pool.master_address
+        return f"{address[0]}:{address[1]}" if address else PRIMARY_UNKNOWN
+    if target.kind == "unix":
+        return str(target.socket_path)
+    host, port = target.hosts[0]
+    return f"{host}:{port}"

@@ -1,0 +1,177 @@
+"""Turbulence scenario A (test_turbulence.py) on production-shaped Redis (issue 21):
+over TLS with a CA file, over mutual TLS, as the README's least-privileged ACL user,
+and behind Sentinel with the primary SIGKILLed mid-campaign and restarted 10 s later
+(Sentinel makes it a replica). Each run takes a minute or two: ``-m slow``.
+
+    pytest -m slow tests/integration/test_turbulence_redis.py -s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from callbridge.store.keys import Keys
+from callbridge.store.permissions import acl_rule
+from tests.integration.test_turbulence import A, assert_nothing_lost_or_invented
+from tests.support.scenario import Outcome, Scenario, run_scenario
+from tests.support.sentinel import SentinelGroup
+from tests.support.servers import free_port, start_server
+from tests.support.tls import (
+    Certificates,
+    make_certificates,
+    tls_args,
+    tls_client,
+    tls_server_binary,
+)
+
+PASSWORD = "turbulence-acl-password"
+
+
+def assert_a_passes(out: Outcome) -> None:
+    r = out.report
+    assert_nothing_lost_or_invented(out)
+    assert len(r.broken_chains) == len(r.false_markers) == 0, str(r)
+    assert r.batch_completed_exact, str(r)
+    assert r.lag(50) <= 3, str(r)
+
+
+def with_redis(sc: Scenario, name: str, **redis_settings: Any) -> Scenario:
+    return dataclasses.replace(sc, name=f"{sc.name} [{name}]", sections={"redis": redis_settings})
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Certificates, int]]:
+    binary = tls_server_binary()
+    root = tmp_path_factory.mktemp("tls")
+    certs = make_certificates(root / "certs")
+    port = free_port()
+    args = [*tls_args(certs, clients="optional"), "--port", "0", "--tls-port", str(port)]
+    proc = start_server(root / "data", port, *args, binary=binary, client=tls_client(certs))
+    try:
+        yield certs, port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mutual", [False, True], ids=["ca_file", "mutual_tls"])
+async def test_a_over_tls(
+    tls_server: tuple[Certificates, int], mutual: bool, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    certs, port = tls_server
+    tls_client(certs)(port).flushdb()
+    tls: dict[str, Any] = {"ca_file": str(certs.ca)}
+    if mutual:
+        tls.update(cert_file=str(certs.client_cert), key_file=str(certs.client_key))
+    sc = with_redis(A, "mutual TLS" if mutual else "TLS, CA file", tls=tls)
+    out = await run_scenario(
+        sc,
+        tmp_path=tmp_path,
+        redis_url=f"rediss://127.0.0.1:{port}/0",
+        aiohttp_server=aiohttp_server,
+    )
+    assert_a_passes(out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_as_the_least_privileged_acl_user(
+    redis_url: str, redis_client: Any, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    rule = acl_rule("cb-turbulence").replace(">PASSWORD", f">{PASSWORD}").split()
+    await redis_client.execute_command(*rule)
+    try:
+        url = redis_url.replace("redis://", f"redis://cb-turbulence:{PASSWORD}@")
+        out = await run_scenario(
+            with_redis(A, "ACL user"),
+            tmp_path=tmp_path,
+            redis_url=url,
+            aiohttp_server=aiohttp_server,
+        )
+    finally:
+        await redis_client.execute_command("ACL", "DELUSER", "cb-turbulence")
+    assert_a_passes(out)
+    assert "redis_command_refused" not in out.log_actions
+    assert not await redis_client.execute_command("ACL", "LOG"), "a command was refused"
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    started = SentinelGroup(tmp_path / "sentinel", down_after_ms=1000).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("kill_at_s", [20.0])
+async def test_a_behind_sentinel_with_the_primary_sigkilled(
+    group: SentinelGroup, kill_at_s: float, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """The primary dies mid-campaign; Sentinel promotes the replica (down-after 1 s);
+    the killed one comes back 10 s later as a replica. Prints the time from the kill to
+    the first commit on the new primary."""
+    figures: dict[str, float] = {}
+    old, new = group.ports
+
+    def versions(port: int) -> dict[bytes, int]:
+        client = group.client(port)
+        return {
+            key: int(client.hget(key, "version") or 0)
+            for key in client.scan_iter(match=Keys().batch_meta("*"))
+        }
+
+    async def kill_then_restart() -> None:
+        await asyncio.sleep(kill_at_s)  # the moment in the campaign, not a wait for work
+        killed = time.monotonic()
+        await asyncio.to_thread(group.kill, old)
+        before = await asyncio.to_thread(versions, new)
+        while True:  # bounded by the test's timeout; polling an external server
+            with_commit = await asyncio.to_thread(_committed_since, group, new, before, versions)
+            if with_commit:
+                figures["kill_to_first_commit_s"] = time.monotonic() - killed
+                break
+            await asyncio.sleep(0.02)
+        figures["promoted"] = float(group.primary_port() == new)
+        await asyncio.sleep(max(0.0, killed + 10 - time.monotonic()))
+        await asyncio.to_thread(group.restart, old)
+        figures["restarted"] = 1.0
+
+    sc = dataclasses.replace(A, name=f"{A.name} [Sentinel, primary SIGKILLed at {kill_at_s:.0f}s]")
+    out = await run_scenario(
+        sc, tmp_path=tmp_path, redis_url=group.url(), aiohttp_server=aiohttp_server,
+        chaos=kill_then_restart,
+    )  # fmt: skip
+    print(f"== Sentinel failover figures: {figures}")
+    assert figures.get("restarted") == 1.0, figures
+    assert figures["kill_to_first_commit_s"] <= 1.0 + 10 + 1.0 + 5, figures
+    await asyncio.to_thread(
+        group.wait_until,
+        lambda: group.client(old).role()[0] == b"slave",
+        "the restarted primary did not become a replica",
+    )
+    assert "redis_primary_changed" in out.log_actions
+    assert_a_passes(out)
+
+
+def _committed_since(
+    group: SentinelGroup, port: int, before: dict[bytes, int], versions: Any
+) -> bool:
+    """A batch's snapshot version moved on the node at `port` (a commit landed there)."""
+    try:
+        now = versions(port)
+    except redis.RedisError:
+        return False
+    return any(v > before.get(k, 0) for k, v in now.items())
