@@ -130,6 +130,14 @@ class RedisSettings(_Model):
     def use_cluster(self) -> bool:
         return self.cluster or bool(self.url and "+cluster://" in self.url)
 
+    @model_validator(mode="after")
+    def _acks_need_one_primary(self) -> RedisSettings:
+        # WAIT answers for the node it is sent to; a batch's commits live on the node
+        # of its slot, which the cluster client does not route a WAIT to.
+        if self.min_replicas_to_ack and self.use_cluster:
+            raise ValueError("min_replicas_to_ack is not supported with a Redis Cluster")
+        return self
+
 
 class PollerSettings(_Model):
     """How often and how many batches are polled."""

@@ -83,7 +83,9 @@ class Rewind:
         """The primary dies; the replica that holds the copy takes over."""
         await restore_keyspace(self.client, self._copy)
         if self.pair is not None:
+            # The old primary comes back as the new one's replica (as Sentinel makes it).
             self.pair.resume_acks()
+            await self.pair.synced(self.client)
 
     def check(self, *, all_four: bool) -> None:
         self.receiver.verify_all(SECRET)
@@ -113,6 +115,7 @@ async def start(
             opened.append(client)
             await client.flushdb()
             await wait_linked(client)
+            await pair.synced(client)
             redis_section = {
                 "url": pair.url,
                 "min_replicas_to_ack": acks,
@@ -179,8 +182,9 @@ async def test_b_a_sequence_is_never_reused_for_another_change(
     rw.set(0, status="completed")
     await rw.step()
     rw.check(all_four=True)
-    chain = [(p["data"]["sequence"], p["data"]["status"]) for p in kept(rw.receiver)]
-    assert chain == [(1, "ringing"), (2, "completed")]
+    calls = [p["data"] for p in kept(rw.receiver) if p["type"].startswith("call.")]
+    chain = [(d["sequence"], d["status"], d["previous_status"]) for d in calls]
+    assert chain == [(1, "ringing", None), (2, "completed", "ringing")]
     held(rw)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 
 from tests.support.receivers import Receiver
@@ -76,8 +77,12 @@ class ReplicatedRedis:
 def start_replicated(data: Path) -> Iterator[ReplicatedRedis]:
     """A primary and its replica, linked and in sync; both stopped on exit."""
     port, replica_port = free_port(), free_port()
-    primary = start_server(data / "primary", port)
-    replica = start_server(data / "replica", replica_port, "--replicaof", "127.0.0.1", str(port))
+    # No 5 s wait for more replicas before the first full sync.
+    primary = start_server(data / "primary", port, "--repl-diskless-sync-delay", "0")
+    replica = start_server(data / "replica", replica_port)
+    # Asked at runtime, a replica connects at once (from its config: at its next cron tick).
+    with redis.Redis(host="127.0.0.1", port=replica_port) as client:
+        client.replicaof("127.0.0.1", port)
     try:
         yield ReplicatedRedis(primary, replica, port)
     finally:
@@ -88,10 +93,12 @@ def start_replicated(data: Path) -> Iterator[ReplicatedRedis]:
 
 
 async def wait_linked(client: aioredis.Redis) -> None:
-    """Until the primary counts its replica as connected."""
+    """Until the primary's replica is online (past its first full sync: WAIT counts
+    only online replicas)."""
     for _ in range(400):
         info = await client.info("replication")
-        if int(info.get("connected_slaves", 0)) >= 1:
+        replica = info.get("slave0")
+        if isinstance(replica, dict) and replica.get("state") == "online":
             return
         await asyncio.sleep(0.025)
     raise RuntimeError("the replica never linked")
