@@ -119,7 +119,7 @@ async def start(
             redis_section = {
                 "url": pair.url,
                 "min_replicas_to_ack": acks,
-                "replica_ack_timeout_seconds": 0.5,
+                "replica_ack_timeout_seconds": 0.3,
             }
         svc, sim, receiver = await make_service(
             sim_config(batches=1, calls_per_batch=calls), redis=redis_section
@@ -227,6 +227,35 @@ async def test_d_a_later_completion_is_not_deduplicated_away(start: Start) -> No
     assert completions[-1]["counts"] == {"busy": 1, "completed": 1}
     assert completions[-1]["total"] == 2
     held(rw)
+
+
+async def test_events_wait_for_a_lagging_replica_then_leave_in_order(start: Start) -> None:
+    """No failover: the replica only falls behind. The bridge goes on polling and
+    committing, the events wait in the outbox, and leave in order once it catches up."""
+    rw = await start(1)
+    if rw.pair is None:
+        pytest.skip("about min_replicas_to_ack: 1")
+    rw.set(0, status="ringing")
+    await rw.step()
+    rw.pair.stop_acks()
+    try:
+        rw.set(0, status="answered")
+        await rw.step()
+        rw.set(0, status="completed")
+        await rw.step()
+        assert [p["type"] for p in kept(rw.receiver)] == ["call.ringing"]
+    finally:
+        rw.pair.resume_acks()
+    await rw.pair.synced(rw.client)
+    await rw.step()
+    rw.check(all_four=True)
+    calls = [p["data"] for p in kept(rw.receiver) if p["type"].startswith("call.")]
+    assert [(d["sequence"], d["status"]) for d in calls] == [
+        (1, "ringing"),
+        (2, "answered"),
+        (3, "completed"),
+    ]
+    assert (sample(rw.svc.metrics, "redis_wait_timeouts_total") or 0) >= 2
 
 
 async def test_a_lease_taken_on_the_lost_primary_stops_its_holder_at_once(
