@@ -44,6 +44,7 @@ from callbridge.store.queue import DeliveryQueue
 from callbridge.store.ratelimit import RedisRateLimiter
 from callbridge.store.recovery import RecoveryJobs
 from callbridge.store.registry import BatchRegistry
+from callbridge.store.replication import ReplicaAcks
 from callbridge.store.snapshots import SnapshotStore
 from callbridge.tracing import Tracing
 
@@ -71,6 +72,15 @@ def _owned_periods(metrics: Metrics, poller: Poller) -> dict[str, float]:
     # A period measured before the lease moved elsewhere is stale: owned batches only.
     owned = set(poller.owned())
     return {b: s for b, s in metrics.poll_periods().items() if b in owned}
+
+
+def _replica_acks(redis: Redis, keys: Keys, settings: Settings) -> ReplicaAcks | None:
+    """What holds events back until replicas have their commits (None: nothing)."""
+    needed = settings.redis.min_replicas_to_ack
+    if not needed:
+        return None
+    timeout_ms = max(1, int(settings.redis.replica_ack_timeout_seconds * 1000))
+    return ReplicaAcks(redis, keys, replicas=needed, timeout_ms=timeout_ms)
 
 
 @dataclass
@@ -159,6 +169,8 @@ class Bridge:
             on_enqueued=deliverer.wake,
             max_backlog=settings.delivery.max_backlog,
             dead_retention_ms=int(settings.delivery.dead_letter_retention_seconds * 1000),
+            metrics=metrics,
+            acks=_replica_acks(redis, keys, settings),
         )
         poller = Poller(
             settings,

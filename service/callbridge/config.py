@@ -160,6 +160,13 @@ class RedisSettings(_Model):
     tls: RedisTlsSettings = Field(default_factory=lambda: RedisTlsSettings())
     key_prefix: str = Field(DEFAULT_KEY_PREFIX, pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     data_dir: str = ".callbridge/redis"
+    # Replicas that must hold a commit (`WAIT`) before its events are handed on to the
+    # subscriptions. 0: at once; a failover may then lose the last writes and report
+    # their changes again (README, "What a failover can and cannot lose").
+    min_replicas_to_ack: int = Field(0, ge=0, le=16)
+    # How long one `WAIT` may take; past it the events wait in the outbox (counted in
+    # callbridge_redis_wait_timeouts_total) until a later fan-out is confirmed.
+    replica_ack_timeout_seconds: PositiveSeconds = 1.0
 
     @field_validator("url")
     @classmethod
@@ -214,6 +221,14 @@ class RedisSettings(_Model):
     @property
     def use_cluster(self) -> bool:
         return self.cluster or bool(self.url and "+cluster://" in self.url)
+
+    @model_validator(mode="after")
+    def _acks_need_one_primary(self) -> RedisSettings:
+        # WAIT answers for the node it is sent to; a batch's commits live on the node
+        # of its slot, which the cluster client does not route a WAIT to.
+        if self.min_replicas_to_ack and self.use_cluster:
+            raise ValueError("min_replicas_to_ack is not supported with a Redis Cluster")
+        return self
 
 
 class PollerSettings(_Model):

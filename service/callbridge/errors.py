@@ -12,7 +12,9 @@
     │       ├── UpstreamTransportError  connection refused/reset, DNS, TLS, timeout
     │       └── MalformedPageError   a 200 whose body is not the documented envelope
     ├── StoreError
-    │   └── LeaseLostError           this replica no longer owns the batch; its commit was refused
+    │   ├── LeaseLostError           this replica no longer owns the batch; its commit was refused
+    │   └── ReplicationLagError      fewer replicas than `redis.min_replicas_to_ack` confirmed
+    │                                a batch's commits in time: its events wait in the outbox
     ├── WebhookHttpError             the lean HTTP client got no whole answer (`http1.py`); the
     │   │                            sender turns each into a classified attempt result
     │   ├── ConnectFailedError       no connection: refused, unreachable, DNS, TLS
@@ -129,6 +131,11 @@ class StoreError(CallbridgeError):
 
 class LeaseLostError(StoreError):
     """This replica's lease on a batch expired or was taken over; nothing was written."""
+
+
+class ReplicationLagError(StoreError):
+    """Fewer replicas than `redis.min_replicas_to_ack` confirmed a batch's commits in
+    time: its events are not handed on yet (they wait in the outbox)."""
 
 
 class WebhookHttpError(CallbridgeError):

@@ -266,6 +266,12 @@ class Metrics:
             "1 when Redis persists data and never evicts keys; 0 means events can be lost.",
             registry=r,
         )
+        self.redis_wait_timeouts = Counter(
+            p + "redis_wait_timeouts",
+            "Fan-outs held back: fewer replicas than redis.min_replicas_to_ack confirmed "
+            "the batch's commits within replica_ack_timeout_seconds (events wait in the outbox).",
+            registry=r,
+        )
 
     def set_plan(self, batch_id: str, plan: str) -> None:
         """The plan the last cycle of a batch read with."""

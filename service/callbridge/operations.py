@@ -14,7 +14,6 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from callbridge.config import Settings
 from callbridge.errors import CallbridgeError
 from callbridge.models import KNOWN_STATUSES, PENDING, TERMINAL_STATUSES
-from callbridge.poll.diff import event_id
 from callbridge.poll.lifecycle import batch_lifecycle, interval_s
 from callbridge.store.leases import LeaseStore
 from callbridge.store.queue import DeliveryQueue
@@ -178,12 +177,7 @@ class Operations:
             return None
         entries = await self._store.timeline(batch_id, call_id)
         for e in entries:
-            eid = (
-                event_id(batch_id, call_id, e["sequence"], e["event_type"])
-                if e["event_type"]
-                else None
-            )
-            e["event_id"] = eid
+            eid = e["event_id"]
             e["deliveries"] = await self.deliveries(eid) if eid else []
         return {
             "batch_id": batch_id,

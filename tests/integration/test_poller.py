@@ -305,4 +305,6 @@ async def test_timelines_are_appended_and_trimmed_exactly(redis_client: aioredis
             got = await store.timeline(batch, call)
             seen = (["queued"] if call == "old" else []) + statuses[: n - 1]
             assert [e["status"] for e in got] == seen[-3:], (call, n)
-            assert got[-1] == {"at_ms": n, "status": status, "sequence": n, "event_type": None}
+            assert got[-1] == {
+                "at_ms": n, "status": status, "sequence": n, "event_type": None, "event_id": None
+            }  # fmt: skip

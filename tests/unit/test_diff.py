@@ -8,8 +8,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callbridge.models import KNOWN_STATUSES, TERMINAL_STATUSES
-from callbridge.poll.diff import BatchView, DiffResult, ScanFacts, diff, event_id
+from callbridge.models import KNOWN_STATUSES, TERMINAL_STATUSES, event_id
+from callbridge.poll.diff import BatchView, DiffResult, ScanFacts, diff
 from callbridge.store.callstate import CallState, Fingerprint
 
 NOW = 1_800_000_000_000
@@ -200,7 +200,35 @@ def test_event_ids_are_deterministic() -> None:
         t.poll([item("c1", "pending")])
         t.poll([item("c1", "completed")])
     assert a.ids == b.ids
-    assert a.ids[0] == event_id("b1", "c1", 1, "call.completed")
+    # Pinned: the id digests the body (the derivation changed with issue 21, part 2).
+    assert a.ids[0] == event_id("b1", "c1", 1, "call.completed", orjson.dumps(a.events[0]))
+
+
+def test_an_id_never_names_two_bodies() -> None:
+    """What a failover that rewound Redis makes the bridge emit again, or emit instead,
+    never reuses an id: the same change seen at another time, another update under the
+    same sequence, another completion under the same count."""
+    prev = {"c1": CallState("ringing", 1, Fingerprint.of(item("c1", "ringing")))}
+    view = BatchView({"ringing": 1})
+
+    def once(status: str, ts: str, **fields: Any) -> list[tuple[str, bytes]]:
+        r = diff("b1", prev, [item("c1", status, **fields)], view, now_ms=NOW, timestamp=ts)
+        return [(e.id, e.body) for e in r.events]
+
+    later = "2026-11-28T10:00:09.000Z"
+    assert once("answered", TS) == once("answered", TS)
+    assert once("answered", TS)[0][0] != once("answered", later)[0][0]
+    assert once("ringing", TS, name="X")[0][0] != once("ringing", TS, name="Y")[0][0]
+    # Two calls, one completed; the other ends completed or busy: two completions
+    # counted 1 each, two events.
+    both = {"c1": CallState("completed", 2, Fingerprint.of(item("c1", "completed")))}
+    both["c2"] = prev["c1"]
+    two = BatchView({"completed": 1, "ringing": 1})
+    ids = set()
+    for status in ("completed", "busy"):
+        r = diff("b1", both, [item("c2", status)], two, now_ms=NOW, timestamp=TS)
+        ids |= {e.id for e in r.events if e.type == "batch.completed"}
+    assert len(ids) == 2
 
 
 def test_fingerprint_roundtrip_and_size() -> None:

@@ -48,8 +48,8 @@ _PARAMETERS: dict[str, JsonDoc] = {
         "name": HEADER_WEBHOOK_ID,
         "in": "header",
         "required": True,
-        "description": "The event's id: deterministic, the same on every attempt and "
-        "redelivery. Receivers deduplicate on it.",
+        "description": "The event's id, a digest of the event and its exact body: the same "
+        "on every attempt and redelivery, never on two bodies. Receivers deduplicate on it.",
         "schema": {"type": "string", "minLength": 1},
         "example": "evt_3f1c2a9b8d7e6f5a4b3c2d1e",
     },

@@ -5,6 +5,11 @@ so no single atomic step can cover both. Instead every step is idempotent:
 enqueueing a delivery that already exists does nothing, and an outbox entry is
 deleted only after all its deliveries exist. A crash anywhere in between makes
 the next drain redo the same work, never lose it or create it under a new id.
+
+With `redis.min_replicas_to_ack` (`store.replication`), events go on only once the
+replicas confirmed their commits: a fan-out that finds them behind leaves its events
+in the outbox and holds the batch; the batch's next fan-out drains the outbox instead,
+so older events are never overtaken by newer ones.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import logging
 from collections.abc import Callable, Sequence
 
 from callbridge.config import SubscriptionSettings
+from callbridge.errors import ReplicationLagError
+from callbridge.metrics import Metrics
 from callbridge.models import Event
 from callbridge.store.queue import DeliveryQueue
+from callbridge.store.replication import ReplicaAcks
 from callbridge.store.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -41,8 +49,13 @@ class Relay:
         chunk: int = 500,
         max_backlog: int = 2**62,
         dead_retention_ms: int = 14 * 86_400_000,
+        metrics: Metrics | None = None,
+        acks: ReplicaAcks | None = None,
     ) -> None:
         self._store = store
+        self._acks = acks
+        # Batches whose last fan-out the replicas did not confirm: events wait in the outbox.
+        self._held: set[str] = set()
         self._queue = queue
         self._subs = list(subscriptions)
         self._on_enqueued = on_enqueued
@@ -50,6 +63,7 @@ class Relay:
         self._max_backlog = max_backlog
         self._backlogs = {s.name: s.max_backlog for s in self._subs}
         self._dead_retention_ms = dead_retention_ms
+        self._metrics = metrics  # for the WAIT timeouts (dead letters: the queue's on_dead)
         # (event type, batch id) -> names of the subscriptions that want it: asked per
         # event of a flood, answered once (the subscriptions are fixed for a process).
         self._wants: dict[tuple[str, str], list[str]] = {}
@@ -87,7 +101,9 @@ class Relay:
             entries = await self._store.read_outbox(batch_id, self._chunk)
             if not entries:
                 return moved
-            await self.publish(
+            # After the read: the confirmation covers every entry read.
+            await self._confirm(batch_id)
+            await self._enqueue(
                 batch_id,
                 [
                     (
@@ -110,6 +126,30 @@ class Relay:
 
     async def publish(self, batch_id: str, events: Sequence[tuple[Event, bytes]]) -> None:
         """Enqueue committed events (with their outbox ids) and trim them from the outbox."""
+        if batch_id in self._held:
+            # Older events wait in the outbox: they go first, these with them.
+            await self.drain(batch_id)
+            return
+        await self._confirm(batch_id)
+        await self._enqueue(batch_id, events)
+
+    async def _confirm(self, batch_id: str) -> None:
+        """Return once the replicas hold the batch's commits (`min_replicas_to_ack`);
+        otherwise hold the batch and raise `ReplicationLagError`."""
+        if self._acks is None:
+            return
+        self._held.add(batch_id)  # until confirmed, whatever goes wrong on the way
+        acks = await self._acks.wait(batch_id)
+        if acks < self._acks.replicas:
+            if self._metrics is not None:
+                self._metrics.redis_wait_timeouts.inc()
+            raise ReplicationLagError(
+                f"batch {batch_id}: {acks} of {self._acks.replicas} replicas confirmed its "
+                "commits in time; its events wait in the outbox"
+            )
+        self._held.discard(batch_id)
+
+    async def _enqueue(self, batch_id: str, events: Sequence[tuple[Event, bytes]]) -> None:
         for start in range(0, len(events), self._chunk):
             chunk = events[start : start + self._chunk]
             per_sub: dict[str, list[tuple[Event, int]]] = {}

@@ -8,6 +8,7 @@ never a crash.
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -197,10 +198,16 @@ class TimelineEntry:
     status: str
     seq: int
     event_type: str | None  # None when recorded silently (first sight as pending)
+    # The event's id: it is derived from the body (`event_id`), which the timeline
+    # does not keep, so it is stored. None with no event.
+    event_id: str | None = None
 
     def as_list(self) -> list[Any]:
-        """The stored form: ``[at_ms, status, sequence, event type or null]``."""
-        return [self.at_ms, self.status, self.seq, self.event_type]
+        """The stored form: ``[at_ms, status, sequence, event type, event id]``, or the
+        first four alone when nothing was emitted. Entries of four with an event type
+        were written before ids named their bodies: their id is `event_id_v1`'s."""
+        head = [self.at_ms, self.status, self.seq, self.event_type]
+        return head if self.event_id is None else [*head, self.event_id]
 
 
 # --- headers -------------------------------------------------------------------
@@ -232,6 +239,34 @@ def parse_retry_after(
 # --- events --------------------------------------------------------------------
 
 
+def event_id(batch_id: str, subject: str, seq: int, event_type: str, body: bytes) -> str:
+    """The id of an event: a digest of what it is about and of its exact body.
+
+    One id never names two bodies, whatever happens to the store: a change seen again
+    after a failover rewound Redis gets a new timestamp, hence a new id, and so does
+    any other change that would have taken the same (call, sequence, type) - a
+    deduplicating receiver never drops it as a copy of one it has. An event committed
+    keeps its id and body (both are in the outbox and the queues)."""
+    h = hashlib.blake2b(
+        f"{batch_id}\x1f{subject}\x1f{seq}\x1f{event_type}\x1f".encode(), digest_size=12
+    )
+    h.update(body)
+    return "evt_" + h.hexdigest()
+
+
+# `Event.build` has an argument of that name.
+derive_event_id = event_id
+
+
+def event_id_v1(batch_id: str, subject: str, seq: int, event_type: str) -> str:
+    """The id the previous releases gave (batch, subject, sequence, type) alone: how
+    their timeline entries, which do not store it, name their events."""
+    h = hashlib.blake2b(
+        f"{batch_id}\x1f{subject}\x1f{seq}\x1f{event_type}".encode(), digest_size=12
+    )
+    return "evt_" + h.hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """A webhook event. `body` is the exact JSON a subscriber receives, encoded once."""
@@ -249,14 +284,20 @@ class Event:
     def build(
         cls,
         *,
-        event_id: str,
         type: str,
         timestamp: str,
         batch_id: str,
         call_id: str | None,
         data: dict[str, Any],
+        seq: int = 0,
+        event_id: str | None = None,
     ) -> Event:
+        """The event with this body; its id is `event_id` when given (an operational
+        event's, from its stream entry), else derived from the body (`event_id`) and
+        `seq` (the call's sequence, or the batch's count of such events)."""
         body = orjson.dumps({"type": type, "timestamp": timestamp, "data": data})
+        if event_id is None:
+            event_id = derive_event_id(batch_id, call_id or "", seq, type, body)
         return cls(id=event_id, type=type, batch_id=batch_id, call_id=call_id, body=body)
 
     def payload(self) -> dict[str, Any]:

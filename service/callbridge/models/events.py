@@ -80,7 +80,9 @@ class _CallFields(_Exact):
     sequence: int = Field(
         ge=1,
         description="1, 2, 3, ... per call, one per event of the call. Retries can reorder "
-        "deliveries: order a call's events by it.",
+        "deliveries: order a call's events by it. After a Redis failover with "
+        "`redis.min_replicas_to_ack: 0`, a number may come again on another event (the "
+        "one delivered later is the bridge's view after the failover).",
     )
     initial: bool = Field(
         description="True when the bridge first saw the call in this status (not pending): "

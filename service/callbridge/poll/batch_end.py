@@ -26,7 +26,6 @@ from collections.abc import Collection, Mapping
 
 from callbridge.config import PollerSettings
 from callbridge.models import REMOVED, Event, iso_ms
-from callbridge.poll.diff import event_id
 from callbridge.store.callstate import CallStates
 from callbridge.store.snapshots import BatchMeta
 
@@ -62,7 +61,7 @@ def not_found_step(
     )
     event = Event.build(
         # One per episode of not being found: watched again and lost again, another.
-        event_id=event_id(batch_id, "", since, "batch.retired"),
+        seq=since,
         type="batch.retired",
         timestamp=iso_ms(now_ms),
         batch_id=batch_id,

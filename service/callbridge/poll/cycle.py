@@ -37,7 +37,7 @@ from callbridge.poll.candidates import select_candidates
 from callbridge.poll.cycle_metrics import count_odd_items, note_unreadable, record_diff
 from callbridge.poll.cycle_trace import CycleTracer
 from callbridge.poll.diff import BatchView, ScanFacts, diff
-from callbridge.poll.fanout import EventSink, FanOut
+from callbridge.poll.fanout import EventSink, FanOut, drained
 from callbridge.poll.group_commit import GroupCommit
 from callbridge.poll.lifecycle import BatchLifecycle, batch_lifecycle
 from callbridge.poll.ownership import Ownership
@@ -206,8 +206,7 @@ class Poller:
             # A previous owner may have committed events it never fanned out.
             rt.outbox_dirty = True
         if rt.outbox_dirty:
-            await self._sink.drain(rt.batch_id)
-            rt.outbox_dirty = False
+            rt.outbox_dirty = not await drained(self._sink, rt.batch_id)
 
     async def _commit(
         self,

@@ -2,14 +2,13 @@
 
 No I/O here. The poller hands in the previous state of the calls that may have
 changed and the scanned items; this module decides which events happened and what
-the new state is. Event ids are a function of (batch, call, sequence, type), so a
-diff recomputed after a crash yields the same ids and receivers can deduplicate.
+the new state is. An event's id is a digest of its body (`models.event_id`): one id
+never names two bodies, even when a failover made the bridge see a change again.
 What is stored per call is in `callstate`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,14 +29,6 @@ from callbridge.models import (
     skipped_statuses,
 )
 from callbridge.store.callstate import ABSENT, FINGERPRINT_FIELDS, CallState, Fingerprint
-
-
-def event_id(batch_id: str, subject: str, seq: int, event_type: str) -> str:
-    """Deterministic event id: the same observation always gets the same id."""
-    h = hashlib.blake2b(
-        f"{batch_id}\x1f{subject}\x1f{seq}\x1f{event_type}".encode(), digest_size=12
-    )
-    return "evt_" + h.hexdigest()
 
 
 # Not frozen: a first scan builds one per call, and a frozen dataclass costs three
@@ -198,7 +189,7 @@ def diff(
             out.events.append(
                 _call_event(batch_id, item, etype, seq, None, True, [], None, timestamp, raw=raw)
             )
-            out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
+            out.timeline.append(_entry(out.events[-1], now_ms, status, seq))
             out.transitions.append((None, status))
             continue
 
@@ -234,7 +225,7 @@ def diff(
                     raw=raw,
                 )
             )
-            out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
+            out.timeline.append(_entry(out.events[-1], now_ms, status, seq))
             out.transitions.append((prev.status, status))
         elif changed_fields:
             seq = prev.seq + 1
@@ -254,7 +245,7 @@ def diff(
                     raw=raw,
                 )
             )
-            out.timeline.append(TimelineEntry(call_id, now_ms, status, seq, etype))
+            out.timeline.append(_entry(out.events[-1], now_ms, status, seq))
 
     for call_id in removed:
         prev = previous.get(call_id)
@@ -265,7 +256,7 @@ def diff(
         seq = prev.seq + 1
         states[call_id] = CallState(REMOVED, seq, prev.fingerprint)
         out.events.append(_removed_event(batch_id, call_id, prev.status, seq, timestamp))
-        timeline.append(TimelineEntry(call_id, now_ms, REMOVED, seq, "call.updated"))
+        timeline.append(_entry(out.events[-1], now_ms, REMOVED, seq))
 
     out.counts = {s: n for s, n in counts.items() if n > 0}
     out.completed, out.completions = batch.completed, batch.completions
@@ -285,8 +276,10 @@ def diff(
         out.completed = True
         out.completions = batch.completions + 1
         out.events.append(
+            # Its id digests its counts and time: a later completion after a failover
+            # took this one from Redis is another event, never this one's copy.
             Event.build(
-                event_id=event_id(batch_id, "", out.completions, "batch.completed"),
+                seq=out.completions,
                 type="batch.completed",
                 timestamp=timestamp,
                 batch_id=batch_id,
@@ -302,6 +295,12 @@ def diff(
         # A call left a terminal status (a redial): the batch is open again.
         out.completed = False
     return out
+
+
+def _entry(event: Event, now_ms: int, status: str, seq: int) -> TimelineEntry:
+    """The timeline's record of a call's event, naming it (its id is not recomputable)."""
+    assert event.call_id is not None
+    return TimelineEntry(event.call_id, now_ms, status, seq, event.type, event.id)
 
 
 def _observations(
@@ -322,7 +321,7 @@ def _removed_event(batch_id: str, call_id: str, status: str, seq: int, timestamp
     """The platform stopped listing the call (`batch_end`): reported once, with the
     status it last had; no item to embed."""
     return Event.build(
-        event_id=event_id(batch_id, call_id, seq, "call.updated"),
+        seq=seq,
         type="call.updated",
         timestamp=timestamp,
         batch_id=batch_id,
@@ -374,7 +373,7 @@ def _call_event(
         data["changed_fields"] = changed_fields
     data["call"] = item if raw is None else orjson.Fragment(raw)
     return Event.build(
-        event_id=event_id(batch_id, call_id, seq, etype),
+        seq=seq,
         type=etype,
         timestamp=timestamp,
         batch_id=batch_id,

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from callbridge.errors import ReplicationLagError
 from callbridge.models import Event
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,19 @@ class EventSink(Protocol):
 
     async def publish(self, batch_id: str, events: Sequence[tuple[Event, bytes]]) -> None:
         """Hand on events just committed (with their outbox stream ids)."""
+
+
+async def drained(sink: EventSink, batch_id: str) -> bool:
+    """`sink.drain`: whether the outbox was handed on. False when the replicas have
+    not confirmed its commits yet (`redis.min_replicas_to_ack`): its events wait there,
+    and the cycle goes on polling and committing (what it sees is kept, held the same
+    way) instead of failing; the next cycle drains again."""
+    try:
+        await sink.drain(batch_id)
+    except ReplicationLagError as exc:
+        log.warning("%s", exc, extra={"action": "events_held", "batch_id": batch_id})
+        return False
+    return True
 
 
 class FanOut:

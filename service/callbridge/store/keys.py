@@ -71,6 +71,11 @@ class Keys:
         """String: the token of the replica that owns the batch, with a TTL."""
         return f"{self._b(batch_id)}:lease"
 
+    def acked(self, batch_id: str) -> str:
+        """String written just before a `WAIT` (`store.replication`), with a TTL: the write
+        the replicas' acknowledgement is counted against, after the batch's commits."""
+        return f"{self._b(batch_id)}:acked"
+
     def timeline(self, batch_id: str) -> str:
         """Hash call_id -> recent transitions (bounded)."""
         return f"{self._b(batch_id)}:timeline"

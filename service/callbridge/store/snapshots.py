@@ -20,7 +20,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from callbridge.errors import LeaseLostError, StoreError
-from callbridge.models import Event, TimelineEntry
+from callbridge.models import Event, TimelineEntry, event_id_v1
 from callbridge.store.callstate import CallState, CallStates
 from callbridge.store.connection import Redis
 from callbridge.store.keys import Keys
@@ -271,13 +271,28 @@ class SnapshotStore:
     # -- inspection --------------------------------------------------------------
 
     async def timeline(self, batch_id: str, call_id: str) -> list[dict[str, Any]]:
+        """The call's kept observations, each naming its event (None when silent).
+
+        Entries written by a previous release have four fields and no id: theirs is
+        recomputed the way that release derived it (`event_id_v1`)."""
         raw = await self._redis.hget(self._keys.timeline(batch_id), call_id)
         if not raw:
             return []
-        return [
-            {"at_ms": at, "status": status, "sequence": seq, "event_type": etype}
-            for at, status, seq, etype in orjson.loads(raw)
-        ]
+        out = []
+        for at, status, seq, etype, *stored in orjson.loads(raw):
+            eid = stored[0] if stored else None
+            if eid is None and etype:
+                eid = event_id_v1(batch_id, call_id, seq, etype)
+            out.append(
+                {
+                    "at_ms": at,
+                    "status": status,
+                    "sequence": seq,
+                    "event_type": etype,
+                    "event_id": eid,
+                }
+            )
+        return out
 
     async def call_state(self, batch_id: str, call_id: str) -> CallState | None:
         raw = await self._redis.hget(self._keys.snapshot(batch_id), call_id)
