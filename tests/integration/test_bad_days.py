@@ -15,6 +15,9 @@ from callbridge.store.keys import Keys
 from tests.support.deliveries import MakeRig, Rig, event
 from tests.support.event_schemas import violations
 from tests.support.metrics import sample
+from tests.support.receivers import Receiver
+from tests.support.scenario import serve_on
+from tests.support.servers import free_port
 from tests.support.settings import SECRET
 
 # The breaker opens after 3 attempts of which half failed, and pauses 50 ms.
@@ -321,3 +324,70 @@ async def test_a_promoted_delivery_failing_again_retries_at_the_first_delay(
     assert record is not None
     assert record["attempts"] == 3
     assert record["next_attempt_ms"] - (await rig.queue.endpoint("crm")).now_ms > 3000_000
+
+
+async def test_a_probe_answered_with_an_error_ends_an_outage_of_refused_connections(
+    make_rig: MakeRig,
+) -> None:
+    # The breaker opened because nothing listened. The CRM is back and fails a fifth of
+    # first attempts on its own: a probe that drew one of those (a 500) was a failed
+    # probe, the breaker paused again, and the backlog waited another pause per unlucky
+    # probe (4.9 s after the return in the 10-minute outage bench). An HTTP answer
+    # proves the endpoint reachable: the breaker closes, and the 500 is an ordinary
+    # failed attempt of its delivery.
+    port = free_port()
+    rig = await make_rig(
+        {"crm": {"url": f"http://127.0.0.1:{port}/hook", "max_in_flight": 3,
+                 "retry_schedule_seconds": [3600, 3600]}},
+        breaker_failure_threshold=2,
+        **BREAKER,
+    )  # fmt: skip
+    await rig.enqueue("crm", *[event(i, f"c{i}") for i in range(4)])
+    for _ in range(3):
+        await rig.deliverer.run_once("crm")
+        if (await rig.queue.endpoint("crm")).breaker != "closed":
+            break
+    assert (await rig.queue.endpoint("crm")).breaker == "open"
+    back = Receiver()
+    back.answers.append(500)  # the probe draws one of its own failures
+    runner = await serve_on(back.app(), port)
+    try:
+        await until(lambda: half_open(rig, "crm"))
+        assert await rig.deliverer.run_once("crm") == 1  # the probe
+        assert (await rig.queue.endpoint("crm")).breaker == "closed"
+        probe_id = back.received[0].id
+        record = await rig.queue.record("crm", probe_id)
+        assert record is not None
+        assert record["history"][-1]["outcome"] == "retry"  # an attempt like any other
+        await rig.deliverer.drain("crm")
+        # The rest went at once (the outage's failures promoted), not after pauses; the
+        # probe's own delivery with them (it failed within the outage's streak).
+        assert {r.id for r in back.delivered} == {f"evt_c{i}_{i}" for i in range(4)}
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_probe_that_times_out_is_still_a_failed_probe(make_rig: MakeRig) -> None:
+    # No answer is no proof: a hung probe leaves the breaker open.
+    port = free_port()
+    rig = await make_rig(
+        {"crm": {"url": f"http://127.0.0.1:{port}/hook", "max_in_flight": 3,
+                 "timeout_seconds": 0.2}},
+        breaker_failure_threshold=2,
+        **BREAKER,
+    )  # fmt: skip
+    await rig.enqueue("crm", *[event(i, f"c{i}") for i in range(3)])
+    for _ in range(3):
+        await rig.deliverer.run_once("crm")
+        if (await rig.queue.endpoint("crm")).breaker != "closed":
+            break
+    back = Receiver()
+    back.answers.append("hang")
+    runner = await serve_on(back.app(), port)
+    try:
+        await until(lambda: half_open(rig, "crm"))
+        assert await rig.deliverer.run_once("crm") == 1
+        assert (await rig.queue.endpoint("crm")).breaker == "open"
+    finally:
+        back.release.set()
+        await runner.cleanup()

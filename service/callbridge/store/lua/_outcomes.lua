@@ -12,8 +12,10 @@
 -- <= now: half-open, one probe at a time (claim.lua marks it: the record's `probe` is
 -- its claim token, the endpoint's `probing_until` its deadline); 0: closed.
 -- `failing_since`: the first failure since the last success while closed (the start
--- of the failure streak). Only a probe's success closes an open breaker (a late answer
--- to a request sent before it opened proves nothing about now); it then marks every
+-- of the failure streak). Only a probe closes an open breaker (a late answer to a
+-- request sent before it opened proves nothing about now): its success, or any HTTP
+-- answer when the breaker opened on connection failures (`opened_by` 'conn': the
+-- endpoint is reachable again, the error is an ordinary attempt). Closing marks every
 -- delivery that failed since `failing_since` for promotion (`promote_from`,
 -- promote.lua). A failed probe is not an attempt of its delivery: it reopens the
 -- breaker for the next pause (cooloff doubling up to cooloff_max) and the delivery
@@ -109,6 +111,22 @@ local function gate_passed(batch)
   end
 end
 
+-- A probe showed the endpoint back: close the breaker, and promote what failed since
+-- the streak began (promote.lua, driven by the deliverer).
+local function close_breaker()
+  local ep = redis.call('HMGET', endpoint, 'failing_since', 'opened_ms')
+  local since = tonumber(ep[1] or '0')
+  if since <= 0 then since = tonumber(ep[2] or '0') end
+  redis.call('HSET', endpoint, 'failures', 0, 'conn_failures', 0, 'open_until', 0,
+             'opens', 0, 'failing_since', 0, 'probing_until', 0, 'recovered_ms', now,
+             'promote_from', math.max(since, 1), 'promote_cursor', '(' .. now)
+  redis.call('HDEL', endpoint, 'opened_by')
+  -- The failures of the outage leave the window with it: judged by them, the first
+  -- ordinary failure after the return would open the breaker again at once.
+  redis.call('HDEL', endpoint, 'wb0', 'wo0', 'wf0', 'wb1', 'wo1', 'wf1', 'wb2', 'wo2', 'wf2')
+  op('subscription.recovered', 'failing_since', since)
+end
+
 local function complete(rec, id, token, outcome, delay, entry, kind, pace, first)
   local f = redis.call('HMGET', rec, 'state', 'claim', 'done', 'done_outcome', 'history',
                        'attempts', 'next', 'callkey', 'probe', 'type', 'failed_ms',
@@ -131,13 +149,23 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace, first
     if probe then redis.call('HSET', endpoint, 'probing_until', 0) end
     return outcome
   end
+  local reached = false
   if probe and outcome ~= 'success' and outcome ~= 'disable' then
-    -- A failed probe: the endpoint is still down. Not an attempt of this delivery (it
-    -- was only picked to test the endpoint); it stays first in line.
     local e = cjson.decode(entry)
-    e.outcome, e.probe = 'probe_failed', true
-    entry = cjson.encode(e)
-    outcome = 'probe_failed'
+    if e.status ~= nil and e.status ~= cjson.null
+       and redis.call('HGET', endpoint, 'opened_by') == 'conn' then
+      -- The breaker opened because nothing answered; this probe got an HTTP answer
+      -- (an error of the receiver's own, like a fifth of a flaky CRM's first
+      -- attempts): the endpoint is reachable again. The breaker closes as on a
+      -- success, and this is an ordinary failed attempt of its delivery.
+      reached = true
+    else
+      -- A failed probe: the endpoint is still down. Not an attempt of this delivery
+      -- (it was only picked to test the endpoint); it stays first in line.
+      e.outcome, e.probe = 'probe_failed', true
+      entry = cjson.encode(e)
+      outcome = 'probe_failed'
+    end
   end
   local history = f[5]
   if (history == nil or history == '[]') and history_max >= 1 then
@@ -195,24 +223,15 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace, first
     release_chain()
     ok_count, reset_pending = ok_count + 1, true
     if probe then
-      -- The endpoint answers again: close the breaker, and promote what failed since
-      -- the streak began (promote.lua, driven by the deliverer).
-      local ep = redis.call('HMGET', endpoint, 'failing_since', 'opened_ms')
-      local since = tonumber(ep[1] or '0')
-      if since <= 0 then since = tonumber(ep[2] or '0') end
-      redis.call('HSET', endpoint, 'failures', 0, 'conn_failures', 0, 'open_until', 0,
-                 'opens', 0, 'failing_since', 0, 'probing_until', 0, 'recovered_ms', now,
-                 'promote_from', math.max(since, 1), 'promote_cursor', '(' .. now)
-      -- The failures of the outage leave the window with it: judged by them, the first
-      -- ordinary failure after the return would open the breaker again at once.
-      redis.call('HDEL', endpoint, 'wb0', 'wo0', 'wf0', 'wb1', 'wo1', 'wf1', 'wb2', 'wo2', 'wf2')
-      op('subscription.recovered', 'failing_since', since)
+      close_breaker()
       return 'recovered'
     end
     return outcome
   end
   -- A failure reads the endpoint's state: earlier successes count first.
   flush()
+  -- Closed first: this failure then starts a streak of the endpoint as it is now.
+  if reached then close_breaker() end
   w[#w + 1] = 'failed_ms'; w[#w + 1] = now
   if kind == 'expired' or kind == 'lost' then
     -- Dead-lettered by age while the breaker was open (claim.lua), or an attempt
@@ -248,7 +267,8 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace, first
     if open_until == 0 and down then
       local opens = redis.call('HINCRBY', endpoint, 'opens', 1)
       local pause = math.min(cooloff * 2 ^ (opens - 1), cooloff_max)
-      redis.call('HSET', endpoint, 'open_until', now + pause, 'opened_ms', now)
+      redis.call('HSET', endpoint, 'open_until', now + pause, 'opened_ms', now,
+                 'opened_by', conn >= threshold and 'conn' or 'ratio')
       op('subscription.breaker_opened', 'reason',
          conn >= threshold and (conn .. ' connection failures in a row')
          or (fails .. ' of ' .. total .. ' attempts failed'),
@@ -275,6 +295,7 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace, first
     redis.call('HSET', rec, 'state', 'pending', unpack(w))
     redis.call('ZADD', due, now + delay, id)
   end
+  if reached then return 'recovered' end
   return outcome
 end
 
