@@ -193,6 +193,15 @@ async def test_an_on_call_endpoint_never_hears_about_itself(make_rig: MakeRig) -
     assert (await rig.queue.dead_count("oncall")) == 1
 
 
+async def refuse_until_open(rig: Rig, sub: str) -> None:
+    """Attempts against a port nothing listens on until the breaker opens."""
+    for _ in range(3):
+        await rig.deliverer.run_once(sub)
+        if (await rig.queue.endpoint(sub)).breaker != "closed":
+            break
+    assert (await rig.queue.endpoint(sub)).breaker == "open"
+
+
 async def test_a_delivery_waiting_out_an_outage_longer_than_its_schedule_dies(
     make_rig: MakeRig,
 ) -> None:
@@ -343,11 +352,7 @@ async def test_a_probe_answered_with_an_error_ends_an_outage_of_refused_connecti
         **BREAKER,
     )  # fmt: skip
     await rig.enqueue("crm", *[event(i, f"c{i}") for i in range(4)])
-    for _ in range(3):
-        await rig.deliverer.run_once("crm")
-        if (await rig.queue.endpoint("crm")).breaker != "closed":
-            break
-    assert (await rig.queue.endpoint("crm")).breaker == "open"
+    await refuse_until_open(rig, "crm")
     back = Receiver()
     back.answers.append(500)  # the probe draws one of its own failures
     runner = await serve_on(back.app(), port)
@@ -377,10 +382,7 @@ async def test_a_probe_that_times_out_is_still_a_failed_probe(make_rig: MakeRig)
         **BREAKER,
     )  # fmt: skip
     await rig.enqueue("crm", *[event(i, f"c{i}") for i in range(3)])
-    for _ in range(3):
-        await rig.deliverer.run_once("crm")
-        if (await rig.queue.endpoint("crm")).breaker != "closed":
-            break
+    await refuse_until_open(rig, "crm")
     back = Receiver()
     back.answers.append("hang")
     runner = await serve_on(back.app(), port)
