@@ -74,15 +74,6 @@ def _owned_periods(metrics: Metrics, poller: Poller) -> dict[str, float]:
     return {b: s for b, s in metrics.poll_periods().items() if b in owned}
 
 
-def _replica_acks(redis: Redis, keys: Keys, settings: Settings) -> ReplicaAcks | None:
-    """What holds events back until replicas have their commits (None: nothing)."""
-    needed = settings.redis.min_replicas_to_ack
-    if not needed:
-        return None
-    timeout_ms = max(1, int(settings.redis.replica_ack_timeout_seconds * 1000))
-    return ReplicaAcks(redis, keys, replicas=needed, timeout_ms=timeout_ms)
-
-
 @dataclass
 class Bridge:
     """Every long-lived part of a running bridge (implements `api.BridgeView`)."""
@@ -170,7 +161,7 @@ class Bridge:
             max_backlog=settings.delivery.max_backlog,
             dead_retention_ms=int(settings.delivery.dead_letter_retention_seconds * 1000),
             metrics=metrics,
-            acks=_replica_acks(redis, keys, settings),
+            acks=ReplicaAcks.of(redis, keys, settings.redis),
         )
         poller = Poller(
             settings,

@@ -14,6 +14,7 @@ cover: a replica that acknowledged that write holds everything before it.
 
 from __future__ import annotations
 
+from callbridge.config import RedisSettings
 from callbridge.store.connection import Redis
 from callbridge.store.keys import Keys
 
@@ -29,6 +30,14 @@ class ReplicaAcks:
         self._keys = keys
         self.replicas = replicas
         self._timeout_ms = timeout_ms
+
+    @classmethod
+    def of(cls, redis: Redis, keys: Keys, settings: RedisSettings) -> ReplicaAcks | None:
+        """What holds events back until replicas have their commits (None: nothing)."""
+        if not settings.min_replicas_to_ack:
+            return None
+        timeout_ms = max(1, int(settings.replica_ack_timeout_seconds * 1000))
+        return cls(redis, keys, replicas=settings.min_replicas_to_ack, timeout_ms=timeout_ms)
 
     async def wait(self, batch_id: str) -> int:
         """How many replicas hold the writes made before this call (at least `replicas`
