@@ -209,7 +209,9 @@ async def test_e_an_endpoint_really_down_opens_the_breaker_and_loses_nothing(
             api_key=API_KEY,
             seed=5,
             calls_per_batch=150,
-            concurrency=60,
+            # Every call dials from the start: the campaign lasts one call's length
+            # (~25 s), not three rounds of it (the default suite's time budget).
+            concurrency=150,
             timing=Timing(step_seconds=0.1),
         ),
         clock=clock,
