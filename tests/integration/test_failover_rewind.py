@@ -229,14 +229,21 @@ async def test_d_a_later_completion_is_not_deduplicated_away(start: Start) -> No
     held(rw)
 
 
-async def test_events_wait_for_a_lagging_replica_then_leave_in_order(start: Start) -> None:
-    """No failover: the replica only falls behind. The bridge goes on polling and
-    committing, the events wait in the outbox, and leave in order once it catches up."""
+async def ringing_with_a_replica(start: Start) -> Rewind:
+    """A bridge with a replica to acknowledge (acks 1 only), its first call ringing and
+    delivered."""
     rw = await start(1)
     if rw.pair is None:
         pytest.skip("about min_replicas_to_ack: 1")
     rw.set(0, status="ringing")
     await rw.step()
+    return rw
+
+
+async def test_events_wait_for_a_lagging_replica_then_leave_in_order(start: Start) -> None:
+    """No failover: the replica only falls behind. The bridge goes on polling and
+    committing, the events wait in the outbox, and leave in order once it catches up."""
+    rw = await ringing_with_a_replica(start)
     rw.pair.stop_acks()
     try:
         rw.set(0, status="answered")
@@ -295,3 +302,26 @@ async def test_a_lease_taken_on_the_lost_primary_stops_its_holder_at_once(
         assert state.status == "completed"
     finally:
         await svc_b.close()
+
+
+async def test_held_events_leave_after_cycles_that_committed_nothing(start: Start) -> None:
+    """A cycle whose drain was held and that committed nothing marked the outbox clean:
+    no later cycle drained it, and a campaign's last events (nothing changes after
+    them) never left — 10 final statuses in a Sentinel run with the primary killed near
+    the end of the campaign."""
+    rw = await ringing_with_a_replica(start)
+    rw.pair.stop_acks()
+    try:
+        rw.set(0, status="completed")
+        await rw.step()  # committed, held
+        await rw.step()  # nothing changed: its drain is held too
+        assert [p["type"] for p in kept(rw.receiver)] == ["call.ringing"]
+    finally:
+        rw.pair.resume_acks()
+    await rw.pair.synced(rw.client)
+    await rw.step()  # nothing changes any more: the outbox must still be drained
+    assert [p["type"] for p in kept(rw.receiver)] == [
+        "call.ringing",
+        "call.completed",
+        "batch.completed",
+    ]

@@ -33,6 +33,9 @@ class SentinelGroup:
     # How the test talks to a node or a Sentinel: (port) -> a sync client.
     client: Callable[[int], redis.Redis] = lambda port: redis.Redis(port=port)
     tls: bool = False
+    # Replicas of the primary (`min_replicas_to_ack: 1` wants two: one is left after a
+    # failover while the old primary is down).
+    replicas: int = 1
     ports: list[int] = field(default_factory=list)
     sentinel_ports: list[int] = field(default_factory=list)
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -43,10 +46,11 @@ class SentinelGroup:
         return f"{scheme}://{userinfo}{hosts}/{SERVICE}"
 
     def start(self) -> SentinelGroup:
-        self.ports = [free_port(), free_port()]
-        primary, replica = self.ports
+        self.ports = [free_port() for _ in range(1 + self.replicas)]
+        primary = self.ports[0]
         self._data_node(primary)
-        self._data_node(replica, "--replicaof", "127.0.0.1", str(primary))
+        for replica in self.ports[1:]:
+            self._data_node(replica, "--replicaof", "127.0.0.1", str(primary))
         for _ in range(3):
             port = free_port()
             self.sentinel_ports.append(port)
@@ -101,11 +105,13 @@ class SentinelGroup:
                 state = self.client(port).sentinel_master(SERVICE)
             except redis.RedisError:
                 return False
-            if state["num-other-sentinels"] < 2 or state["num-slaves"] < 1:
+            if state["num-other-sentinels"] < 2 or state["num-slaves"] < self.replicas:
                 return False
         with contextlib.suppress(redis.RedisError):
-            link = self.client(self.ports[1]).info("replication")["master_link_status"]
-            return bool(link == "up")
+            links = [
+                self.client(p).info("replication")["master_link_status"] for p in self.ports[1:]
+            ]
+            return all(link == "up" for link in links)
         return False
 
     def kill(self, port: int) -> None:

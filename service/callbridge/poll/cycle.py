@@ -181,9 +181,10 @@ class Poller:
                     # A full read's pages went to groups; an active plan's come now.
                     last = [p.raws for p in rest] if read.pages is not None else read.groups
                     changed = await self._commit(rt, last, lookups, commits, final=read)
-            # A failed fan-out (logged) leaves its events in the outbox: the cycle
-            # still settles its plan, its commits stand.
-            if await fanout.succeeded():
+            # A failed fan-out (logged) leaves its events in the outbox: the cycle still
+            # settles its plan, its commits stand. One that committed nothing leaves the
+            # outbox as its load's drain did (held by min_replicas_to_ack: still to drain).
+            if await fanout.succeeded() and fanout.ran:
                 rt.outbox_dirty = False  # every event committed in this cycle is queued
         finally:
             await fanout.settle()

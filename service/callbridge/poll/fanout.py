@@ -68,6 +68,12 @@ class FanOut:
         """Fan out the whole outbox, after the fan-outs handed over before."""
         self._then(lambda: self._sink.drain(self._batch_id))
 
+    @property
+    def ran(self) -> bool:
+        """Whether any fan-out was handed over (a drain of a held batch's outbox among
+        them: `Relay.publish` drains it whole first)."""
+        return self._last is not None
+
     async def wait(self) -> None:
         """Until every fan-out handed over has ended; raises the first one's error."""
         if self._last is not None:
