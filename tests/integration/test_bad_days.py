@@ -393,3 +393,31 @@ async def test_a_probe_that_times_out_is_still_a_failed_probe(make_rig: MakeRig)
     finally:
         back.release.set()
         await runner.cleanup()
+
+
+async def test_a_reaching_probe_whose_delivery_dies_is_counted_as_a_dead_letter(
+    make_rig: MakeRig, redis_client: aioredis.Redis
+) -> None:
+    # The probe reaches the endpoint (an HTTP 500 after refused connections) on its
+    # delivery's last attempt: the breaker closes and the delivery is a dead letter,
+    # counted like every other (the script answered 'recovered' for it).
+    port = free_port()
+    rig = await make_rig(
+        {"crm": {"url": f"http://127.0.0.1:{port}/hook", "retry_schedule_seconds": [3600]}},
+        breaker_failure_threshold=1,
+        **BREAKER,
+    )
+    await rig.enqueue("crm", event(0, "c0"))
+    await refuse_until_open(rig, "crm")  # its first attempt: refused
+    await redis_client.zadd(Keys().due("crm"), {"evt_c0_0": 0})  # due for the probe
+    back = Receiver()
+    back.default = 500
+    runner = await serve_on(back.app(), port)
+    try:
+        await until(lambda: half_open(rig, "crm"))
+        assert await rig.deliverer.run_once("crm") == 1
+        assert (await rig.queue.endpoint("crm")).breaker == "closed"
+        assert await rig.queue.dead_count("crm") == 1
+        assert sample(rig.metrics, "dead_letters_total", subscription="crm") == 1
+    finally:
+        await runner.cleanup()

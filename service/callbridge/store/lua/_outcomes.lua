@@ -295,7 +295,9 @@ local function complete(rec, id, token, outcome, delay, entry, kind, pace, first
     redis.call('HSET', rec, 'state', 'pending', unpack(w))
     redis.call('ZADD', due, now + delay, id)
   end
-  if reached then return 'recovered' end
+  -- A dead letter is answered as such (counted by the caller); the promotion the
+  -- closed breaker asks for is then found by the deliverer's upkeep (promote_from).
+  if reached and outcome ~= 'dead' then return 'recovered' end
   return outcome
 end
 
