@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -16,7 +15,7 @@ from tests.support.deliveries import MakeRig, Rig, event
 from tests.support.event_schemas import violations
 from tests.support.metrics import sample
 from tests.support.receivers import Receiver
-from tests.support.scenario import serve_on
+from tests.support.scenario import serve_on, until
 from tests.support.servers import free_port
 from tests.support.settings import SECRET
 
@@ -29,14 +28,6 @@ BREAKER = {
 # Fixed concurrency where a test needs several requests at once from the start.
 RETRY_AT_ONCE = {"retry_schedule_seconds": [0, 0, 0], "adaptive_concurrency": False}
 ONCALL = {"events": ["subscription.*", "delivery.dead_lettered"]}
-
-
-async def until(check: Callable[[], Awaitable[bool]], *, within_s: float = 5.0) -> None:
-    """Await `check` until it holds; a clock-bound wait (the breaker's pause)."""
-    deadline = time.monotonic() + within_s
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def half_open(rig: Rig, sub: str) -> bool:

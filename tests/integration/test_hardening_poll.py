@@ -53,6 +53,7 @@ from tests.support.prometheus import wait_for
 from tests.support.proxy import ReplyDropper
 from tests.support.receivers import Receiver
 from tests.support.replicas import Replica
+from tests.support.scenario import until
 from tests.support.servers import free_port
 from tests.support.settings import API_KEY, SECRET, make_settings
 from tests.support.startup import assert_one_line, cannot_start
@@ -634,13 +635,12 @@ async def test_a_second_process_under_a_live_replica_id_refuses_to_start(
         # The first replica takes its batches' leases over its first cycles (starts are
         # spread), not all before /healthz answers: wait for both, bounded.
         owners: dict[str, bytes | None] = {}
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            owners = {b: await redis_client.get(Keys().lease(b)) for b in sim.batch_ids}
-            if all(owners.values()):
-                break
-            await asyncio.sleep(0.1)
-        assert all(owners.values()), owners
+
+        async def both_held() -> bool:
+            owners.update({b: await redis_client.get(Keys().lease(b)) for b in sim.batch_ids})
+            return all(owners.values())
+
+        await until(both_held, within_s=15, every_s=0.1)
         started = time.monotonic()
         await second.start()
         assert second.proc is not None

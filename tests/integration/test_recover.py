@@ -4,9 +4,7 @@ middle of the job neither loses nor repeats a requeue."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,19 +19,13 @@ from callbridge.store.recovery import RecoveryJobs
 from tests.support.bridge import start_bridge, stop_bridge, write_config
 from tests.support.deliveries import event
 from tests.support.receivers import Receiver
+from tests.support.scenario import until
 
 SINCE_MS = 10_000
 
 
 def events(prefix: str, n: int) -> list[Event]:
     return [event(i, f"{prefix}{i}") for i in range(n)]
-
-
-async def until(check: Any, within_s: float) -> None:
-    deadline = time.monotonic() + within_s
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.timeout(90)
@@ -62,7 +54,7 @@ async def test_recover_survives_sigkill_and_sends_each_missed_event_once_more(
     try:
         # Delivered in the window: must be skipped.
         await queue.enqueue("crm", [(e, SINCE_MS + 50_000 + i) for i, e in enumerate(delivered)])
-        await until(lambda: _true(len(receiver.delivered) == 300), 30)
+        await until(lambda: _true(len(receiver.delivered) == 300), within_s=30, every_s=0.05)
         # Dead letters (a full backlog dead-letters at once), before and in the window.
         await queue.enqueue("crm", [(e, 1_000 + i) for i, e in enumerate(before)], max_backlog=0)
         await queue.enqueue("crm", [(e, SINCE_MS + i) for i, e in enumerate(missed)], max_backlog=0)
@@ -70,7 +62,7 @@ async def test_recover_survives_sigkill_and_sends_each_missed_event_once_more(
         job, created = await jobs.start("crm", SINCE_MS)
         assert created
         # Killed in the middle: some requeued, the job not over.
-        await until(lambda: _mid_job(jobs, job.id), 30)
+        await until(lambda: _mid_job(jobs, job.id), within_s=30, every_s=0.05)
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         mid = await jobs.get("crm", job.id)
@@ -78,9 +70,13 @@ async def test_recover_survives_sigkill_and_sends_each_missed_event_once_more(
         assert mid.state == "running"
         assert 0 < mid.requeued < 1500
         proc = await start_bridge(config, tmp_path / "bridge2.log")
-        await until(lambda: _done(jobs, job.id), 60)
+        await until(lambda: _done(jobs, job.id), within_s=60, every_s=0.05)
         missed_ids = {e.id for e in missed}
-        await until(lambda: _true(missed_ids <= {r.id for r in receiver.delivered}), 60)
+        await until(
+            lambda: _true(missed_ids <= {r.id for r in receiver.delivered}),
+            within_s=60,
+            every_s=0.05,
+        )
     finally:
         await stop_bridge(proc)
     done = await jobs.get("crm", job.id)

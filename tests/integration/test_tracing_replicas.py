@@ -25,19 +25,12 @@ from tests.support.bridge import write_config
 from tests.support.otlp import OtlpReceiver, ReceivedSpan, traceparent_ids
 from tests.support.receivers import Receiver
 from tests.support.replicas import Replica
+from tests.support.scenario import until
 from tests.support.settings import API_KEY, SECRET
 
 ENDED = {"started_at": "2026-01-01T10:00:00Z", "ended_at": "2026-01-01T10:05:00Z"}
 # A's retry would come this long after its first attempt (±20 %): A is killed before.
 FIRST_RETRY_S = 2.0
-
-
-async def _until(check: Any, seconds: float = 20) -> None:
-    """Bounded polling, for what subprocesses do."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_retry_delivered_by_another_process_continues_the_trace(
@@ -83,7 +76,7 @@ async def test_a_retry_delivered_by_another_process_continues_the_trace(
         async def retry_scheduled() -> bool:
             return await redis_client.hget(record + first.id, "attempts") == b"1"
 
-        await _until(retry_scheduled)
+        await until(retry_scheduled, within_s=20, every_s=0.05)
         await a.kill()
         receiver.arrived.clear()
         await b.start()

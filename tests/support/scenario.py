@@ -415,6 +415,18 @@ async def wait_until(condition: Callable[[], bool], limit_s: float, every_s: flo
     return True
 
 
+async def until(
+    check: Callable[[], Awaitable[bool]], *, within_s: float = 5.0, every_s: float = 0.01
+) -> None:
+    """Await `check` until it holds, failing the test after `within_s`: bounded polling
+    of what another clock or process does (a breaker's pause, a subprocess, a replica's
+    sync), never of the test's own work (that is awaited: run_once, poll_once)."""
+    deadline = time.monotonic() + within_s
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(every_s)
+
+
 async def serve_on(app: web.Application, port: int) -> web.AppRunner:
     """Serve `app` on 127.0.0.1:`port` (a port chosen earlier, e.g. one that refused)."""
     runner = web.AppRunner(app, access_log=None)
