@@ -4,25 +4,41 @@ Pure, no I/O: the deliverer feeds it one sample per answered attempt (`observe`)
 asks it how many requests may run (`limit`) and when a request has run so long that
 it no longer counts (`detach_after_s`).
 
-The design, in the family of TCP Vegas and the gradient limiters (Envoy's adaptive
-concurrency, Netflix's concurrency-limits), written for webhook receivers:
+The design, in the family of TCP Vegas, BBR's probing and the gradient limiters
+(Envoy's adaptive concurrency, Netflix's concurrency-limits), written for webhook
+receivers, whose latency is the one thing we can see of their load:
 
 * **Windows.** Samples are taken in windows of about one limit's worth of answers (at
-  least `_MIN_WINDOW`, at most `_WINDOW_S` long). A window's latency is the median of
-  its successful answers and timeouts: the median ignores the few requests a receiver
-  hangs, which are the detach rule's business, not the limit's.
-* **Unloaded latency.** The lowest window median of the last `_HORIZON` windows: a
-  receiver that became slower for good is learnt again once its fast windows are
-  that old.
-* **Latency climbs -> halve.** A window whose median is past both `tolerance` times
-  the unloaded latency and the unloaded latency plus `headroom_s` halves the limit:
-  the receiver queues our requests, more at once would only make each slower. Halving
-  (not a proportional cut) takes the limit back under the receiver's capacity once a
-  cycle, so the unloaded latency keeps being measured; a cut in proportion hovers
-  above capacity, where every window looks a little slower than the last and the
-  estimate creeps up with it. The absolute headroom keeps a receiver answering in
-  1 ms from being throttled for answering in 4 (a queue of microseconds is not a
-  receiver at its capacity, and the bridge's own event loop adds that much).
+  least `_MIN_WINDOW`, `_NOISY_WINDOW` for a receiver slow by itself now and then;
+  at most `_WINDOW_S` or three unloaded latencies long), each judged at one limit:
+  answers to requests sent before the limit last moved are left out (after a cut,
+  for one unloaded latency more: sends decided before it).
+* **Unloaded latency.** The lowest window median of the last `_HORIZON` windows. An
+  answer is *slow* past both `tolerance` times it and it plus `headroom_s` (a
+  receiver answering in 1 ms is not at its capacity for answering in 4: the bridge's
+  own event loop adds that much). When the fast windows age out and the estimate
+  would rise, one window at half the limit (a *dip*, BBR's ProbeRTT) checks it
+  first: a receiver that slows down in proportion to the load is never seen
+  unloaded at the level the limit cruises at, and the estimate would creep up.
+* **Queueing shows as a share of slow answers.** A receiver serving N at once keeps
+  the (N+1)th waiting: one answer in N+1 comes a whole service time late while the
+  median does not move. So a window is judged by its share of slow answers against
+  the share the receiver shows on its own (smoothed over windows without a queue)
+  plus two standard errors for a window this size: with no slow answers of its
+  own, one late answer is enough. Requests running far past the unloaded latency
+  (hung: the detach rule's business) are not counted.
+* **Queueing -> back under the knee.** The limit drops by the queue it measured (the
+  excess share x the limit; when most answers queued, by Little's law to limit x
+  typical latency / mean latency, Vegas's estimate), and the limit it queued at is
+  remembered (the *knee*): the limit grows again up to just under it and stays. It
+  *probes* the knee again (one window) only after `_PROBE_GAP_S` and
+  `_PROBE_ANSWERS`, each doubled for every probe that found a queue again (up to
+  `_PROBE_GAP_MAX_S`, x`_PROBE_BACKOFF`), reset by one that did not: then the
+  receiver grew, the knee is forgotten and the limit grows on. A receiver limited
+  to N is so served at N with a few late answers a minute, instead of being pushed
+  past N every few windows as additive increase does. A cut after which answers
+  are neither less often slow nor faster was not for a queue: it is undone and the
+  receiver's own share learnt (its latency varies by itself).
 * **Errors come -> lower.** When the share of answers that say "overloaded" (5xx, 429,
   timeouts; not 4xx, which are about a payload) averaged over recent windows passes
   `_ERROR_SHARE`, the limit is cut by a quarter. A receiver failing a few requests at
@@ -38,20 +54,57 @@ fleet-wide by the claim script).
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 # Why the limit moved last (a metric label).
 Reason = Literal["start", "increase", "latency", "errors", "restart"]
 
+
+class _Queue(NamedTuple):
+    """What a window that shows a queue saw of its answers (hung ones left out)."""
+
+    share: float  # slow
+    median: float
+    mean: float
+
+
+class _Cut(NamedTuple):
+    """The last cut for a queue: what its window saw; the limit and knee before it, or
+    before the cut it followed without helping (`strikes` such cuts in a row)."""
+
+    seen: _Queue
+    value: float
+    knee: int | None
+    strikes: int = 0
+
+
 _MIN_WINDOW = 8
+_NOISY_WINDOW = 32
+_NOISY_SHARE = 0.02
 _WINDOW_S = 1.0
+_CUT_GRACE_S = 0.05
+_WINDOW_ROUNDS = 3  # unloaded latencies a window lasts at least, when it is longer
 _HORIZON = 30  # windows the unloaded latency is the minimum of
 _ERROR_SHARE = 0.25
 _ERROR_SMOOTHING = 0.3
+_SLOW_SMOOTHING = 0.2
+# A cut after which this share of slow answers remains or more did not help.
+_UNHELPED = 0.75
+_UNHELPED_SMOOTHING = 0.5
 _INCREASE = 0.10
 _SLOW_START_EXIT = 1.1
+# The unloaded latency may rise this much (the fast windows aged out) before a dip
+# checks it.
+_DIP_RISE = 1.1
+# A knee is tried again after this long and this many answers at least (each doubled
+# per probe that queued again, at most `_PROBE_BACKOFF` times).
+_PROBE_GAP_S = 5.0
+_PROBE_ANSWERS = 256
+_PROBE_BACKOFF = 16
+_PROBE_GAP_MAX_S = 60.0
 # A request is detached after this many times the unloaded latency (at least
 # `_DETACH_MIN_S`): far past what the receiver takes when it answers at all.
 _DETACH_FACTOR = 8.0
@@ -70,12 +123,31 @@ class AdaptiveLimit:
     slow_start: bool = True
     unloaded_s: float | None = None
     error_share: float = 0.0
+    # The share of slow answers the receiver shows without queueing (see above).
+    slow_share: float = 0.0
+    # The lowest limit seen queueing and not probed clean since (None: not known).
+    knee: int | None = None
     reason: Reason = "start"
     _samples: list[float] = field(default_factory=list)
     _answers: int = 0
     _errors: int = 0
     _window_started: float | None = None
-    _cut_at: float = float("-inf")
+    _moved_at: float = float("-inf")
+    # Probing the knee: the window now runs at it; the next probe not before
+    # `_probe_at` nor before `_probe_left` more answers; the back-off multiplier.
+    _probing: bool = False
+    _probe_at: float = 0.0
+    _probe_left: int = 0
+    _backoff: int = 1
+    # The limit a dip (one window at half of it, see `_close_window`) returns to.
+    _dip_from: int | None = None
+    # The unloaded latency as a dip (or a lower window) last confirmed it: it may
+    # creep up a little at a time, each step under `_DIP_RISE`.
+    _checked_s: float | None = None
+    # Until the next window is judged.
+    _last_cut: _Cut | None = None
+    # The median latency of windows without a queue, smoothed.
+    _typical_s: float | None = None
     # The last windows' medians (the unloaded latency is their minimum).
     recent: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=_HORIZON)
@@ -93,12 +165,14 @@ class AdaptiveLimit:
         return max(self.floor, min(self.ceiling, int(self.value)))
 
     def restart(self) -> None:
-        """An outage ended: ramp up from the floor again, doubling (the backlog waits)."""
+        """An outage ended: ramp up from the floor again, doubling (the backlog waits),
+        up to under the knee if one is known (the receiver is likely the same)."""
         self.value = float(self.floor)
         self.slow_start = True
         self.error_share = 0.0
         self.reason = "restart"
-        self._reset_window(None)
+        self._probing = False
+        self._reset_window()
 
     def observe(
         self,
@@ -116,9 +190,11 @@ class AdaptiveLimit:
         throttle a receiver that keeps up). Returns why the limit moved, when a window
         closed and moved it."""
         latency_s = max(0.0, latency_s - own_delay_s) if ok else latency_s
-        if now - latency_s < self._cut_at:
-            # Sent before the last cut, at the old concurrency: judged by it, the window
-            # after a cut would cut again, all the way down to the floor.
+        self._probe_left = max(0, self._probe_left - 1)
+        if now - latency_s <= self._moved_at:
+            # Sent before the limit last moved, at the old concurrency: judged by it,
+            # the window after a cut would cut again, all the way down to the floor,
+            # and a probe would be judged by answers sent under the knee.
             return None
         if self._window_started is None:
             self._window_started = now
@@ -130,8 +206,8 @@ class AdaptiveLimit:
         # While ramping up, a window is one round of the limit (2 answers at least): 1 to
         # 64 in seven rounds. Then about one limit's worth, 8 at least, for a steadier
         # median.
-        least = max(2, self.limit) if self.slow_start else max(_MIN_WINDOW, self.limit)
-        if self._answers < least and now - self._window_started < _WINDOW_S:
+        least = max(2, self.limit) if self.slow_start else max(self._min_window(), self.limit)
+        if self._answers < least and now - self._window_started < self._window_s():
             return None
         if self._answers < 2:
             return None
@@ -146,10 +222,19 @@ class AdaptiveLimit:
             return None
         if self.recent[-1] > self._slow_above(self.unloaded_s):
             return None
-        after = max(_DETACH_MIN_S, _DETACH_FACTOR * self.unloaded_s)
+        after = self._hung_after(self.unloaded_s)
         return after if after < timeout_s else None
 
     # -- windows ------------------------------------------------------------------
+
+    def _min_window(self) -> int:
+        # A receiver slow now and then by itself needs more answers for its share of
+        # slow ones to tell a queue of one from chance.
+        return _NOISY_WINDOW if self.slow_share > _NOISY_SHARE else _MIN_WINDOW
+
+    def _window_s(self) -> float:
+        # Long enough for the answers of one round that queued behind another.
+        return max(_WINDOW_S, _WINDOW_ROUNDS * (self.unloaded_s or 0.0))
 
     def _is_fast_error(self, latency_s: float) -> bool:
         # A 5xx answered at once measures nothing about how loaded the receiver is.
@@ -158,37 +243,162 @@ class AdaptiveLimit:
     def _slow_above(self, unloaded_s: float) -> float:
         return max(self.tolerance * unloaded_s, unloaded_s + self.headroom_s)
 
+    @staticmethod
+    def _hung_after(unloaded_s: float) -> float:
+        return max(_DETACH_MIN_S, _DETACH_FACTOR * unloaded_s)
+
+    def _queueing(self, samples: list[float]) -> _Queue | None:
+        """What a window whose share of slow answers passes the receiver's own saw;
+        None when it does not (then the window teaches that share) or nothing can be
+        said."""
+        if self.unloaded_s is None:
+            return None
+        judged = [s for s in samples if s < self._hung_after(self.unloaded_s)]
+        if not judged:
+            return None
+        slow_above = self._slow_above(self.unloaded_s)
+        share = sum(1 for s in judged if s > slow_above) / len(judged)
+        median = statistics.median(judged)
+        # Two standard errors of the receiver's own share in a window this size, and
+        # half an answer: with no slow answers of its own, one is enough.
+        own = self.slow_share
+        margin = 2 * math.sqrt(own * (1 - own) / len(judged)) + 0.5 / len(judged)
+        if share > own + margin:
+            return _Queue(share, median, statistics.fmean(judged))
+        self.slow_share += _SLOW_SMOOTHING * (share - own)
+        self._typical_s = median if self._typical_s is None else self._typical_s
+        self._typical_s += _SLOW_SMOOTHING * (median - self._typical_s)
+        return None
+
+    def _cut_to(self, limit: int, queue: _Queue) -> float:
+        """The limit that ends the queue a window showed."""
+        assert self.unloaded_s is not None
+        if queue.median > self._slow_above(self.unloaded_s):
+            # Most answers queued, maybe for several rounds: by Little's law the
+            # receiver serves limit x unqueued latency / latency at once (Vegas's
+            # estimate; the unqueued latency is the typical one of windows without a
+            # queue: the unloaded one, a minimum, is below it when latency varies).
+            return limit * (self._typical_s or self.unloaded_s) / queue.mean
+        # A few queued (the limit is just past the knee): as many fewer.
+        return limit - max(1, round((queue.share - self.slow_share) * limit))
+
     def _close_window(self, now: float) -> Reason | None:
+        samples = self._samples
         share = self._errors / self._answers
         self.error_share += _ERROR_SMOOTHING * (share - self.error_share)
-        median = statistics.median(self._samples) if self._samples else None
-        self._reset_window(now)
+        median = statistics.median(samples) if samples else None
+        self._reset_window()
         before = self.limit
+        if self._dip_from is not None:
+            # The dip's window: its median is what the receiver takes at half the
+            # concurrency; back to where the limit was.
+            if median is not None:
+                self.recent.append(median)
+            self.unloaded_s = self._checked_s = min(self.recent) if self.recent else None
+            self.value, self._dip_from = float(self._dip_from), None
+            return self._moved(before, now, "increase")
+        if median is not None and self._dip_first(median, before):
+            return self._moved(before, now, "latency")
+        queue = self._queueing(samples)
+        last_cut, self._last_cut = self._last_cut, None
         moved: Reason | None = None
-        if median is not None:
-            self.recent.append(median)
-            self.unloaded_s = min(self.recent)
         if self.error_share > _ERROR_SHARE:
             self.value = max(self.floor, self.value * 0.75)
-            self.slow_start, moved, self._cut_at = False, "errors", now
-        elif median is not None and median > self._slow_above(self.unloaded_s or median):
-            self.value = max(self.floor, self.value * 0.5)
-            self.slow_start, moved, self._cut_at = False, "latency", now
+            self.slow_start, moved = False, "errors"
+        elif queue and last_cut and _unhelped(queue, last_cut.seen) and last_cut.strikes:
+            # Two cuts in a row made answers neither less often slow nor faster: they
+            # are the receiver's own (a latency that varies by itself), not our queue.
+            # Learnt fast and the cuts undone; without this such a receiver's chance
+            # slow windows ratcheted the limit (and its knee) down to the floor. (One
+            # cut is not enough to tell: other replicas may not have cut yet.)
+            self.slow_share += _UNHELPED_SMOOTHING * (queue.share - self.slow_share)
+            self.value, self.knee = last_cut.value, last_cut.knee
+            moved = "increase"
+        elif queue:
+            if last_cut and _unhelped(queue, last_cut.seen):
+                self._last_cut = last_cut._replace(seen=queue, strikes=last_cut.strikes + 1)
+            else:
+                self._last_cut = _Cut(queue, self.value, self.knee)
+            noisy = self.slow_share > _NOISY_SHARE
+            self.value = max(self.floor, min(self._cut_to(before, queue), before - 1))
+            if not noisy:
+                # One late answer among none of its own is a queue for sure: the knee is
+                # remembered. A receiver slow by itself now and then gives no such
+                # certainty (a chance window looks the same): its limit grows back.
+                self._found_knee(before, now)
+            self.slow_start, moved = False, "latency"
+        elif self._probing:
+            # The knee served without queueing: the receiver grew, or the knee was
+            # noise. Forgotten; the limit grows on from the next window.
+            self.knee, self._backoff = None, 1
         elif self.value < self.ceiling:
             if self.slow_start and median is not None and self.unloaded_s is not None:
                 # Doubling stops as soon as answers slow down at all (before the
                 # receiver's queue shows as a cut), so the ramp overshoots little.
                 self.slow_start = median <= _SLOW_START_EXIT * self.unloaded_s
             grown = self.value * 2 if self.slow_start else self.value * (1 + _INCREASE)
-            self.value = min(self.ceiling, max(self.value + 1, grown))
+            self.value = min(self._cap(before, now), max(self.value + 1, grown))
             moved = "increase"
-        if moved is None or self.limit == before:
-            return None
-        self.reason = moved
-        return moved
+        self._probing = self.knee is not None and self.limit >= self.knee
+        return self._moved(before, now, moved)
 
-    def _reset_window(self, now: float | None) -> None:
+    def _dip_first(self, median: float, limit: int) -> bool:
+        """Take a window's median into the unloaded latency; True when, instead, a dip
+        must check it first (the limit is halved for one window)."""
+        self.recent.append(median)
+        unloaded = min(self.recent)
+        checked = self._checked_s
+        if checked is None or unloaded < checked:
+            self._checked_s = checked = unloaded
+        if limit > self.floor and unloaded > max(
+            _DIP_RISE * checked, checked + self.headroom_s / 2
+        ):
+            # The fast windows aged out. Slower for good, or queued at the level the
+            # limit cruises at (a receiver slowing down in proportion to the load is
+            # never seen unloaded there, and the estimate would creep up with it):
+            # one window at half the limit tells, before the unloaded latency rises.
+            self._dip_from = limit
+            self.value = max(self.floor, limit // 2)
+            return True
+        self.unloaded_s = unloaded
+        return False
+
+    def _moved(self, before: int, now: float, why: Reason | None) -> Reason | None:
+        if why is None or self.limit == before:
+            return None
+        self._moved_at = now
+        if self.limit < before:
+            # Requests the deliverer decided to send before the cut may still leave
+            # just after it, into the queue the cut is ending: not judged either.
+            self._moved_at += max(_CUT_GRACE_S, self.unloaded_s or 0.0)
+        self.reason = why
+        return why
+
+    def _found_knee(self, limit: int, now: float) -> None:
+        if self._probing:
+            self._backoff = min(_PROBE_BACKOFF, self._backoff * 2)
+        self.knee = limit
+        self._probe_at = now + min(_PROBE_GAP_MAX_S, _PROBE_GAP_S * self._backoff)
+        self._probe_left = _PROBE_ANSWERS * self._backoff
+
+    def _cap(self, limit: int, now: float) -> float:
+        """How far the limit may grow now: under the knee, or to it when a probe is due."""
+        if self.knee is None:
+            return float(self.ceiling)
+        if limit + 1 < self.knee:
+            return float(self.knee - 1)
+        if now >= self._probe_at and self._probe_left <= 0:
+            return float(self.knee)
+        return float(limit)
+
+    def _reset_window(self) -> None:
+        # The next window starts at its first answer judged (not now: after a move,
+        # answers to what was sent before it do not count, nor the time they take).
         self._samples = []
         self._answers = 0
         self._errors = 0
-        self._window_started = now
+        self._window_started = None
+
+
+def _unhelped(queue: _Queue, before: _Queue) -> bool:
+    return queue.share > _UNHELPED * before.share and queue.median > _UNHELPED * before.median
