@@ -36,9 +36,12 @@ receivers, whose latency is the one thing we can see of their load:
   `_PROBE_GAP_MAX_S`, x`_PROBE_BACKOFF`), reset by one that did not: then the
   receiver grew, the knee is forgotten and the limit grows on. A receiver limited
   to N is so served at N with a few late answers a minute, instead of being pushed
-  past N every few windows as additive increase does. A cut after which answers
-  are neither less often slow nor faster was not for a queue: it is undone and the
-  receiver's own share learnt (its latency varies by itself).
+  past N every few windows as additive increase does. Two cuts in a row after which
+  answers are neither less often slow nor faster were not for a queue: they are
+  undone and the receiver's own share learnt (its latency varies by itself; one such
+  cut is not enough to tell, as other replicas sharing the receiver may not have cut
+  yet). A receiver slow by itself now and then (own share past `_NOISY_SHARE`) gets
+  no knee: a chance window looks the same as a queue there.
 * **Errors come -> lower.** When the share of answers that say "overloaded" (5xx, 429,
   timeouts; not 4xx, which are about a payload) averaged over recent windows passes
   `_ERROR_SHARE`, the limit is cut by a quarter. A receiver failing a few requests at
