@@ -356,3 +356,18 @@ def test_a_receiver_answering_anywhere_in_a_second_keeps_its_limit() -> None:
     # the limit must not sink with chance windows (the previous limiter went to 1).
     answers = Fifo(10_000, 0.5, jitter=1.0).run(AdaptiveLimit(64), 12000)
     assert statistics.median(a.limit for a in answers[4000:]) >= 32
+
+
+def test_a_restart_during_a_dip_ramps_from_the_floor() -> None:
+    # A dip (one window at half the limit) under way when an outage ends: the window
+    # after the restart must not put the limit back where the dip began.
+    limiter = AdaptiveLimit(64)
+    run(limiter, capacity=1000, service_s=0.02, answers=300)
+    assert limiter.limit == 64
+    limiter._dip_from = 64
+    limiter.restart()
+    now = 1000.0
+    for _ in range(2):
+        now += 0.02
+        limiter.observe(latency_s=0.02, ok=True, overloaded=False, now=now)
+    assert limiter.limit == 2  # doubling from the floor

@@ -94,7 +94,8 @@ _HORIZON = 30  # windows the unloaded latency is the minimum of
 _ERROR_SHARE = 0.25
 _ERROR_SMOOTHING = 0.3
 _SLOW_SMOOTHING = 0.2
-# A cut after which this share of slow answers remains or more did not help.
+# A cut after which the share of slow answers and the median stay above this much
+# of what they were did not help.
 _UNHELPED = 0.75
 _UNHELPED_SMOOTHING = 0.5
 _INCREASE = 0.10
@@ -174,7 +175,8 @@ class AdaptiveLimit:
         self.slow_start = True
         self.error_share = 0.0
         self.reason = "restart"
-        self._probing = False
+        # A dip or a cut under judgement would otherwise restore the limit from before.
+        self._probing, self._dip_from, self._last_cut = False, None, None
         self._reset_window()
 
     def observe(
