@@ -30,13 +30,8 @@ receivers, whose latency is the one thing we can see of their load:
 * **Queueing -> back under the knee.** The limit drops by the queue it measured (the
   excess share x the limit; when most answers queued, by Little's law to limit x
   typical latency / mean latency, Vegas's estimate), and the limit it queued at is
-  remembered (the *knee*): the limit grows again up to just under it and stays. It
-  *probes* the knee again (one window) only after `_PROBE_GAP_S` and
-  `_PROBE_ANSWERS`, each doubled for every probe that found a queue again (up to
-  `_PROBE_GAP_MAX_S`, x`_PROBE_BACKOFF`), reset by one that did not: then the
-  receiver grew, the knee is forgotten and the limit grows on. A receiver limited
-  to N is so served at N with a few late answers a minute, instead of being pushed
-  past N every few windows as additive increase does. Two cuts in a row after which
+  remembered (the *knee*, `knee.py`: the limit stays just under it and tries it again
+  rarely). Two cuts in a row after which
   answers are neither less often slow nor faster were not for a queue: they are
   undone and the receiver's own share learnt (its latency varies by itself; one such
   cut is not enough to tell, as other replicas sharing the receiver may not have cut
@@ -61,6 +56,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
+
+from callbridge.deliver.knee import Knee
 
 # Why the limit moved last (a metric label).
 Reason = Literal["start", "increase", "latency", "errors", "restart"]
@@ -103,12 +100,6 @@ _SLOW_START_EXIT = 1.1
 # The unloaded latency may rise this much (the fast windows aged out) before a dip
 # checks it.
 _DIP_RISE = 1.1
-# A knee is tried again after this long and this many answers at least (each doubled
-# per probe that queued again, at most `_PROBE_BACKOFF` times).
-_PROBE_GAP_S = 5.0
-_PROBE_ANSWERS = 256
-_PROBE_BACKOFF = 16
-_PROBE_GAP_MAX_S = 60.0
 # A request is detached after this many times the unloaded latency (at least
 # `_DETACH_MIN_S`): far past what the receiver takes when it answers at all.
 _DETACH_FACTOR = 8.0
@@ -129,20 +120,13 @@ class AdaptiveLimit:
     error_share: float = 0.0
     # The share of slow answers the receiver shows without queueing (see above).
     slow_share: float = 0.0
-    # The lowest limit seen queueing and not probed clean since (None: not known).
-    knee: int | None = None
     reason: Reason = "start"
     _samples: list[float] = field(default_factory=list)
     _answers: int = 0
     _errors: int = 0
     _window_started: float | None = None
     _moved_at: float = float("-inf")
-    # Probing the knee: the window now runs at it; the next probe not before
-    # `_probe_at` nor before `_probe_left` more answers; the back-off multiplier.
-    _probing: bool = False
-    _probe_at: float = 0.0
-    _probe_left: int = 0
-    _backoff: int = 1
+    _knee: Knee = field(default_factory=Knee)
     # The limit a dip (one window at half of it, see `_close_window`) returns to.
     _dip_from: int | None = None
     # The unloaded latency as a dip (or a lower window) last confirmed it: it may
@@ -168,6 +152,11 @@ class AdaptiveLimit:
     def limit(self) -> int:
         return max(self.floor, min(self.ceiling, int(self.value)))
 
+    @property
+    def knee(self) -> int | None:
+        """The lowest limit seen queueing and not probed clean since."""
+        return self._knee.at
+
     def restart(self) -> None:
         """An outage ended: ramp up from the floor again, doubling (the backlog waits),
         up to under the knee if one is known (the receiver is likely the same)."""
@@ -176,7 +165,7 @@ class AdaptiveLimit:
         self.error_share = 0.0
         self.reason = "restart"
         # A dip or a cut under judgement would otherwise restore the limit from before.
-        self._probing, self._dip_from, self._last_cut = False, None, None
+        self._knee.probing, self._dip_from, self._last_cut = False, None, None
         self._reset_window()
 
     def observe(
@@ -195,7 +184,7 @@ class AdaptiveLimit:
         throttle a receiver that keeps up). Returns why the limit moved, when a window
         closed and moved it."""
         latency_s = max(0.0, latency_s - own_delay_s) if ok else latency_s
-        self._probe_left = max(0, self._probe_left - 1)
+        self._knee.answered()
         if now - latency_s <= self._moved_at:
             # Sent before the limit last moved, at the old concurrency: judged by it,
             # the window after a cut would cut again, all the way down to the floor,
@@ -317,7 +306,7 @@ class AdaptiveLimit:
             # slow windows ratcheted the limit (and its knee) down to the floor. (One
             # cut is not enough to tell: other replicas may not have cut yet.)
             self.slow_share += _UNHELPED_SMOOTHING * (queue.share - self.slow_share)
-            self.value, self.knee = last_cut.value, last_cut.knee
+            self.value, self._knee.at = last_cut.value, last_cut.knee
             moved = "increase"
         elif queue:
             if last_cut and _unhelped(queue, last_cut.seen):
@@ -330,21 +319,21 @@ class AdaptiveLimit:
                 # One late answer among none of its own is a queue for sure: the knee is
                 # remembered. A receiver slow by itself now and then gives no such
                 # certainty (a chance window looks the same): its limit grows back.
-                self._found_knee(before, now)
+                self._knee.found(before, now)
             self.slow_start, moved = False, "latency"
-        elif self._probing:
-            # The knee served without queueing: the receiver grew, or the knee was
-            # noise. Forgotten; the limit grows on from the next window.
-            self.knee, self._backoff = None, 1
+        elif self._knee.probing:
+            # The knee served without queueing: forgotten, the limit grows on.
+            self._knee.cleared()
         elif self.value < self.ceiling:
             if self.slow_start and median is not None and self.unloaded_s is not None:
                 # Doubling stops as soon as answers slow down at all (before the
                 # receiver's queue shows as a cut), so the ramp overshoots little.
                 self.slow_start = median <= _SLOW_START_EXIT * self.unloaded_s
             grown = self.value * 2 if self.slow_start else self.value * (1 + _INCREASE)
-            self.value = min(self._cap(before, now), max(self.value + 1, grown))
+            cap = self._knee.cap(before, now, self.ceiling)
+            self.value = min(cap, max(self.value + 1, grown))
             moved = "increase"
-        self._probing = self.knee is not None and self.limit >= self.knee
+        self._knee.note(self.limit)
         return self._moved(before, now, moved)
 
     def _dip_first(self, median: float, limit: int) -> bool:
@@ -378,23 +367,6 @@ class AdaptiveLimit:
             self._moved_at += max(_CUT_GRACE_S, self.unloaded_s or 0.0)
         self.reason = why
         return why
-
-    def _found_knee(self, limit: int, now: float) -> None:
-        if self._probing:
-            self._backoff = min(_PROBE_BACKOFF, self._backoff * 2)
-        self.knee = limit
-        self._probe_at = now + min(_PROBE_GAP_MAX_S, _PROBE_GAP_S * self._backoff)
-        self._probe_left = _PROBE_ANSWERS * self._backoff
-
-    def _cap(self, limit: int, now: float) -> float:
-        """How far the limit may grow now: under the knee, or to it when a probe is due."""
-        if self.knee is None:
-            return float(self.ceiling)
-        if limit + 1 < self.knee:
-            return float(self.knee - 1)
-        if now >= self._probe_at and self._probe_left <= 0:
-            return float(self.knee)
-        return float(limit)
 
     def _reset_window(self) -> None:
         # The next window starts at its first answer judged (not now: after a move,
